@@ -1,0 +1,120 @@
+"""Paged attention: per-step metadata built once, then one gather + SDPA per layer.
+
+The metadata turns a ``ForwardBatch`` into index tensors shared by every layer:
+``kv_slots`` [S, L] (each sequence's key slots, padded to the longest), ``slot_mapping``
+[T] (where each new token's K/V goes) and a boolean ``allowed`` [S, 1, Q, L] that ANDs
+sequence length, slot liveness, causal order by position and BRLE rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loom.engine.batch import ForwardBatch
+from loom.engine.kv_cache import KVCache
+from loom.engine.masks import decode_rows
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] slot of each new token
+    kv_slots: torch.Tensor  # [S * L] key slots per sequence, padded with slot 0
+    allowed: torch.Tensor  # [S, 1, Q, L] true = attend
+    num_seqs: int
+    max_q: int  # Q
+    max_kv: int  # L
+    q_gather: torch.Tensor | None  # [S * Q] token row per padded query (None: no padding)
+    q_scatter: torch.Tensor | None  # [T] padded query row of each token
+
+
+def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
+    """Write the new tokens' slot positions/liveness and build the per-step index tensors."""
+    device = cache.slot_pos.device
+    ps = cache.page_size
+    s_count = batch.num_seqs
+    q_lens = [batch.seq_indptr[i + 1] - batch.seq_indptr[i] for i in range(s_count)]
+    kv_lens = [batch.kv_len(i, ps) for i in range(s_count)]
+    max_q, max_kv = max(q_lens), max(kv_lens)
+    max_pages = max(len(p) for p in batch.page_tables)
+    table = torch.tensor(
+        [p + [0] * (max_pages - len(p)) for p in batch.page_tables], dtype=torch.long,
+        device=device,
+    )
+    # [S, pages * ps] -> [S, L]: a page table read as slots.
+    kv_slots = (table[:, :, None] * ps + torch.arange(ps, device=device)).view(s_count, -1)
+    kv_slots = kv_slots[:, :max_kv].contiguous()
+    q_len_t = torch.tensor(q_lens, dtype=torch.long, device=device)
+    kv_len_t = torch.tensor(kv_lens, dtype=torch.long, device=device)
+    positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
+
+    # Token t of sequence s is new token i; it lives at key index kv_len - q_len + i.
+    seq_of_token = torch.repeat_interleave(torch.arange(s_count, device=device), q_len_t)
+    starts = torch.tensor(batch.seq_indptr[:-1], dtype=torch.long, device=device)
+    i_in_seq = torch.arange(batch.num_tokens, device=device) - starts[seq_of_token]
+    key_index = kv_len_t[seq_of_token] - q_len_t[seq_of_token] + i_in_seq
+    slot_mapping = kv_slots[seq_of_token, key_index]
+    cache.slot_pos[slot_mapping] = positions
+    cache.slot_live[slot_mapping] = True
+
+    if max_q == 1:
+        q_gather = q_scatter = None
+        q_pos = positions.view(s_count, 1)
+    else:
+        padded_row = seq_of_token * max_q + i_in_seq  # [T]
+        q_scatter = padded_row
+        # Padding queries reuse the sequence's first token row; their output is dropped.
+        q_gather = starts.repeat_interleave(max_q).clone()
+        q_gather[padded_row] = torch.arange(batch.num_tokens, device=device)
+        q_pos = positions[q_gather].view(s_count, max_q)
+
+    key_pos = cache.slot_pos[kv_slots]  # [S, L]
+    in_seq = torch.arange(max_kv, device=device)[None, :] < kv_len_t[:, None]
+    key_ok = in_seq & cache.slot_live[kv_slots]
+    allowed = key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [S, Q, L]
+    if batch.masks is not None:
+        for s, rows in enumerate(batch.masks):
+            if rows is not None:
+                allowed[s, : len(rows), : kv_lens[s]] &= decode_rows(rows, kv_lens[s], device)
+    if q_gather is not None:
+        # A padding query must attend somewhere or SDPA yields NaN rows.
+        pad = torch.arange(max_q, device=device)[None, :] >= q_len_t[:, None]
+        allowed[:, :, 0] |= pad
+    return AttentionMetadata(
+        slot_mapping=slot_mapping,
+        kv_slots=kv_slots.view(-1),
+        allowed=allowed[:, None],
+        num_seqs=s_count,
+        max_q=max_q,
+        max_kv=max_kv,
+        q_gather=q_gather,
+        q_scatter=q_scatter,
+    )
+
+
+class PagedAttention:
+    """The ``AttentionBackend`` the model calls once per layer for one step."""
+
+    def __init__(self, cache: KVCache, meta: AttentionMetadata) -> None:
+        self.cache, self.meta = cache, meta
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        m = self.meta
+        kv = self.cache.kv[layer]  # [2, slots, kv_heads, head_dim]
+        kv[0].index_copy_(0, m.slot_mapping, k)
+        kv[1].index_copy_(0, m.slot_mapping, v)
+        s, ql, kl = m.num_seqs, m.max_q, m.max_kv
+        heads, dim = q.shape[1], q.shape[2]
+        keys = kv[0].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+        values = kv[1].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+        qs = q if m.q_gather is None else q.index_select(0, m.q_gather)
+        qs = qs.view(s, ql, heads, dim).transpose(1, 2)  # [S, H, Q, D]
+        out = F.scaled_dot_product_attention(
+            qs, keys, values, attn_mask=m.allowed, enable_gqa=keys.shape[1] != heads
+        )
+        out = out.transpose(1, 2).reshape(s * ql, heads * dim)
+        return out if m.q_scatter is None else out.index_select(0, m.q_scatter)

@@ -1,0 +1,121 @@
+"""Engine: one model, its KV pool, the runner, and the built-in request scheduler.
+
+``execute`` runs an arbitrary ``ForwardBatch`` (the inferlet runtime's entry);
+``add_request`` / ``step`` run the built-in scheduler (schedule -> execute -> update).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from loom.config import EngineConfig
+from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.model_runner import ModelRunner
+from loom.engine.output_processor import OutputProcessor
+from loom.engine.page_pool import PagePool
+from loom.engine.prefix_cache import PrefixCache
+from loom.engine.request import Request
+from loom.engine.scheduler import Scheduler
+from loom.errors import RequestError
+from loom.models import resolve_model_dir
+from loom.models.loader import load_model
+from loom.models.tokenizer import Tokenizer
+from loom.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_tokens: int = 0  # tokens fed through the model
+    num_outputs: int = 0
+    # (sequences, tokens) of recent batches, newest last.
+    recent_batches: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        model_dir = resolve_model_dir(config.model)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        model = load_model(model_dir, config.dtype, config.device)
+        self.model_config = cfg = model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        num_pages = config.num_pages
+        if num_pages is None:
+            bytes_per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
+                config.page_size * next(model.parameters()).element_size()
+            num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
+        self.runner = ModelRunner(model, num_pages, config.page_size)
+        self.pool = PagePool(num_pages, config.page_size)
+        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
+        eos = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + cfg.eos_token_ids))
+        processor = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self.scheduler = Scheduler(config, self.pool, self.prefix_cache, processor)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ===== raw forward batches =====
+
+    def execute(self, batch: ForwardBatch) -> list[OutputResult]:
+        """Validate and run one batch; results follow ``batch.outputs``."""
+        batch.validate(self.pool.num_pages, self.pool.page_size, self.model_config.vocab_size)
+        self.runner.cache.reset_pages(self.pool.drain_fresh())
+        results = self.runner.execute(batch)
+        self.stats.num_steps += 1
+        self.stats.num_tokens += batch.num_tokens
+        self.stats.num_outputs += len(batch.outputs)
+        self.stats.recent_batches.append((batch.num_seqs, batch.num_tokens))
+        return results
+
+    # ===== built-in scheduler =====
+
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Validate a prompt and its parameters into a ``Request`` (nothing is queued)."""
+        params.validate()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                "(prompt plus at least one new token)"
+            )
+        if self.pool.pages_for(len(ids) + 1) > self.pool.num_pages:
+            raise RequestError(f"prompt needs more KV pages than the pool has ({len(ids)} tokens)")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Request(request_id=rid, prompt_ids=ids, params=params, prompt=text)
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        req = self.make_request(prompt, params, request_id)
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one scheduled step; return the requests that finished."""
+        out = self.scheduler.schedule()
+        if out is not None:
+            self.scheduler.update(out, self.execute(out.batch))
+        return self.scheduler.take_finished()

@@ -1,0 +1,75 @@
+"""The physical KV storage of one model: K/V tensors per layer plus per-slot state.
+
+Storage is slot-major so a page table turns into row indices with one multiply-add:
+slot = page_id * page_size + offset. Every slot also records the position of the token
+written there and whether it is live (written and not masked); attention reads both.
+Allocation and refcounts are not here: they are the pure-Python ``PagePool``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loom.models.config import ModelConfig
+
+# A position no query reaches: an unwritten slot is never causally visible.
+UNWRITTEN = 2**62
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_pages, self.page_size = num_pages, page_size
+        self.num_slots = num_pages * page_size
+        # [layers, 2 (k|v), slots, kv_heads, head_dim]
+        self.kv = torch.zeros(
+            cfg.num_layers, 2, self.num_slots, cfg.num_kv_heads, cfg.head_dim,
+            dtype=dtype, device=device,
+        )
+        self.slot_pos = torch.full((self.num_slots,), UNWRITTEN, dtype=torch.long, device=device)
+        self.slot_live = torch.zeros(self.num_slots, dtype=torch.bool, device=device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies across all layers."""
+        return self.kv[:, :, 0].numel() * self.kv.element_size()
+
+    def page_slots(self, pages: list[int]) -> torch.Tensor:
+        p = torch.tensor(pages, dtype=torch.long, device=self.slot_pos.device)
+        return (p[:, None] * self.page_size + torch.arange(self.page_size, device=p.device)).ravel()
+
+    def reset_pages(self, pages: list[int]) -> None:
+        """Mark every slot of ``pages`` unwritten (a freshly allocated page holds nothing)."""
+        if pages:
+            slots = self.page_slots(pages)
+            self.slot_pos[slots] = UNWRITTEN
+            self.slot_live[slots] = False
+
+    def copy_slots(
+        self, src_page: int, dst_page: int, src_offset: int, dst_offset: int, size: int
+    ) -> None:
+        """Copy ``size`` slots (KV of every layer, positions, liveness) between pages."""
+        ps = self.page_size
+        if not (0 <= src_offset and src_offset + size <= ps and 0 <= dst_offset
+                and dst_offset + size <= ps):
+            raise ValueError(f"slot range out of page bounds (page size {ps})")
+        s = slice(src_page * ps + src_offset, src_page * ps + src_offset + size)
+        d = slice(dst_page * ps + dst_offset, dst_page * ps + dst_offset + size)
+        self.kv[:, :, d] = self.kv[:, :, s]
+        self.slot_pos[d] = self.slot_pos[s]
+        self.slot_live[d] = self.slot_live[s]
+
+    def set_live(self, page: int, live: list[bool]) -> None:
+        """Set the liveness of a page's slots (``False`` hides a slot from all later passes)."""
+        if len(live) != self.page_size:
+            raise ValueError(f"mask has {len(live)} entries, page size is {self.page_size}")
+        start = page * self.page_size
+        flags = torch.tensor(live, dtype=torch.bool, device=self.slot_live.device)
+        written = self.slot_pos[start : start + self.page_size] != UNWRITTEN
+        self.slot_live[start : start + self.page_size] = flags & written

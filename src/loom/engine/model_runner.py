@@ -1,0 +1,35 @@
+"""ForwardBatch -> tensors -> model -> logits -> sampled outputs."""
+
+from __future__ import annotations
+
+import torch
+
+from loom.engine.attention import PagedAttention, build_metadata
+from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.kv_cache import KVCache
+from loom.engine.sampler import sample
+from loom.models.transformer import CausalLM
+
+
+class ModelRunner:
+    """Owns the model and its KV tensors; runs one batch per call."""
+
+    def __init__(self, model: CausalLM, num_pages: int, page_size: int) -> None:
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)
+
+    def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
+        """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
+        meta = build_metadata(batch, self.cache)
+        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        return self.model(ids, pos, PagedAttention(self.cache, meta), rows)
+
+    def execute(self, batch: ForwardBatch) -> list[OutputResult]:
+        """One engine step: results in the order of ``batch.outputs``."""
+        logits = self.forward_logits(batch, [o.index for o in batch.outputs])
+        return sample(logits, batch.outputs) if batch.outputs else []

@@ -1,0 +1,87 @@
+"""Turn logits rows into what each ``OutputSpec`` asked for.
+
+Every row may carry its own sampler; the filters (temperature, top-k, top-p, min-p) are
+applied to all rows at once with per-row parameter tensors. Seeded rows draw their noise
+from a generator seeded per row, so a seed gives the same token whatever else is batched.
+Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.engine.masks import decode_brle
+
+
+def _apply_logit_masks(logits: torch.Tensor, specs: list[OutputSpec]) -> torch.Tensor:
+    masked = [i for i, s in enumerate(specs) if s.logit_mask is not None]
+    if not masked:
+        return logits
+    logits = logits.clone()
+    for i in masked:
+        mask = specs[i].logit_mask
+        assert mask is not None
+        logits[i].masked_fill_(decode_brle(mask, logits.device), float("-inf"))
+    return logits
+
+
+def _filter(logits: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
+    """Temperature-scaled, top-k/top-p/min-p filtered probabilities [N, V] (float32)."""
+    device = logits.device
+    temps = torch.tensor([s.temperature for s in samplers], device=device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    if any(s.min_p > 0 for s in samplers):
+        min_p = torch.tensor([s.min_p for s in samplers], device=device)
+        cutoff = probs.amax(-1, keepdim=True) * min_p[:, None]
+        probs = probs.masked_fill(probs < cutoff, 0.0)
+    if any(s.top_k > 0 or s.top_p < 1.0 for s in samplers):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        vocab = probs.shape[-1]
+        top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in samplers], device=device)
+        top_p = torch.tensor([s.top_p for s in samplers], device=device)
+        rank = torch.arange(vocab, device=device)[None, :]
+        # Keep a token while the mass before it is below top_p: the first always survives.
+        mass_before = (sorted_p.cumsum(-1) - sorted_p) / sorted_p.sum(-1, keepdim=True)
+        drop = (rank >= top_k[:, None]) | (mass_before >= top_p[:, None])
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_()
+    for i, s in enumerate(samplers):
+        if s.seed is not None:
+            gen = torch.Generator(device=probs.device).manual_seed(s.seed & 0x7FFF_FFFF_FFFF_FFFF)
+            noise[i].exponential_(generator=gen)
+    return (probs / noise).argmax(-1)
+
+
+def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
+    """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec."""
+    logits = _apply_logit_masks(logits, specs)
+    results = [OutputResult() for _ in specs]
+    tokens = logits.argmax(-1)  # greedy rows keep this
+    rand = [i for i, s in enumerate(specs) if s.sampler is not None and not s.sampler.is_greedy]
+    if rand:
+        samplers = [specs[i].sampler for i in rand]
+        idx = torch.tensor(rand, device=logits.device)
+        drawn = _draw(_filter(logits.index_select(0, idx), samplers), samplers)  # type: ignore[arg-type]
+        tokens = tokens.index_copy(0, idx, drawn)
+    need_lp = [i for i, s in enumerate(specs) if s.logprobs is not None]
+    logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
+    token_list = tokens.tolist()
+    for i, spec in enumerate(specs):
+        res = results[i]
+        if spec.sampler is not None:
+            res.token = token_list[i]
+        if spec.logprobs is not None and logprobs is not None:
+            if res.token is not None:
+                res.logprob = float(logprobs[i, res.token])
+            if spec.logprobs > 0:
+                vals, ids = logprobs[i].topk(spec.logprobs)
+                res.top_logprobs = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        if spec.top_k_dist > 0:
+            probs, ids = torch.softmax(logits[i], -1).topk(spec.top_k_dist)
+            res.top_ids, res.top_probs = ids.tolist(), probs.tolist()
+    return results

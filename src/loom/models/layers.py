@@ -1,0 +1,101 @@
+"""Reusable model pieces: RMSNorm, rotary embeddings at explicit positions, the gated MLP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as the HF reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] with Llama 3 / linear scaling applied."""
+    # float32 arithmetic on purpose: it is what the HF reference computes, bit for bit.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return (inv_freq / float(scaling["factor"])).float()
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are divided by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, blended, scaled).float()
+    raise NotImplementedError(f"rope_type {kind!r} is not supported (use default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding looked up at explicit positions.
+
+    A cos/sin table is grown on demand so a step costs one index_select, whatever order
+    or gaps the positions have (inferlets choose positions freely).
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._table: torch.Tensor | None = None  # [max_pos, head_dim] as cos | sin halves
+
+    def _grow(self, size: int, device: torch.device) -> torch.Tensor:
+        size = max(size, 256)
+        pos = torch.arange(size, dtype=torch.float32, device=device)
+        freqs = torch.outer(pos, self.inv_freq.to(device))  # [size, head_dim/2]
+        self._table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        return self._table
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin [T, head_dim] (each half duplicated, HF ``rotate_half`` layout)."""
+        table = self._table
+        max_pos = int(positions.max()) + 1 if positions.numel() else 1
+        if table is None or table.shape[0] < max_pos or table.device != positions.device:
+            table = self._grow(max(max_pos, 2 * (0 if table is None else table.shape[0])),
+                               positions.device)
+        cs = table.index_select(0, positions)
+        cos, sin = cs.chunk(2, dim=-1)
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward with HF parameter names (gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
