@@ -10,6 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that takes the matrix-vector kernel for a single bf16 row on CPU.
+
+    NOTE: batch-1 decode is weight-bandwidth bound; on these CPUs ``torch.mv`` streams
+    bf16 weights ~1.7x faster than the GEMM path ``F.linear`` takes for one row
+    (measured: 32000x512 LM head, 2.1 ms -> 1.2 ms).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.bfloat16 and not x.is_cuda:
+            y = torch.mv(self.weight, x[0])
+            return (y if self.bias is None else y + self.bias)[None]
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, as the HF reference does."""
 
@@ -93,9 +108,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from loom.models.config import ModelConfig
-from loom.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from loom.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 class AttentionBackend(Protocol):
@@ -35,10 +35,10 @@ class Attention(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         )
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if cfg.qk_norm:
@@ -89,7 +89,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
