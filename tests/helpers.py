@@ -43,3 +43,13 @@ def single_seq_batch(
         outputs=[OutputSpec(i) for i in range(len(tokens))],
         masks=None if masks is None else [masks],
     )
+
+
+def assert_all_pages_free(llm: object) -> None:
+    """Every page is back in the pool once the prefix cache lets go of its pages."""
+    engine = llm.engine  # type: ignore[attr-defined]
+    assert not engine.has_unfinished()
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
+        assert len(engine.prefix_cache) == 0, "a finished request still holds cached pages"
+    assert engine.pool.num_free == engine.pool.num_pages

@@ -22,7 +22,9 @@ _COMMON: dict[str, Any] = dict(
 def hf_config(family: str, vocab_size: int) -> Any:
     import transformers as tf
 
-    common = {**_COMMON, "vocab_size": vocab_size}
+    # Special ids follow the tiny tokenizer (BOS 0, EOS 1, PAD 2) so both sides stop alike.
+    common = {**_COMMON, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1,
+              "pad_token_id": 2}
     if family == "llama3":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

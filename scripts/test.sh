@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: lint, type-check, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+echo "== ruff"; $PY -m ruff check src tests benchmarks
+echo "== mypy"; $PY -m mypy
+echo "== pytest"; $PY -m pytest -q "$@"

@@ -1,0 +1,109 @@
+"""The ``loom`` command line: ``loom generate | model make-tiny | model info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from loom import __version__
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="HF model directory, or 'tiny' (default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from loom.errors import LoomError
+    from loom.llm import LLM
+    from loom.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
+        )
+        params.validate()
+        llm = LLM(args.model, dtype=args.dtype, device=args.device)
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        for piece in llm.stream(prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except LoomError as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from loom.models.tiny import make_tiny_model
+
+    path = make_tiny_model(args.out, seed=args.seed)
+    print(f"wrote tiny model to {path}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from loom.errors import LoomError
+    from loom.models import resolve_model_dir
+    from loom.models.info import model_info
+
+    try:
+        info = model_info(resolve_model_dir(args.model_dir))
+    except LoomError as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="Loom: programmable LLM serving")
+    parser.add_argument("--version", action="version", version=f"loom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline and stream it to stdout")
+    _add_engine_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(func=_cmd_generate)
+
+    model = sub.add_parser("model", help="make or inspect model directories")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    tiny = msub.add_parser("make-tiny", help="write the deterministic tiny Llama model")
+    tiny.add_argument("--out", required=True, help="directory to write")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_make_tiny)
+    info = msub.add_parser("info", help="print a model's config and parameter count")
+    info.add_argument("model_dir", help="HF model directory, or 'tiny'")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
