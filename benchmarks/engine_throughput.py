@@ -29,11 +29,25 @@ MODELS: dict[str, dict[str, Any]] = {
     # ~1.2M parameters: the embedded default's shape.
     "tiny": {},
     # ~41.6M: hidden 512, 8 layers, vocab 32000, tied embeddings.
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=32000),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=32000,
+    ),
     # ~349M: hidden 1024, 24 layers, vocab 32000.
-    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                   num_attention_heads=16, num_key_value_heads=8, head_dim=64, vocab_size=32000),
+    "medium": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -65,8 +79,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def bench_cell(llm: Any, hf: Any, batch: int, prompt_len: int, new: int, runs: int,
-               vocab: int) -> dict[str, float]:
+def bench_cell(
+    llm: Any, hf: Any, batch: int, prompt_len: int, new: int, runs: int, vocab: int
+) -> dict[str, float]:
     from loom import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
@@ -79,8 +94,14 @@ def bench_cell(llm: Any, hf: Any, batch: int, prompt_len: int, new: int, runs: i
         return timed(lambda: llm.generate(lists, p))
 
     def ref(n: int) -> float:
-        kw = dict(attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                  pad_token_id=0, eos_token_id=None)
+        kw = dict(
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
         with torch.inference_mode():
             return timed(lambda: hf.generate(prompts, **kw))
 
@@ -93,8 +114,12 @@ def bench_cell(llm: Any, hf: Any, batch: int, prompt_len: int, new: int, runs: i
             samples[key + "p"].append(batch * prompt_len / t1)
             samples[key + "d"].append(batch * (new - 1) / max(tn - t1, 1e-9))
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"loom_prefill": med["lp"], "loom_decode": med["ld"],
-            "hf_prefill": med["hp"], "hf_decode": med["hd"]}
+    return {
+        "loom_prefill": med["lp"],
+        "loom_decode": med["ld"],
+        "hf_prefill": med["hp"],
+        "hf_decode": med["hd"],
+    }
 
 
 def main() -> None:
@@ -114,47 +139,80 @@ def main() -> None:
     from loom.models.info import model_info
 
     bandwidth = copy_bandwidth_gbs()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"copy bandwidth {bandwidth:.1f} GB/s (read+write)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"copy bandwidth {bandwidth:.1f} GB/s (read+write)"
+    )
     rows = []
     for name in args.models:
         path = model_dir(name, args.cache)
         info = model_info(path)
-        llm = LLM(str(path), dtype="bfloat16", enable_prefix_caching=False,
-                  max_num_batched_tokens=max(args.batches) * args.prompt_len,
-                  kv_cache_memory_mb=2048)
+        llm = LLM(
+            str(path),
+            dtype="bfloat16",
+            enable_prefix_caching=False,
+            max_num_batched_tokens=max(args.batches) * args.prompt_len,
+            kv_cache_memory_mb=2048,
+        )
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         weight_bytes = info["num_params"] * 2
         floor_tok_s = bandwidth * 1e9 / weight_bytes  # batch-1 decode tokens/s at the floor
         for batch in args.batches:
-            cell = bench_cell(llm, hf, batch, args.prompt_len, args.new_tokens, args.runs,
-                              info["vocab_size"])
-            row = {"model": name, "params": info["num_params"], "batch": batch, **cell,
-                   "decode_ratio": cell["loom_decode"] / cell["hf_decode"],
-                   "prefill_ratio": cell["loom_prefill"] / cell["hf_prefill"],
-                   "floor_decode_tok_s": floor_tok_s * batch,
-                   "loom_decode_vs_floor": cell["loom_decode"] / (floor_tok_s * batch)}
+            cell = bench_cell(
+                llm, hf, batch, args.prompt_len, args.new_tokens, args.runs, info["vocab_size"]
+            )
+            row = {
+                "model": name,
+                "params": info["num_params"],
+                "batch": batch,
+                **cell,
+                "decode_ratio": cell["loom_decode"] / cell["hf_decode"],
+                "prefill_ratio": cell["loom_prefill"] / cell["hf_prefill"],
+                "floor_decode_tok_s": floor_tok_s * batch,
+                "loom_decode_vs_floor": cell["loom_decode"] / (floor_tok_s * batch),
+            }
             rows.append(row)
-            print(f"  {name} b={batch}: decode loom {cell['loom_decode']:.0f} "
-                  f"hf {cell['hf_decode']:.0f} tok/s", flush=True)
+            print(
+                f"  {name} b={batch}: decode loom {cell['loom_decode']:.0f} "
+                f"hf {cell['hf_decode']:.0f} tok/s",
+                flush=True,
+            )
         del llm, hf
 
-    header = (f"{'model':<7}{'params':>8}{'batch':>6}{'prefill loom':>13}{'prefill HF':>11}"
-              f"{'ratio':>7}{'decode loom':>12}{'decode HF':>10}{'ratio':>7}"
-              f"{'floor':>8}{'of floor':>9}")
+    header = (
+        f"{'model':<7}{'params':>8}{'batch':>6}{'prefill loom':>13}{'prefill HF':>11}"
+        f"{'ratio':>7}{'decode loom':>12}{'decode HF':>10}{'ratio':>7}"
+        f"{'floor':>8}{'of floor':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:<7}{r['params'] / 1e6:>7.1f}M{r['batch']:>6}"
-              f"{r['loom_prefill']:>13.0f}{r['hf_prefill']:>11.0f}{r['prefill_ratio']:>6.2f}x"
-              f"{r['loom_decode']:>12.0f}{r['hf_decode']:>10.0f}{r['decode_ratio']:>6.2f}x"
-              f"{r['floor_decode_tok_s']:>8.0f}{r['loom_decode_vs_floor']:>8.0%}")
-    print("(tokens/s; medians of", args.runs, "runs; 'floor' = decode tok/s if each step only "
-          "streamed the weights once at the copy bandwidth; it ignores the batch's compute)")
+        print(
+            f"{r['model']:<7}{r['params'] / 1e6:>7.1f}M{r['batch']:>6}"
+            f"{r['loom_prefill']:>13.0f}{r['hf_prefill']:>11.0f}{r['prefill_ratio']:>6.2f}x"
+            f"{r['loom_decode']:>12.0f}{r['hf_decode']:>10.0f}{r['decode_ratio']:>6.2f}x"
+            f"{r['floor_decode_tok_s']:>8.0f}{r['loom_decode_vs_floor']:>8.0%}"
+        )
+    print(
+        "(tokens/s; medians of",
+        args.runs,
+        "runs; 'floor' = decode tok/s if each step only "
+        "streamed the weights once at the copy bandwidth; it ignores the batch's compute)",
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "copy_bandwidth_gbs": bandwidth, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "copy_bandwidth_gbs": bandwidth,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "runs": args.runs,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

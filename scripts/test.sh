@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-echo "== ruff"; $PY -m ruff check src tests benchmarks
+echo "== ruff"; $PY -m ruff check src tests benchmarks && $PY -m ruff format --check -q src tests benchmarks
 echo "== mypy"; $PY -m mypy
 echo "== pytest"; $PY -m pytest -q "$@"

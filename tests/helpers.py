@@ -12,8 +12,15 @@ from loom.models.transformer import CausalLM
 
 def small_config(**overrides: object) -> ModelConfig:
     base: dict[str, object] = dict(
-        architecture="LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+        architecture="LlamaForCausalLM",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
     )
     base.update(overrides)
     return ModelConfig(**base)  # type: ignore[arg-type]
@@ -32,14 +39,21 @@ def random_model(cfg: ModelConfig | None = None, seed: int = 0) -> CausalLM:
 
 
 def single_seq_batch(
-    tokens: list[int], positions: list[int], pages: list[int], kv_len: int, page_size: int,
+    tokens: list[int],
+    positions: list[int],
+    pages: list[int],
+    kv_len: int,
+    page_size: int,
     masks: list[list[int]] | None = None,
 ) -> ForwardBatch:
     """A one-sequence batch whose KV (after this step) is ``kv_len`` slots of ``pages``."""
     n_pages = -(-kv_len // page_size)
     return ForwardBatch(
-        token_ids=tokens, positions=positions, seq_indptr=[0, len(tokens)],
-        page_tables=[pages[:n_pages]], last_page_lens=[kv_len - (n_pages - 1) * page_size],
+        token_ids=tokens,
+        positions=positions,
+        seq_indptr=[0, len(tokens)],
+        page_tables=[pages[:n_pages]],
+        last_page_lens=[kv_len - (n_pages - 1) * page_size],
         outputs=[OutputSpec(i) for i in range(len(tokens))],
         masks=None if masks is None else [masks],
     )

@@ -14,8 +14,13 @@ import torch
 FAMILIES = ["llama3", "mistral", "qwen2", "qwen3"]
 
 _COMMON: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
 )
 
 
@@ -23,11 +28,21 @@ def hf_config(family: str, vocab_size: int) -> Any:
     import transformers as tf
 
     # Special ids follow the tiny tokenizer (BOS 0, EOS 1, PAD 2) so both sides stop alike.
-    common = {**_COMMON, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1,
-              "pad_token_id": 2}
+    common = {
+        **_COMMON,
+        "vocab_size": vocab_size,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+    }
     if family == "llama3":
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         return tf.LlamaConfig(**common, rope_scaling=rope, tie_word_embeddings=True)
     if family == "mistral":
         return tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
@@ -39,7 +54,10 @@ def hf_config(family: str, vocab_size: int) -> Any:
 
 
 def make_hf_model(
-    family: str, out: Path, vocab_size: int = 256, tokenizer_from: Path | None = None,
+    family: str,
+    out: Path,
+    vocab_size: int = 256,
+    tokenizer_from: Path | None = None,
     seed: int = 0,
 ) -> Any:
     """Save a random HF model of ``family`` to ``out`` and return it (float32, eval)."""
@@ -47,8 +65,12 @@ def make_hf_model(
 
     torch.manual_seed(seed)
     cfg = hf_config(family, vocab_size)
-    cls = {"llama3": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
-           "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[family]
+    cls = {
+        "llama3": tf.LlamaForCausalLM,
+        "mistral": tf.MistralForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+    }[family]
     model = cls(cfg).eval()
     with torch.no_grad():  # make norms and biases matter
         for name, p in model.named_parameters():

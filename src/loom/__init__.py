@@ -18,7 +18,7 @@ _EXPORTS = {
     "RequestOutput": "loom.engine.request",
     "SamplingParams": "loom.sampling_params",
 }
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from loom.config import EngineConfig

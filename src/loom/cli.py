@@ -23,8 +23,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            stop=args.stop or [],
         )
         params.validate()
         llm = LLM(args.model, dtype=args.dtype, device=args.device)
@@ -64,7 +69,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            shown = (
+                f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            )
             print(f"{key:<{width}}  {shown}")
     return 0
 

@@ -21,8 +21,11 @@ def test_paged_decoding_equals_full_forward() -> None:
     runner = ModelRunner(model, num_pages=32, page_size=PS)
     tokens = torch.randint(0, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     pages = [17, 3, 29, 8, 0, 12, 21]  # scattered, out of order
-    got = [runner.forward_logits(
-        single_seq_batch(tokens[:9], list(range(9)), pages, 9, PS), list(range(9)))]
+    got = [
+        runner.forward_logits(
+            single_seq_batch(tokens[:9], list(range(9)), pages, 9, PS), list(range(9))
+        )
+    ]
     for t in range(9, 23):
         b = single_seq_batch([tokens[t]], [t], pages, t + 1, PS)
         got.append(runner.forward_logits(b, [0]))
@@ -42,14 +45,19 @@ def test_batched_mixed_prefill_and_decode_equals_separate_runs() -> None:
     from loom.engine.batch import ForwardBatch
 
     mixed = ForwardBatch(
-        token_ids=[a[9], *b], positions=[9, *range(6)], seq_indptr=[0, 1, 7],
-        page_tables=[[0, 1, 2], [5, 6]], last_page_lens=[2, 2],
+        token_ids=[a[9], *b],
+        positions=[9, *range(6)],
+        seq_indptr=[0, 1, 7],
+        page_tables=[[0, 1, 2], [5, 6]],
+        last_page_lens=[2, 2],
     )
     got = runner.forward_logits(mixed, [0, 6])
-    torch.testing.assert_close(got[0], full_logits(runner, a, list(range(10)))[9], atol=1e-5,
-                               rtol=1e-5)
-    torch.testing.assert_close(got[1], full_logits(runner, b, list(range(6)))[5], atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        got[0], full_logits(runner, a, list(range(10)))[9], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        got[1], full_logits(runner, b, list(range(6)))[5], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_tree_mask_gives_each_branch_its_separate_logits() -> None:
@@ -96,8 +104,7 @@ def test_masked_slot_equals_brle_exclusion_and_copy_preserves_kv() -> None:
     runner.cache.copy_slots(1, 5, 0, 0, PS)
     runner.cache.set_live(4, [True] * PS)
     row = encode_brle([False, False, True] + [False] * 5)
-    via_brle = runner.forward_logits(
-        single_seq_batch([50], [7], [4, 5], 8, PS, masks=[row]), [0])
+    via_brle = runner.forward_logits(single_seq_batch([50], [7], [4, 5], 8, PS, masks=[row]), [0])
     torch.testing.assert_close(via_live, via_brle, atol=1e-6, rtol=1e-6)
 
 

@@ -12,7 +12,7 @@ def test_decode_examples() -> None:
 def test_round_trip() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
-        bits = (torch.rand(int(torch.randint(1, 40, (1,), generator=g)), generator=g) > 0.5)
+        bits = torch.rand(int(torch.randint(1, 40, (1,), generator=g)), generator=g) > 0.5
         assert decode_brle(encode_brle(bits.tolist())).tolist() == bits.tolist()
 
 

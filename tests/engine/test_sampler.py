@@ -21,13 +21,15 @@ def test_seed_gives_same_token_whatever_the_batch() -> None:
     x = logits_rows(6)
     spec = SamplerSpec(temperature=1.0, seed=1234)
     alone = sample(x[2:3], [OutputSpec(0, spec)])[0].token
-    mixed = sample(x, [OutputSpec(i, SamplerSpec(temperature=0.7, seed=i)) for i in range(2)]
-                   + [OutputSpec(2, spec)]
-                   + [OutputSpec(i, SamplerSpec(temperature=1.0)) for i in range(3, 6)])
+    mixed = sample(
+        x,
+        [OutputSpec(i, SamplerSpec(temperature=0.7, seed=i)) for i in range(2)]
+        + [OutputSpec(2, spec)]
+        + [OutputSpec(i, SamplerSpec(temperature=1.0)) for i in range(3, 6)],
+    )
     assert mixed[2].token == alone
     # Different seeds do not all agree.
-    draws = {sample(x[2:3], [OutputSpec(0, SamplerSpec(1.0, seed=s))])[0].token
-             for s in range(40)}
+    draws = {sample(x[2:3], [OutputSpec(0, SamplerSpec(1.0, seed=s))])[0].token for s in range(40)}
     assert len(draws) > 1
 
 
@@ -44,8 +46,10 @@ def test_top_k_top_p_min_p_restrict_support() -> None:
     order = probs.argsort(descending=True).tolist()
     cases = {
         "top_k": (SamplerSpec(1.5, top_k=3), set(order[:3])),
-        "min_p": (SamplerSpec(1.0, min_p=0.3),
-                  {i for i in range(30) if probs[i] >= 0.3 * probs.max()}),
+        "min_p": (
+            SamplerSpec(1.0, min_p=0.3),
+            {i for i in range(30) if probs[i] >= 0.3 * probs.max()},
+        ),
     }
     cum, nucleus = 0.0, set()
     for i in order:  # smallest prefix of the sorted distribution reaching 0.6
@@ -80,10 +84,17 @@ def test_logprobs_and_distributions() -> None:
     assert res[1].top_probs == pytest.approx(torch.softmax(x[1], -1).topk(5).values.tolist())
 
 
-@pytest.mark.parametrize("spec", [
-    SamplerSpec(temperature=-0.1), SamplerSpec(top_p=0.0), SamplerSpec(top_p=1.5),
-    SamplerSpec(min_p=2.0), SamplerSpec(top_k=-1), SamplerSpec(temperature=float("nan")),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SamplerSpec(temperature=-0.1),
+        SamplerSpec(top_p=0.0),
+        SamplerSpec(top_p=1.5),
+        SamplerSpec(min_p=2.0),
+        SamplerSpec(top_k=-1),
+        SamplerSpec(temperature=float("nan")),
+    ],
+)
 def test_bad_sampler_values_are_rejected(spec: SamplerSpec) -> None:
     with pytest.raises(RequestError):
         spec.validate()

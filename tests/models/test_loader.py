@@ -24,7 +24,8 @@ def test_loaded_model_matches_hf_logits(family: str, tmp_path: Path) -> None:
 
     runner = ModelRunner(model, num_pages=8, page_size=16)
     got = runner.forward_logits(
-        single_seq_batch(ids.tolist(), list(range(37)), list(range(8)), 37, 16), list(range(37)))
+        single_seq_batch(ids.tolist(), list(range(37)), list(range(8)), 37, 16), list(range(37))
+    )
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -43,8 +44,10 @@ def test_sharded_weights_load(tmp_path: Path) -> None:
     tensors = load_file(tmp_path / "model.safetensors")
     names = sorted(tensors)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half],
-              "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for fname, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, tmp_path / fname)
     (tmp_path / "model.safetensors").unlink()
@@ -55,7 +58,7 @@ def test_sharded_weights_load(tmp_path: Path) -> None:
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(tmp_path)
     make_hf_model("llama3", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -40,7 +40,8 @@ def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
     max_q, max_kv = max(q_lens), max(kv_lens)
     max_pages = max(len(p) for p in batch.page_tables)
     table = torch.tensor(
-        [p + [0] * (max_pages - len(p)) for p in batch.page_tables], dtype=torch.long,
+        [p + [0] * (max_pages - len(p)) for p in batch.page_tables],
+        dtype=torch.long,
         device=device,
     )
     # [S, pages * ps] -> [S, L]: a page table read as slots.

@@ -44,12 +44,19 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, config.dtype, config.device)
         self.model_config = cfg = model.config
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
         num_pages = config.num_pages
         if num_pages is None:
-            bytes_per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
-                config.page_size * next(model.parameters()).element_size()
+            bytes_per_page = (
+                2
+                * cfg.num_layers
+                * cfg.num_kv_heads
+                * cfg.head_dim
+                * config.page_size
+                * next(model.parameters()).element_size()
+            )
             num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
         self.runner = ModelRunner(model, num_pages, config.page_size)
         self.pool = PagePool(num_pages, config.page_size)
@@ -81,6 +88,8 @@ class Engine:
         """Validate a prompt and its parameters into a ``Request`` (nothing is queued)."""
         params.validate()
         if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
             text: str | None = prompt
             ids = self.tokenizer.encode(prompt)
         else:

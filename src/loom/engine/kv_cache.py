@@ -29,8 +29,13 @@ class KVCache:
         self.num_slots = num_pages * page_size
         # [layers, 2 (k|v), slots, kv_heads, head_dim]
         self.kv = torch.zeros(
-            cfg.num_layers, 2, self.num_slots, cfg.num_kv_heads, cfg.head_dim,
-            dtype=dtype, device=device,
+            cfg.num_layers,
+            2,
+            self.num_slots,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
         )
         self.slot_pos = torch.full((self.num_slots,), UNWRITTEN, dtype=torch.long, device=device)
         self.slot_live = torch.zeros(self.num_slots, dtype=torch.bool, device=device)
@@ -56,8 +61,12 @@ class KVCache:
     ) -> None:
         """Copy ``size`` slots (KV of every layer, positions, liveness) between pages."""
         ps = self.page_size
-        if not (0 <= src_offset and src_offset + size <= ps and 0 <= dst_offset
-                and dst_offset + size <= ps):
+        if not (
+            src_offset >= 0
+            and src_offset + size <= ps
+            and dst_offset >= 0
+            and dst_offset + size <= ps
+        ):
             raise ValueError(f"slot range out of page bounds (page size {ps})")
         s = slice(src_page * ps + src_offset, src_page * ps + src_offset + size)
         d = slice(dst_page * ps + dst_offset, dst_page * ps + dst_offset + size)

@@ -27,7 +27,8 @@ class ModelRunner:
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        return self.model(ids, pos, PagedAttention(self.cache, meta), rows)
+        logits: torch.Tensor = self.model(ids, pos, PagedAttention(self.cache, meta), rows)
+        return logits
 
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
         """One engine step: results in the order of ``batch.outputs``."""

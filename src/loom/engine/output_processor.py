@@ -12,8 +12,12 @@ from loom.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int,
-                 ) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+    ) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
@@ -42,6 +46,7 @@ class OutputProcessor:
             if params.stop and self._cut_stop(req, before):
                 return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            req.text += req.detokenizer.flush()  # an incomplete character at the very end
             return "length"
         return None
 

@@ -17,8 +17,12 @@ from loom.engine.page_pool import PagePool
 ROOT_KEY = b"loom-prefix-root"
 
 
-def chain_keys(tokens: list[int], page_size: int, num_pages: int, parent: bytes = ROOT_KEY,
-               ) -> list[bytes]:
+def chain_keys(
+    tokens: list[int],
+    page_size: int,
+    num_pages: int,
+    parent: bytes = ROOT_KEY,
+) -> list[bytes]:
     """Keys of the first ``num_pages`` full pages of ``tokens`` (continuing from ``parent``)."""
     keys = []
     for i in range(num_pages):

@@ -79,7 +79,8 @@ class RequestOutput:
             text=req.text,
             finish_reason=req.finish_reason,
             logprobs=list(req.logprobs) if want else None,
-            top_logprobs=[list(t) for t in req.top_logprobs] if want and req.params.logprobs
+            top_logprobs=[list(t) for t in req.top_logprobs]
+            if want and req.params.logprobs
             else None,
             num_cached_tokens=req.num_cached_tokens,
         )

@@ -111,7 +111,9 @@ class Scheduler:
         ps = self.pool.page_size
         if self.prefix_cache is not None and req.num_computed == 0:
             # Leave at least one token to compute: its logits give the next token.
-            req.page_keys = chain_keys(req.tokens(0, req.num_tokens), ps, (req.num_tokens - 1) // ps)
+            req.page_keys = chain_keys(
+                req.tokens(0, req.num_tokens), ps, (req.num_tokens - 1) // ps
+            )
             req.pages = self.prefix_cache.match(req.page_keys)
             req.num_computed = req.num_cached_tokens = len(req.pages) * ps
             req.num_inserted_pages = len(req.pages)
@@ -142,11 +144,13 @@ class Scheduler:
             indptr.append(len(tokens))
             if s.samples:
                 params = req.params
-                outputs.append(OutputSpec(
-                    index=len(tokens) - 1,
-                    sampler=params.sampler_spec(len(req.output_ids)),
-                    logprobs=params.logprobs,
-                ))
+                outputs.append(
+                    OutputSpec(
+                        index=len(tokens) - 1,
+                        sampler=params.sampler_spec(len(req.output_ids)),
+                        logprobs=params.logprobs,
+                    )
+                )
         return ForwardBatch(
             token_ids=tokens,
             positions=positions,
@@ -199,7 +203,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.pool.free(req.pages)
         req.pages = []
-        req.num_computed = req.num_cached_tokens = req.num_inserted_pages = 0
+        req.num_computed = req.num_inserted_pages = 0
         req.page_keys = []
 
     def _preempt(self, req: Request) -> None:

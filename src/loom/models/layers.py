@@ -74,6 +74,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self._table: torch.Tensor | None = None  # [max_pos, head_dim] as cos | sin halves
 
@@ -89,8 +90,9 @@ class RotaryEmbedding(nn.Module):
         table = self._table
         max_pos = int(positions.max()) + 1 if positions.numel() else 1
         if table is None or table.shape[0] < max_pos or table.device != positions.device:
-            table = self._grow(max(max_pos, 2 * (0 if table is None else table.shape[0])),
-                               positions.device)
+            table = self._grow(
+                max(max_pos, 2 * (0 if table is None else table.shape[0])), positions.device
+            )
         cs = table.index_select(0, positions)
         cos, sin = cs.chunk(2, dim=-1)
         return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
@@ -113,4 +115,5 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out

@@ -25,10 +25,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from loom.models.corpus import tiny_corpus
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 MAX_TOKENIZER_VOCAB = 2048
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, EOS, PAD = 0, 1, 2  # ids of the first three special tokens
+# NOTE: larger than the usual 0.02 on purpose: untrained weights that small give a nearly
+# flat distribution and greedy decoding repeats one token; 0.1 gives varied output.
+INIT_STD = 0.1
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -66,24 +69,27 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(tiny_corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
     return tok
 
 
 def _weights(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF Llama parameter names and shapes; linears ~ N(0, 0.02), norms = 1."""
+    """HF Llama parameter names and shapes; linears ~ N(0, INIT_STD), norms = 1."""
     g = torch.Generator().manual_seed(seed)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.empty(shape).normal_(0.0, 0.02, generator=g).to(dtype)
+        return torch.empty(shape).normal_(0.0, INIT_STD, generator=g).to(dtype)
 
     out = {"model.embed_tokens.weight": normal(v, h)}
     for n in range(cfg["num_hidden_layers"]):
@@ -120,12 +126,14 @@ def make_tiny_model(
     tokenizer = train_tokenizer(tok_vocab)
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file(_weights(cfg, seed, dtype), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(_weights(cfg, seed, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
         "model_max_length": cfg["max_position_embeddings"],
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,

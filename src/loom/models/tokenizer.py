@@ -34,17 +34,24 @@ def _read_json(path: Path) -> dict[str, Any]:
 class Tokenizer:
     """Encode/decode and chat templates of one model directory."""
 
-    def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any],
-                 generation_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        config: dict[str, Any],
+        generation_config: dict[str, Any] | None = None,
+    ) -> None:
         self._tok = tokenizer
         self.config = config
         self.chat_template: str | None = config.get("chat_template")
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
-        self.bos_token_id = None if self.bos_token is None else tokenizer.token_to_id(self.bos_token)
+        self.bos_token_id = (
+            None if self.bos_token is None else tokenizer.token_to_id(self.bos_token)
+        )
         eos: list[int] = []
-        if self.eos_token is not None and tokenizer.token_to_id(self.eos_token) is not None:
-            eos.append(tokenizer.token_to_id(self.eos_token))
+        eos_id = None if self.eos_token is None else tokenizer.token_to_id(self.eos_token)
+        if eos_id is not None:
+            eos.append(eos_id)
         gen_eos = (generation_config or {}).get("eos_token_id")
         for t in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
             if isinstance(t, int) and t not in eos:
@@ -91,8 +98,9 @@ class Tokenizer:
             raise ValueError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
-                                                                   indent=indent)
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(
+            x, ensure_ascii=False, indent=indent
+        )
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template)
 
@@ -101,12 +109,17 @@ class Tokenizer:
     ) -> str:
         """Render ``messages`` ([{"role", "content"}]) as the model's chat prompt text."""
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 raise ValueError(f"message {i} needs string 'role' and 'content'")
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
         )
 
 

@@ -32,7 +32,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
         )
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
@@ -55,7 +57,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attn(self.layer, q, k, v))
+        out: torch.Tensor = self.o_proj(attn(self.layer, q, k, v))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -70,7 +73,8 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class DecoderModel(nn.Module):
@@ -109,4 +113,5 @@ class CausalLM(nn.Module):
         # NOTE: only the rows that are sampled go through the final norm and the LM head;
         # for a 128-token prefill that skips 127 of 128 vocab-sized matmul rows.
         x = self.model.norm(x.index_select(0, logits_index))
-        return self.lm_head(x).float()
+        logits: torch.Tensor = self.lm_head(x)
+        return logits.float()

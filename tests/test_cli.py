@@ -1,0 +1,48 @@
+"""The ``loom`` command line, run as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def loom(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loom", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_generate_streams_text_from_a_model(tiny_dir: Path) -> None:
+    from loom import LLM, SamplingParams
+
+    res = loom("generate", "--model", str(tiny_dir), "--max-tokens", "12", "Once upon a time")
+    assert res.returncode == 0, res.stderr
+    want = (
+        LLM(str(tiny_dir))
+        .generate("Once upon a time", SamplingParams(max_tokens=12, temperature=0.0))[0]
+        .text
+    )
+    assert res.stdout == want + "\n" and want
+
+
+def test_make_tiny_and_info(tmp_path: Path) -> None:
+    res = loom("model", "make-tiny", "--out", str(tmp_path / "m"), "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    res = loom("model", "info", str(tmp_path / "m"), "--json")
+    info = json.loads(res.stdout)
+    assert info["architecture"] == "LlamaForCausalLM" and info["num_layers"] == 4
+    assert 1_000_000 < info["num_params"] < 1_500_000
+
+
+def test_errors_are_clear_and_exit_nonzero(tmp_path: Path) -> None:
+    res = loom("generate", "--model", str(tmp_path / "nope"), "hi")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = loom("generate", "--temperature", "-1", "hi")
+    assert res.returncode == 2 and "temperature" in res.stderr
+    res = loom("frobnicate")
+    assert res.returncode == 2 and "invalid choice" in res.stderr
