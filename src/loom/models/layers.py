@@ -105,15 +105,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def fuse_linears(parts: list[nn.Linear]) -> Linear:
+    """One ``Linear`` whose output is the concatenation of ``parts``' outputs."""
+    w = torch.cat([p.weight.detach() for p in parts])
+    fused = Linear(
+        w.shape[1], w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype
+    )
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(
+            torch.cat([p.bias.detach() for p in parts]),
+            requires_grad=False,
+        )
+    return fused
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward with HF parameter names (gate_proj, up_proj, down_proj)."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
+        self.intermediate = intermediate
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj: Linear | None = None
+
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by one GEMM (after loading: fewer, larger matmuls)."""
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from loom.models.config import ModelConfig
-from loom.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from loom.models.layers import (
+    GatedMLP,
+    Linear,
+    fuse_linears,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+)
 
 
 class AttentionBackend(Protocol):
@@ -41,19 +48,32 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: Linear | None = None
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
+    def fuse(self) -> None:
+        """Replace q/k/v projections by one GEMM (after loading: fewer, larger matmuls)."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q_, k_, v_ = self.qkv_proj(x).split(
+                [self.num_heads * self.head_dim, kv_dim, kv_dim], dim=-1
+            )
+        else:
+            q_, k_, v_ = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q_.view(t, self.num_heads, self.head_dim)
+        k = k_.view(t, self.num_kv_heads, self.head_dim)
+        v = v_.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -96,6 +116,12 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up projections of every layer (done once after loading)."""
+        for module in list(self.modules()):
+            if isinstance(module, (Attention, GatedMLP)):
+                module.fuse()
 
     @torch.inference_mode()
     def forward(
