@@ -64,6 +64,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side in the fused output: rotate them in one call.
+            qkv = self.qkv_proj(x)
+            qk_dim = (self.num_heads + self.num_kv_heads) * self.head_dim
+            qk = apply_rotary(qkv[:, :qk_dim].view(t, -1, self.head_dim), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, qk_dim:].view(t, self.num_kv_heads, self.head_dim)
+            out: torch.Tensor = self.o_proj(attn(self.layer, q, k, v))
+            return out
         if self.qkv_proj is not None:
             kv_dim = self.num_kv_heads * self.head_dim
             q_, k_, v_ = self.qkv_proj(x).split(
@@ -77,8 +86,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out: torch.Tensor = self.o_proj(attn(self.layer, q, k, v))
-        return out
+        result: torch.Tensor = self.o_proj(attn(self.layer, q, k, v))
+        return result
 
 
 class DecoderLayer(nn.Module):
