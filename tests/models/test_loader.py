@@ -79,3 +79,25 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         load_model(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         load_model(tmp_path, dtype="int3")
+
+
+def test_bf16_fast_paths_track_the_float32_reference(tmp_path: Path) -> None:
+    """Fused projections, prepacked GEMMs (many rows) and the mv path (one row) in bf16."""
+    from loom.engine.model_runner import ModelRunner
+    from tests.helpers import single_seq_batch
+
+    hf = make_hf_model("qwen2", tmp_path)
+    model = load_model(tmp_path, dtype="bfloat16")
+    model.optimize_for_inference()
+    runner = ModelRunner(model, num_pages=8, page_size=16)
+    ids = torch.arange(3, 40).tolist()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    prefill = runner.forward_logits(
+        single_seq_batch(ids[:36], list(range(36)), list(range(8)), 36, 16), list(range(36))
+    )
+    decode = runner.forward_logits(single_seq_batch(ids[36:], [36], list(range(8)), 37, 16), [0])
+    got = torch.cat([prefill, decode])
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() / scale < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

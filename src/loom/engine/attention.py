@@ -22,12 +22,32 @@ from loom.engine.masks import decode_rows
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot of each new token
     kv_slots: torch.Tensor  # [S * L] key slots per sequence, padded with slot 0
-    allowed: torch.Tensor  # [S, 1, Q, L] true = attend
+    # [S, 1, Q, L] true = attend; None = plain causal over this step's own tokens
+    allowed: torch.Tensor | None
     num_seqs: int
     max_q: int  # Q
     max_kv: int  # L
     q_gather: torch.Tensor | None  # [S * Q] token row per padded query (None: no padding)
     q_scatter: torch.Tensor | None  # [T] padded query row of each token
+
+
+def _is_fresh_causal(
+    batch: ForwardBatch,
+    q_lens: list[int],
+    kv_lens: list[int],
+    i_in_seq: torch.Tensor,
+    positions: torch.Tensor,
+) -> bool:
+    """True when every sequence is a fresh prefill at positions 0..n-1 with no BRLE rows.
+
+    Then each sequence's keys are exactly its new tokens in position order, and attention
+    is plain causal: no gather, no mask (SDPA skips the masked half of the work).
+    """
+    if batch.masks is not None and any(m is not None for m in batch.masks):
+        return False
+    if q_lens != kv_lens:
+        return False
+    return bool(torch.equal(positions, i_in_seq))
 
 
 def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
@@ -71,6 +91,17 @@ def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
         q_gather[padded_row] = torch.arange(batch.num_tokens, device=device)
         q_pos = positions[q_gather].view(s_count, max_q)
 
+    if _is_fresh_causal(batch, q_lens, kv_lens, i_in_seq, positions):
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            kv_slots=kv_slots.view(-1),
+            allowed=None,
+            num_seqs=s_count,
+            max_q=max_q,
+            max_kv=max_kv,
+            q_gather=q_gather,
+            q_scatter=q_scatter,
+        )
     key_pos = cache.slot_pos[kv_slots]  # [S, L]
     in_seq = torch.arange(max_kv, device=device)[None, :] < kv_len_t[:, None]
     key_ok = in_seq & cache.slot_live[kv_slots]
@@ -110,12 +141,22 @@ class PagedAttention:
         kv[1].index_copy_(0, m.slot_mapping, v)
         s, ql, kl = m.num_seqs, m.max_q, m.max_kv
         heads, dim = q.shape[1], q.shape[2]
-        keys = kv[0].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
-        values = kv[1].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
         qs = q if m.q_gather is None else q.index_select(0, m.q_gather)
         qs = qs.view(s, ql, heads, dim).transpose(1, 2)  # [S, H, Q, D]
-        out = F.scaled_dot_product_attention(
-            qs, keys, values, attn_mask=m.allowed, enable_gqa=keys.shape[1] != heads
-        )
+        if m.allowed is None:
+            # Fresh prefill: keys are this step's tokens, padded on the right like queries.
+            if m.q_gather is not None:
+                k, v = k.index_select(0, m.q_gather), v.index_select(0, m.q_gather)
+            keys = k.view(s, ql, -1, dim).transpose(1, 2)
+            values = v.view(s, ql, -1, dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                qs, keys, values, is_causal=True, enable_gqa=keys.shape[1] != heads
+            )
+        else:
+            keys = kv[0].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+            values = kv[1].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=m.allowed, enable_gqa=keys.shape[1] != heads
+            )
         out = out.transpose(1, 2).reshape(s * ql, heads * dim)
         return out if m.q_scatter is None else out.index_select(0, m.q_scatter)

@@ -43,7 +43,7 @@ class Engine:
         model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, config.dtype, config.device)
-        model.fuse_projections()
+        model.optimize_for_inference()
         self.model_config = cfg = model.config
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings

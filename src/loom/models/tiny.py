@@ -3,11 +3,13 @@
 ``make_tiny_model`` writes config.json, model.safetensors (random weights from a seeded
 generator), a byte-level BPE tokenizer trained here on ``corpus.tiny_corpus()``, its
 tokenizer_config.json (special tokens and a chat template) and generation_config.json.
-The same seed gives byte-identical files. It produces gibberish but runs every path.
+The same arguments give byte-identical files (BPE training in ``tokenizers`` breaks ties
+deterministically, whatever its thread count). It produces gibberish but runs every path.
 
 Bigger shapes (for benchmarks) come from ``config_overrides``. The tokenizer is trained to
-at most ``MAX_TOKENIZER_VOCAB`` ids; a larger model vocabulary keeps its extra embedding
-rows unused, as real checkpoints with padded vocabularies do.
+at most ``MAX_TOKENIZER_VOCAB`` ids, which the small built-in corpus supports; a larger
+model vocabulary (e.g. 32000) keeps its extra embedding rows, which no text encodes to, as
+real checkpoints with padded vocabularies do. Ids the tokenizer lacks decode to "".
 """
 
 from __future__ import annotations

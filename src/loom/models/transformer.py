@@ -132,6 +132,13 @@ class CausalLM(nn.Module):
             if isinstance(module, (Attention, GatedMLP)):
                 module.fuse()
 
+    def optimize_for_inference(self) -> None:
+        """Fuse projections and prepack weights for the fast CPU kernels (after loading)."""
+        self.fuse_projections()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+
     @torch.inference_mode()
     def forward(
         self,
