@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-echo "== ruff"; $PY -m ruff check src tests benchmarks && $PY -m ruff format --check -q src tests benchmarks
-echo "== mypy"; $PY -m mypy
-echo "== pytest"; $PY -m pytest -q "$@"
+echo "== ruff"
+$PY -m ruff check --no-cache src tests benchmarks
+$PY -m ruff format --no-cache --check -q src tests benchmarks
+echo "== mypy"
+$PY -m mypy
+echo "== pytest"
+$PY -m pytest -q "$@"

@@ -27,15 +27,23 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from loom.models.corpus import tiny_corpus
 
-TINY_VERSION = "v2"
+# Bump whenever the files change, so caches made by older code are not reused.
+TINY_VERSION = "v3"
 MAX_TOKENIZER_VOCAB = 2048
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, EOS, PAD = 0, 1, 2  # ids of the first three special tokens
+# Below this a byte-level BPE has (almost) no merges: 256 bytes, the special tokens, a few.
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 32
 # NOTE: larger than the usual 0.02 on purpose: untrained weights that small give a nearly
 # flat distribution and greedy decoding repeats one token; 0.1 gives varied output.
 INIT_STD = 0.1
+# Each role has its own special token; any other role would render as plain text the model
+# never saw, so the template rejects it.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}"
+    "{% endif %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -91,7 +99,9 @@ def _weights(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[str, to
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.empty(shape).normal_(0.0, INIT_STD, generator=g).to(dtype)
+        # Always drawn in float32, so a bf16 model holds the rounded float32 weights and
+        # the global default dtype cannot change what a seed gives.
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, INIT_STD, generator=g).to(dtype)
 
     out = {"model.embed_tokens.weight": normal(v, h)}
     for n in range(cfg["num_hidden_layers"]):
@@ -111,24 +121,70 @@ def _weights(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[str, to
     return out
 
 
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16``, ``"bfloat16"`` or ``"torch.bfloat16"`` -> ``torch.bfloat16``."""
+    resolved = (
+        dtype
+        if isinstance(dtype, torch.dtype)
+        else getattr(torch, dtype.removeprefix("torch."), None)
+    )
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a torch floating-point dtype")
+    return resolved
+
+
+def build_config(
+    config_overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> dict[str, Any]:
+    """``TINY_CONFIG`` with overrides applied and checked (the config.json ``make_tiny_model``
+    writes). ``head_dim`` follows ``hidden_size // num_attention_heads`` unless given."""
+    overrides = dict(config_overrides or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    cfg = {**TINY_CONFIG, **overrides}
+    cfg["torch_dtype"] = str(_resolve_dtype(dtype)).removeprefix("torch.")
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if "head_dim" not in overrides:
+        if cfg["hidden_size"] % heads:
+            raise ValueError(
+                f"hidden_size {cfg['hidden_size']} is not a multiple of {heads} heads; "
+                "give head_dim explicitly"
+            )
+        cfg["head_dim"] = cfg["hidden_size"] // heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of kv heads {kv_heads}")
+    if cfg["vocab_size"] < MIN_VOCAB:
+        raise ValueError(
+            f"vocab_size {cfg['vocab_size']} is too small for a byte-level BPE (min {MIN_VOCAB})"
+        )
+    return cfg
+
+
 def make_tiny_model(
     out_dir: str | Path,
     seed: int = 0,
     config_overrides: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
 ) -> Path:
-    """Write a complete HF-format Llama directory to ``out_dir`` and return its path."""
+    """Write a complete HF-format Llama directory to ``out_dir`` and return its path.
+
+    ``config_overrides`` replaces ``TINY_CONFIG`` fields (hidden_size, num_hidden_layers,
+    intermediate_size, num_attention_heads, num_key_value_heads, head_dim, vocab_size,
+    tie_word_embeddings, ...); ``vocab_size`` is a shortcut for that field. Weights are
+    stored in ``dtype`` (e.g. ``torch.bfloat16`` or ``"bfloat16"``) and config.json says so.
+    Only ``seed`` changes the weights; the tokenizer depends on the vocabulary size alone.
+    """
     out = Path(out_dir)
-    cfg = {**TINY_CONFIG, **(config_overrides or {})}
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    tok_vocab = min(cfg["vocab_size"], MAX_TOKENIZER_VOCAB)
-    if tok_vocab < 256 + len(SPECIAL_TOKENS) + 32:
-        raise ValueError(f"vocab_size {cfg['vocab_size']} is too small for a byte-level BPE")
+    cfg = build_config(config_overrides, vocab_size, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(tok_vocab)
+    tokenizer = train_tokenizer(min(cfg["vocab_size"], MAX_TOKENIZER_VOCAB))
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file(_weights(cfg, seed, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = _weights(cfg, seed, _resolve_dtype(dtype))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
@@ -147,6 +203,7 @@ def make_tiny_model(
 
 
 def default_tiny_dir(seed: int = 0) -> Path:
+    """Cache location of the embedded default: ``$LOOM_CACHE_DIR`` or ``~/.cache/loom``."""
     root = Path(os.environ.get("LOOM_CACHE_DIR") or Path.home() / ".cache" / "loom")
     return root / f"tiny-{TINY_VERSION}-seed{seed}"
 

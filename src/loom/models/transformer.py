@@ -17,10 +17,10 @@ from loom.models.config import ModelConfig
 from loom.models.layers import (
     GatedMLP,
     Linear,
-    fuse_linears,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    fuse_linears,
 )
 
 
