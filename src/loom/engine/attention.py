@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.engine.batch import ForwardBatch
+from loom.engine.decode_mirror import DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.masks import decode_rows
 
@@ -29,6 +30,8 @@ class AttentionMetadata:
     max_kv: int  # L
     q_gather: torch.Tensor | None  # [S * Q] token row per padded query (None: no padding)
     q_scatter: torch.Tensor | None  # [T] padded query row of each token
+    mirror_mode: str = "off"  # DecodeMirror plan: "reuse" | "fill" | "off"
+    new_key_index: torch.Tensor | None = None  # [S] key index of each decode token
 
 
 def _is_fresh_causal(
@@ -50,7 +53,9 @@ def _is_fresh_causal(
     return bool(torch.equal(positions, i_in_seq))
 
 
-def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
+def build_metadata(
+    batch: ForwardBatch, cache: KVCache, mirror: DecodeMirror | None = None
+) -> AttentionMetadata:
     """Write the new tokens' slot positions/liveness and build the per-step index tensors."""
     device = cache.slot_pos.device
     ps = cache.page_size
@@ -114,7 +119,10 @@ def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
         # A padding query must attend somewhere or SDPA yields NaN rows.
         pad = torch.arange(max_q, device=device)[None, :] >= q_len_t[:, None]
         allowed[:, :, 0] |= pad
+    mode = "off" if mirror is None else mirror.plan(batch, kv_lens, cache.version)
     return AttentionMetadata(
+        mirror_mode=mode,
+        new_key_index=key_index if mode != "off" else None,
         slot_mapping=slot_mapping,
         kv_slots=kv_slots.view(-1),
         allowed=allowed[:, None],
@@ -129,8 +137,10 @@ def build_metadata(batch: ForwardBatch, cache: KVCache) -> AttentionMetadata:
 class PagedAttention:
     """The ``AttentionBackend`` the model calls once per layer for one step."""
 
-    def __init__(self, cache: KVCache, meta: AttentionMetadata) -> None:
-        self.cache, self.meta = cache, meta
+    def __init__(
+        self, cache: KVCache, meta: AttentionMetadata, mirror: DecodeMirror | None = None
+    ) -> None:
+        self.cache, self.meta, self.mirror = cache, meta, mirror
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -153,8 +163,15 @@ class PagedAttention:
                 qs, keys, values, is_causal=True, enable_gqa=keys.shape[1] != heads
             )
         else:
-            keys = kv[0].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
-            values = kv[1].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+            if m.mirror_mode == "reuse":
+                assert self.mirror is not None and m.new_key_index is not None
+                keys, values = self.mirror.append(layer, k, v, m.new_key_index, kl)
+            else:
+                keys = kv[0].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+                values = kv[1].index_select(0, m.kv_slots).view(s, kl, -1, dim).transpose(1, 2)
+                if m.mirror_mode == "fill":
+                    assert self.mirror is not None
+                    self.mirror.fill(layer, keys, values)
             out = F.scaled_dot_product_attention(
                 qs, keys, values, attn_mask=m.allowed, enable_gqa=keys.shape[1] != heads
             )

@@ -39,6 +39,7 @@ class KVCache:
         )
         self.slot_pos = torch.full((self.num_slots,), UNWRITTEN, dtype=torch.long, device=device)
         self.slot_live = torch.zeros(self.num_slots, dtype=torch.bool, device=device)
+        self.version = 0  # bumped when stored K/V change outside a forward pass
 
     @property
     def bytes_per_token(self) -> int:
@@ -71,6 +72,7 @@ class KVCache:
         s = slice(src_page * ps + src_offset, src_page * ps + src_offset + size)
         d = slice(dst_page * ps + dst_offset, dst_page * ps + dst_offset + size)
         self.kv[:, :, d] = self.kv[:, :, s]
+        self.version += 1
         self.slot_pos[d] = self.slot_pos[s]
         self.slot_live[d] = self.slot_live[s]
 

@@ -6,6 +6,7 @@ import torch
 
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.decode_mirror import DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import sample
 from loom.models.transformer import CausalLM
@@ -20,14 +21,20 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)
+        cfg = self.config
+        self.mirror = DecodeMirror(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
 
     def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
         """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
-        meta = build_metadata(batch, self.cache)
+        meta = build_metadata(batch, self.cache, self.mirror)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        logits: torch.Tensor = self.model(ids, pos, PagedAttention(self.cache, meta), rows)
+        logits: torch.Tensor = self.model(
+            ids, pos, PagedAttention(self.cache, meta, self.mirror), rows
+        )
         return logits
 
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
