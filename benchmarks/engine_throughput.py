@@ -16,6 +16,7 @@ It also measures memory copy bandwidth and reports the batch-1 decode floor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -38,7 +39,7 @@ MODELS: dict[str, dict[str, Any]] = {
         head_dim=64,
         vocab_size=32000,
     ),
-    # ~349M: hidden 1024, 24 layers, vocab 32000.
+    # ~349M: hidden 1024, 24 layers, vocab 32000, untied embeddings.
     "medium": dict(
         hidden_size=1024,
         intermediate_size=2816,
@@ -47,6 +48,7 @@ MODELS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8,
         head_dim=64,
         vocab_size=32000,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -66,7 +68,9 @@ def copy_bandwidth_gbs(mib: int = 256, repeats: int = 7) -> float:
 def model_dir(name: str, cache: Path) -> Path:
     from loom.models.tiny import TINY_VERSION, make_tiny_model
 
-    out = cache / f"bench-{name}-{TINY_VERSION}"
+    # The directory name carries the config, so a changed shape never reuses old weights.
+    key = hashlib.sha256(json.dumps(MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
+    out = cache / f"bench-{name}-{TINY_VERSION}-{key}"
     if not (out / "config.json").exists():
         print(f"making the {name} model in {out} ...", flush=True)
         make_tiny_model(out, seed=0, config_overrides=MODELS[name], dtype=torch.bfloat16)
@@ -204,10 +208,9 @@ def main() -> None:
             f"{r['floor_decode_tok_s']:>8.0f}{r['loom_decode_vs_floor']:>8.0%}"
         )
     print(
-        "(tokens/s; medians of",
-        args.runs,
-        "runs; 'floor' = decode tok/s if each step only "
-        "streamed the weights once at the copy bandwidth; it ignores the batch's compute)",
+        f"(tokens/s: medians of {args.runs} interleaved runs; ratio: median of per-run "
+        "Loom/HF ratios; floor: decode tok/s if a step only streamed the weights once at "
+        "the copy bandwidth, which ignores compute and is loose beyond batch 1)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
