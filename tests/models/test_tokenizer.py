@@ -13,7 +13,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from loom.errors import ModelLoadError
 from loom.models.corpus import tiny_corpus
-from loom.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from loom.models.detokenizer import IncrementalDetokenizer
+from loom.models.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world!",

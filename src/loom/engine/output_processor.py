@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from loom.engine.batch import OutputResult
 from loom.engine.request import Request
-from loom.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from loom.models.detokenizer import IncrementalDetokenizer
+from loom.models.tokenizer import Tokenizer
 
 
 class OutputProcessor:
@@ -38,7 +39,7 @@ class OutputProcessor:
         if is_stop_token:
             return "stop"
         if req.detokenizer is None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
         delta = req.detokenizer.push(token)
         if delta:
             before = len(req.text)

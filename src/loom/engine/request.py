@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal" by their fields
 class Request:
     request_id: str
     prompt_ids: list[int]

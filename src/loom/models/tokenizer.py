@@ -9,28 +9,25 @@ holds, so prompts tokenize to the ids the model was trained on:
 * named special tokens (``bos_token``, ``pad_token``, ...) and ``additional_special_tokens``
   from ``tokenizer_config.json`` that ``tokenizer.json`` lacks are added as special tokens,
   in the same order, so ids, ``vocab_size`` and special-token skipping agree;
-* chat templates render in the same sandboxed jinja2 environment and with the same
-  variables, preferring ``chat_template.jinja`` over the config entry as transformers does.
+* chat templates render in the same sandboxed jinja2 environment (``chat_template.py``)
+  and with the same variables, preferring ``chat_template.jinja`` over the config entry as
+  transformers does.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 from loom.errors import ModelLoadError
+from loom.models.chat_template import compile_chat_template
 
 # transformers' ``SPECIAL_TOKENS_ATTRIBUTES``, in its order (the order new tokens get ids).
 SPECIAL_TOKEN_KEYS = (
@@ -42,7 +39,6 @@ SPECIAL_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
-REPLACEMENT_CHAR = "\ufffd"
 
 
 def _token_text(value: Any) -> str | None:
@@ -89,52 +85,6 @@ def _config_chat_template(config: dict[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-class _GenerationTag(Extension):
-    """``{% generation %}...{% endgeneration %}``: transformers marks assistant text with it
-    (for training masks); rendering just emits the body."""
-
-    tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
-
-    def parse(self, parser: Parser) -> list[nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # transformers replaces jinja's tojson, which HTML-escapes and hides json.dumps options.
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile ``source`` in the environment transformers uses: templates come from model
-    repositories, so they run sandboxed."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
 
 
 class Tokenizer:
@@ -280,57 +230,3 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template: {exc}") from exc
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text deltas whose concatenation is the full decode.
-
-    Each ``push`` decodes only a short window, vLLM style: ``ids[prefix_offset:read_offset]``
-    is text already emitted, kept as left context so that decoders which strip or merge at
-    the start of a sequence (SentencePiece's leading space) agree with a whole decode, and
-    ``ids[read_offset:]`` is not yet emitted. Text ending in U+FFFD (a UTF-8 character split
-    across byte-level tokens) is held back until the rest arrives; ``flush`` returns whatever
-    is still held at the end.
-
-    Without ``prompt_ids`` the deltas concatenate to ``decode(output_ids)``. With them the
-    last few prompt ids are left context, so the deltas are the text the output adds after
-    the prompt: a leading space that a lone decode would strip is then kept.
-    """
-
-    CONTEXT_IDS = 5  # prompt ids kept as left context (as vLLM does)
-
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        prompt_ids: Sequence[int] = (),
-        skip_special_tokens: bool = True,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        context = list(prompt_ids)[-self.CONTEXT_IDS :]
-        if context and self._decode(context).endswith(REPLACEMENT_CHAR):
-            context = []  # a prompt cut mid-character is no usable left context
-        self.ids: list[int] = context  # context ids, then every pushed id
-        self.prefix_offset = 0
-        self.read_offset = len(context)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text it completes ("" while held back)."""
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return full[len(prefix) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end)."""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix) :]
