@@ -119,6 +119,8 @@ def test_context_limit_finishes_with_length(tiny_dir: Path) -> None:
         ([], greedy(4), "empty"),
         ([5] * 40, greedy(4), "context"),
         ([5, 99999], greedy(4), "token ids"),
+        ([5, 1.5], greedy(4), "integer token ids"),
+        ([5, "7"], greedy(4), "integer token ids"),
         ("hi", SamplingParams(max_tokens=0), "max_tokens"),
         ("hi", SamplingParams(max_tokens=-3), "max_tokens"),
         ("hi", SamplingParams(temperature=-1.0), "temperature"),

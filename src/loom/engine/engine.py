@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,7 +95,10 @@ class Engine:
             text: str | None = prompt
             ids = self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            try:  # operator.index accepts ints and NumPy integers, rejects floats/strings
+                text, ids = None, [operator.index(t) for t in prompt]
+            except TypeError:
+                raise RequestError("a prompt is a string or a list of integer token ids") from None
             vocab = self.model_config.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise RequestError(f"prompt token ids must lie in [0, {vocab})")
