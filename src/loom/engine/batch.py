@@ -40,9 +40,6 @@ class SamplerSpec:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
-GREEDY = SamplerSpec()
-
-
 @dataclass(frozen=True, slots=True)
 class OutputSpec:
     """What to compute at one token row of a batch."""

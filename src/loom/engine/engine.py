@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.kv_cache import KVCache
 from loom.engine.model_runner import ModelRunner
 from loom.engine.output_processor import OutputProcessor
 from loom.engine.page_pool import PagePool
@@ -51,14 +52,8 @@ class Engine:
         )
         num_pages = config.num_pages
         if num_pages is None:
-            bytes_per_page = (
-                2
-                * cfg.num_layers
-                * cfg.num_kv_heads
-                * cfg.head_dim
-                * config.page_size
-                * next(model.parameters()).element_size()
-            )
+            dtype = next(model.parameters()).dtype
+            bytes_per_page = KVCache.bytes_per_token(cfg, dtype) * config.page_size
             num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
         self.runner = ModelRunner(model, num_pages, config.page_size)
         self.pool = PagePool(num_pages, config.page_size)
@@ -72,8 +67,11 @@ class Engine:
     # ===== raw forward batches =====
 
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
-        """Validate and run one batch; results follow ``batch.outputs``."""
+        """Validate and run one batch from any driver; results follow ``batch.outputs``."""
         batch.validate(self.pool.num_pages, self.pool.page_size, self.model_config.vocab_size)
+        return self._run(batch)
+
+    def _run(self, batch: ForwardBatch) -> list[OutputResult]:
         self.runner.cache.reset_pages(self.pool.drain_fresh())
         results = self.runner.execute(batch)
         self.stats.num_steps += 1
@@ -131,5 +129,6 @@ class Engine:
         """Run one scheduled step; return the requests that finished."""
         out = self.scheduler.schedule()
         if out is not None:
-            self.scheduler.update(out, self.execute(out.batch))
+            # The scheduler builds batches from validated requests: no per-token re-check.
+            self.scheduler.update(out, self._run(out.batch))
         return self.scheduler.take_finished()

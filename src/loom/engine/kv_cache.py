@@ -41,10 +41,10 @@ class KVCache:
         self.slot_live = torch.zeros(self.num_slots, dtype=torch.bool, device=device)
         self.version = 0  # bumped when stored K/V change outside a forward pass
 
-    @property
-    def bytes_per_token(self) -> int:
-        """KV bytes one token occupies across all layers."""
-        return self.kv[:, :, 0].numel() * self.kv.element_size()
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """KV bytes one token occupies across all layers (K and V)."""
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
     def page_slots(self, pages: list[int]) -> torch.Tensor:
         p = torch.tensor(pages, dtype=torch.long, device=self.slot_pos.device)
