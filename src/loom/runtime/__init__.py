@@ -1,0 +1,1 @@
+"""The inferlet runtime: drives the engine on behalf of user programs."""

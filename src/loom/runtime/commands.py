@@ -1,0 +1,121 @@
+"""Commands an inferlet queues; the batcher and the runtime loop execute them in order.
+
+Forward-kind commands (``ForwardCmd``, ``GenerateCmd``) wait for the batcher to fire and
+run merged with those of every other queue in one engine batch. All other commands are
+*eager*: they run as soon as they reach the head of their queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loom.engine.batch import OutputSpec
+from loom.runtime.futures import HostFuture
+
+if TYPE_CHECKING:
+    from loom.runtime.generate_task import GenerateTask
+
+
+@dataclass(eq=False)
+class ForwardCmd:
+    tokens: list[int]
+    positions: list[int]
+    pages: list[int]  # virtual ids
+    last_page_len: int
+    masks: list[list[int]] | None
+    outputs: list[OutputSpec]  # indices local to this pass
+    future: HostFuture
+    submitted_at: float = 0.0
+
+
+@dataclass(eq=False)
+class GenerateCmd:
+    task: GenerateTask
+    submitted_at: float = 0.0
+
+
+@dataclass(eq=False)
+class AllocateCmd:
+    virtual: list[int]
+    since: float = 0.0  # when it first found the pool short (for the wait timeout)
+
+
+@dataclass(eq=False)
+class FreeCmd:
+    virtual: list[int]
+
+
+@dataclass(eq=False)
+class CopyCmd:
+    src: int
+    dst: int
+    src_offset: int
+    dst_offset: int
+    size: int
+
+
+@dataclass(eq=False)
+class MaskCmd:
+    page: int
+    keep: list[bool]
+
+
+@dataclass(eq=False)
+class ExportCmd:
+    virtual: list[int]
+    name: str
+    persistent: bool
+
+
+@dataclass(eq=False)
+class UnexportCmd:
+    name: str
+
+
+@dataclass(eq=False)
+class SyncCmd:
+    future: HostFuture
+
+
+Command = (
+    ForwardCmd
+    | GenerateCmd
+    | AllocateCmd
+    | FreeCmd
+    | CopyCmd
+    | MaskCmd
+    | ExportCmd
+    | UnexportCmd
+    | SyncCmd
+)
+FORWARD_KINDS = (ForwardCmd, GenerateCmd)
+
+
+@dataclass(eq=False)
+class CommandQueue:
+    """One FIFO of commands; queues are independent of each other."""
+
+    owner: int  # instance id
+    priority: int = 1  # 0 low, 1 normal, 2 high
+    cmds: list[Command] = field(default_factory=list)
+    head: int = 0  # index of the next command (a list with a moving head: cheap FIFO)
+    inflight: int = 0  # forward commands submitted to the engine and not yet returned
+    failed: bool = False  # an earlier command failed (reported by synchronize)
+
+    def peek(self) -> Command | None:
+        return self.cmds[self.head] if self.head < len(self.cmds) else None
+
+    def pop(self) -> Command:
+        cmd = self.cmds[self.head]
+        self.head += 1
+        if self.head > 64 and self.head * 2 > len(self.cmds):
+            del self.cmds[: self.head]
+            self.head = 0
+        return cmd
+
+    def push(self, cmd: Command) -> None:
+        self.cmds.append(cmd)
+
+    def __len__(self) -> int:
+        return len(self.cmds) - self.head

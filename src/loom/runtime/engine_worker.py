@@ -1,0 +1,748 @@
+"""The engine worker: runs one ``Engine``'s tensors (model + KV cache) for the inferlet runtime.
+
+The runtime thread decides everything about KV pages (it owns a ``PagePool`` built from
+``WorkerInfo``); the worker never allocates. It only executes ops, strictly in submission
+order, and hands each op's result back, exceptions included, through a non-blocking
+``drain()``. ``on_ready`` tells the runtime when there is something to drain.
+
+Two implementations of the ``EngineWorker`` protocol:
+
+- ``InProcessWorker``: a background thread of this process. No serialisation at all, but
+  it shares the GIL with the runtime.
+- ``SubprocessWorker``: a child process started with the "spawn" context (torch and
+  ``fork`` do not mix). Ops go over one one-way pipe, results come back over another, as
+  pickles; only token ids and results cross, so no shared memory is needed. The child has
+  its own GIL, and its death (a crash, an OOM kill) becomes a ``LoomError`` per op instead
+  of taking the runtime down.
+
+torch is imported only where the engine runs: a runtime using the subprocess worker never
+imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import dataclasses
+import io
+import itertools
+import logging
+import multiprocessing
+import operator
+import pickle
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from loom.config import EngineConfig
+from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
+from loom.errors import LoomError, ModelLoadError, RequestError
+from loom.models import resolve_model_dir
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from loom.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+# Both ends pickle with the same interpreter and package; protocol 5 is the fastest.
+_PICKLE = pickle.HIGHEST_PROTOCOL
+# How long close() lets the child finish its queued ops before terminating it.
+_CLOSE_TIMEOUT_S = 10.0
+
+
+# ===== the contract =====
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the runtime needs to know about the loaded engine (sent once, at startup)."""
+
+    model_dir: str
+    num_pages: int  # the runtime builds its PagePool(num_pages, page_size) from these
+    page_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class ExecuteOp:
+    """Clear the slot state of ``fresh_pages``, then run ``batch``; the result is
+    ``list[OutputResult]`` in the order of ``batch.outputs``."""
+
+    batch: ForwardBatch
+    fresh_pages: list[int]
+
+
+@dataclass
+class CopySlotsOp:
+    """Copy ``size`` slots (KV, positions, liveness) between pages; the result is ``None``."""
+
+    src_page: int
+    dst_page: int
+    src_offset: int
+    dst_offset: int
+    size: int
+
+
+@dataclass
+class SetLiveOp:
+    """Set the liveness of every slot of ``page`` (one flag per slot); the result is ``None``."""
+
+    page: int
+    live: list[bool]
+
+
+@dataclass
+class ResetPagesOp:
+    """Mark every slot of ``pages`` unwritten; the result is ``None``."""
+
+    pages: list[int]
+
+
+WorkerOp = ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp
+
+
+@dataclass(frozen=True)
+class EngineStatsSnapshot:
+    """A copy of the engine's counters, taken after every op submitted before the request."""
+
+    num_steps: int
+    num_tokens: int
+    num_outputs: int
+    recent_batches: list[tuple[int, int]]  # (sequences, tokens) per batch, newest last
+
+
+class EngineWorker(Protocol):
+    """Runs engine ops in submission order, off the caller's thread."""
+
+    info: WorkerInfo
+
+    def submit(self, op: WorkerOp) -> int:
+        """Queue ``op``; return its id (increasing). Never waits for the engine."""
+        ...
+
+    def drain(self) -> list[tuple[int, object | BaseException]]:
+        """Take the finished ops as ``(op id, result or the exception it raised)``, in
+        completion order (which is submission order). Never blocks."""
+        ...
+
+    def stats(self) -> EngineStatsSnapshot:
+        """Engine counters once every op submitted so far has run (waits for them)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the worker after the ops already submitted; idempotent. Later ops resolve
+        to ``LoomError``."""
+        ...
+
+
+def start_worker(
+    config: EngineConfig,
+    *,
+    mode: Literal["process", "thread"] = "process",
+    on_ready: Callable[[], None] | None = None,
+) -> EngineWorker:
+    """Load the engine described by ``config`` in a child process or a background thread.
+
+    Returns once the engine is loaded; a failure to load raises ``ModelLoadError`` here.
+    ``on_ready`` is called from a worker-owned thread each time results become available
+    to ``drain()`` (keep it short: setting a ``threading.Event`` is the intended use).
+    """
+    if mode == "process":
+        return SubprocessWorker(config, on_ready)
+    if mode == "thread":
+        return InProcessWorker(config, on_ready)
+    raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
+
+
+class RemoteTraceback(Exception):
+    """Set as ``__cause__`` of an exception raised in the child, to show where it came from."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+# ===== running ops against an engine (in whichever thread or process owns it) =====
+
+
+class _OpRunner:
+    """Owns the engine; executes one op per call. Used by both workers."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        # Resolve first: a bad model directory fails before torch is even imported.
+        model_dir = resolve_model_dir(config.model)
+        from loom.engine.engine import Engine
+
+        self.engine: Engine = Engine(config)
+        engine = self.engine
+        self.num_pages, self.page_size = engine.pool.num_pages, engine.pool.page_size
+        self.vocab_size = engine.model_config.vocab_size
+        # The same EOS set the engine's own output processor uses (tokenizer's, then the
+        # model config's), keeping order for the runtime's benefit.
+        eos = tuple(engine.tokenizer.eos_token_ids) + tuple(engine.model_config.eos_token_ids)
+        self.info = WorkerInfo(
+            model_dir=str(model_dir),
+            num_pages=self.num_pages,
+            page_size=self.page_size,
+            vocab_size=self.vocab_size,
+            max_model_len=engine.max_model_len,
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+        )
+
+    def run(self, op: WorkerOp) -> object:
+        """Execute one op; raise ``RequestError`` for anything wrong with its arguments."""
+        cache = self.engine.runner.cache
+        if isinstance(op, ExecuteOp):
+            self._check_pages(op.fresh_pages)
+            # Reset before validating: the runtime allocated these pages for this batch,
+            # and whether or not the batch runs, a previous owner's slots must never be
+            # visible through them.
+            cache.reset_pages(list(op.fresh_pages))
+            try:
+                op.batch.validate(self.num_pages, self.page_size, self.vocab_size)
+            except ValueError as e:
+                # ``validate`` raises plain ValueError for structural problems; at this
+                # boundary they are the caller's fault, which is what RequestError says.
+                raise _request_error(e, "invalid forward batch") from e
+            # ``execute`` validates again (a few microseconds): the engine's only
+            # public entry, so its checks stay in one place.
+            return self.engine.execute(op.batch)
+        if isinstance(op, CopySlotsOp):
+            self._check_pages([op.src_page, op.dst_page])
+            if op.size < 0:
+                raise RequestError(f"copy size must be >= 0, got {op.size}")
+            try:
+                cache.copy_slots(op.src_page, op.dst_page, op.src_offset, op.dst_offset, op.size)
+            except ValueError as e:
+                raise _request_error(e, "copy_slots") from e
+            return None
+        if isinstance(op, SetLiveOp):
+            self._check_pages([op.page])
+            try:
+                cache.set_live(op.page, list(op.live))
+            except ValueError as e:
+                raise _request_error(e, "set_live") from e
+            return None
+        if isinstance(op, ResetPagesOp):
+            self._check_pages(op.pages)
+            cache.reset_pages(list(op.pages))
+            return None
+        raise TypeError(f"not a worker op: {type(op).__name__}")
+
+    def _check_pages(self, pages: list[int]) -> None:
+        # Out-of-range ids would index past the KV tensors (an IndexError, or a silent
+        # no-op for slices), so name them here.
+        bad = [p for p in pages if not (isinstance(p, int) and 0 <= p < self.num_pages)]
+        if bad:
+            raise RequestError(f"page ids out of range [0, {self.num_pages}): {bad[:8]}")
+
+    def stats(self) -> EngineStatsSnapshot:
+        s = self.engine.stats
+        return EngineStatsSnapshot(
+            num_steps=s.num_steps,
+            num_tokens=s.num_tokens,
+            num_outputs=s.num_outputs,
+            recent_batches=list(s.recent_batches),
+        )
+
+
+def _request_error(e: ValueError, what: str) -> RequestError:
+    return e if isinstance(e, RequestError) else RequestError(f"{what}: {e}")
+
+
+def _startup_error(e: BaseException) -> ModelLoadError:
+    """What ``start_worker`` raises for an engine that failed to load."""
+    if isinstance(e, ModelLoadError):
+        return e
+    err = ModelLoadError(f"engine worker failed to start: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
+# ===== the bookkeeping both workers share =====
+
+
+class _WorkerBase:
+    """Op ids, pending ops, finished results, stats waiters, and failure of the worker.
+
+    Two locks: ``_send_lock`` orders ids with transmission (an op with a smaller id is
+    always sent first, and writes to the transport never interleave); ``_lock`` guards the
+    tables below and is never held while calling out (transport, ``on_ready``).
+    """
+
+    info: WorkerInfo
+
+    def __init__(self, on_ready: Callable[[], None] | None) -> None:
+        self._on_ready = on_ready
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._op_ids = itertools.count(1)
+        self._stats_ids = itertools.count(1)
+        self._closed = False  # close() was called (guarded by _send_lock)
+        # Guarded by _lock:
+        self._pending: dict[int, None] = {}  # submitted, unresolved op ids (ordered set)
+        self._done: list[tuple[int, object | BaseException]] = []
+        self._stats_waiters: dict[int, Future[EngineStatsSnapshot]] = {}
+        self._failure: str | None = None  # once set, nothing more runs; the reason why
+
+    # --- the EngineWorker interface ---
+
+    def submit(self, op: WorkerOp) -> int:
+        with self._send_lock:
+            op_id = next(self._op_ids)
+            with self._lock:
+                failure = "engine worker is closed" if self._closed else self._failure
+                if failure is None:
+                    self._pending[op_id] = None
+            error = self._transmit_op(op_id, op) if failure is None else LoomError(failure)
+        if error is not None:
+            # The op could not be sent (unpicklable) or the worker can run nothing more:
+            # it resolves at once, so on_ready is called from the submitting thread here,
+            # outside the locks (it may well submit again).
+            with self._lock:
+                self._pending.pop(op_id, None)
+                self._done.append((op_id, error))
+            self._notify()
+        return op_id
+
+    def drain(self) -> list[tuple[int, object | BaseException]]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def stats(self) -> EngineStatsSnapshot:
+        fut: Future[EngineStatsSnapshot] = Future()
+        with self._send_lock:
+            with self._lock:
+                failure = "engine worker is closed" if self._closed else self._failure
+                if failure is None:
+                    req_id = next(self._stats_ids)
+                    self._stats_waiters[req_id] = fut
+            if failure is not None:
+                raise LoomError(failure)
+            # Queued behind every op submitted so far, so the snapshot includes them.
+            self._transmit_stats(req_id)
+        return fut.result()
+
+    def __enter__(self) -> _WorkerBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- for the implementations ---
+
+    def _transmit_op(self, op_id: int, op: WorkerOp) -> BaseException | None:
+        """Hand ``op`` to the engine; return an exception that is the op's result at once."""
+        raise NotImplementedError
+
+    def _transmit_stats(self, req_id: int) -> None:
+        raise NotImplementedError
+
+    def _complete(self, results: list[tuple[int, object | BaseException]]) -> None:
+        """Make finished ops drainable and tell the runtime."""
+        with self._lock:
+            for op_id, result in results:
+                if op_id in self._pending:  # else already failed by _fail
+                    del self._pending[op_id]
+                    self._done.append((op_id, result))
+        if results:
+            self._notify()
+
+    def _stats_reply(self, req_id: int, snapshot: EngineStatsSnapshot) -> None:
+        with self._lock:
+            fut = self._stats_waiters.pop(req_id, None)
+        if fut is not None:
+            fut.set_result(snapshot)
+
+    def _fail(self, reason: str) -> None:
+        """The worker can run nothing more: every pending op (and every later one) and
+        every stats request resolves to ``LoomError(reason)``. The first reason sticks."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = reason
+            reason = self._failure
+            failed = list(self._pending)
+            self._pending.clear()
+            # A fresh exception per op: raising one instance in several places would
+            # tangle their tracebacks.
+            self._done.extend((op_id, LoomError(reason)) for op_id in failed)
+            waiters = list(self._stats_waiters.values())
+            self._stats_waiters.clear()
+        for fut in waiters:
+            fut.set_exception(LoomError(reason))
+        if failed:
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._on_ready is None:
+            return
+        try:
+            self._on_ready()
+        except Exception:
+            # The callback belongs to the runtime; its bug must not stop result delivery.
+            logger.exception("engine worker on_ready callback raised")
+
+
+# ===== in-process: a background thread =====
+
+
+@dataclass
+class _ThreadOp:
+    op_id: int
+    op: WorkerOp
+
+
+@dataclass
+class _ThreadStats:
+    req_id: int
+
+
+class InProcessWorker(_WorkerBase):
+    """Runs the engine in a daemon thread of this process."""
+
+    def __init__(self, config: EngineConfig, on_ready: Callable[[], None] | None = None) -> None:
+        super().__init__(on_ready)
+        self._inbox: queue.SimpleQueue[_ThreadOp | _ThreadStats | None] = queue.SimpleQueue()
+        self._runner: _OpRunner | None = None
+        self._start_error: BaseException | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, args=(config, started), name="loom-engine-worker", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+        if self._runner is None:
+            self._thread.join()
+            assert self._start_error is not None
+            raise _startup_error(self._start_error)
+        self.info = self._runner.info
+
+    def _main(self, config: EngineConfig, started: threading.Event) -> None:
+        # The engine is built on this thread too, so every op and the load see the same
+        # thread-local torch state.
+        try:
+            runner = _OpRunner(config)
+        except BaseException as e:
+            self._start_error = e
+            started.set()
+            return
+        self._runner = runner
+        started.set()
+        reason = "engine worker is closed"
+        try:
+            while (item := self._inbox.get()) is not None:
+                if isinstance(item, _ThreadStats):
+                    self._stats_reply(item.req_id, runner.stats())
+                    continue
+                try:
+                    result: object = runner.run(item.op)
+                except Exception as e:
+                    result = e
+                self._complete([(item.op_id, result)])
+        except BaseException as e:
+            reason = f"engine worker died: {type(e).__name__}: {e}"
+            raise
+        finally:
+            self._fail(reason)
+
+    def _transmit_op(self, op_id: int, op: WorkerOp) -> BaseException | None:
+        self._inbox.put(_ThreadOp(op_id, op))
+        return None
+
+    def _transmit_stats(self, req_id: int) -> None:
+        self._inbox.put(_ThreadStats(req_id))
+
+    def close(self) -> None:
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(None)  # after every op already queued
+        if threading.current_thread() is not self._thread:  # close() from on_ready
+            self._thread.join()
+
+
+# ===== in a child process =====
+
+# Parent -> child: pickled ``(kind, id, payload)``; an op travels as its own pickle inside,
+# so an op the child cannot unpickle still fails as that op instead of losing its id.
+_OP, _STATS, _CLOSE = "op", "stats", "close"
+
+
+@dataclass
+class _Ready:
+    info: WorkerInfo
+
+
+@dataclass
+class _StartupFailed:
+    error: BaseException
+    tb: str
+
+
+@dataclass
+class _OpDone:
+    op_id: int
+    result: object
+    tb: str | None  # the child's traceback when ``result`` is an exception
+
+
+@dataclass
+class _StatsReply:
+    req_id: int
+    snapshot: EngineStatsSnapshot
+
+
+class SubprocessWorker(_WorkerBase):
+    """Runs the engine in a "spawn" child process; a reader thread here collects results."""
+
+    def __init__(self, config: EngineConfig, on_ready: Callable[[], None] | None = None) -> None:
+        super().__init__(on_ready)
+        ctx = multiprocessing.get_context("spawn")
+        ops_r, ops_w = ctx.Pipe(duplex=False)
+        res_r, res_w = ctx.Pipe(duplex=False)
+        # daemon: if the runtime exits without close(), multiprocessing still ends the child.
+        # The child keeps torch's default intra-op thread count (EngineConfig has no thread
+        # setting), as the engine would get in a fresh process of its own.
+        self._process = ctx.Process(
+            target=_child_main, args=(config, ops_r, res_w), name="loom-engine-worker", daemon=True
+        )
+        self._process.start()
+        # Process.join/is_alive from two threads at once can lose the exit status (both
+        # call waitpid); the reader thread and close() take this lock around them.
+        self._proc_lock = threading.Lock()
+        # Drop our copies of the child's ends: then EOF on ``res_r`` means the child is gone,
+        # and the child sees EOF on ``ops_r`` if this process dies.
+        ops_r.close()
+        res_w.close()
+        self._ops_w, self._res_r = ops_w, res_r
+        try:
+            self.info = self._await_ready()
+        except BaseException:
+            self._stop_process(timeout=0.0)
+            ops_w.close()
+            res_r.close()
+            raise
+        self._reader = threading.Thread(
+            target=self._read_results, name="loom-engine-worker-reader", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id."""
+        return self._process.pid
+
+    def _await_ready(self) -> WorkerInfo:
+        try:
+            msg = self._res_r.recv()
+        except (EOFError, OSError):
+            self._process.join(timeout=5.0)
+            raise ModelLoadError(
+                f"engine worker exited during startup ({_describe_exit(self._process.exitcode)})"
+            ) from None
+        if isinstance(msg, _StartupFailed):
+            msg.error.__cause__ = RemoteTraceback(msg.tb)
+            raise _startup_error(msg.error)
+        assert isinstance(msg, _Ready), f"unexpected startup message {type(msg).__name__}"
+        return msg.info
+
+    def _transmit_op(self, op_id: int, op: WorkerOp) -> BaseException | None:
+        try:
+            payload = _dumps(op)
+        except Exception as e:
+            return e  # nothing was sent: the op fails on its own, the worker carries on
+        self._send((_OP, op_id, payload))
+        return None
+
+    def _transmit_stats(self, req_id: int) -> None:
+        self._send((_STATS, req_id, b""))
+
+    def _send(self, msg: tuple[str, int, bytes]) -> None:
+        # OSError: the child is gone. The reader thread sees the results pipe close and
+        # fails every pending op and stats request, this one included.
+        with contextlib.suppress(OSError):
+            self._ops_w.send_bytes(pickle.dumps(msg, protocol=_PICKLE))
+
+    def _read_results(self) -> None:
+        """Reader thread: results -> ``_done`` (then ``on_ready``) until the child exits."""
+        reason: str | None = None
+        try:
+            while True:
+                try:
+                    msgs = [self._res_r.recv()]
+                    # Everything already waiting goes out under one on_ready call.
+                    while self._res_r.poll():
+                        msgs.append(self._res_r.recv())
+                except (EOFError, OSError):
+                    break
+                results: list[tuple[int, object | BaseException]] = []
+                for msg in msgs:
+                    if isinstance(msg, _OpDone):
+                        if msg.tb is not None and isinstance(msg.result, BaseException):
+                            msg.result.__cause__ = RemoteTraceback(msg.tb)
+                        results.append((msg.op_id, msg.result))
+                    elif isinstance(msg, _StatsReply):
+                        self._stats_reply(msg.req_id, msg.snapshot)
+                self._complete(results)
+        except BaseException as e:
+            # A message we cannot read: the protocol is broken, so stop the child rather
+            # than leave ops hanging.
+            reason = f"engine worker died: unreadable message ({type(e).__name__}: {e})"
+            with self._proc_lock:
+                self._process.kill()
+            raise
+        finally:
+            if reason is None:
+                with self._proc_lock:
+                    self._process.join(timeout=5.0)
+                if self._closed:
+                    reason = "engine worker is closed"
+                else:
+                    reason = f"engine worker died ({_describe_exit(self._process.exitcode)})"
+            self._fail(reason)
+
+    def close(self) -> None:
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            # The child runs the ops already sent, then exits (OSError: it is already dead).
+            with contextlib.suppress(OSError):
+                self._ops_w.send_bytes(pickle.dumps((_CLOSE, 0, b""), protocol=_PICKLE))
+        self._stop_process(timeout=_CLOSE_TIMEOUT_S)
+        if threading.current_thread() is not self._reader:  # close() from on_ready
+            self._reader.join()
+        self._ops_w.close()
+        self._fail("engine worker is closed")  # no-op unless the reader failed to
+
+    def _stop_process(self, timeout: float) -> None:
+        with self._proc_lock:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(2.0)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+
+
+def _positional_reducer(cls: type) -> Callable[[Any], tuple[type, tuple[Any, ...]]]:
+    """Pickle a dataclass instance as ``cls(*fields)``.
+
+    The default for slots dataclasses goes through their Python ``__getstate__`` /
+    ``__setstate__`` (field by field, ``object.__setattr__`` for frozen ones): for a
+    32-sequence decode op that is ~3x slower than one constructor call per object.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    assert len(fields) > 1 and all(f.init for f in dataclasses.fields(cls))
+    get = operator.attrgetter(*fields)  # several names: returns the tuple, in C
+    return lambda obj: (cls, get(obj))
+
+
+_WIRE_REDUCERS: dict[type, Callable[[Any], Any]] = {
+    **copyreg.dispatch_table,
+    **{
+        cls: _positional_reducer(cls)
+        for cls in (ForwardBatch, OutputSpec, SamplerSpec, OutputResult, ExecuteOp)
+    },
+}
+
+
+def _dumps(obj: object) -> bytes:
+    """Pickle what crosses the pipes (plain ``pickle.loads`` reads it back)."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=_PICKLE)
+    pickler.dispatch_table = _WIRE_REDUCERS
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives a pickle round trip, else a ``LoomError`` carrying its text.
+
+    Checked in the child, so the parent's reader never meets an exception it cannot
+    rebuild (e.g. a class whose ``__init__`` takes other arguments than ``args``).
+    """
+    try:
+        pickle.loads(_dumps(e))
+    except Exception:
+        return LoomError(f"{type(e).__name__}: {e}")
+    return e
+
+
+def _child_main(config: EngineConfig, ops_r: Connection, res_w: Connection) -> None:
+    """The child process: load the engine, then serve ops until told to stop."""
+    # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            runner = _OpRunner(config)
+        except BaseException as e:
+            res_w.send_bytes(_dumps(_StartupFailed(_portable(e), traceback.format_exc())))
+            return
+        res_w.send_bytes(_dumps(_Ready(runner.info)))
+        _serve(runner, ops_r, res_w)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent is gone: nobody to answer
+
+
+def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:
+    """Run ops and answer stats requests in arrival order until a close message (or EOF).
+
+    A reader thread moves messages from the pipe into a queue as they come, so the pipe
+    never fills while a long op runs and the parent's ``submit`` never waits on the engine.
+    """
+    inbox: queue.SimpleQueue[tuple[str, int, bytes]] = queue.SimpleQueue()
+
+    def read_ops() -> None:
+        while True:
+            try:
+                msg: tuple[str, int, bytes] = pickle.loads(ops_r.recv_bytes())
+            except (EOFError, OSError):
+                msg = (_CLOSE, 0, b"")  # the parent is gone
+            inbox.put(msg)
+            if msg[0] == _CLOSE:
+                return
+
+    threading.Thread(target=read_ops, name="loom-engine-worker-ops", daemon=True).start()
+    while True:
+        kind, ident, payload = inbox.get()
+        if kind == _CLOSE:
+            return
+        if kind == _STATS:
+            res_w.send_bytes(_dumps(_StatsReply(ident, runner.stats())))
+            continue
+        tb: str | None = None
+        try:
+            result: object = runner.run(pickle.loads(payload))
+        except Exception as e:
+            result, tb = _portable(e), traceback.format_exc()
+        res_w.send_bytes(_dumps(_OpDone(ident, result, tb)))

@@ -1,0 +1,93 @@
+"""The declarative fast path: a whole generation run by the host, one result at the end.
+
+The task sits at the head of its queue and contributes one sequence to every engine batch
+(first its pending tokens, then one sampled token per step) until a stop condition holds,
+so a Python inferlet pays one guest call per generation instead of several per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.models.detokenizer import IncrementalDetokenizer
+from loom.models.tokenizer import Tokenizer
+from loom.runtime.futures import HostFuture
+
+
+@dataclass
+class StopConditions:
+    max_tokens: int
+    stop_tokens: frozenset[int]
+    stop_strings: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class GenerateTask:
+    pages: list[int]  # virtual ids, grown as the context grows
+    kv_len: int  # slots of `pages` already holding KV
+    pending: list[int]  # tokens to feed next (not yet in the KV)
+    position: int  # position of pending[0]
+    sampler: SamplerSpec
+    stop: StopConditions
+    logit_mask: list[int] | None
+    stream: bool
+    tokenizer: Tokenizer
+    future: HostFuture = field(default_factory=HostFuture)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    detok: IncrementalDetokenizer | None = None
+
+    def __post_init__(self) -> None:
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)
+
+    def pages_needed(self, page_size: int) -> int:
+        """Extra pages the next step needs to hold its new tokens."""
+        need = -(-(self.kv_len + len(self.pending)) // page_size)
+        return max(0, need - len(self.pages))
+
+    def step_inputs(self, page_size: int) -> tuple[list[int], list[int], int, OutputSpec]:
+        """(tokens, positions, last page fill, output) of the next step."""
+        n = len(self.pending)
+        total = self.kv_len + n
+        last = total - page_size * (len(self.pages) - 1)
+        positions = list(range(self.position, self.position + n))
+        sampler = self.sampler
+        if sampler.seed is not None:  # a fresh, reproducible draw per generated token
+            sampler = SamplerSpec(
+                sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p,
+                (sampler.seed + len(self.tokens)) & 0xFFFFFFFFFFFFFFFF,
+            )  # fmt: skip
+        out = OutputSpec(index=n - 1, sampler=sampler, logit_mask=self.logit_mask)
+        return list(self.pending), positions, last, out
+
+    def on_result(self, res: OutputResult) -> str:
+        """Take one step's sampled token; returns the new text (for streaming)."""
+        assert res.token is not None and self.detok is not None
+        n = len(self.pending)
+        self.kv_len += n
+        self.position += n
+        tok = res.token
+        self.tokens.append(tok)
+        self.pending = [tok]
+        if tok in self.stop.stop_tokens:
+            self.finish_reason = "stop"
+            return ""
+        delta = self.detok.push(tok)
+        self.text += delta
+        for s in self.stop.stop_strings:
+            cut = self.text.find(s)
+            if cut >= 0:
+                delta = delta[: max(0, len(delta) - (len(self.text) - cut))]
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                return delta
+        if len(self.tokens) >= self.stop.max_tokens:
+            self.finish_reason = "length"
+        return delta
+
+    def last_page_len(self, page_size: int) -> int:
+        if not self.pages:
+            return 0
+        return self.kv_len - page_size * (len(self.pages) - 1)

@@ -1,0 +1,175 @@
+"""``forward``: the forward-pass resource, built up by the guest and executed on a queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loom.engine.batch import ForwardBatch, OutputSpec, SamplerSpec
+from loom.runtime.commands import CommandQueue, ForwardCmd
+from loom.runtime.futures import HostFuture
+from loom.runtime.host.common import add_future_resource, iface, sampler_spec
+from loom.runtime.host.types_sampler import SAMPLER
+from loom.runtime.wasm_ffi import (
+    F32,
+    STRING,
+    U32,
+    ComponentLinker,
+    Err,
+    HostCallError,
+    borrow,
+    list_of,
+    option,
+    own,
+    record,
+    result,
+    tuple_of,
+)
+
+if TYPE_CHECKING:
+    from loom.runtime.runtime import Runtime
+
+NAME = iface("forward")
+OUTPUT = record(
+    ("token", option(U32)),
+    ("logprob", option(F32)),
+    ("dist-ids", list_of(U32)),
+    ("dist-probs", list_of(F32)),
+    ("top-logprobs", list_of(tuple_of(U32, F32))),
+)
+
+
+@dataclass
+class _Out:
+    sampler: SamplerSpec | None = None
+    top_k_dist: int = 0
+    logprobs: int | None = None
+    logit_mask: list[int] | None = None
+
+
+@dataclass(eq=False)
+class ForwardPassBuilder:
+    queue: CommandQueue
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    last_page_len: int = 0
+    masks: list[list[int]] | None = None
+    outputs: dict[int, _Out] = field(default_factory=dict)
+    executed: bool = False
+
+
+def register(linker: ComponentLinker, rt: Runtime) -> None:
+    linker.add_resource(NAME, "forward-pass", lambda key, rep: rt.handles.drop(rep))
+    add_future_resource(linker, rt, NAME, "forward-result", result(list_of(OUTPUT), STRING))
+
+    def builder(key: int, rep: int) -> ForwardPassBuilder:
+        fp: ForwardPassBuilder = rt.handles.get(rt.caller(key).seq, rep, ForwardPassBuilder)
+        if fp.executed:
+            raise HostCallError("this forward pass was already executed")
+        return fp
+
+    def new(key: int, q: int) -> int:
+        inst = rt.caller(key)
+        queue = rt.handles.get(inst.seq, q, CommandQueue)
+        return rt.handles.add(inst.seq, ForwardPassBuilder(queue))
+
+    def set_input(key: int, rep: int, tokens: list[int], positions: list[int]) -> None:
+        fp = builder(key, rep)
+        fp.tokens += tokens
+        fp.positions += positions
+
+    def kv_pages(key: int, rep: int, pages: list[int], last: int) -> None:
+        fp = builder(key, rep)
+        rt.caller(key).pages.check(pages)
+        fp.pages, fp.last_page_len = pages, last
+
+    def attention_mask(key: int, rep: int, rows: list[list[int]]) -> None:
+        builder(key, rep).masks = rows
+
+    def out(key: int, rep: int, index: int) -> _Out:
+        return builder(key, rep).outputs.setdefault(index, _Out())
+
+    def output_token(key: int, rep: int, index: int, s: Any) -> None:
+        out(key, rep, index).sampler = sampler_spec(s)
+
+    def output_distribution(key: int, rep: int, index: int, k: int) -> None:
+        if not 0 < k <= rt.vocab_size:
+            raise HostCallError(f"distribution size must be in [1, {rt.vocab_size}], got {k}")
+        out(key, rep, index).top_k_dist = k
+
+    def output_logprobs(key: int, rep: int, index: int, k: int) -> None:
+        out(key, rep, index).logprobs = min(k, rt.vocab_size)
+
+    def logit_mask(key: int, rep: int, index: int, brle: list[int]) -> None:
+        out(key, rep, index).logit_mask = brle
+
+    def execute(key: int, rep: int) -> int:
+        inst = rt.caller(key)
+        fp = builder(key, rep)
+        fp.executed = True
+        fut = HostFuture()
+        outputs = [
+            OutputSpec(i, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
+            for i, o in sorted(fp.outputs.items())
+        ]
+        problem = _check(fp, outputs, rt)
+        if problem is not None:
+            fut.resolve(Err(problem))
+        else:
+            cmd = ForwardCmd(
+                fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks, outputs, fut
+            )
+            rt.enqueue(fp.queue, cmd)
+        return rt.handles.add(inst.seq, fut)
+
+    fp_t = borrow("forward-pass")
+    linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
+    linker.add_func(
+        NAME, "[method]forward-pass.input", [fp_t, list_of(U32), list_of(U32)], None, set_input
+    )
+    linker.add_func(
+        NAME, "[method]forward-pass.kv-pages", [fp_t, list_of(U32), U32], None, kv_pages
+    )
+    linker.add_func(
+        NAME, "[method]forward-pass.attention-mask", [fp_t, list_of(list_of(U32))], None,
+        attention_mask,
+    )  # fmt: skip
+    linker.add_func(
+        NAME, "[method]forward-pass.output-token", [fp_t, U32, SAMPLER], None, output_token
+    )
+    linker.add_func(
+        NAME, "[method]forward-pass.output-distribution", [fp_t, U32, U32], None,
+        output_distribution,
+    )  # fmt: skip
+    linker.add_func(
+        NAME, "[method]forward-pass.output-logprobs", [fp_t, U32, U32], None, output_logprobs
+    )
+    linker.add_func(
+        NAME, "[method]forward-pass.logit-mask", [fp_t, U32, list_of(U32)], None, logit_mask
+    )
+    linker.add_func(NAME, "[method]forward-pass.execute", [fp_t], own("forward-result"), execute)
+
+
+def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:
+    """Why this pass cannot run, checked alone so it never fails a shared batch."""
+    if not fp.tokens:
+        return "the forward pass has no input tokens"
+    if not fp.pages:
+        return "the forward pass has no KV pages"
+    if any(p >= rt.max_model_len for p in fp.positions):
+        return f"positions must be < the model's context length {rt.max_model_len}"
+    probe = ForwardBatch(
+        token_ids=fp.tokens,
+        positions=fp.positions,
+        seq_indptr=[0, len(fp.tokens)],
+        page_tables=[[0] * len(fp.pages)],  # physical ids are checked when bound
+        last_page_lens=[fp.last_page_len],
+        outputs=outputs,
+        masks=[fp.masks] if fp.masks is not None else None,
+    )
+    try:
+        probe.validate(rt.pool.num_pages, rt.page_size, rt.vocab_size)
+    except ValueError as e:
+        return f"invalid forward pass: {e}"
+    return None

@@ -1,0 +1,113 @@
+"""``generate``: the declarative fast path (a whole generation run by the host loop)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from loom.runtime.commands import CommandQueue, GenerateCmd
+from loom.runtime.generate_task import GenerateTask, StopConditions
+from loom.runtime.host.common import add_future_resource, iface, sampler_spec
+from loom.runtime.host.types_sampler import SAMPLER
+from loom.runtime.wasm_ffi import (
+    BOOL,
+    STRING,
+    U32,
+    ComponentLinker,
+    HostCallError,
+    borrow,
+    list_of,
+    option,
+    own,
+    record,
+    result,
+)
+
+if TYPE_CHECKING:
+    from loom.runtime.runtime import Runtime
+
+NAME = iface("generate")
+STOP = record(
+    ("max-tokens", U32),
+    ("stop-tokens", list_of(U32)),
+    ("stop-strings", list_of(STRING)),
+    ("stop-at-eos", BOOL),
+)
+GENERATION = record(
+    ("tokens", list_of(U32)),
+    ("text", STRING),
+    ("finish-reason", STRING),
+    ("pages", list_of(U32)),
+    ("last-page-len", U32),
+)
+
+
+def register(linker: ComponentLinker, rt: Runtime) -> None:
+    add_future_resource(linker, rt, NAME, "generate-result", result(GENERATION, STRING))
+
+    def generate(
+        key: int,
+        q: int,
+        pages: list[int],
+        last_page_len: int,
+        pending: list[int],
+        start: int,
+        s: Any,
+        stop: tuple[int, list[int], list[str], bool],
+        logit_mask: list[int] | None,
+        stream: bool,
+    ) -> int:
+        inst = rt.caller(key)
+        queue = rt.handles.get(inst.seq, q, CommandQueue)
+        inst.pages.check(pages)
+        ps = rt.page_size
+        if pages and not 1 <= last_page_len <= ps:
+            raise HostCallError(f"generate: last-page-len must be in [1, {ps}]")
+        if not pages and last_page_len:
+            raise HostCallError("generate: last-page-len must be 0 when there are no pages")
+        if not pending:
+            raise HostCallError("generate: needs at least one pending token")
+        if any(not 0 <= t < rt.vocab_size for t in pending):
+            raise HostCallError(f"generate: token id out of range [0, {rt.vocab_size})")
+        if logit_mask is not None and sum(logit_mask) != rt.vocab_size:
+            raise HostCallError(f"generate: logit mask covers {sum(logit_mask)} ids")
+        max_tokens, stop_tokens, stop_strings, at_eos = stop
+        room = rt.max_model_len - start - len(pending)
+        if room < 1:
+            raise HostCallError("generate: the context is already full")
+        tokens = set(stop_tokens) | (set(rt.eos_token_ids) if at_eos else set())
+        kv_len = ps * (len(pages) - 1) + last_page_len if pages else 0
+        task = GenerateTask(
+            pages=list(pages),
+            kv_len=kv_len,
+            pending=list(pending),
+            position=start,
+            sampler=sampler_spec(s),
+            stop=StopConditions(
+                max(1, min(max_tokens, room)),
+                frozenset(tokens),
+                tuple(x for x in stop_strings if x),
+            ),
+            logit_mask=logit_mask,
+            stream=stream,
+            tokenizer=rt.tokenizer,
+        )
+        rt.enqueue(queue, GenerateCmd(task))
+        return rt.handles.add(inst.seq, task.future)
+
+    linker.add_func(
+        NAME,
+        "generate",
+        [
+            borrow("queue"),
+            list_of(U32),
+            U32,
+            list_of(U32),
+            U32,
+            SAMPLER,
+            STOP,
+            option(list_of(U32)),
+            BOOL,
+        ],
+        own("generate-result"),
+        generate,
+    )

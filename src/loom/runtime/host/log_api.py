@@ -1,0 +1,25 @@
+"""``log``: guest log lines into the server's log, tagged with the instance id."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from loom.runtime.host.common import iface
+from loom.runtime.wasm_ffi import STRING, ComponentLinker, enum
+
+if TYPE_CHECKING:
+    from loom.runtime.runtime import Runtime
+
+NAME = iface("log")
+LEVEL = enum("debug", "info", "warning", "error")
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+logger = logging.getLogger("loom.inferlet")
+
+
+def register(linker: ComponentLinker, rt: Runtime) -> None:
+    def log(key: int, level: int, message: str) -> None:
+        inst = rt.caller(key)
+        logger.log(_LEVELS[level], "[%s] %s", inst.id, message[: rt.config.max_message_bytes])
+
+    linker.add_func(NAME, "log", [LEVEL, STRING], None, log)

@@ -1,0 +1,83 @@
+"""One running inferlet: its store, its fiber call, its resources and its accounting."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from loom.runtime.commands import CommandQueue
+from loom.runtime.futures import Mailbox, PollWait, Stream
+from loom.runtime.resources import InstancePages
+from loom.runtime.wasm_ffi import CallFuture, GuestStore
+
+
+@dataclass
+class InstanceResult:
+    """How an instance ended. ``ok`` is False for a trap, a limit, a kill or an error."""
+
+    instance_id: str
+    ok: bool
+    error: str | None
+    cpu_s: float
+    tokens: int
+
+
+class InstanceHandle:
+    """The client's side of an instance; safe to use from any thread."""
+
+    def __init__(self, instance_id: str, post: Any) -> None:
+        self.id = instance_id
+        self._post = post  # runtime inbox poster
+        self.messages: queue.Queue[str] = queue.Queue()
+        self.result: InstanceResult | None = None
+        self._done = threading.Event()
+
+    def send(self, message: str) -> None:
+        """Deliver a message to the instance's ``messaging.receive``."""
+        self._post(("message", self.id, message))
+
+    def kill(self) -> None:
+        self._post(("kill", self.id, "killed by the client"))
+
+    def recv(self, timeout: float | None = None) -> str:
+        """The next message the instance sent (raises ``queue.Empty`` on timeout)."""
+        return self.messages.get(timeout=timeout)
+
+    def wait(self, timeout: float | None = None) -> InstanceResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"instance {self.id} still running after {timeout}s")
+        assert self.result is not None
+        return self.result
+
+    def _finish(self, result: InstanceResult) -> None:
+        self.result = result
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+@dataclass(eq=False)
+class Instance:
+    seq: int  # launch order (kill-newest picks the highest)
+    id: str
+    program: str
+    arguments: list[str]
+    store: GuestStore
+    pages: InstancePages
+    handle: InstanceHandle
+    call: CallFuture | None = None
+    started: bool = False  # instantiation done, `run` called
+    blocked: PollWait | None = None
+    queued: bool = False  # on the run queue
+    alive: bool = True
+    kill_reason: str | None = None
+    cpu_s: float = 0.0
+    tokens: int = 0
+    inbox: Mailbox = field(default_factory=Mailbox)
+    queues: list[CommandQueue] = field(default_factory=list)
+    subscriptions: list[tuple[str, Stream]] = field(default_factory=list)
+    pending_out: int = 0  # messages sent to the client and not yet read

@@ -1,0 +1,662 @@
+"""The inferlet runtime: one thread that runs every instance on wasmtime fibers.
+
+Loop, per turn:
+1. take requests posted by other threads (launch, client message, kill);
+2. take engine results, resolve futures, wake the instances waiting on them;
+3. run eager commands at the head of every queue (allocate, free, copy, mask, ...);
+4. fire a forward batch if the policy says so (at most one in flight);
+5. resume each runnable instance once: it runs until it waits on a future, finishes, or
+   its time slice (an epoch tick) ends.
+A guest that waits is suspended inside ``types.poll`` and costs nothing until woken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loom.config import EngineConfig
+from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.page_pool import PagePool
+from loom.models.config import ModelConfig
+from loom.models.tokenizer import Tokenizer
+from loom.runtime import wasm_ffi
+from loom.runtime.batcher import Batcher, take_forward_run
+from loom.runtime.commands import (
+    AllocateCmd,
+    CommandQueue,
+    CopyCmd,
+    ExportCmd,
+    ForwardCmd,
+    FreeCmd,
+    GenerateCmd,
+    MaskCmd,
+    SyncCmd,
+    UnexportCmd,
+)
+from loom.runtime.engine_worker import (
+    CopySlotsOp,
+    EngineWorker,
+    ExecuteOp,
+    SetLiveOp,
+    start_worker,
+)
+from loom.runtime.futures import Mailbox, PollWait, Stream
+from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
+from loom.runtime.limits import RuntimeConfig
+from loom.runtime.program_cache import ProgramCache
+from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
+from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class RuntimeStats:
+    """Counters for benchmarks and tests (read them from any thread; approximate)."""
+
+    batches: int = 0
+    forward_cmds: int = 0
+    batch_sizes: deque[int] = None  # type: ignore[assignment]
+    guest_polls: int = 0
+    poll_s: float = 0.0  # time inside guest fibers (guest work + host calls it made)
+    loop_s: float = 0.0  # time of loop turns that did work
+    spawned: int = 0
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = deque(maxlen=100_000)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A batch in the engine: which command produced which slice of the outputs."""
+
+    parts: list[tuple[Instance, CommandQueue, ForwardCmd | GenerateCmd, int, int]]
+
+
+class Runtime:
+    def __init__(
+        self,
+        worker: EngineWorker,
+        config: RuntimeConfig | None = None,
+        *,
+        cache_dir: Path | None = None,
+        model_name: str | None = None,
+        wake: threading.Event | None = None,
+    ) -> None:
+        """``wake`` is the event the worker's ``on_ready`` sets (see ``start_runtime``)."""
+        self.config = config = config or RuntimeConfig()
+        config.validate()
+        self.worker = worker
+        info = worker.info
+        self.page_size = info.page_size
+        self.vocab_size = info.vocab_size
+        self.tokenizer = Tokenizer.from_dir(info.model_dir)
+        self.model_config = ModelConfig.from_dir(info.model_dir)
+        self.model_name = model_name or Path(info.model_dir).name
+        self.max_model_len = info.max_model_len
+        self.eos_token_ids = tuple(info.eos_token_ids)
+        self.pool = PagePool(info.num_pages, info.page_size)
+        self.exports = ExportRegistry(self.pool)
+        self.handles = HandleTable()
+        self.batcher = Batcher(config)
+        self.store_kv: dict[str, str] = {}
+        self.topics: dict[str, list[tuple[Instance, Stream]]] = {}
+        self.channels: dict[str, Mailbox] = {}
+        self.stats = RuntimeStats()
+
+        self.wasm = WasmEngine()
+        self.programs = ProgramCache(self.wasm, cache_dir)
+        self.linker = ComponentLinker(self.wasm)
+        from loom.runtime.host import register_all
+
+        register_all(self.linker, self)
+        self.linker.build()
+
+        self.instances: dict[str, Instance] = {}
+        self.by_ctx: dict[int, Instance] = {}
+        self.by_seq: dict[int, Instance] = {}
+        self._seq = itertools.count()
+        self._runq: deque[Instance] = deque()
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._wake = wake or threading.Event()
+        self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
+        self._batch_inflight = False
+        self._pending_end: list[Instance] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ===== public, thread-safe =====
+
+    def add_program(self, wasm: bytes) -> str:
+        """Compile (or load from cache) a program; returns its hash for ``launch``."""
+        with self._lock:
+            return self.programs.add(wasm)
+
+    def launch(self, program: str, arguments: list[str] | None = None) -> InstanceHandle:
+        if program not in self.programs:
+            raise KeyError(f"no program with hash {program}; add it first")
+        handle = InstanceHandle(uuid.uuid4().hex[:12], self._post)
+        self._post(("launch", handle, program, list(arguments or [])))
+        return handle
+
+    def start(self) -> Runtime:
+        self._thread = threading.Thread(target=self._loop, name="loom-runtime", daemon=True)
+        self._thread.start()
+        self._ticker = threading.Thread(target=self._tick, name="loom-epoch", daemon=True)
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop the runtime and its engine worker."""
+        self.stop()
+        self.worker.close()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the runtime thread (for inspection from tests and the server)."""
+        self._post(("call", fn))
+
+    def query(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the runtime thread and return its value."""
+        box: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            box.append(fn())
+            done.set()
+
+        self.call_soon(run)
+        if not done.wait(timeout):
+            raise TimeoutError("runtime thread did not answer")
+        return box[0]
+
+    def _post(self, item: tuple[Any, ...]) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    def _tick(self) -> None:
+        # The epoch clock: each tick ends the running guest's time slice.
+        period = self.config.slice_ms / 1000.0
+        while not self._stop:
+            time.sleep(period)
+            self.wasm.increment_epoch()
+
+    # ===== the loop =====
+
+    def _loop(self) -> None:
+        while not self._stop:
+            t0 = time.perf_counter()
+            # Clear before looking at any state: a wake-up posted from now on is not lost.
+            self._wake.clear()
+            self._process_inbox()
+            self._drain_engine()
+            self._advance_queues()
+            wait_s = self._maybe_fire()
+            ran = self._run_guests()
+            self._end_pending()
+            if ran:
+                self.stats.loop_s += time.perf_counter() - t0
+            if not self._runq and not self._inbox:
+                timeout = 0.05 if wait_s is None else max(0.0, wait_s)
+                self._wake.wait(timeout)
+        for inst in list(self.instances.values()):
+            self._end(inst, False, "the runtime stopped")
+
+    def _process_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            kind = item[0]
+            if kind == "launch":
+                self._spawn(item[1], item[2], item[3])
+            elif kind == "message":
+                inst = self.instances.get(item[1])
+                if inst is not None:
+                    inst.inbox.deliver(item[2])
+            elif kind == "kill":
+                inst = self.instances.get(item[1])
+                if inst is not None:
+                    self.kill(inst, item[2])
+            elif kind == "read":
+                inst = self.instances.get(item[1])
+                if inst is not None:
+                    inst.pending_out = max(0, inst.pending_out - 1)
+            elif kind == "call":
+                item[1]()
+
+    def _spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> None:
+        if len(self.instances) >= self.config.max_instances:
+            handle._finish(InstanceResult(handle.id, False, "too many instances", 0.0, 0))
+            return
+        store = GuestStore(
+            self.wasm,
+            memory_limit=self.config.memory_limit_bytes,
+            slice_ticks=1,
+        )
+        inst = Instance(
+            seq=next(self._seq),
+            id=handle.id,
+            program=program,
+            arguments=args,
+            store=store,
+            pages=InstancePages(self.pool),
+            handle=handle,
+        )
+        self.instances[inst.id] = inst
+        self.by_ctx[store.key] = inst
+        self.by_seq[inst.seq] = inst
+        inst.call = wasm_ffi.instantiate_async(self.linker, store, self.programs.get(program))
+        self.stats.spawned += 1
+        self._make_runnable(inst)
+
+    def _make_runnable(self, inst: Instance) -> None:
+        if inst.alive and not inst.queued:
+            inst.queued = True
+            self._runq.append(inst)
+
+    def waker(self, inst: Instance) -> Callable[[], None]:
+        return lambda: self._make_runnable(inst)
+
+    def _run_guests(self) -> bool:
+        n = len(self._runq)
+        if not n:
+            return False
+        stats = self.stats
+        budget = self.config.cpu_budget_s
+        for _ in range(n):
+            inst = self._runq.popleft()
+            inst.queued = False
+            if not inst.alive or inst.call is None:
+                continue
+            if inst.blocked is not None and not inst.blocked.ready():
+                continue  # a spurious wake: still waiting
+            inst.blocked = None
+            t0 = time.perf_counter()
+            done = inst.call.poll()
+            dt = time.perf_counter() - t0
+            inst.cpu_s += dt
+            stats.poll_s += dt
+            stats.guest_polls += 1
+            if inst.kill_reason is not None:
+                self._end(inst, False, inst.kill_reason)
+            elif done:
+                self._on_call_done(inst)
+            elif inst.cpu_s > budget:
+                self._end(inst, False, f"CPU budget of {budget:g} s exceeded")
+            elif inst.blocked is None or inst.blocked.ready():
+                self._make_runnable(inst)  # its time slice ended (or it is ready already)
+        return True
+
+    def _on_call_done(self, inst: Instance) -> None:
+        assert inst.call is not None
+        err = inst.call.error()
+        if err is not None:
+            host_msg = wasm_ffi.LAST_HOST_ERROR.get(inst.store.key)
+            self._end(inst, False, host_msg or _trap_summary(err))
+            return
+        if not inst.started:
+            inst.started = True
+            try:
+                inst.call = wasm_ffi.call_export_async(
+                    inst.store, self.programs.get(inst.program), "run"
+                )
+            except wasm_ffi.WasmError as e:
+                self._end(inst, False, str(e))
+                return
+            self._make_runnable(inst)
+            return
+        failure = wasm_ffi.decode_run_result(inst.call.results)
+        self._end(inst, failure is None, failure)
+
+    def kill(self, inst: Instance, reason: str) -> None:
+        """End an instance. Safe from host calls: the end happens between guest runs."""
+        if inst.alive and inst.kill_reason is None:
+            inst.kill_reason = reason
+            self._pending_end.append(inst)
+
+    def _end_pending(self) -> None:
+        while self._pending_end:
+            inst = self._pending_end.pop()
+            if inst.alive:
+                self._end(inst, False, inst.kill_reason)
+
+    def _end(self, inst: Instance, ok: bool, error: str | None) -> None:
+        if not inst.alive:
+            return
+        inst.alive = False
+        if inst.call is not None:
+            inst.call.cancel()
+        inst.pages.release_all()
+        self.exports.drop_owner(inst.seq)
+        self.handles.drop_owner(inst.seq)
+        self.batcher.remove_owner(inst.seq)
+        for topic, stream in inst.subscriptions:
+            subs = self.topics.get(topic, [])
+            self.topics[topic] = [(i, s) for i, s in subs if s is not stream]
+        inst.store.close()
+        self.by_ctx.pop(inst.store.key, None)
+        self.by_seq.pop(inst.seq, None)
+        self.instances.pop(inst.id, None)
+        inst.handle._finish(InstanceResult(inst.id, ok, error, inst.cpu_s, inst.tokens))
+
+    # ===== instance lookups for host functions =====
+
+    def caller(self, key: int) -> Instance:
+        inst = self.by_ctx.get(key)
+        if inst is None or not inst.alive:
+            raise HostCallError("call from an instance that has ended")
+        return inst
+
+    def send_to_client(self, inst: Instance, message: str) -> None:
+        if len(message.encode()) > self.config.max_message_bytes:
+            raise HostCallError(
+                f"message of {len(message.encode())} bytes exceeds the cap of "
+                f"{self.config.max_message_bytes}"
+            )
+        if inst.handle.messages.qsize() >= self.config.max_pending_messages:
+            raise HostCallError(
+                f"more than {self.config.max_pending_messages} unread messages to the client"
+            )
+        inst.handle.messages.put(message)
+
+    def new_queue(self, inst: Instance) -> CommandQueue:
+        q = CommandQueue(owner=inst.seq)
+        inst.queues.append(q)
+        self.batcher.add_queue(q)
+        return q
+
+    def enqueue(self, q: CommandQueue, cmd: Any) -> None:
+        if isinstance(cmd, (ForwardCmd, GenerateCmd)):
+            cmd.submitted_at = time.perf_counter()
+        q.push(cmd)
+        self._wake.set()
+
+    # ===== eager commands =====
+
+    def _advance_queues(self) -> None:
+        for q in self.batcher.queues:
+            while True:
+                cmd = q.peek()
+                if cmd is None or isinstance(cmd, (ForwardCmd, GenerateCmd)):
+                    break
+                inst = self._owner(q)
+                if inst is None:
+                    break
+                if not self._run_eager(inst, q, cmd):
+                    break
+                q.pop()
+
+    def _owner(self, q: CommandQueue) -> Instance | None:
+        return self.by_seq.get(q.owner)
+
+    def _run_eager(self, inst: Instance, q: CommandQueue, cmd: Any) -> bool:
+        """Run one eager command; False when it must wait (the queue stays blocked)."""
+        try:
+            if isinstance(cmd, AllocateCmd):
+                pages = self.allocate_pages(inst, len(cmd.virtual), cmd)
+                if pages is None:
+                    return False
+                inst.pages.bind(cmd.virtual, pages)
+            elif isinstance(cmd, FreeCmd):
+                inst.pages.release(cmd.virtual)
+            elif isinstance(cmd, CopyCmd):
+                src, dst = inst.pages.physical([cmd.src, cmd.dst])
+                op = CopySlotsOp(src, dst, cmd.src_offset, cmd.dst_offset, cmd.size)
+                self._flight[self.worker.submit(op)] = None
+            elif isinstance(cmd, MaskCmd):
+                (page,) = inst.pages.physical([cmd.page])
+                self._flight[self.worker.submit(SetLiveOp(page, cmd.keep))] = None
+            elif isinstance(cmd, ExportCmd):
+                self.exports.add(
+                    cmd.name, inst.pages.physical(cmd.virtual), inst.seq, cmd.persistent
+                )
+            elif isinstance(cmd, UnexportCmd):
+                self.exports.remove(cmd.name)
+            elif isinstance(cmd, SyncCmd):
+                if q.inflight:
+                    return False
+                cmd.future.resolve(not q.failed)
+        except HostCallError as e:
+            self.kill(inst, str(e))
+            return False
+        return True
+
+    def allocate_pages(
+        self, inst: Instance, n: int, cmd: AllocateCmd | None = None
+    ) -> list[int] | None:
+        """Physical pages for ``inst``, or None to wait (the out-of-pages policy)."""
+        if self.pool.can_allocate(n):
+            return self.pool.allocate(n)
+        if n > self.pool.num_pages:
+            self.kill(inst, f"asked for {n} KV pages; the pool has {self.pool.num_pages}")
+            return None
+        if self.config.out_of_pages == "kill-newest":
+            victims = [i for i in self.instances.values() if i.alive and i.kill_reason is None
+                       and i.seq > inst.seq and i.pages.num_bound]  # fmt: skip
+            if victims:
+                victim = max(victims, key=lambda i: i.seq)
+                self.kill(victim, "terminated to free KV pages for an older inferlet")
+            else:
+                self.kill(inst, "out of KV pages")
+            return None
+        now = time.perf_counter()
+        if cmd is not None:
+            if not cmd.since:
+                cmd.since = now
+            elif now - cmd.since > self.config.page_wait_timeout_s:
+                self.kill(
+                    inst,
+                    f"out of KV pages: waited {self.config.page_wait_timeout_s:g} s for {n} pages",
+                )
+        return None
+
+    # ===== forward batches =====
+
+    def _maybe_fire(self) -> float | None:
+        heads = self.batcher.ready_heads()
+        decision = self.batcher.decide(self._batch_inflight, heads, time.perf_counter())
+        if not decision.fire:
+            return decision.wait_s
+        tokens: list[int] = []
+        positions: list[int] = []
+        indptr = [0]
+        tables: list[list[int]] = []
+        lasts: list[int] = []
+        outputs: list[Any] = []
+        masks: list[list[list[int]] | None] = []
+        any_mask = False
+        parts = []
+        max_tokens = self.config.max_batch_tokens
+        for q in heads:
+            inst = self._owner(q)
+            if inst is None:
+                continue
+            run = _peek_run(q)
+            if tokens and len(tokens) + _run_tokens(run) > max_tokens:
+                break
+            taken = take_forward_run(q)
+            for cmd in taken:
+                try:
+                    if isinstance(cmd, GenerateCmd):
+                        seq = self._generate_inputs(inst, cmd)
+                        if seq is None:
+                            break  # waiting for pages
+                        toks, pos, pages, last, outs, rows = seq
+                    else:
+                        toks, pos, last, outs, rows = (
+                            cmd.tokens, cmd.positions, cmd.last_page_len, cmd.outputs, cmd.masks
+                        )  # fmt: skip
+                        pages = inst.pages.physical(cmd.pages)
+                except HostCallError as e:
+                    self.kill(inst, str(e))
+                    break
+                inst.tokens += len(toks)
+                if inst.tokens > self.config.token_budget:
+                    self.kill(inst, f"token budget of {self.config.token_budget} exceeded")
+                    break
+                base = len(tokens)
+                out_start = len(outputs)
+                tokens += toks
+                positions += pos
+                indptr.append(len(tokens))
+                tables.append(pages)
+                lasts.append(last)
+                masks.append(rows)
+                any_mask = any_mask or rows is not None
+                for o in outs:
+                    outputs.append(_shift(o, base))
+                parts.append((inst, q, cmd, out_start, len(outputs)))
+                if isinstance(cmd, ForwardCmd):
+                    q.inflight += 1
+        if not parts:
+            return None
+        batch = ForwardBatch(
+            token_ids=tokens,
+            positions=positions,
+            seq_indptr=indptr,
+            page_tables=tables,
+            last_page_lens=lasts,
+            outputs=outputs,
+            masks=masks if any_mask else None,
+        )
+        op_id = self.worker.submit(ExecuteOp(batch, self.pool.drain_fresh()))
+        self._flight[op_id] = _Flight(parts)
+        self._batch_inflight = True
+        self.stats.batches += 1
+        self.stats.forward_cmds += len(parts)
+        self.stats.batch_sizes.append(len(parts))
+        return None
+
+    def _generate_inputs(self, inst: Instance, cmd: GenerateCmd) -> Any:
+        task = cmd.task
+        extra = task.pages_needed(self.page_size)
+        if extra:
+            phys = self.allocate_pages(inst, extra)
+            if phys is None:
+                return None
+            task.pages += inst.pages.adopt(phys)
+        toks, pos, last, out = task.step_inputs(self.page_size)
+        return toks, pos, inst.pages.physical(task.pages), last, [out], None
+
+    def _drain_engine(self) -> None:
+        for op_id, result in self.worker.drain():
+            flight = self._flight.pop(op_id, None)
+            if flight is None:
+                if isinstance(result, BaseException):
+                    # A page op failed: the ids were checked, so this is an engine fault.
+                    pass
+                continue
+            self._batch_inflight = False
+            self._complete(flight, result)
+
+    def _complete(self, flight: _Flight, result: Any) -> None:
+        failed = isinstance(result, BaseException)
+        for inst, q, cmd, a, b in flight.parts:
+            if isinstance(cmd, ForwardCmd):
+                q.inflight -= 1
+                if failed:
+                    q.failed = True
+                    cmd.future.resolve(wasm_ffi.Err(f"forward pass failed: {result}"))
+                else:
+                    cmd.future.resolve(wasm_ffi.Ok([_output_value(r) for r in result[a:b]]))
+                continue
+            task = cmd.task
+            if not inst.alive:
+                continue
+            if failed:
+                task.finish_reason = f"error: {result}"
+            else:
+                delta = task.on_result(result[a])
+                if task.stream and delta:
+                    try:
+                        self.send_to_client(inst, delta)
+                    except HostCallError as e:
+                        self.kill(inst, str(e))
+            if task.finish_reason is not None:
+                if q.peek() is cmd:
+                    q.pop()
+                task.future.resolve(
+                    wasm_ffi.Ok(
+                        (
+                            task.tokens,
+                            task.text,
+                            task.finish_reason,
+                            task.pages,
+                            task.last_page_len(self.page_size),
+                        )
+                    )
+                )
+
+
+def _peek_run(q: CommandQueue) -> list[Any]:
+    cmd = q.peek()
+    return [cmd] if cmd is not None else []
+
+
+def _run_tokens(run: list[Any]) -> int:
+    n = 0
+    for cmd in run:
+        n += len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)
+    return n
+
+
+def _shift(o: Any, base: int) -> Any:
+    from dataclasses import replace
+
+    return replace(o, index=o.index + base)
+
+
+def _output_value(r: OutputResult) -> tuple[Any, ...]:
+    # forward.output: token, logprob, dist-ids, dist-probs, top-logprobs
+    return (r.token, r.logprob, r.top_ids, r.top_probs, r.top_logprobs)
+
+
+def _trap_summary(err: str) -> str:
+    """The first line and the cause of a wasmtime error (the backtrace is noise to users)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    cause = ""
+    if "Caused by:" in err:
+        cause = err.split("Caused by:", 1)[1].strip().splitlines()[0].strip()
+    head = lines[0] if lines else err
+    if "wasm backtrace" in head:
+        head = "the inferlet trapped"
+    return f"{head}: {cause}" if cause else head
+
+
+__all__ = ["PollWait", "Runtime", "RuntimeConfig", "RuntimeStats"]
+
+
+def start_runtime(
+    engine_config: EngineConfig,
+    config: RuntimeConfig | None = None,
+    *,
+    worker_mode: Literal["process", "thread"] = "process",
+    cache_dir: Path | None = None,
+) -> Runtime:
+    """Start an engine worker and a runtime driving it (call ``stop`` and ``close_worker``)."""
+    wake = threading.Event()
+    worker = start_worker(engine_config, mode=worker_mode, on_ready=wake.set)
+    rt = Runtime(worker, config, cache_dir=cache_dir, wake=wake)
+    return rt.start()

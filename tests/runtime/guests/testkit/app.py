@@ -1,0 +1,152 @@
+"""A test inferlet on the raw API bindings; the first argument picks a scenario."""
+
+import json
+
+import wit_world
+from componentize_py_types import Err
+from wit_world.imports import forward, generate, kv, messaging, model, runtime, store, types
+
+GREEDY = types.Sampler(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None)
+
+
+def wait(fut):
+    types.poll([fut.pollable()])
+    return fut.get()
+
+
+def unwrap(value):
+    if hasattr(value, "value") and type(value).__name__ == "Err":
+        raise Err(value.value)
+    return value.value if type(value).__name__ == "Ok" else value
+
+
+def fwd(q, tokens, positions, pages, last, sample=None, dist=0):
+    fp = forward.ForwardPass(q)
+    fp.input(tokens, positions)
+    fp.kv_pages(pages, last)
+    if sample is not None:
+        fp.output_token(len(tokens) - 1, sample)
+    if dist:
+        fp.output_distribution(len(tokens) - 1, dist)
+    return fp.execute()
+
+
+def greedy_decode(q, ps, prompt, steps):
+    """Prefill `prompt`, then `steps` single-token forwards; returns the sampled tokens."""
+    pages = kv.allocate(q, (len(prompt) + steps + ps - 1) // ps)
+    n = len(prompt)
+    out = unwrap(wait(fwd(q, prompt, list(range(n)), pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)))
+    toks = [out[0].token]
+    for _ in range(steps - 1):
+        pos = n
+        n += 1
+        res = unwrap(wait(fwd(q, [toks[-1]], [pos], pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)))
+        toks.append(res[0].token)
+    return toks
+
+
+class WitWorld(wit_world.WitWorld):
+    def run(self) -> None:
+        args = runtime.arguments()
+        mode = args[0] if args else "hello"
+        m = model.default_model()
+        q = m.create_queue()
+        ps = kv.page_size(q)
+        if mode == "hello":
+            messaging.send("hello from " + runtime.instance_id())
+        elif mode == "echo":
+            msg = wait(messaging.receive())
+            messaging.send("echo:" + msg)
+        elif mode == "decode":
+            prompt = [int(x) for x in args[1].split(",")]
+            steps = int(args[2])
+            messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps)))
+        elif mode == "fork":
+            ctx = [int(x) for x in args[1].split(",")]
+            assert len(ctx) % ps == 0
+            shared = kv.allocate(q, len(ctx) // ps)
+            unwrap(wait(fwd(q, ctx, list(range(len(ctx))), shared, ps)))
+            n = len(ctx)
+            tok = 7
+            own = kv.allocate(q, 1)
+            parent = unwrap(wait(fwd(q, [tok], [n], shared + own, 1, dist=20)))[0]
+            futures = []
+            for i in range(4):
+                fq = m.create_queue()
+                page = kv.allocate(fq, 1)
+                futures.append(fwd(fq, [tok + i], [n], shared + page, 1, dist=20))
+            types.poll([f.pollable() for f in futures])
+            results = []
+            for f in futures:
+                while f.get() is None:
+                    types.poll([f.pollable()])
+                results.append(unwrap(f.get())[0])
+            messaging.send(json.dumps({
+                "parent": [parent.dist_ids, parent.dist_probs],
+                "forks": [[r.dist_ids, r.dist_probs] for r in results],
+            }))
+        elif mode == "generate":
+            prompt = m.encode(args[1])
+            max_tokens = int(args[2])
+            fut = generate.generate(
+                q, [], 0, prompt, 0, GREEDY,
+                generate.StopConditions(max_tokens=max_tokens, stop_tokens=[], stop_strings=[], stop_at_eos=False),
+                None, len(args) > 3,
+            )
+            g = unwrap(wait(fut))
+            messaging.send(json.dumps({"tokens": g.tokens, "text": g.text, "finish": g.finish_reason,
+                                       "pages": len(g.pages), "last": g.last_page_len}))
+        elif mode in ("fa", "fb", "fc"):
+            ctx = list(range(10, 42))
+            shared = kv.allocate(q, 2)
+            unwrap(wait(fwd(q, ctx, list(range(32)), shared, ps)))
+            own = kv.allocate(q, 1)
+            if mode == "fa":
+                r = unwrap(wait(fwd(q, [7], [32], shared + own, 1, dist=20)))[0]
+                messaging.send(json.dumps([r.dist_ids, r.dist_probs]))
+            elif mode == "fb":
+                fq = m.create_queue()
+                page = kv.allocate(fq, 1)
+                r = unwrap(wait(fwd(fq, [7], [32], shared + page, 1, GREEDY)))[0]
+                messaging.send(json.dumps(r.token))
+            else:
+                f1 = fwd(q, [7], [32], shared + own, 1, GREEDY)
+                own2 = kv.allocate(q, 1)
+                f2 = fwd(q, [8], [32], shared + own2, 1, GREEDY)
+                types.poll([f1.pollable(), f2.pollable()])
+                messaging.send("polled")
+        elif mode == "spin":
+            x = 0
+            while True:
+                x += 1
+        elif mode == "grow":
+            hog = []
+            while True:
+                hog.append(bytearray(1 << 20))
+        elif mode == "forge":
+            kv.free(q, [12345])
+        elif mode == "import-unknown":
+            res = kv.import_pages(q, "no-such-export")
+            messaging.send("error:" + res.value if type(res).__name__ == "Err" else "ok")
+        elif mode == "flood":
+            while True:
+                messaging.send("x" * 100)
+        elif mode == "export":
+            pages = kv.allocate(q, 2)
+            kv.export_pages(q, pages, args[1], args[2] == "persistent")
+            wait(q.synchronize())
+            store.set("exported", args[1])
+            messaging.send("exported")
+            if len(args) > 3:
+                wait(messaging.receive())
+        elif mode == "import":
+            res = kv.import_pages(q, args[1])
+            pages = unwrap(res)
+            messaging.send(json.dumps({"pages": len(pages), "exports": kv.list_exports()}))
+        elif mode == "hold":
+            kv.allocate(q, int(args[1]))
+            wait(q.synchronize())
+            messaging.send("holding")
+            wait(messaging.receive())
+        else:
+            raise Err("unknown mode " + mode)
