@@ -29,9 +29,11 @@ import itertools
 import logging
 import multiprocessing
 import operator
+import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -131,7 +133,9 @@ class EngineWorker(Protocol):
 
     def drain(self) -> list[tuple[int, object | BaseException]]:
         """Take the finished ops as ``(op id, result or the exception it raised)``, in
-        completion order (which is submission order). Never blocks."""
+        completion order. Never blocks. Ops run in submission order, so their results come
+        in that order; an op that never reaches the engine (unpicklable, or the worker is
+        closed or dead) resolves at once, possibly ahead of earlier ops still running."""
         ...
 
     def stats(self) -> EngineStatsSnapshot:
@@ -154,7 +158,8 @@ def start_worker(
 
     Returns once the engine is loaded; a failure to load raises ``ModelLoadError`` here.
     ``on_ready`` is called from a worker-owned thread each time results become available
-    to ``drain()`` (keep it short: setting a ``threading.Event`` is the intended use).
+    to ``drain()``; keep it short (setting a ``threading.Event`` is the intended use), and
+    never call ``stats()`` from it: that thread is the one that would deliver the answer.
     """
     if mode == "process":
         return SubprocessWorker(config, on_ready)
@@ -535,7 +540,7 @@ class SubprocessWorker(_WorkerBase):
         try:
             self.info = self._await_ready()
         except BaseException:
-            self._stop_process(timeout=0.0)
+            self._stop_process(timeout=2.0)  # a failed child is exiting on its own
             ops_w.close()
             res_r.close()
             raise
@@ -707,11 +712,16 @@ def _child_main(config: EngineConfig, ops_r: Connection, res_w: Connection) -> N
             runner = _OpRunner(config)
         except BaseException as e:
             res_w.send_bytes(_dumps(_StartupFailed(_portable(e), traceback.format_exc())))
-            return
-        res_w.send_bytes(_dumps(_Ready(runner.info)))
-        _serve(runner, ops_r, res_w)
+        else:
+            res_w.send_bytes(_dumps(_Ready(runner.info)))
+            _serve(runner, ops_r, res_w)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody to answer
+    # Skip the interpreter's teardown: tearing torch down takes ~0.7 s, which close()
+    # would wait for, and the child holds nothing that needs finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:

@@ -1,0 +1,185 @@
+"""The inferlet runtime end to end: real componentize-py guests on wasmtime fibers."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from loom import LLM, SamplingParams
+
+CTX = [10 + i for i in range(32)]  # two full pages of context
+
+
+def run(rt: Any, program: str, *args: str, timeout: float = 60) -> tuple[Any, list[str]]:
+    h = rt.launch(program, list(args))
+    result = h.wait(timeout)
+    messages = []
+    while not h.messages.empty():
+        messages.append(h.messages.get())
+    return result, messages
+
+
+def free_pages(rt: Any) -> int:
+    return int(rt.query(lambda: rt.pool.num_free))
+
+
+def test_hello_reports_its_instance_id(rt: Any, testkit: str) -> None:
+    result, messages = run(rt, testkit, "hello")
+    assert result.ok, result.error
+    assert messages == [f"hello from {result.instance_id}"]
+
+
+def test_client_messages_reach_the_guest(rt: Any, testkit: str) -> None:
+    h = rt.launch(testkit, ["echo"])
+    h.send("ping")
+    assert h.recv(timeout=30) == "echo:ping"
+    assert h.wait(30).ok
+
+
+def test_guest_decode_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -> None:
+    prompt = [5, 6, 7, 8, 9]
+    result, messages = run(rt, testkit, "decode", ",".join(map(str, prompt)), "6")
+    assert result.ok, result.error
+    llm = LLM(str(tiny_dir), num_pages=32)
+    ref = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert json.loads(messages[0]) == ref[0].token_ids
+
+
+def test_generate_fast_path_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -> None:
+    text = "Once upon a time"
+    result, messages = run(rt, testkit, "generate", text, "9")
+    assert result.ok, result.error
+    out = json.loads(messages[0])
+    prompt = rt.tokenizer.encode(text, add_special_tokens=False)
+    llm = LLM(str(tiny_dir), num_pages=32)
+    ref = llm.generate([prompt], SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
+    assert out["tokens"] == ref[0].token_ids
+    assert out["finish"] == "length"
+    # The KV holds the prompt and every generated token but the last (still pending).
+    assert out["last"] == (len(prompt) + 9 - 1 - 1) % 16 + 1
+
+
+def test_generate_streams_tokens_to_the_client(rt: Any, testkit: str) -> None:
+    result, messages = run(rt, testkit, "generate", "Once upon a time", "6", "stream")
+    assert result.ok, result.error
+    final = json.loads(messages[-1])
+    assert "".join(messages[:-1]) == final["text"]
+    assert len(messages) > 1
+
+
+def test_four_forks_ride_one_batch_and_match_the_parent(rt: Any, testkit: str) -> None:
+    before = len(rt.stats.batch_sizes)
+    result, messages = run(rt, testkit, "fork", ",".join(map(str, CTX)))
+    assert result.ok, result.error
+    sizes = list(rt.stats.batch_sizes)[before:]
+    assert 4 in sizes, sizes  # the four forks' passes were one engine batch
+    engine = rt.worker.stats().recent_batches
+    assert (4, 4) in engine  # 4 sequences, 4 tokens
+    out = json.loads(messages[0])
+    parent_ids, parent_probs = out["parent"]
+    fork_ids, fork_probs = out["forks"][0]  # same token as the parent over shared pages
+    assert fork_ids == parent_ids
+    assert fork_probs == pytest.approx(parent_probs, rel=1e-5, abs=1e-7)
+    assert out["forks"][1][0] != parent_ids  # another token gives another distribution
+
+
+def test_runaway_guest_is_preempted_then_killed(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    spinner = rt.launch(testkit, ["spin"])
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    result, messages = run(rt, testkit, "decode", "5,6,7", "4")
+    others_took = time.perf_counter() - t0
+    assert result.ok and not spinner.done  # others progress while the spinner still runs
+    assert others_took < 1.0
+    end = spinner.wait(30)
+    assert not end.ok and "CPU budget" in (end.error or "")
+    assert free_pages(rt) == free0
+
+
+def test_memory_cap_traps_the_guest(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    result, _ = run(rt, testkit, "grow")
+    assert not result.ok and "trap" in (result.error or "")
+    assert free_pages(rt) == free0
+    assert run(rt, testkit, "hello")[0].ok  # the server keeps serving
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("forge", "KV page id 12345 is not held by this inferlet"),
+        ("import-unknown", "no KV pages are exported under the name 'no-such-export'"),
+        ("flood", "more than 200 unread messages to the client"),
+    ],
+)
+def test_bad_guests_get_clear_errors(rt: Any, testkit: str, mode: str, expected: str) -> None:
+    free0 = free_pages(rt)
+    result, _ = run(rt, testkit, mode)
+    assert not result.ok
+    assert expected in (result.error or "")
+    assert free_pages(rt) == free0
+    assert run(rt, testkit, "hello")[0].ok
+
+
+def test_persistent_export_outlives_its_exporter(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    result, messages = run(rt, testkit, "export", "shared-ctx", "persistent")
+    assert result.ok and messages == ["exported"]
+    assert free_pages(rt) == free0 - 2  # the export still holds its two pages
+    result, messages = run(rt, testkit, "import", "shared-ctx")
+    assert result.ok, result.error
+    assert json.loads(messages[0]) == {"pages": 2, "exports": [["shared-ctx", 2]]}
+    assert rt.query(lambda: rt.exports.remove("shared-ctx"))
+    assert free_pages(rt) == free0
+
+
+def test_plain_export_ends_with_its_exporter(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    result, _ = run(rt, testkit, "export", "short-lived", "plain")
+    assert result.ok
+    assert rt.query(lambda: "short-lived" not in rt.exports.exports)
+    assert free_pages(rt) == free0
+
+
+def test_wait_policy_holds_the_allocation_until_pages_return(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    holder = rt.launch(testkit, ["hold", str(free0 - 1)])
+    assert holder.recv(timeout=30) == "holding"
+    waiter = rt.launch(testkit, ["decode", "5,6,7", "30"])  # needs 3 pages
+    time.sleep(0.3)
+    assert not waiter.done  # waiting, not killed
+    holder.send("release")
+    assert holder.wait(30).ok
+    assert waiter.wait(30).ok
+    assert free_pages(rt) == free0
+
+
+def test_kill_newest_policy_terminates_the_newer_instance(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    rt.config.out_of_pages = "kill-newest"
+    try:
+        older = rt.launch(testkit, ["echo"])  # launched first: it has priority
+        newer = rt.launch(testkit, ["hold", str(free0 - 1)])
+        assert newer.recv(timeout=30) == "holding"
+        needy = rt.launch(testkit, ["decode", "5,6,7", "30"])  # newest of all: it traps
+        end = needy.wait(30)
+        assert not end.ok and "out of KV pages" in (end.error or "")
+        older.send("x")
+        assert older.wait(30).ok
+        newer.send("release")
+        assert newer.wait(30).ok
+        # Now the requester is older than the holder: the holder is the one terminated.
+        holder = rt.launch(testkit, ["hold", str(free0 - 1)])
+        assert holder.recv(timeout=30) == "holding"
+        time.sleep(0.05)
+        end = holder.wait(0.01) if holder.done else None
+        assert end is None
+    finally:
+        rt.config.out_of_pages = "wait"
+    holder.send("release")
+    holder.wait(30)
+    assert free_pages(rt) == free0
