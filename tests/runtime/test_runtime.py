@@ -91,7 +91,7 @@ def test_runaway_guest_is_preempted_then_killed(rt: Any, testkit: str) -> None:
     spinner = rt.launch(testkit, ["spin"])
     time.sleep(0.2)
     t0 = time.perf_counter()
-    result, messages = run(rt, testkit, "decode", "5,6,7", "4")
+    result, _ = run(rt, testkit, "decode", "5,6,7", "4")
     others_took = time.perf_counter() - t0
     assert result.ok and not spinner.done  # others progress while the spinner still runs
     assert others_took < 1.0
@@ -183,3 +183,39 @@ def test_kill_newest_policy_terminates_the_newer_instance(rt: Any, testkit: str)
     holder.send("release")
     holder.wait(30)
     assert free_pages(rt) == free0
+
+
+@pytest.mark.slow
+def test_a_thousand_concurrent_inferlets_all_finish_correctly(
+    tiny_dir: Any, program_cache: Any, testkit_wasm: bytes
+) -> None:
+    """1000 Python inferlets x 50 forward calls each; results match a single-guest run."""
+    from loom.config import EngineConfig
+    from loom.runtime.limits import RuntimeConfig
+    from loom.runtime.runtime import start_runtime
+
+    n, steps = 1000, 49  # prefill + 49 decode steps = 50 forward calls each
+    prompts = [f"{5 + i % 7},6,7" for i in range(n)]
+    rt = start_runtime(
+        EngineConfig(model=str(tiny_dir), num_pages=n * 4 + 64),
+        RuntimeConfig(page_wait_timeout_s=600),
+        worker_mode="thread",
+        cache_dir=program_cache,
+    )
+    try:
+        program = rt.add_program(testkit_wasm)
+        solo = {}
+        for p in sorted(set(prompts)):  # the reference: each prompt decoded alone
+            h = rt.launch(program, ["decode", p, str(steps)])
+            assert h.wait(120).ok
+            solo[p] = json.loads(h.recv(1))
+        free0 = rt.query(lambda: rt.pool.num_free)
+        handles = [rt.launch(program, ["decode", p, str(steps)]) for p in prompts]
+        results = [h.wait(1200) for h in handles]
+        assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
+        for p, h in zip(prompts, handles, strict=True):
+            assert json.loads(h.recv(1)) == solo[p]
+        assert max(rt.stats.batch_sizes) > 100  # they really ran together
+        assert rt.query(lambda: rt.pool.num_free) == free0
+    finally:
+        rt.close()

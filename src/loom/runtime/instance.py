@@ -81,3 +81,5 @@ class Instance:
     queues: list[CommandQueue] = field(default_factory=list)
     subscriptions: list[tuple[str, Stream]] = field(default_factory=list)
     pending_out: int = 0  # messages sent to the client and not yet read
+    spawned_at: float = 0.0
+    spawn_s: float | None = None  # launch -> ready to run (instantiation done)

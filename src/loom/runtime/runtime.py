@@ -69,9 +69,11 @@ class RuntimeStats:
     poll_s: float = 0.0  # time inside guest fibers (guest work + host calls it made)
     loop_s: float = 0.0  # time of loop turns that did work
     spawned: int = 0
+    spawn_s: deque[float] = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.batch_sizes = deque(maxlen=100_000)
+        self.spawn_s = deque(maxlen=100_000)
 
 
 @dataclass(eq=False)
@@ -263,6 +265,7 @@ class Runtime:
             store=store,
             pages=InstancePages(self.pool),
             handle=handle,
+            spawned_at=time.perf_counter(),
         )
         self.instances[inst.id] = inst
         self.by_ctx[store.key] = inst
@@ -318,6 +321,8 @@ class Runtime:
             return
         if not inst.started:
             inst.started = True
+            inst.spawn_s = time.perf_counter() - inst.spawned_at
+            self.stats.spawn_s.append(inst.spawn_s)
             try:
                 inst.call = wasm_ffi.call_export_async(
                     inst.store, self.programs.get(inst.program), "run"

@@ -25,6 +25,7 @@ import ctypes
 from collections.abc import Callable, Sequence
 from ctypes import POINTER, byref, c_void_p
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Protocol
 
 import wasmtime
@@ -188,9 +189,9 @@ def make_decoder(t: Ty, resources: ResourceRegistry) -> Decoder:
                 n = v.of.list.size
                 if n == 0:
                     return b"" if as_bytes else []
-                base = ctypes.cast(v.of.list.data, c_void_p).value + _VAL_OF
+                base = (ctypes.cast(v.of.list.data, c_void_p).value or 0) + _VAL_OF
                 # Strided read: element i's payload sits at base + i * sizeof(val).
-                out = [ctype.from_address(base + i * _VAL_SIZE).value for i in range(n)]
+                out = [ctype.from_address(base + i * _VAL_SIZE).value for i in range(n)]  # type: ignore[attr-defined]
                 return bytes(out) if as_bytes else out
 
             del field
@@ -371,7 +372,7 @@ class WasmEngine:
             raise WasmError(f"not a valid component: {e}") from None
 
     def serialize(self, component: Component) -> bytes:
-        return component.serialize()
+        return bytes(component.serialize())
 
     def deserialize(self, data: bytes) -> Component:
         return Component.deserialize(self.engine, data)
@@ -425,10 +426,22 @@ def _fail(ctx: Any, message: str) -> int:
     return ctypes.cast(err, c_void_p).value or 0
 
 
-@ffi.wasmtime_component_func_callback_t  # type: ignore[untyped-decorator]
+class HostCallStats:
+    """Host-function calls made by guests and the time spent inside them."""
+
+    calls = 0
+    seconds = 0.0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls, cls.seconds = 0, 0.0
+
+
+@ffi.wasmtime_component_func_callback_t
 def _sync_trampoline(
     env: Any, ctx: Any, ty: Any, args: Any, nargs: int, res: Any, nres: int
 ) -> int:
+    t0 = perf_counter()
     hf = _SYNC_FUNCS[env or 0]
     try:
         pyargs = [d(ctx, args[i]) for i, d in enumerate(hf.decoders)]
@@ -440,20 +453,26 @@ def _sync_trampoline(
         return _fail(ctx, str(e))
     except Exception as e:  # a host bug must not unwind through wasmtime's frames
         return _fail(ctx, f"host error in {hf.name}: {type(e).__name__}: {e}")
+    finally:
+        HostCallStats.calls += 1
+        HostCallStats.seconds += perf_counter() - t0
 
 
-@ffi.wasmtime_func_async_continuation_callback_t  # type: ignore[untyped-decorator]
+@ffi.wasmtime_func_async_continuation_callback_t
 def _continuation(env: Any) -> bool:
     key = env or 0
     entry = _PENDING.get(key)
     if entry is None:
         return True
+    t0 = perf_counter()
     pending, hf, ctx, res = entry
     if not pending.ready():
+        HostCallStats.seconds += perf_counter() - t0
         return False
     del _PENDING[key]
     if hf.encoder is not None:
         hf.encoder(ctx, pending.value(), res[0])
+    HostCallStats.seconds += perf_counter() - t0
     return True
 
 
@@ -463,10 +482,11 @@ def _continuation_finalizer(env: Any) -> None:
     _PENDING.pop(env or 0, None)
 
 
-@ffi.wasmtime_component_func_async_callback_t  # type: ignore[untyped-decorator]
+@ffi.wasmtime_component_func_async_callback_t
 def _async_trampoline(
     env: Any, ctx: Any, ty: Any, args: Any, nargs: int, res: Any, nres: int, err_ret: Any, cont: Any
 ) -> None:
+    t0 = perf_counter()
     hf = _ASYNC_FUNCS[env or 0]
     try:
         pyargs = [d(ctx, args[i]) for i, d in enumerate(hf.decoders)]
@@ -481,9 +501,11 @@ def _async_trampoline(
     cont.contents.callback = _continuation
     cont.contents.env = key
     cont.contents.finalizer = _continuation_finalizer
+    HostCallStats.calls += 1
+    HostCallStats.seconds += perf_counter() - t0
 
 
-@ffi.wasmtime_component_resource_destructor_t  # type: ignore[untyped-decorator]
+@ffi.wasmtime_component_resource_destructor_t
 def _dtor_trampoline(env: Any, ctx: Any, rep: int) -> int:
     try:
         _DTORS[env or 0](context_key(ctx), rep)
@@ -691,7 +713,7 @@ _CORE_FUNCS: list[Callable[[int], Pending | int]] = [lambda x: 0]
 _CORE_PENDING: dict[int, tuple[Pending, Any]] = {}
 
 
-@ffi.wasmtime_func_async_continuation_callback_t  # type: ignore[untyped-decorator]
+@ffi.wasmtime_func_async_continuation_callback_t
 def _core_continuation(env: Any) -> bool:
     key = env or 0
     entry = _CORE_PENDING.get(key)
@@ -706,7 +728,7 @@ def _core_continuation(env: Any) -> bool:
     return True
 
 
-@ffi.wasmtime_func_async_callback_t  # type: ignore[untyped-decorator]
+@ffi.wasmtime_func_async_callback_t
 def _core_async_trampoline(
     env: Any, caller: Any, args: Any, nargs: int, res: Any, nres: int, trap: Any, cont: Any
 ) -> None:

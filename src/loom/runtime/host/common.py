@@ -40,9 +40,7 @@ def add_future_resource(
             return get(fut)
         return fut.value if fut.done else None
 
-    linker.add_func(
-        interface, f"[method]{resource}.pollable", [borrow(resource)], U32, pollable
-    )
+    linker.add_func(interface, f"[method]{resource}.pollable", [borrow(resource)], U32, pollable)
     linker.add_func(
         interface, f"[method]{resource}.get", [borrow(resource)], option(value_ty), get_value
     )
