@@ -35,12 +35,16 @@ def greedy_decode(q, ps, prompt, steps):
     """Prefill `prompt`, then `steps` single-token forwards; returns the sampled tokens."""
     pages = kv.allocate(q, (len(prompt) + steps + ps - 1) // ps)
     n = len(prompt)
-    out = unwrap(wait(fwd(q, prompt, list(range(n)), pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)))
+    out = unwrap(
+        wait(fwd(q, prompt, list(range(n)), pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
+    )
     toks = [out[0].token]
     for _ in range(steps - 1):
         pos = n
         n += 1
-        res = unwrap(wait(fwd(q, [toks[-1]], [pos], pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)))
+        res = unwrap(
+            wait(fwd(q, [toks[-1]], [pos], pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
+        )
         toks.append(res[0].token)
     return toks
 
@@ -81,21 +85,42 @@ class WitWorld(wit_world.WitWorld):
                 while f.get() is None:
                     types.poll([f.pollable()])
                 results.append(unwrap(f.get())[0])
-            messaging.send(json.dumps({
-                "parent": [parent.dist_ids, parent.dist_probs],
-                "forks": [[r.dist_ids, r.dist_probs] for r in results],
-            }))
+            messaging.send(
+                json.dumps(
+                    {
+                        "parent": [parent.dist_ids, parent.dist_probs],
+                        "forks": [[r.dist_ids, r.dist_probs] for r in results],
+                    }
+                )
+            )
         elif mode == "generate":
             prompt = m.encode(args[1])
             max_tokens = int(args[2])
             fut = generate.generate(
-                q, [], 0, prompt, 0, GREEDY,
-                generate.StopConditions(max_tokens=max_tokens, stop_tokens=[], stop_strings=[], stop_at_eos=False),
-                None, len(args) > 3,
+                q,
+                [],
+                0,
+                prompt,
+                0,
+                GREEDY,
+                generate.StopConditions(
+                    max_tokens=max_tokens, stop_tokens=[], stop_strings=[], stop_at_eos=False
+                ),
+                None,
+                len(args) > 3,
             )
             g = unwrap(wait(fut))
-            messaging.send(json.dumps({"tokens": g.tokens, "text": g.text, "finish": g.finish_reason,
-                                       "pages": len(g.pages), "last": g.last_page_len}))
+            messaging.send(
+                json.dumps(
+                    {
+                        "tokens": g.tokens,
+                        "text": g.text,
+                        "finish": g.finish_reason,
+                        "pages": len(g.pages),
+                        "last": g.last_page_len,
+                    }
+                )
+            )
         elif mode in ("fa", "fb", "fc"):
             ctx = list(range(10, 42))
             shared = kv.allocate(q, 2)
