@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from loom.models.corpus import tiny_corpus
+from loom.paths import cache_root
 
 # Bump whenever the files change, so caches made by older code are not reused.
 TINY_VERSION = "v3"
@@ -204,8 +205,7 @@ def make_tiny_model(
 
 def default_tiny_dir(seed: int = 0) -> Path:
     """Cache location of the embedded default: ``$LOOM_CACHE_DIR`` or ``~/.cache/loom``."""
-    root = Path(os.environ.get("LOOM_CACHE_DIR") or Path.home() / ".cache" / "loom")
-    return root / f"tiny-{TINY_VERSION}-seed{seed}"
+    return cache_root() / f"tiny-{TINY_VERSION}-seed{seed}"
 
 
 def ensure_tiny_model(seed: int = 0) -> Path:

@@ -80,6 +80,6 @@ class Instance:
     inbox: Mailbox = field(default_factory=Mailbox)
     queues: list[CommandQueue] = field(default_factory=list)
     subscriptions: list[tuple[str, Stream]] = field(default_factory=list)
-    pending_out: int = 0  # messages sent to the client and not yet read
     spawned_at: float = 0.0
+    submitted: bool = False  # queued forward work during its current time slice
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)

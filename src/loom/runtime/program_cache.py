@@ -15,6 +15,7 @@ from pathlib import Path
 
 from wasmtime.component import Component
 
+from loom.paths import cache_root
 from loom.runtime.wasm_ffi import WASMTIME_VERSION, WasmEngine, WasmError
 
 
@@ -23,8 +24,7 @@ def program_hash(wasm: bytes) -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("LOOM_CACHE_DIR") or os.path.join(Path.home(), ".cache", "loom")
-    return Path(base) / "programs"
+    return cache_root() / "programs"
 
 
 class ProgramCache:

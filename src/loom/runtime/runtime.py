@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,7 @@ from loom.runtime.engine_worker import (
     SetLiveOp,
     start_worker,
 )
-from loom.runtime.futures import Mailbox, PollWait, Stream
+from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
@@ -64,16 +64,12 @@ class RuntimeStats:
 
     batches: int = 0
     forward_cmds: int = 0
-    batch_sizes: deque[int] = None  # type: ignore[assignment]
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
     guest_polls: int = 0
     poll_s: float = 0.0  # time inside guest fibers (guest work + host calls it made)
     loop_s: float = 0.0  # time of loop turns that did work
     spawned: int = 0
-    spawn_s: deque[float] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.batch_sizes = deque(maxlen=100_000)
-        self.spawn_s = deque(maxlen=100_000)
+    spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
 
 @dataclass(eq=False)
@@ -131,6 +127,11 @@ class Runtime:
         self._wake = wake or threading.Event()
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
         self._batch_inflight = False
+        # A guest whose time slice ended in the middle of submitting forward work (sibling
+        # forks, say) gets one more slice before the batch fires, so its passes ride
+        # together; the hold lasts one loop turn, so a guest that then spins cannot stall
+        # the engine.
+        self._hold_fire = False
         self._pending_end: list[Instance] = []
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -241,10 +242,6 @@ class Runtime:
                 inst = self.instances.get(item[1])
                 if inst is not None:
                     self.kill(inst, item[2])
-            elif kind == "read":
-                inst = self.instances.get(item[1])
-                if inst is not None:
-                    inst.pending_out = max(0, inst.pending_out - 1)
             elif kind == "call":
                 item[1]()
 
@@ -302,6 +299,9 @@ class Runtime:
             inst.cpu_s += dt
             stats.poll_s += dt
             stats.guest_polls += 1
+            if not done and inst.blocked is None and inst.submitted:
+                self._hold_fire = True  # preempted mid-submission: let it finish first
+            inst.submitted = False
             if inst.kill_reason is not None:
                 self._end(inst, False, inst.kill_reason)
             elif done:
@@ -395,6 +395,9 @@ class Runtime:
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             cmd.submitted_at = time.perf_counter()
+            owner = self.by_seq.get(q.owner)
+            if owner is not None:
+                owner.submitted = True
         q.push(cmd)
         self._wake.set()
 
@@ -480,6 +483,11 @@ class Runtime:
     # ===== forward batches =====
 
     def _maybe_fire(self) -> float | None:
+        if self._batch_inflight:  # one batch at a time: nothing to decide until it returns
+            return None
+        if self._hold_fire:
+            self._hold_fire = False
+            return None
         heads = self.batcher.ready_heads()
         decision = self.batcher.decide(self._batch_inflight, heads, time.perf_counter())
         if not decision.fire:
@@ -568,10 +576,7 @@ class Runtime:
     def _drain_engine(self) -> None:
         for op_id, result in self.worker.drain():
             flight = self._flight.pop(op_id, None)
-            if flight is None:
-                if isinstance(result, BaseException):
-                    # A page op failed: the ids were checked, so this is an engine fault.
-                    pass
+            if flight is None:  # a page op (copy/mask): its ids were checked when queued
                 continue
             self._batch_inflight = False
             self._complete(flight, result)
@@ -628,8 +633,6 @@ def _run_tokens(run: list[Any]) -> int:
 
 
 def _shift(o: Any, base: int) -> Any:
-    from dataclasses import replace
-
     return replace(o, index=o.index + base)
 
 
@@ -650,7 +653,7 @@ def _trap_summary(err: str) -> str:
     return f"{head}: {cause}" if cause else head
 
 
-__all__ = ["PollWait", "Runtime", "RuntimeConfig", "RuntimeStats"]
+__all__ = ["Runtime", "RuntimeConfig", "RuntimeStats", "start_runtime"]
 
 
 def start_runtime(

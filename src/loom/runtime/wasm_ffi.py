@@ -181,7 +181,6 @@ def make_decoder(t: Ty, resources: ResourceRegistry) -> Decoder:
     if k == "list":
         (elem,) = t.args
         if elem.kind in ("u32", "u8", "bool"):
-            field = _SCALARS[elem.kind][0]
             ctype = {"u32": ctypes.c_uint32, "u8": ctypes.c_uint8, "bool": ctypes.c_bool}[elem.kind]
             as_bytes = elem.kind == "u8"
 
@@ -194,7 +193,6 @@ def make_decoder(t: Ty, resources: ResourceRegistry) -> Decoder:
                 out = [ctype.from_address(base + i * _VAL_SIZE).value for i in range(n)]  # type: ignore[attr-defined]
                 return bytes(out) if as_bytes else out
 
-            del field
             return dec_scalars
         edec = make_decoder(elem, resources)
 
@@ -589,22 +587,6 @@ class ComponentLinker:
                                 ip, b, len(b), _sync_trampoline, idx, _no_finalizer
                             )
                         _raise_error(err, f"define {iface}#{fname}")
-
-    def check_imports(self, component: Component) -> list[str]:
-        """Names of the component's function imports this linker does not provide."""
-        self.build()
-        provided = {f"{i}#{n}" for i, fs in self._funcs.items() for n, _, _ in fs}
-        missing = []
-        for iname, item in component.type.imports(self.engine.engine).items():
-            exports = getattr(item, "exports", None)
-            if exports is None:
-                continue
-            for fname in exports(self.engine.engine):
-                if (iname not in self._funcs and iname not in self._resources) or (
-                    f"{iname}#{fname}" not in provided and not fname.startswith("[")
-                ):
-                    missing.append(f"{iname}#{fname}")
-        return missing
 
 
 class GuestStore:

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from loom.paths import cache_root
+
 COMPONENTIZE_PY_VERSION = "0.25.1"
 WIT_DIR = Path(__file__).parent / "wit"
 WORLD = "inferlet"
@@ -47,8 +49,7 @@ def source_hash(app_dir: Path) -> str:
 
 
 def build_cache_dir() -> Path:
-    base = os.environ.get("LOOM_CACHE_DIR") or os.path.join(Path.home(), ".cache", "loom")
-    return Path(base) / "builds"
+    return cache_root() / "builds"
 
 
 def build_inferlet(app_dir: Path, out: Path | None = None, cache_dir: Path | None = None) -> Path:
