@@ -125,6 +125,7 @@ class Runtime:
         self._runq: deque[Instance] = deque()
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wake = wake or threading.Event()
+        self._poked = False
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
@@ -214,6 +215,7 @@ class Runtime:
             t0 = time.perf_counter()
             # Clear before looking at any state: a wake-up posted from now on is not lost.
             self._wake.clear()
+            self._poked = False
             self._process_inbox()
             self._drain_engine()
             self._advance_queues()
@@ -222,7 +224,7 @@ class Runtime:
             self._end_pending()
             if ran:
                 self.stats.loop_s += time.perf_counter() - t0
-            if not self._runq and not self._inbox:
+            if not self._runq and not self._inbox and not self._poked:
                 timeout = 0.05 if wait_s is None else max(0.0, wait_s)
                 self._wake.wait(timeout)
         for inst in list(self.instances.values()):
@@ -399,7 +401,9 @@ class Runtime:
             if owner is not None:
                 owner.submitted = True
         q.push(cmd)
-        self._wake.set()
+        # Host functions run on this (the loop's) thread: a flag the loop reads before it
+        # sleeps is enough, and costs nothing next to an Event.
+        self._poked = True
 
     # ===== eager commands =====
 

@@ -33,11 +33,11 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from wasmtime.component import ResourceType as _ResourceType
 
+from loom.runtime import wasm_codec
+
 WASMTIME_VERSION = "50.0.1"  # the private bindings below are checked against this release
 
 _Val = ffi.wasmtime_component_val_t
-_VAL_SIZE = ctypes.sizeof(_Val)
-_VAL_OF = _Val.of.offset  # byte offset of the union inside one value
 
 
 class WasmError(Exception):
@@ -122,36 +122,6 @@ class Err:
     value: Any = None
 
 
-_SCALARS: dict[str, tuple[str, Any]] = {
-    "u8": ("u8", ffi.WASMTIME_COMPONENT_U8),
-    "u16": ("u16", ffi.WASMTIME_COMPONENT_U16),
-    "u32": ("u32", ffi.WASMTIME_COMPONENT_U32),
-    "u64": ("u64", ffi.WASMTIME_COMPONENT_U64),
-    "s32": ("s32", ffi.WASMTIME_COMPONENT_S32),
-    "s64": ("s64", ffi.WASMTIME_COMPONENT_S64),
-    "f32": ("f32", ffi.WASMTIME_COMPONENT_F32),
-    "f64": ("f64", ffi.WASMTIME_COMPONENT_F64),
-    "bool": ("boolean", ffi.WASMTIME_COMPONENT_BOOL),
-}
-
-Decoder = Callable[[Any, Any], Any]  # (context pointer, wasmtime_component_val_t) -> value
-Encoder = Callable[[Any, Any, Any], None]  # (context pointer, value, val_t to fill) -> None
-
-
-# wasm_byte_vec_new taking a bytes object directly (the binding wants a ubyte pointer,
-# which would cost a copy into a ctypes array first).
-_byte_vec_new = ctypes.CFUNCTYPE(
-    None, POINTER(ffi.wasm_byte_vec_t), ctypes.c_size_t, ctypes.c_char_p
-)(("wasm_byte_vec_new", ffi.dll))
-
-
-def _name_vec(text: str) -> Any:
-    vec = ffi.wasm_byte_vec_t()
-    data = text.encode()
-    _byte_vec_new(byref(vec), len(data), data)
-    return vec
-
-
 class ResourceRegistry:
     """Host resource types by name: the wasmtime type object and its integer id."""
 
@@ -168,182 +138,6 @@ class ResourceRegistry:
     def id(self, name: str) -> int:
         self.get(name)
         return self.ids[name]
-
-
-def make_decoder(t: Ty, resources: ResourceRegistry) -> Decoder:
-    """Build a function reading one value of type ``t``; the val keeps its ownership."""
-    k = t.kind
-    if k in _SCALARS:
-        field = _SCALARS[k][0]
-        return lambda ctx, v: getattr(v.of, field)
-    if k == "string":
-        return lambda ctx, v: ctypes.string_at(v.of.string.data, v.of.string.size).decode()
-    if k == "list":
-        (elem,) = t.args
-        if elem.kind in ("u32", "u8", "bool"):
-            ctype = {"u32": ctypes.c_uint32, "u8": ctypes.c_uint8, "bool": ctypes.c_bool}[elem.kind]
-            as_bytes = elem.kind == "u8"
-
-            def dec_scalars(ctx: Any, v: Any) -> Any:
-                n = v.of.list.size
-                if n == 0:
-                    return b"" if as_bytes else []
-                base = (ctypes.cast(v.of.list.data, c_void_p).value or 0) + _VAL_OF
-                # Strided read: element i's payload sits at base + i * sizeof(val).
-                out = [ctype.from_address(base + i * _VAL_SIZE).value for i in range(n)]  # type: ignore[attr-defined]
-                return bytes(out) if as_bytes else out
-
-            return dec_scalars
-        edec = make_decoder(elem, resources)
-
-        def dec_list(ctx: Any, v: Any) -> Any:
-            data = v.of.list.data
-            return [edec(ctx, data[i]) for i in range(v.of.list.size)]
-
-        return dec_list
-    if k == "option":
-        inner = make_decoder(t.args[0], resources)
-
-        def dec_option(ctx: Any, v: Any) -> Any:
-            p = v.of.option
-            return inner(ctx, p.contents) if p else None
-
-        return dec_option
-    if k in ("tuple", "record"):
-        decs = [make_decoder(x if k == "tuple" else x[1], resources) for x in t.args]
-        if k == "tuple":
-            return lambda ctx, v: tuple(d(ctx, v.of.tuple.data[i]) for i, d in enumerate(decs))
-        return lambda ctx, v: tuple(d(ctx, v.of.record.data[i].val) for i, d in enumerate(decs))
-    if k == "enum":
-        names = {n: i for i, n in enumerate(t.args)}
-        return lambda ctx, v: names[
-            ctypes.string_at(v.of.enumeration.data, v.of.enumeration.size).decode()
-        ]
-    if k in ("borrow", "own"):
-
-        def dec_resource(ctx: Any, v: Any) -> Any:
-            host = POINTER(ffi.wasmtime_component_resource_host_t)()
-            err = ffi.wasmtime_component_resource_any_to_host(ctx, v.of.resource, byref(host))
-            _raise_error(err, "resource handle")
-            rep = ffi.wasmtime_component_resource_host_rep(host)
-            ffi.wasmtime_component_resource_host_delete(host)
-            return rep
-
-        return dec_resource
-    raise ValueError(f"no decoder for {t}")
-
-
-def make_encoder(t: Ty, resources: ResourceRegistry) -> Encoder:
-    """Build a function writing one value of type ``t`` into a val the callee will own."""
-    k = t.kind
-    if k in _SCALARS:
-        field, kind = _SCALARS[k]
-
-        def enc_scalar(ctx: Any, x: Any, out: Any) -> None:
-            out.kind = kind
-            setattr(out.of, field, x)
-
-        return enc_scalar
-    if k == "string":
-
-        def enc_string(ctx: Any, x: Any, out: Any) -> None:
-            out.kind = ffi.WASMTIME_COMPONENT_STRING
-            data = x.encode()
-            _byte_vec_new(byref(out.of.string), len(data), data)
-
-        return enc_string
-    if k == "list":
-        (elem,) = t.args
-        eenc = make_encoder(elem, resources)
-
-        def enc_list(ctx: Any, xs: Any, out: Any) -> None:
-            n = len(xs)
-            ffi.wasmtime_component_vallist_new_uninit(byref(out.of.list), n)
-            out.kind = ffi.WASMTIME_COMPONENT_LIST
-            data = out.of.list.data
-            for i in range(n):
-                eenc(ctx, xs[i], data[i])
-
-        return enc_list
-    if k == "option":
-        inner = make_encoder(t.args[0], resources)
-
-        def enc_option(ctx: Any, x: Any, out: Any) -> None:
-            out.kind = ffi.WASMTIME_COMPONENT_OPTION
-            if x is None:
-                out.of.option = None
-                return
-            tmp = _Val()
-            inner(ctx, x, tmp)
-            out.of.option = ffi.wasmtime_component_val_new(byref(tmp))  # moves tmp's contents
-
-        return enc_option
-    if k == "tuple":
-        encs = [make_encoder(x, resources) for x in t.args]
-
-        def enc_tuple(ctx: Any, xs: Any, out: Any) -> None:
-            ffi.wasmtime_component_valtuple_new_uninit(byref(out.of.tuple), len(encs))
-            out.kind = ffi.WASMTIME_COMPONENT_TUPLE
-            data = out.of.tuple.data
-            for i, e in enumerate(encs):
-                e(ctx, xs[i], data[i])
-
-        return enc_tuple
-    if k == "record":
-        names = [n for n, _ in t.args]
-        encs = [make_encoder(x, resources) for _, x in t.args]
-
-        def enc_record(ctx: Any, xs: Any, out: Any) -> None:
-            ffi.wasmtime_component_valrecord_new_uninit(byref(out.of.record), len(encs))
-            out.kind = ffi.WASMTIME_COMPONENT_RECORD
-            data = out.of.record.data
-            for i, e in enumerate(encs):
-                entry = data[i]
-                entry.name = _name_vec(names[i])
-                e(ctx, xs[i], entry.val)
-
-        return enc_record
-    if k == "result":
-        ok_t, err_t = t.args
-        ok_enc = make_encoder(ok_t, resources) if ok_t is not None else None
-        err_enc = make_encoder(err_t, resources) if err_t is not None else None
-
-        def enc_result(ctx: Any, x: Any, out: Any) -> None:
-            out.kind = ffi.WASMTIME_COMPONENT_RESULT
-            is_ok = isinstance(x, Ok)
-            if not is_ok and not isinstance(x, Err):
-                raise TypeError(f"result value must be Ok or Err, got {x!r}")
-            out.of.result.is_ok = is_ok
-            enc = ok_enc if is_ok else err_enc
-            if enc is None:
-                out.of.result.val = None
-                return
-            tmp = _Val()
-            enc(ctx, x.value, tmp)
-            out.of.result.val = ffi.wasmtime_component_val_new(byref(tmp))
-
-        return enc_result
-    if k == "enum":
-
-        def enc_enum(ctx: Any, x: Any, out: Any) -> None:
-            out.kind = ffi.WASMTIME_COMPONENT_ENUM
-            out.of.enumeration = _name_vec(t.args[x])
-
-        return enc_enum
-    if k == "own":
-        type_id = resources.id(t.args[0])
-
-        def enc_own(ctx: Any, rep: Any, out: Any) -> None:
-            host = ffi.wasmtime_component_resource_host_new(True, rep, type_id)
-            anyp = POINTER(ffi.wasmtime_component_resource_any_t)()
-            err = ffi.wasmtime_component_resource_host_to_any(ctx, host, byref(anyp))
-            ffi.wasmtime_component_resource_host_delete(host)
-            _raise_error(err, "resource handle")
-            out.kind = ffi.WASMTIME_COMPONENT_RESOURCE
-            out.of.resource = anyp
-
-        return enc_own
-    raise ValueError(f"no encoder for {t}")
 
 
 # ===== engine and components =====
@@ -398,8 +192,8 @@ def context_key(ctx: Any) -> ContextKey:
 @dataclass
 class _HostFunc:
     name: str
-    decoders: list[Decoder]
-    encoder: Encoder | None
+    decoders: list[wasm_codec.Decoder]
+    encoder: wasm_codec.Encoder | None
     fn: Callable[..., Any]
 
 
@@ -413,15 +207,23 @@ LAST_HOST_ERROR: dict[ContextKey, str] = {}
 
 _SYNC_FUNCS: list[_HostFunc] = []
 _ASYNC_FUNCS: list[_HostFunc] = []
-_PENDING: dict[int, tuple[Pending, _HostFunc, Any, Any]] = {}
+_PENDING: dict[int, tuple[Pending, _HostFunc, int, int]] = {}
 _pending_ids = iter(range(1, 1 << 62))
 _DTORS: list[Callable[[ContextKey, int], None]] = []
+_VAL = wasm_codec.VAL_SIZE
+_ptr_at = ctypes.c_size_t.from_address
 
 
-def _fail(ctx: Any, message: str) -> int:
-    LAST_HOST_ERROR[context_key(ctx)] = message
-    err = ffi.wasmtime_error_new(message.encode())
-    return ctypes.cast(err, c_void_p).value or 0
+def _fail(ctx: int, message: str) -> int:
+    LAST_HOST_ERROR[ctx] = message
+    return wasm_codec.error_new(message.encode()) or 0
+
+
+def _error_message(hf: _HostFunc, e: Exception) -> str:
+    if isinstance(e, HostCallError):
+        return str(e)
+    # A host bug must not unwind through wasmtime's frames: it ends the guest instead.
+    return f"host error in {hf.name}: {type(e).__name__}: {e}"
 
 
 class HostCallStats:
@@ -435,22 +237,31 @@ class HostCallStats:
         cls.calls, cls.seconds = 0, 0.0
 
 
-@ffi.wasmtime_component_func_callback_t
-def _sync_trampoline(
-    env: Any, ctx: Any, ty: Any, args: Any, nargs: int, res: Any, nres: int
-) -> int:
+# The callbacks take every pointer as a plain address (``void*``): ctypes then hands
+# Python ints instead of building a pointer object per argument, and the codecs work on
+# addresses. The store context address doubles as the calling instance's key.
+_SYNC_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_size_t, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p,
+    ctypes.c_size_t,
+)  # fmt: skip
+_ASYNC_CALLBACK = ctypes.CFUNCTYPE(
+    None, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, ctypes.c_size_t,
+    c_void_p, c_void_p,
+)  # fmt: skip
+
+
+@_SYNC_CALLBACK
+def _sync_trampoline(env: int, ctx: int, ty: int, args: int, nargs: int, res: int, n: int) -> int:
     t0 = perf_counter()
     hf = _SYNC_FUNCS[env or 0]
     try:
-        pyargs = [d(ctx, args[i]) for i, d in enumerate(hf.decoders)]
-        out = hf.fn(context_key(ctx), *pyargs)
+        pyargs = [d(ctx, args + i * _VAL) for i, d in enumerate(hf.decoders)]
+        out = hf.fn(ctx, *pyargs)
         if hf.encoder is not None:
-            hf.encoder(ctx, out, res[0])
+            hf.encoder(ctx, out, res)
         return 0
-    except HostCallError as e:
-        return _fail(ctx, str(e))
-    except Exception as e:  # a host bug must not unwind through wasmtime's frames
-        return _fail(ctx, f"host error in {hf.name}: {type(e).__name__}: {e}")
+    except Exception as e:
+        return _fail(ctx, _error_message(hf, e))
     finally:
         HostCallStats.calls += 1
         HostCallStats.seconds += perf_counter() - t0
@@ -469,7 +280,7 @@ def _continuation(env: Any) -> bool:
         return False
     del _PENDING[key]
     if hf.encoder is not None:
-        hf.encoder(ctx, pending.value(), res[0])
+        hf.encoder(ctx, pending.value(), res)
     HostCallStats.seconds += perf_counter() - t0
     return True
 
@@ -480,25 +291,34 @@ def _continuation_finalizer(env: Any) -> None:
     _PENDING.pop(env or 0, None)
 
 
-@ffi.wasmtime_component_func_async_callback_t
+def _fn_address(f: Any) -> int:
+    return ctypes.cast(f, c_void_p).value or 0
+
+
+_CONTINUATION_FN = _fn_address(_continuation)
+_CONTINUATION_FINALIZER_FN = _fn_address(_continuation_finalizer)
+
+
+@_ASYNC_CALLBACK
 def _async_trampoline(
-    env: Any, ctx: Any, ty: Any, args: Any, nargs: int, res: Any, nres: int, err_ret: Any, cont: Any
+    env: int, ctx: int, ty: int, args: int, nargs: int, res: int, n: int, err_ret: int, cont: int
 ) -> None:
     t0 = perf_counter()
     hf = _ASYNC_FUNCS[env or 0]
     try:
-        pyargs = [d(ctx, args[i]) for i, d in enumerate(hf.decoders)]
-        pending = hf.fn(context_key(ctx), *pyargs)
+        pyargs = [d(ctx, args + i * _VAL) for i, d in enumerate(hf.decoders)]
+        pending = hf.fn(ctx, *pyargs)
     except Exception as e:
-        msg = str(e) if isinstance(e, HostCallError) else f"host error in {hf.name}: {e}"
-        LAST_HOST_ERROR[context_key(ctx)] = msg
-        err_ret[0] = ffi.wasmtime_error_new(msg.encode())
+        msg = _error_message(hf, e)
+        LAST_HOST_ERROR[ctx] = msg
+        _ptr_at(err_ret).value = wasm_codec.error_new(msg.encode()) or 0
         return
     key = next(_pending_ids)
     _PENDING[key] = (pending, hf, ctx, res)
-    cont.contents.callback = _continuation
-    cont.contents.env = key
-    cont.contents.finalizer = _continuation_finalizer
+    # wasmtime_async_continuation_t: callback, env, finalizer (three pointers).
+    _ptr_at(cont).value = _CONTINUATION_FN
+    _ptr_at(cont + 8).value = key
+    _ptr_at(cont + 16).value = _CONTINUATION_FINALIZER_FN
     HostCallStats.calls += 1
     HostCallStats.seconds += perf_counter() - t0
 
@@ -509,12 +329,23 @@ def _dtor_trampoline(env: Any, ctx: Any, rep: int) -> int:
         _DTORS[env or 0](context_key(ctx), rep)
         return 0
     except Exception as e:
-        return _fail(ctx, f"host error dropping a resource: {e}")
+        return _fail(context_key(ctx), f"host error dropping a resource: {e}")
 
 
 @ctypes.CFUNCTYPE(None, c_void_p)
 def _no_finalizer(env: Any) -> None:
     return None
+
+
+_NO_FINALIZER_FN = _fn_address(_no_finalizer)
+# The linker calls take our callbacks as plain addresses (their types differ from
+# wasmtime-py's prototypes only in taking ``void*`` where those take typed pointers).
+_add_func = ctypes.PYFUNCTYPE(
+    c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, c_void_p, c_void_p
+)(("wasmtime_component_linker_instance_add_func", ffi.dll))
+_add_func_async = ctypes.PYFUNCTYPE(
+    c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, c_void_p, c_void_p
+)(("wasmtime_component_linker_instance_add_func_async", ffi.dll))
 
 
 class ComponentLinker:
@@ -541,8 +372,8 @@ class ComponentLinker:
         """Register ``fn(context_key, *args)``; an async one returns a ``Pending``."""
         hf = _HostFunc(
             f"{interface}#{name}",
-            [make_decoder(p, self.resources) for p in params],
-            make_encoder(result, self.resources) if result is not None else None,
+            [wasm_codec.decoder(p, self.resources.id) for p in params],
+            wasm_codec.encoder(result, self.resources.id) if result is not None else None,
             fn,
         )
         table = _ASYNC_FUNCS if is_async else _SYNC_FUNCS
@@ -578,15 +409,12 @@ class ComponentLinker:
                         _raise_error(err, f"define resource {rname}")
                     for fname, idx, is_async in self._funcs.get(iface, []):
                         b = fname.encode()
-                        if is_async:
-                            err = ffi.wasmtime_component_linker_instance_add_func_async(
-                                ip, b, len(b), _async_trampoline, idx, _no_finalizer
-                            )
-                        else:
-                            err = ffi.wasmtime_component_linker_instance_add_func(
-                                ip, b, len(b), _sync_trampoline, idx, _no_finalizer
-                            )
-                        _raise_error(err, f"define {iface}#{fname}")
+                        add = _add_func_async if is_async else _add_func
+                        tramp = _async_trampoline if is_async else _sync_trampoline
+                        err = add(ip, b, len(b), _fn_address(tramp), idx, _NO_FINALIZER_FN)
+                        if err:
+                            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)),
+                                         f"define {iface}#{fname}")  # fmt: skip
 
 
 class GuestStore:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loom.engine.batch import ForwardBatch, OutputSpec, SamplerSpec
+from loom.engine.batch import OutputSpec, SamplerSpec
 from loom.runtime.commands import CommandQueue, ForwardCmd
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
@@ -152,24 +152,46 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
 
 
 def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:
-    """Why this pass cannot run, checked alone so it never fails a shared batch."""
-    if not fp.tokens:
+    """Why this pass cannot run, checked alone so it never fails a shared batch.
+
+    The same rules as ``ForwardBatch.validate`` for one sequence, written out straight:
+    this runs on every forward call of every inferlet, where building a probe batch cost
+    ~10 µs. ``tests/runtime/test_forward_check.py`` holds the two to the same verdicts.
+    """
+    n = len(fp.tokens)
+    if not n:
         return "the forward pass has no input tokens"
     if not fp.pages:
         return "the forward pass has no KV pages"
-    if any(p >= rt.max_model_len for p in fp.positions):
+    if len(fp.positions) != n:
+        return f"invalid forward pass: {n} tokens but {len(fp.positions)} positions"
+    if min(fp.tokens) < 0 or max(fp.tokens) >= rt.vocab_size:
+        return f"invalid forward pass: token id out of range [0, {rt.vocab_size})"
+    if min(fp.positions) < 0:
+        return "invalid forward pass: positions must be >= 0"
+    if max(fp.positions) >= rt.max_model_len:
         return f"positions must be < the model's context length {rt.max_model_len}"
-    probe = ForwardBatch(
-        token_ids=fp.tokens,
-        positions=fp.positions,
-        seq_indptr=[0, len(fp.tokens)],
-        page_tables=[[0] * len(fp.pages)],  # physical ids are checked when bound
-        last_page_lens=[fp.last_page_len],
-        outputs=outputs,
-        masks=[fp.masks] if fp.masks is not None else None,
-    )
-    try:
-        probe.validate(rt.pool.num_pages, rt.page_size, rt.vocab_size)
-    except ValueError as e:
-        return f"invalid forward pass: {e}"
+    page_size = rt.page_size
+    if not 1 <= fp.last_page_len <= page_size:
+        return f"invalid forward pass: last_page_len must be in [1, {page_size}]"
+    kv_len = page_size * (len(fp.pages) - 1) + fp.last_page_len
+    if kv_len < n:
+        return f"invalid forward pass: {n} new tokens exceed its KV length"
+    if fp.masks is not None:
+        if len(fp.masks) != n:
+            return f"invalid forward pass: {len(fp.masks)} mask rows for {n} tokens"
+        for i, row in enumerate(fp.masks):
+            if sum(row) != kv_len - n + i + 1 or (row and min(row) < 0):
+                return (
+                    f"invalid forward pass: mask row {i} covers {sum(row)} slots, "
+                    f"expected {kv_len - n + i + 1}"
+                )
+    for out in outputs:
+        if not 0 <= out.index < n:
+            return f"invalid forward pass: output index {out.index} out of range [0, {n})"
+        if out.logit_mask is not None and sum(out.logit_mask) != rt.vocab_size:
+            return (
+                f"invalid forward pass: logit mask covers {sum(out.logit_mask)} of "
+                f"{rt.vocab_size} ids"
+            )
     return None

@@ -1,0 +1,354 @@
+"""Component value codecs that read and write wasmtime's C value structs by address.
+
+Part of the wasmtime C-API layer with ``wasm_ffi`` (which owns engines, linkers, stores
+and calls); this module only converts values. A host call's arguments arrive as an array
+of ``wasmtime_component_val_t`` and its result is written into one, so every guest call
+pays for these conversions. Building ctypes structure objects for every field cost
+30–80 µs per forward pass; here a value is an integer address and fields are read with
+one ``from_address`` or one ``string_at`` + ``memoryview`` slice, and the C helpers are
+called through ``PYFUNCTYPE`` prototypes on plain ``void*`` (no argument checking, no
+GIL release: they never block and never call back).
+
+Layout (wasmtime 50.0.1, 64-bit): a value is 32 bytes, ``kind`` (u8) at 0 and the payload
+at 8. Lists, tuples, strings and enum names are ``(size_t size, T* data)`` at 8; a record
+entry is 48 bytes, its name vec at 0 and its value at 16; an option holds a ``val*`` at 8;
+a result holds ``bool is_ok`` at 8 and a ``val*`` at 16; a resource holds a
+``resource_any*`` at 8. ``tests/runtime/test_wasm_codec.py`` checks these offsets against
+wasmtime-py's own structure definitions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from array import array
+from collections.abc import Callable
+from ctypes import byref, c_bool, c_size_t, c_uint8, c_uint32, c_void_p
+from typing import Any
+
+from wasmtime import _ffi as ffi
+
+VAL_SIZE = 32  # sizeof(wasmtime_component_val_t)
+PAYLOAD = 8  # offset of the union inside a value
+ENTRY_SIZE = 48  # sizeof(wasmtime_component_valrecord_entry_t)
+ENTRY_VAL = 16  # offset of the value inside a record entry
+
+_P = ctypes.PYFUNCTYPE
+_V = c_void_p
+_any_to_host = _P(_V, _V, _V, _V)(("wasmtime_component_resource_any_to_host", ffi.dll))
+_host_rep = _P(c_uint32, _V)(("wasmtime_component_resource_host_rep", ffi.dll))
+_host_delete = _P(None, _V)(("wasmtime_component_resource_host_delete", ffi.dll))
+_host_new = _P(_V, c_bool, c_uint32, c_uint32)(("wasmtime_component_resource_host_new", ffi.dll))
+_host_to_any = _P(_V, _V, _V, _V)(("wasmtime_component_resource_host_to_any", ffi.dll))
+_vallist_new = _P(None, _V, c_size_t)(("wasmtime_component_vallist_new_uninit", ffi.dll))
+_valrecord_new = _P(None, _V, c_size_t)(("wasmtime_component_valrecord_new_uninit", ffi.dll))
+_valtuple_new = _P(None, _V, c_size_t)(("wasmtime_component_valtuple_new_uninit", ffi.dll))
+_val_new = _P(_V, _V)(("wasmtime_component_val_new", ffi.dll))
+_byte_vec_new = _P(None, _V, c_size_t, ctypes.c_char_p)(("wasm_byte_vec_new", ffi.dll))
+error_new = _P(_V, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
+
+_u8_at = c_uint8.from_address
+_u32_at = c_uint32.from_address
+_ptr_at = c_size_t.from_address
+_PAIR = struct.Struct("<QQ")  # (size, data) of a list, string or name
+
+
+def _kind(name: str) -> int:
+    return int(getattr(ffi, f"WASMTIME_COMPONENT_{name}").value)
+
+
+# scalar kind name -> (component kind, struct format of the payload, array typecode)
+_SCALARS: dict[str, tuple[int, str, str]] = {
+    "bool": (_kind("BOOL"), "?", "B"),
+    "u8": (_kind("U8"), "B", "B"),
+    "u16": (_kind("U16"), "H", "H"),
+    "u32": (_kind("U32"), "I", "I"),
+    "u64": (_kind("U64"), "Q", "Q"),
+    "s32": (_kind("S32"), "i", "i"),
+    "s64": (_kind("S64"), "q", "q"),
+    "f32": (_kind("F32"), "f", "f"),
+    "f64": (_kind("F64"), "d", "d"),
+}
+_CTYPES: dict[str, Any] = {
+    "bool": c_bool,
+    "u8": c_uint8,
+    "u16": ctypes.c_uint16,
+    "u32": c_uint32,
+    "u64": ctypes.c_uint64,
+    "s32": ctypes.c_int32,
+    "s64": ctypes.c_int64,
+    "f32": ctypes.c_float,
+    "f64": ctypes.c_double,
+}
+K_STRING, K_LIST, K_RECORD, K_TUPLE = (_kind(n) for n in ("STRING", "LIST", "RECORD", "TUPLE"))
+K_OPTION, K_RESULT = _kind("OPTION"), _kind("RESULT")
+K_ENUM, K_RESOURCE = _kind("ENUM"), _kind("RESOURCE")
+
+Decoder = Callable[[int, int], Any]  # (context address, value address) -> Python value
+Encoder = Callable[[int, Any, int], None]  # (context address, value, address to fill)
+
+
+class CodecError(Exception):
+    """A value could not be converted (a bad resource handle, a wrong Python value)."""
+
+
+def _empty_list_value() -> bytes:
+    """kind + (size 0, data) exactly as ``vallist_new_uninit(0)`` makes it (no allocation:
+    Rust's empty boxed slice holds a dangling, aligned pointer), so empty lists cost no
+    C call."""
+    probe = ctypes.create_string_buffer(16)
+    _vallist_new(ctypes.addressof(probe), 0)
+    size, data = _PAIR.unpack(probe.raw)
+    assert size == 0
+    return struct.pack("<B7xQQ", K_LIST, 0, data)
+
+
+_EMPTY_LIST = _empty_list_value()
+
+
+class _Scratch:
+    """A value-sized buffer an option/result encoder fills before boxing it; the object
+    keeps the buffer alive for as long as the encoder that holds it."""
+
+    def __init__(self) -> None:
+        self.buf = ctypes.create_string_buffer(VAL_SIZE)
+        self.addr = ctypes.addressof(self.buf)
+
+
+def _pair(addr: int) -> tuple[int, int]:
+    size, data = _PAIR.unpack(ctypes.string_at(addr + PAYLOAD, 16))
+    return size, data
+
+
+def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
+    """A function reading one value of type ``t`` (a ``wasm_ffi.Ty``); the value stays
+    owned by the caller."""
+    k = t.kind
+    if k in _SCALARS:
+        at = _CTYPES[k].from_address
+
+        def dec_scalar(ctx: int, a: int) -> Any:
+            return at(a + PAYLOAD).value
+
+        return dec_scalar
+    if k == "string":
+
+        def dec_string(ctx: int, a: int) -> str:
+            n, data = _pair(a)
+            return ctypes.string_at(data, n).decode() if n else ""
+
+        return dec_string
+    if k == "list":
+        (elem,) = t.args
+        if elem.kind in _SCALARS:
+            code = _SCALARS[elem.kind][2]
+            width = array(code).itemsize
+            first, stride = PAYLOAD // width, VAL_SIZE // width
+            as_bytes = elem.kind == "u8"
+            as_bools = elem.kind == "bool"
+
+            def dec_scalars(ctx: int, a: int) -> Any:
+                # One copy of the whole element array, then a strided view of the payloads.
+                n, data = _pair(a)
+                if n == 0:
+                    return b"" if as_bytes else []
+                view = memoryview(ctypes.string_at(data, n * VAL_SIZE)).cast(code)
+                vals = view[first::stride]
+                if as_bytes:
+                    return vals.tobytes()
+                return [bool(x) for x in vals.tolist()] if as_bools else vals.tolist()
+
+            return dec_scalars
+        edec = decoder(elem, resource_ids)
+
+        def dec_list(ctx: int, a: int) -> list[Any]:
+            n, data = _pair(a)
+            return [edec(ctx, data + i * VAL_SIZE) for i in range(n)]
+
+        return dec_list
+    if k == "option":
+        inner = decoder(t.args[0], resource_ids)
+
+        def dec_option(ctx: int, a: int) -> Any:
+            p = _ptr_at(a + PAYLOAD).value
+            return inner(ctx, p) if p else None
+
+        return dec_option
+    if k == "tuple":
+        decs = [decoder(x, resource_ids) for x in t.args]
+
+        def dec_tuple(ctx: int, a: int) -> tuple[Any, ...]:
+            _, data = _pair(a)
+            return tuple(d(ctx, data + i * VAL_SIZE) for i, d in enumerate(decs))
+
+        return dec_tuple
+    if k == "record":
+        decs = [decoder(x, resource_ids) for _, x in t.args]
+
+        def dec_record(ctx: int, a: int) -> tuple[Any, ...]:
+            _, data = _pair(a)
+            return tuple(d(ctx, data + i * ENTRY_SIZE + ENTRY_VAL) for i, d in enumerate(decs))
+
+        return dec_record
+    if k == "enum":
+        names = {n.encode(): i for i, n in enumerate(t.args)}
+
+        def dec_enum(ctx: int, a: int) -> int:
+            n, data = _pair(a)
+            return names[ctypes.string_at(data, n)]
+
+        return dec_enum
+    if k in ("borrow", "own"):
+        host = c_void_p()
+        host_ref = byref(host)
+
+        def dec_resource(ctx: int, a: int) -> int:
+            err = _any_to_host(ctx, _ptr_at(a + PAYLOAD).value, host_ref)
+            if err:
+                ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+                raise CodecError("not a resource of this host")
+            rep = int(_host_rep(host))
+            _host_delete(host)
+            return rep
+
+        return dec_resource
+    raise ValueError(f"no decoder for {t}")
+
+
+def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
+    """A function writing one value of type ``t`` into a value the callee will own."""
+    k = t.kind
+    if k in _SCALARS:
+        kind, fmt, _ = _SCALARS[k]
+        pack = struct.Struct("<B7x" + fmt).pack
+        size = struct.calcsize("<B7x" + fmt)
+
+        def enc_scalar(ctx: int, x: Any, a: int) -> None:
+            ctypes.memmove(a, pack(kind, x), size)
+
+        return enc_scalar
+    if k == "string":
+
+        def enc_string(ctx: int, x: str, a: int) -> None:
+            data = x.encode()
+            _u8_at(a).value = K_STRING
+            _byte_vec_new(a + PAYLOAD, len(data), data)
+
+        return enc_string
+    if k == "list":
+        (elem,) = t.args
+        if elem.kind in _SCALARS:
+            kind, _, code = _SCALARS[elem.kind]
+            width = array(code).itemsize
+            first, stride = PAYLOAD // width, VAL_SIZE // width
+
+            def enc_scalars(ctx: int, xs: Any, a: int) -> None:
+                # Build every element (kind byte + payload) in one buffer, copy it once.
+                n = len(xs)
+                if n == 0:
+                    ctypes.memmove(a, _EMPTY_LIST, 24)
+                    return
+                _u8_at(a).value = K_LIST
+                _vallist_new(a + PAYLOAD, n)
+                buf = bytearray(n * VAL_SIZE)
+                buf[0::VAL_SIZE] = bytes((kind,)) * n
+                memoryview(buf).cast(code)[first::stride] = array(code, xs)
+                ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, bytes(buf), len(buf))
+
+            return enc_scalars
+        eenc = encoder(elem, resource_ids)
+
+        def enc_list(ctx: int, xs: Any, a: int) -> None:
+            n = len(xs)
+            if n == 0:
+                ctypes.memmove(a, _EMPTY_LIST, 24)
+                return
+            _u8_at(a).value = K_LIST
+            _vallist_new(a + PAYLOAD, n)
+            data = _ptr_at(a + PAYLOAD + 8).value
+            for i in range(n):
+                eenc(ctx, xs[i], data + i * VAL_SIZE)
+
+        return enc_list
+    if k == "option":
+        inner = encoder(t.args[0], resource_ids)
+        scratch = _Scratch()  # one per codec node, so nested options never share one
+
+        def enc_option(ctx: int, x: Any, a: int) -> None:
+            _u8_at(a).value = K_OPTION
+            if x is None:
+                _ptr_at(a + PAYLOAD).value = 0
+                return
+            inner(ctx, x, scratch.addr)
+            _ptr_at(a + PAYLOAD).value = _val_new(scratch.addr)  # moves the scratch's value
+
+        return enc_option
+    if k in ("tuple", "record"):
+        is_record = k == "record"
+        encs = [encoder(x[1] if is_record else x, resource_ids) for x in t.args]
+        names = [x[0].encode() for x in t.args] if is_record else []
+        new = _valrecord_new if is_record else _valtuple_new
+        step, off = (ENTRY_SIZE, ENTRY_VAL) if is_record else (VAL_SIZE, 0)
+        kind_rt = K_RECORD if is_record else K_TUPLE
+
+        fields = [(i * step, e, names[i] if is_record else None) for i, e in enumerate(encs)]
+
+        def enc_fields(ctx: int, xs: Any, a: int) -> None:
+            _u8_at(a).value = kind_rt
+            new(a + PAYLOAD, len(fields))
+            data = _ptr_at(a + PAYLOAD + 8).value
+            for (at, e, name), x in zip(fields, xs, strict=True):
+                if name is not None:
+                    _byte_vec_new(data + at, len(name), name)
+                e(ctx, x, data + at + off)
+
+        return enc_fields
+    if k == "result":
+        ok_t, err_t = t.args
+        ok_enc = encoder(ok_t, resource_ids) if ok_t is not None else None
+        err_enc = encoder(err_t, resource_ids) if err_t is not None else None
+        scratch = _Scratch()
+
+        def enc_result(ctx: int, x: Any, a: int) -> None:
+            is_ok = type(x).__name__ == "Ok"
+            if not is_ok and type(x).__name__ != "Err":
+                raise CodecError(f"a result value must be Ok or Err, got {x!r}")
+            _u8_at(a).value = K_RESULT
+            _u8_at(a + PAYLOAD).value = is_ok
+            enc = ok_enc if is_ok else err_enc
+            if enc is None:
+                _ptr_at(a + PAYLOAD + 8).value = 0
+                return
+            enc(ctx, x.value, scratch.addr)
+            _ptr_at(a + PAYLOAD + 8).value = _val_new(scratch.addr)
+
+        return enc_result
+    if k == "enum":
+        cases = [n.encode() for n in t.args]
+
+        def enc_enum(ctx: int, x: int, a: int) -> None:
+            _u8_at(a).value = K_ENUM
+            _byte_vec_new(a + PAYLOAD, len(cases[x]), cases[x])
+
+        return enc_enum
+    if k == "own":
+        type_id = resource_ids(t.args[0])
+        anyp = c_void_p()
+        any_ref = byref(anyp)
+
+        def enc_own(ctx: int, rep: int, a: int) -> None:
+            host = _host_new(True, rep, type_id)
+            err = _host_to_any(ctx, host, any_ref)
+            _host_delete(host)
+            if err:
+                ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+                raise CodecError("could not hand a resource to the guest")
+            _u8_at(a).value = K_RESOURCE
+            _ptr_at(a + PAYLOAD).value = anyp.value or 0
+
+        return enc_own
+    raise ValueError(f"no encoder for {t}")
+
+
+def read_u32(addr: int) -> int:
+    return int(_u32_at(addr).value)
