@@ -10,6 +10,7 @@ Two guests:
 Also: spawn latency of a cached Python inferlet (launch -> instantiated, median).
 
     python benchmarks/runtime_overhead.py [--instances 1,10,100,1000] [--calls 50]
+        [--worker process|thread]
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
     ap.add_argument("--spawns", type=int, default=20)
     ap.add_argument(
+        "--worker", choices=("process", "thread"), default="process",
+        help="engine worker mode (process: the server's default)",
+    )  # fmt: skip
+    ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime_overhead.json"
     )
     args = ap.parse_args()
@@ -135,7 +140,7 @@ def main() -> None:
     rt = start_runtime(
         EngineConfig(model=str(ensure_tiny_model()), num_pages=pages),
         RuntimeConfig(page_wait_timeout_s=600),
-        worker_mode="thread",
+        worker_mode=args.worker,
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
     )
     program = rt.add_program(wasm)

@@ -153,6 +153,7 @@ def start_worker(
     *,
     mode: Literal["process", "thread"] = "process",
     on_ready: Callable[[], None] | None = None,
+    threads: int | None = None,
 ) -> EngineWorker:
     """Load the engine described by ``config`` in a child process or a background thread.
 
@@ -160,9 +161,10 @@ def start_worker(
     ``on_ready`` is called from a worker-owned thread each time results become available
     to ``drain()``; keep it short (setting a ``threading.Event`` is the intended use), and
     never call ``stats()`` from it: that thread is the one that would deliver the answer.
+    ``threads`` sets the child's torch intra-op threads (process mode; None: torch's default).
     """
     if mode == "process":
-        return SubprocessWorker(config, on_ready)
+        return SubprocessWorker(config, on_ready, threads=threads)
     if mode == "thread":
         return InProcessWorker(config, on_ready)
     raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
@@ -517,16 +519,25 @@ class _StatsReply:
 class SubprocessWorker(_WorkerBase):
     """Runs the engine in a "spawn" child process; a reader thread here collects results."""
 
-    def __init__(self, config: EngineConfig, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_ready: Callable[[], None] | None = None,
+        *,
+        threads: int | None = None,
+    ) -> None:
         super().__init__(on_ready)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         ctx = multiprocessing.get_context("spawn")
         ops_r, ops_w = ctx.Pipe(duplex=False)
         res_r, res_w = ctx.Pipe(duplex=False)
         # daemon: if the runtime exits without close(), multiprocessing still ends the child.
-        # The child keeps torch's default intra-op thread count (EngineConfig has no thread
-        # setting), as the engine would get in a fresh process of its own.
         self._process = ctx.Process(
-            target=_child_main, args=(config, ops_r, res_w), name="loom-engine-worker", daemon=True
+            target=_child_main,
+            args=(config, ops_r, res_w, threads),
+            name="loom-engine-worker",
+            daemon=True,
         )
         self._process.start()
         # Process.join/is_alive from two threads at once can lose the exit status (both
@@ -703,10 +714,16 @@ def _portable(e: BaseException) -> BaseException:
     return e
 
 
-def _child_main(config: EngineConfig, ops_r: Connection, res_w: Connection) -> None:
+def _child_main(
+    config: EngineConfig, ops_r: Connection, res_w: Connection, threads: int | None = None
+) -> None:
     """The child process: load the engine, then serve ops until told to stop."""
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         try:
             runner = _OpRunner(config)
