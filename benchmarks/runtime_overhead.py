@@ -10,7 +10,7 @@ Two guests:
 Also: spawn latency of a cached Python inferlet (launch -> instantiated, median).
 
     python benchmarks/runtime_overhead.py [--instances 1,10,100,1000] [--calls 50]
-        [--worker process|thread]
+        [--worker process|thread] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--instances", default="1,10,100,1000")
     ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
     ap.add_argument("--spawns", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per instance count (median)")
     ap.add_argument(
         "--worker", choices=("process", "thread"), default="process",
         help="engine worker mode (process: the server's default)",
@@ -148,9 +149,14 @@ def main() -> None:
     try:
         python_guest(rt, program, 2, 3)  # warm up the engine and the first instantiation
         for n in counts:
-            core_us = core_guest(n, args.calls)
-            py = python_guest(rt, program, n, args.calls)
-            rows.append({"instances": n, "core_us_per_call": core_us, **py})
+            # Medians of --repeats runs: the machine's speed drifts by tens of percent.
+            core_us = statistics.median(core_guest(n, args.calls) for _ in range(args.repeats))
+            runs = [python_guest(rt, program, n, args.calls) for _ in range(args.repeats)]
+            py = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            per_run = [r["host_us_per_call"] for r in runs]
+            rows.append(
+                {"instances": n, "core_us_per_call": core_us, **py, "host_us_runs": per_run}
+            )
             print(f"  {n} instances done", file=sys.stderr)
         spawn = []
         for _ in range(args.spawns):

@@ -219,3 +219,25 @@ def test_a_thousand_concurrent_inferlets_all_finish_correctly(
         assert rt.query(lambda: rt.pool.num_free) == free0
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize("policy", ["k", "t", "k_or_t"])
+def test_every_policy_finishes_fewer_guests_than_k(rt: Any, testkit: str, policy: str) -> None:
+    """k = 64 with 3 guests must not wait forever; results equal the adaptive policy's."""
+    from loom.runtime.runtime import RuntimeStats
+
+    prompts = ["5,6,7", "9,8", "3,3,3,3"]
+    baseline = [json.loads(rt.launch(testkit, ["decode", p, "6"]).recv(30)) for p in prompts]
+    saved = (rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms)
+    rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms = policy, 64, 5.0
+    try:
+        rt.query(lambda: setattr(rt, "stats", RuntimeStats()))
+        handles = [rt.launch(testkit, ["decode", p, "6"]) for p in prompts]
+        assert all(h.wait(60).ok for h in handles)
+        assert [json.loads(h.recv(5)) for h in handles] == baseline
+        sizes = list(rt.stats.batch_sizes)
+        assert sum(sizes) == 3 * 6 and max(sizes) <= 3
+        if policy == "k":  # fires only when every guest waits: the guests run in lockstep
+            assert max(sizes) == 3
+    finally:
+        rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms = saved

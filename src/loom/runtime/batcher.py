@@ -9,7 +9,9 @@ kind commands of all queues thus ride one engine batch.
 Firing policies (the original system's Table 5):
 - ``adaptive`` (default): fire whenever the engine is free, with everything that arrived
   meanwhile — work-conserving, no tuning knob.
-- ``k``: fire once ``k`` forward commands are waiting.
+- ``k``: fire once ``k`` forward commands are waiting, or when no more can arrive (no
+  guest is runnable: every live instance waits), else fewer than ``k`` live inferlets
+  would wait forever.
 - ``t``: fire once the oldest waiting command has waited ``t`` ms.
 - ``k_or_t``: whichever comes first.
 At most one batch is in flight: the engine runs one step at a time.
@@ -46,7 +48,10 @@ class Batcher:
         heads.sort(key=lambda q: -q.priority)  # stable: equal priorities keep their age order
         return heads
 
-    def decide(self, engine_busy: bool, heads: list[CommandQueue], now: float) -> FireDecision:
+    def decide(
+        self, engine_busy: bool, heads: list[CommandQueue], now: float, *, guests_idle: bool
+    ) -> FireDecision:
+        """``guests_idle``: no guest is runnable, so no command can arrive before a result."""
         if engine_busy or not heads:
             return FireDecision(False)
         policy = self.config.batch_policy
@@ -58,6 +63,8 @@ class Batcher:
         t = self.config.batch_t_ms / 1000.0
         if policy in ("k", "k_or_t") and n >= self.config.batch_k:
             return FireDecision(True)
+        if policy == "k":
+            return FireDecision(guests_idle)
         if policy in ("t", "k_or_t"):
             if waited >= t:
                 return FireDecision(True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ class InstanceHandle:
         self._post = post  # runtime inbox poster
         self.messages: queue.Queue[str] = queue.Queue()
         self.result: InstanceResult | None = None
+        self.launched_at = time.perf_counter()
+        self.finished_at: float | None = None  # perf_counter time the result was set
         self._done = threading.Event()
 
     def send(self, message: str) -> None:
@@ -52,6 +55,7 @@ class InstanceHandle:
         return self.result
 
     def _finish(self, result: InstanceResult) -> None:
+        self.finished_at = time.perf_counter()
         self.result = result
         self._done.set()
 

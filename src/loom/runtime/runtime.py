@@ -494,7 +494,9 @@ class Runtime:
             self._hold_fire = False
             return None
         heads = self.batcher.ready_heads()
-        decision = self.batcher.decide(self._batch_inflight, heads, time.perf_counter())
+        decision = self.batcher.decide(
+            self._batch_inflight, heads, time.perf_counter(), guests_idle=not self._runq
+        )
         if not decision.fire:
             return decision.wait_s
         tokens: list[int] = []

@@ -24,6 +24,7 @@ import struct
 from array import array
 from collections.abc import Callable
 from ctypes import byref, c_bool, c_size_t, c_uint8, c_uint32, c_void_p
+from dataclasses import dataclass
 from typing import Any
 
 from wasmtime import _ffi as ffi
@@ -86,6 +87,20 @@ K_ENUM, K_RESOURCE = _kind("ENUM"), _kind("RESOURCE")
 
 Decoder = Callable[[int, int], Any]  # (context address, value address) -> Python value
 Encoder = Callable[[int, Any, int], None]  # (context address, value, address to fill)
+
+
+@dataclass(frozen=True)
+class Ok:
+    """The ok case of a component ``result``."""
+
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class Err:
+    """The error case of a component ``result``."""
+
+    value: Any = None
 
 
 class CodecError(Exception):
@@ -190,6 +205,17 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
             return tuple(d(ctx, data + i * ENTRY_SIZE + ENTRY_VAL) for i, d in enumerate(decs))
 
         return dec_record
+    if k == "result":
+        ok_d, err_d = (decoder(x, resource_ids) if x is not None else None for x in t.args)
+
+        def dec_result(ctx: int, a: int) -> Ok | Err:
+            is_ok = bool(_u8_at(a + PAYLOAD).value)
+            p = _ptr_at(a + PAYLOAD + 8).value
+            d = ok_d if is_ok else err_d
+            value = d(ctx, p) if d is not None and p else None
+            return Ok(value) if is_ok else Err(value)
+
+        return dec_result
     if k == "enum":
         names = {n.encode(): i for i, n in enumerate(t.args)}
 
@@ -310,8 +336,8 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
         scratch = _Scratch()
 
         def enc_result(ctx: int, x: Any, a: int) -> None:
-            is_ok = type(x).__name__ == "Ok"
-            if not is_ok and type(x).__name__ != "Err":
+            is_ok = isinstance(x, Ok)
+            if not is_ok and not isinstance(x, Err):
                 raise CodecError(f"a result value must be Ok or Err, got {x!r}")
             _u8_at(a).value = K_RESULT
             _u8_at(a + PAYLOAD).value = is_ok

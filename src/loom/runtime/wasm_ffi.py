@@ -34,6 +34,8 @@ from wasmtime.component import Component, Linker
 from wasmtime.component import ResourceType as _ResourceType
 
 from loom.runtime import wasm_codec
+from loom.runtime.wasm_codec import Err as Err  # re-exported for the host API
+from loom.runtime.wasm_codec import Ok as Ok
 
 WASMTIME_VERSION = "50.0.1"  # the private bindings below are checked against this release
 
@@ -110,16 +112,6 @@ def own(resource: str) -> Ty:
 def borrow(resource: str) -> Ty:
     """A resource lent by the guest; decoded to the host's integer rep."""
     return Ty("borrow", (resource,))
-
-
-@dataclass(frozen=True)
-class Ok:
-    value: Any = None
-
-
-@dataclass(frozen=True)
-class Err:
-    value: Any = None
 
 
 class ResourceRegistry:

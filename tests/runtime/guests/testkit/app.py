@@ -65,6 +65,10 @@ class WitWorld(wit_world.WitWorld):
             prompt = [int(x) for x in args[1].split(",")]
             steps = int(args[2])
             messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps)))
+        elif mode == "complete":
+            # Text completion, one forward call per token: args = prompt text, max tokens.
+            toks = greedy_decode(q, ps, list(m.encode(args[1])), int(args[2]))
+            messaging.send(m.decode(toks))
         elif mode == "fork":
             ctx = [int(x) for x in args[1].split(",")]
             assert len(ctx) % ps == 0

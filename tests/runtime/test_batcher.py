@@ -1,0 +1,48 @@
+"""Firing decisions of the batching policies (pure logic, no engine)."""
+
+from __future__ import annotations
+
+from loom.runtime.batcher import Batcher
+from loom.runtime.commands import CommandQueue, ForwardCmd
+from loom.runtime.futures import HostFuture
+from loom.runtime.limits import RuntimeConfig
+
+
+def _queues(n: int, submitted_at: float) -> list[CommandQueue]:
+    qs = []
+    for i in range(n):
+        q = CommandQueue(owner=i)
+        q.push(ForwardCmd([1], [0], [i], 1, None, [], HostFuture(), submitted_at))
+        qs.append(q)
+    return qs
+
+
+def _decide(policy: str, n: int, *, waited_ms: float, idle: bool, busy: bool = False) -> bool:
+    b = Batcher(RuntimeConfig(batch_policy=policy, batch_k=4, batch_t_ms=10.0))  # type: ignore[arg-type]
+    heads = _queues(n, submitted_at=100.0)
+    return b.decide(busy, heads, 100.0 + waited_ms / 1000, guests_idle=idle).fire
+
+
+def test_adaptive_fires_whenever_the_engine_is_free() -> None:
+    assert _decide("adaptive", 1, waited_ms=0, idle=False)
+    assert not _decide("adaptive", 8, waited_ms=50, idle=True, busy=True)
+
+
+def test_k_waits_for_k_commands_or_for_every_guest_to_wait() -> None:
+    assert not _decide("k", 3, waited_ms=1000, idle=False)
+    assert _decide("k", 4, waited_ms=0, idle=False)
+    # Three live guests, all waiting on their results: nothing more can arrive.
+    assert _decide("k", 3, waited_ms=0, idle=True)
+
+
+def test_t_waits_for_the_oldest_command_and_says_how_long() -> None:
+    b = Batcher(RuntimeConfig(batch_policy="t", batch_t_ms=10.0))
+    d = b.decide(False, _queues(8, 100.0), 100.004, guests_idle=True)
+    assert not d.fire and d.wait_s is not None and abs(d.wait_s - 0.006) < 1e-9
+    assert _decide("t", 1, waited_ms=10, idle=False)
+
+
+def test_k_or_t_fires_on_whichever_comes_first() -> None:
+    assert _decide("k_or_t", 4, waited_ms=0, idle=False)
+    assert _decide("k_or_t", 1, waited_ms=11, idle=False)
+    assert not _decide("k_or_t", 3, waited_ms=2, idle=True)
