@@ -167,7 +167,7 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
                 n, data = _pair(a)
                 if n == 0:
                     return b"" if as_bytes else []
-                view = memoryview(ctypes.string_at(data, n * VAL_SIZE)).cast(code)
+                view = memoryview(ctypes.string_at(data, n * VAL_SIZE)).cast(code)  # type: ignore[call-overload]
                 vals = view[first::stride]
                 if as_bytes:
                     return vals.tobytes()
@@ -278,7 +278,7 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
                 _vallist_new(a + PAYLOAD, n)
                 buf = bytearray(n * VAL_SIZE)
                 buf[0::VAL_SIZE] = bytes((kind,)) * n
-                memoryview(buf).cast(code)[first::stride] = array(code, xs)
+                memoryview(buf).cast(code)[first::stride] = array(code, xs)  # type: ignore[call-overload]
                 ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, bytes(buf), len(buf))
 
             return enc_scalars
