@@ -84,3 +84,29 @@ def test_check_names_the_problem() -> None:
     assert "output index 2" in (_check(fp, [OutputSpec(2)], RT) or "")
     fp.positions = [0, 1 << 20]
     assert "context length" in (_check(fp, [], RT) or "")
+
+
+def test_forward_output_groups_results_by_request_kind() -> None:
+    import math
+
+    from loom.engine.batch import OutputResult
+    from loom.runtime.host.forward_api import forward_output
+
+    greedy = SamplerSpec(0.0, 0, 1.0, 0.0, None)
+    specs = [
+        OutputSpec(0, None, 2, None),  # distribution only
+        OutputSpec(1, greedy, 0, 2),  # token + its logprob + top-2 logprobs
+        OutputSpec(2, None, 0, 0),  # logprob asked where nothing was sampled
+        OutputSpec(3, greedy),  # token only
+    ]
+    results = [
+        OutputResult(top_ids=[4, 5], top_probs=[0.6, 0.3]),
+        OutputResult(token=9, logprob=-0.1, top_logprobs=[(9, -0.1), (2, -2.5)]),
+        OutputResult(),
+        OutputResult(token=11),
+    ]
+    tokens, logprobs, top_ids, top_lps, dist_ids, dist_probs = forward_output(specs, results)
+    assert tokens == [9, 11]
+    assert logprobs[0] == -0.1 and math.isnan(logprobs[1]) and len(logprobs) == 2
+    assert (top_ids, top_lps) == ([9, 2], [-0.1, -2.5])
+    assert (dist_ids, dist_probs) == ([4, 5], [0.6, 0.3])

@@ -139,3 +139,15 @@ def test_many_encodes_reuse_scratch_safely() -> None:
 
 def _as_result(x: Any) -> Any:
     return None if x is None else (type(x).__name__, x.value)
+
+
+def test_flat_records_decode_with_options_present_and_absent() -> None:
+    from loom.runtime.host.types_sampler import SAMPLER
+
+    for value in [(0.0, 0, 1.0, 0.0, None), (0.7, 40, 0.9, 0.05, (1 << 63) + 5)]:
+        decoded, _ = roundtrip(SAMPLER, value)
+        assert decoded == pytest.approx(value) and decoded[4] == value[4]
+    t = record(("a", U8), ("b", option(BOOL)), ("c", S64), ("d", option(F32)))
+    for value in [(255, True, -3, None), (0, None, 1 << 40, 0.5), (1, False, 0, -1.0)]:
+        decoded, _ = roundtrip(t, value)
+        assert decoded == value

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loom.config import EngineConfig
-from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.batch import ForwardBatch
 from loom.engine.page_pool import PagePool
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
@@ -50,6 +50,7 @@ from loom.runtime.engine_worker import (
     start_worker,
 )
 from loom.runtime.futures import Mailbox, Stream
+from loom.runtime.host.forward_api import forward_output
 from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
@@ -597,7 +598,7 @@ class Runtime:
                     q.failed = True
                     cmd.future.resolve(wasm_ffi.Err(f"forward pass failed: {result}"))
                 else:
-                    cmd.future.resolve(wasm_ffi.Ok([_output_value(r) for r in result[a:b]]))
+                    cmd.future.resolve(wasm_ffi.Ok(forward_output(cmd.outputs, result[a:b])))
                 continue
             task = cmd.task
             if not inst.alive:
@@ -641,11 +642,6 @@ def _run_tokens(run: list[Any]) -> int:
 
 def _shift(o: Any, base: int) -> Any:
     return replace(o, index=o.index + base)
-
-
-def _output_value(r: OutputResult) -> tuple[Any, ...]:
-    # forward.output: token, logprob, dist-ids, dist-probs, top-logprobs
-    return (r.token, r.logprob, r.top_ids, r.top_probs, r.top_logprobs)
 
 
 def _trap_summary(err: str) -> str:

@@ -135,6 +135,38 @@ def _pair(addr: int) -> tuple[int, int]:
     return size, data
 
 
+def _flat_field(t: Any) -> bool:
+    return t.kind in _SCALARS or (t.kind == "option" and t.args[0].kind in _SCALARS)
+
+
+def _flat_record_decoder(fields: list[Any]) -> Decoder:
+    """A record of scalars and optional scalars (a sampler, say) read with one copy and
+    one unpack; each present option costs one more read."""
+    fmt, at = "<", 0
+    options: list[tuple[int, Any]] = []  # (field index, ctypes type of the payload)
+    for i, t in enumerate(fields):
+        target = i * ENTRY_SIZE + ENTRY_VAL + PAYLOAD  # this field's payload
+        code = "Q" if t.kind == "option" else _SCALARS[t.kind][1]
+        fmt += f"{target - at}x{code}"
+        at = target + struct.calcsize("<" + code)
+        if t.kind == "option":
+            options.append((i, _CTYPES[t.args[0].kind]))
+    layout = struct.Struct(fmt)
+
+    def dec_flat_record(ctx: int, a: int) -> tuple[Any, ...]:
+        _, data = _pair(a)
+        vals = layout.unpack(ctypes.string_at(data, layout.size))
+        if not options:
+            return vals
+        out = list(vals)
+        for i, ctype in options:
+            p = out[i]
+            out[i] = ctype.from_address(p + PAYLOAD).value if p else None
+        return tuple(out)
+
+    return dec_flat_record
+
+
 def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
     """A function reading one value of type ``t`` (a ``wasm_ffi.Ty``); the value stays
     owned by the caller."""
@@ -161,12 +193,15 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
             first, stride = PAYLOAD // width, VAL_SIZE // width
             as_bytes = elem.kind == "u8"
             as_bools = elem.kind == "bool"
+            one_at = _CTYPES[elem.kind].from_address
 
             def dec_scalars(ctx: int, a: int) -> Any:
                 # One copy of the whole element array, then a strided view of the payloads.
                 n, data = _pair(a)
                 if n == 0:
                     return b"" if as_bytes else []
+                if n == 1 and not as_bytes:  # the decode step's single token: one read
+                    return [one_at(data + PAYLOAD).value]
                 view = memoryview(ctypes.string_at(data, n * VAL_SIZE)).cast(code)  # type: ignore[call-overload]
                 vals = view[first::stride]
                 if as_bytes:
@@ -197,6 +232,8 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
             return tuple(d(ctx, data + i * VAL_SIZE) for i, d in enumerate(decs))
 
         return dec_tuple
+    if k == "record" and all(_flat_field(x) for _, x in t.args):
+        return _flat_record_decoder([x for _, x in t.args])
     if k == "record":
         decs = [decoder(x, resource_ids) for _, x in t.args]
 
@@ -264,9 +301,10 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
     if k == "list":
         (elem,) = t.args
         if elem.kind in _SCALARS:
-            kind, _, code = _SCALARS[elem.kind]
+            kind, fmt, code = _SCALARS[elem.kind]
             width = array(code).itemsize
             first, stride = PAYLOAD // width, VAL_SIZE // width
+            one = struct.Struct("<B7x" + fmt)
 
             def enc_scalars(ctx: int, xs: Any, a: int) -> None:
                 # Build every element (kind byte + payload) in one buffer, copy it once.
@@ -276,6 +314,9 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
                     return
                 _u8_at(a).value = K_LIST
                 _vallist_new(a + PAYLOAD, n)
+                if n == 1:
+                    ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, one.pack(kind, xs[0]), one.size)
+                    return
                 buf = bytearray(n * VAL_SIZE)
                 buf[0::VAL_SIZE] = bytes((kind,)) * n
                 memoryview(buf).cast(code)[first::stride] = array(code, xs)  # type: ignore[call-overload]

@@ -47,6 +47,21 @@ def add_future_resource(
 
 
 def sampler_spec(s: tuple[float, int, float, float, int | None]) -> SamplerSpec:
+    """The engine's sampler for a WIT ``sampler`` record, validated once per distinct value
+    (inferlets pass the same few samplers on every call)."""
+    spec = _SAMPLERS.get(s)
+    if spec is None:
+        spec = _new_sampler_spec(s)
+        if len(_SAMPLERS) >= 4096:
+            _SAMPLERS.clear()
+        _SAMPLERS[s] = spec
+    return spec
+
+
+_SAMPLERS: dict[tuple[float, int, float, float, int | None], SamplerSpec] = {}
+
+
+def _new_sampler_spec(s: tuple[float, int, float, float, int | None]) -> SamplerSpec:
     temperature, top_k, top_p, min_p, seed = s
     spec = SamplerSpec(float(temperature), int(top_k), float(top_p), float(min_p), seed)
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loom.engine.batch import OutputSpec, SamplerSpec
+from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
 from loom.runtime.commands import CommandQueue, ForwardCmd
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
@@ -19,24 +20,45 @@ from loom.runtime.wasm_ffi import (
     HostCallError,
     borrow,
     list_of,
-    option,
     own,
     record,
     result,
-    tuple_of,
 )
 
 if TYPE_CHECKING:
     from loom.runtime.runtime import Runtime
 
 NAME = iface("forward")
-OUTPUT = record(
-    ("token", option(U32)),
-    ("logprob", option(F32)),
+FORWARD_OUTPUT = record(
+    ("tokens", list_of(U32)),
+    ("logprobs", list_of(F32)),
+    ("top-logprob-ids", list_of(U32)),
+    ("top-logprobs", list_of(F32)),
     ("dist-ids", list_of(U32)),
     ("dist-probs", list_of(F32)),
-    ("top-logprobs", list_of(tuple_of(U32, F32))),
 )
+
+
+def forward_output(specs: list[OutputSpec], results: list[OutputResult]) -> tuple[list[Any], ...]:
+    """The WIT ``forward-output`` of one pass: its results grouped by kind of request."""
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    top_ids: list[int] = []
+    top_lps: list[float] = []
+    dist_ids: list[int] = []
+    dist_probs: list[float] = []
+    for spec, r in zip(specs, results, strict=True):
+        if spec.sampler is not None:
+            tokens.append(r.token if r.token is not None else 0)
+        if spec.logprobs is not None:
+            logprobs.append(r.logprob if r.logprob is not None else math.nan)
+            for tok, lp in r.top_logprobs:
+                top_ids.append(tok)
+                top_lps.append(lp)
+        if spec.top_k_dist:
+            dist_ids += r.top_ids
+            dist_probs += r.top_probs
+    return tokens, logprobs, top_ids, top_lps, dist_ids, dist_probs
 
 
 @dataclass
@@ -61,7 +83,7 @@ class ForwardPassBuilder:
 
 def register(linker: ComponentLinker, rt: Runtime) -> None:
     linker.add_resource(NAME, "forward-pass", lambda key, rep: rt.handles.drop(rep))
-    add_future_resource(linker, rt, NAME, "forward-result", result(list_of(OUTPUT), STRING))
+    add_future_resource(linker, rt, NAME, "forward-result", result(FORWARD_OUTPUT, STRING))
 
     def builder(key: int, rep: int) -> ForwardPassBuilder:
         fp: ForwardPassBuilder = rt.handles.get(rt.caller(key).seq, rep, ForwardPassBuilder)

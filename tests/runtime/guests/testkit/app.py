@@ -38,14 +38,14 @@ def greedy_decode(q, ps, prompt, steps):
     out = unwrap(
         wait(fwd(q, prompt, list(range(n)), pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
     )
-    toks = [out[0].token]
+    toks = [out.tokens[0]]
     for _ in range(steps - 1):
         pos = n
         n += 1
         res = unwrap(
             wait(fwd(q, [toks[-1]], [pos], pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
         )
-        toks.append(res[0].token)
+        toks.append(res.tokens[0])
     return toks
 
 
@@ -77,7 +77,7 @@ class WitWorld(wit_world.WitWorld):
             n = len(ctx)
             tok = 7
             own = kv.allocate(q, 1)
-            parent = unwrap(wait(fwd(q, [tok], [n], shared + own, 1, dist=20)))[0]
+            parent = unwrap(wait(fwd(q, [tok], [n], shared + own, 1, dist=20)))
             futures = []
             for i in range(4):
                 fq = m.create_queue()
@@ -88,7 +88,7 @@ class WitWorld(wit_world.WitWorld):
             for f in futures:
                 while f.get() is None:
                     types.poll([f.pollable()])
-                results.append(unwrap(f.get())[0])
+                results.append(unwrap(f.get()))
             messaging.send(
                 json.dumps(
                     {
@@ -131,13 +131,13 @@ class WitWorld(wit_world.WitWorld):
             unwrap(wait(fwd(q, ctx, list(range(32)), shared, ps)))
             own = kv.allocate(q, 1)
             if mode == "fa":
-                r = unwrap(wait(fwd(q, [7], [32], shared + own, 1, dist=20)))[0]
+                r = unwrap(wait(fwd(q, [7], [32], shared + own, 1, dist=20)))
                 messaging.send(json.dumps([r.dist_ids, r.dist_probs]))
             elif mode == "fb":
                 fq = m.create_queue()
                 page = kv.allocate(fq, 1)
-                r = unwrap(wait(fwd(fq, [7], [32], shared + page, 1, GREEDY)))[0]
-                messaging.send(json.dumps(r.token))
+                r = unwrap(wait(fwd(fq, [7], [32], shared + page, 1, GREEDY)))
+                messaging.send(json.dumps(r.tokens[0]))
             else:
                 f1 = fwd(q, [7], [32], shared + own, 1, GREEDY)
                 own2 = kv.allocate(q, 1)
