@@ -151,3 +151,19 @@ def test_flat_records_decode_with_options_present_and_absent() -> None:
     for value in [(255, True, -3, None), (0, None, 1 << 40, 0.5), (1, False, 0, -1.0)]:
         decoded, _ = roundtrip(t, value)
         assert decoded == value
+
+
+def test_records_of_lists_start_from_a_template_of_empty_lists() -> None:
+    t = record(("a", list_of(U32)), ("b", list_of(F32)), ("c", list_of(U32)))
+    for value in [([17], [], []), ([], [], []), ([1, 2, 3], [0.5], [9])]:
+        decoded, kind = roundtrip(t, value)
+        assert decoded == value and kind == wasm_codec.K_RECORD
+    val = ffi.wasmtime_component_val_t()
+    wasm_codec.encoder(t, _no_resources)(0, ([5], [], []), ctypes.addressof(val))
+    rec = val.of.record
+    assert [ctypes.string_at(rec.data[i].name.data, rec.data[i].name.size) for i in range(3)] == [
+        b"a",
+        b"b",
+        b"c",
+    ]
+    ffi.wasmtime_component_val_delete(ctypes.byref(val))

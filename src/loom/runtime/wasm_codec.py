@@ -52,6 +52,7 @@ _u8_at = c_uint8.from_address
 _u32_at = c_uint32.from_address
 _ptr_at = c_size_t.from_address
 _PAIR = struct.Struct("<QQ")  # (size, data) of a list, string or name
+_KIND_PTR = struct.Struct("<B7xQ")  # a value's kind and a pointer payload
 
 
 def _kind(name: str) -> int:
@@ -350,6 +351,8 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
             _ptr_at(a + PAYLOAD).value = _val_new(scratch.addr)  # moves the scratch's value
 
         return enc_option
+    if k == "record" and all(x.kind == "list" and x.args[0].kind in _SCALARS for _, x in t.args):
+        return _list_record_encoder(t, resource_ids)
     if k in ("tuple", "record"):
         is_record = k == "record"
         encs = [encoder(x[1] if is_record else x, resource_ids) for x in t.args]
@@ -410,11 +413,33 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
             if err:
                 ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
                 raise CodecError("could not hand a resource to the guest")
-            _u8_at(a).value = K_RESOURCE
-            _ptr_at(a + PAYLOAD).value = anyp.value or 0
+            ctypes.memmove(a, _KIND_PTR.pack(K_RESOURCE, anyp.value or 0), 16)
 
         return enc_own
     raise ValueError(f"no encoder for {t}")
+
+
+def _list_record_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
+    """A record of scalar lists (a pass's ``forward-output``): every field starts as an
+    empty list in one copy of a template; then only names and non-empty lists cost calls."""
+    names = [n.encode() for n, _ in t.args]
+    encs = [encoder(x, resource_ids) for _, x in t.args]
+    # Entry: name (16 bytes, written below), then the value: an empty list.
+    template = b"".join(bytes(16) + _EMPTY_LIST + bytes(VAL_SIZE - len(_EMPTY_LIST)) for _ in names)
+    fields = [(i * ENTRY_SIZE, names[i], enc) for i, enc in enumerate(encs)]
+    size = len(fields)
+
+    def enc_list_record(ctx: int, xs: Any, a: int) -> None:
+        _u8_at(a).value = K_RECORD
+        _valrecord_new(a + PAYLOAD, size)
+        data = _ptr_at(a + PAYLOAD + 8).value
+        ctypes.memmove(data, template, len(template))
+        for (at, name, enc), x in zip(fields, xs, strict=True):
+            _byte_vec_new(data + at, len(name), name)
+            if len(x):
+                enc(ctx, x, data + at + ENTRY_VAL)
+
+    return enc_list_record
 
 
 def read_u32(addr: int) -> int:

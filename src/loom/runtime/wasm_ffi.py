@@ -181,12 +181,32 @@ def context_key(ctx: Any) -> ContextKey:
     return ctypes.cast(ctx, c_void_p).value or 0
 
 
+_VAL = wasm_codec.VAL_SIZE
+
+
 @dataclass
 class _HostFunc:
     name: str
-    decoders: list[wasm_codec.Decoder]
+    invoke: Callable[[int, int], Any]  # (context, address of the argument values) -> result
     encoder: wasm_codec.Encoder | None
-    fn: Callable[..., Any]
+
+
+def _invoker(fn: Callable[..., Any], decs: list[wasm_codec.Decoder]) -> Callable[[int, int], Any]:
+    """Decode the arguments and call ``fn``; unrolled for the common arities (every guest
+    call runs this, and a generic loop costs a frame and a list)."""
+    v = _VAL
+    if len(decs) == 0:
+        return lambda ctx, args: fn(ctx)
+    if len(decs) == 1:
+        (d0,) = decs
+        return lambda ctx, args: fn(ctx, d0(ctx, args))
+    if len(decs) == 2:
+        d0, d1 = decs
+        return lambda ctx, args: fn(ctx, d0(ctx, args), d1(ctx, args + v))
+    if len(decs) == 3:
+        d0, d1, d2 = decs
+        return lambda ctx, args: fn(ctx, d0(ctx, args), d1(ctx, args + v), d2(ctx, args + 2 * v))
+    return lambda ctx, args: fn(ctx, *[d(ctx, args + i * v) for i, d in enumerate(decs)])
 
 
 class HostCallError(Exception):
@@ -202,7 +222,6 @@ _ASYNC_FUNCS: list[_HostFunc] = []
 _PENDING: dict[int, tuple[Pending, _HostFunc, int, int]] = {}
 _pending_ids = iter(range(1, 1 << 62))
 _DTORS: list[Callable[[ContextKey, int], None]] = []
-_VAL = wasm_codec.VAL_SIZE
 _ptr_at = ctypes.c_size_t.from_address
 
 
@@ -247,8 +266,7 @@ def _sync_trampoline(env: int, ctx: int, ty: int, args: int, nargs: int, res: in
     t0 = perf_counter()
     hf = _SYNC_FUNCS[env or 0]
     try:
-        pyargs = [d(ctx, args + i * _VAL) for i, d in enumerate(hf.decoders)]
-        out = hf.fn(ctx, *pyargs)
+        out = hf.invoke(ctx, args)
         if hf.encoder is not None:
             hf.encoder(ctx, out, res)
         return 0
@@ -298,8 +316,7 @@ def _async_trampoline(
     t0 = perf_counter()
     hf = _ASYNC_FUNCS[env or 0]
     try:
-        pyargs = [d(ctx, args + i * _VAL) for i, d in enumerate(hf.decoders)]
-        pending = hf.fn(ctx, *pyargs)
+        pending = hf.invoke(ctx, args)
     except Exception as e:
         msg = _error_message(hf, e)
         LAST_HOST_ERROR[ctx] = msg
@@ -364,9 +381,8 @@ class ComponentLinker:
         """Register ``fn(context_key, *args)``; an async one returns a ``Pending``."""
         hf = _HostFunc(
             f"{interface}#{name}",
-            [wasm_codec.decoder(p, self.resources.id) for p in params],
+            _invoker(fn, [wasm_codec.decoder(p, self.resources.id) for p in params]),
             wasm_codec.encoder(result, self.resources.id) if result is not None else None,
-            fn,
         )
         table = _ASYNC_FUNCS if is_async else _SYNC_FUNCS
         if not table:
