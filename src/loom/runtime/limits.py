@@ -38,6 +38,10 @@ class RuntimeConfig:
     out_of_pages: OutOfPagesPolicy = "wait"
     page_wait_timeout_s: float = 30.0
 
+    # Freeze the objects that exist when the runtime starts out of Python's garbage
+    # collector (``gc.freeze``), so collections scan only what instances create.
+    freeze_gc: bool = True
+
     # Outgoing HTTP is allowed only to these hosts ("*" allows any).
     http_allow_hosts: tuple[str, ...] = ()
 

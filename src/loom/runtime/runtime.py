@@ -12,6 +12,7 @@ A guest that waits is suspended inside ``types.poll`` and costs nothing until wo
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import threading
@@ -156,6 +157,12 @@ class Runtime:
         return handle
 
     def start(self) -> Runtime:
+        if self.config.freeze_gc:
+            # Everything loaded so far (torch, the tokenizer, compiled programs) lives for
+            # the whole process: moving it out of the collector's generations keeps each
+            # collection proportional to the live instances' objects alone.
+            gc.collect()
+            gc.freeze()
         self._thread = threading.Thread(target=self._loop, name="loom-runtime", daemon=True)
         self._thread.start()
         self._ticker = threading.Thread(target=self._tick, name="loom-epoch", daemon=True)
