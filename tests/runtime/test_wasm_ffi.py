@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import wasmtime
@@ -88,18 +88,20 @@ def _start(engine: wasm_ffi.WasmEngine, guest: Guest, name: str, arg: int) -> wa
     return fut
 
 
-def _poll_until(fut: wasm_ffi.CallFuture, cond: object = None) -> bool:
+def _poll_until(fut: wasm_ffi.CallFuture, cond: Callable[[], bool] | None = None) -> bool:
     """Poll through epoch yields (a slice can end at any instruction) until ``fut`` is
     done or ``cond()`` holds; True when done."""
     for _ in range(10_000):
         if fut.poll():
             return True
-        if cond is not None and cond():  # type: ignore[operator]
+        if cond is not None and cond():
             return False
     raise AssertionError("the guest made no progress")
 
 
-def test_a_waiting_host_call_suspends_only_its_guest(engine: wasm_ffi.WasmEngine, guest: Guest) -> None:
+def test_a_waiting_host_call_suspends_only_its_guest(
+    engine: wasm_ffi.WasmEngine, guest: Guest
+) -> None:
     _, _, pending = guest
     pending.clear()
     a, b = _start(engine, guest, "sum", 3), _start(engine, guest, "sum", 3)
