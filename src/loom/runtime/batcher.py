@@ -80,9 +80,12 @@ def _submitted(q: CommandQueue) -> float:
 
 def _forward_run(q: CommandQueue) -> list[ForwardCmd | GenerateCmd]:
     """The head forward command and the consecutive independent ones behind it."""
+    i = q.head
+    if i + 1 >= len(q.cmds):  # the usual case: one command waiting, nothing to merge
+        cmd = q.cmds[i] if i < len(q.cmds) else None
+        return [cmd] if isinstance(cmd, (ForwardCmd, GenerateCmd)) else []
     out: list[ForwardCmd | GenerateCmd] = []
     pages: set[int] = set()
-    i = q.head
     while i < len(q.cmds):
         cmd = q.cmds[i]
         if isinstance(cmd, GenerateCmd):

@@ -332,13 +332,14 @@ def _async_trampoline(
     HostCallStats.seconds += perf_counter() - t0
 
 
-@ffi.wasmtime_component_resource_destructor_t
-def _dtor_trampoline(env: Any, ctx: Any, rep: int) -> int:
+@ctypes.CFUNCTYPE(ctypes.c_size_t, c_void_p, c_void_p, ctypes.c_uint32)
+def _dtor_trampoline(env: int, ctx: int, rep: int) -> int:
+    # Every forward pass drops two resources: the context arrives as a plain address too.
     try:
-        _DTORS[env or 0](context_key(ctx), rep)
+        _DTORS[env or 0](ctx, rep)
         return 0
     except Exception as e:
-        return _fail(context_key(ctx), f"host error dropping a resource: {e}")
+        return _fail(ctx, f"host error dropping a resource: {e}")
 
 
 @ctypes.CFUNCTYPE(None, c_void_p)
@@ -352,6 +353,9 @@ _NO_FINALIZER_FN = _fn_address(_no_finalizer)
 _add_func = ctypes.PYFUNCTYPE(
     c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, c_void_p, c_void_p
 )(("wasmtime_component_linker_instance_add_func", ffi.dll))
+_add_resource = ctypes.PYFUNCTYPE(
+    c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, c_void_p, c_void_p, c_void_p
+)(("wasmtime_component_linker_instance_add_resource", ffi.dll))
 _add_func_async = ctypes.PYFUNCTYPE(
     c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, c_void_p, c_void_p
 )(("wasmtime_component_linker_instance_add_func_async", ffi.dll))
@@ -410,11 +414,13 @@ class ComponentLinker:
                     ip = inst.ptr()
                     for rname, idx in self._resources.get(iface, []):
                         b = rname.encode()
-                        err = ffi.wasmtime_component_linker_instance_add_resource(
+                        err = _add_resource(
                             ip, b, len(b), self.resources.get(rname).ptr(),
-                            _dtor_trampoline, idx, _no_finalizer,
+                            _fn_address(_dtor_trampoline), idx, _NO_FINALIZER_FN,
                         )  # fmt: skip
-                        _raise_error(err, f"define resource {rname}")
+                        if err:
+                            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)),
+                                         f"define resource {rname}")  # fmt: skip
                     for fname, idx, is_async in self._funcs.get(iface, []):
                         b = fname.encode()
                         add = _add_func_async if is_async else _add_func
