@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 from typing import Any
 
@@ -241,3 +243,47 @@ def test_every_policy_finishes_fewer_guests_than_k(rt: Any, testkit: str, policy
             assert max(sizes) == 3
     finally:
         rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms = saved
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        reply = b"echo:" + body + b":" + self.headers["x-test"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_fetch_reaches_allowed_hosts_only(rt: Any, testkit: str) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x"
+    saved = rt.config.http_allow_hosts
+    try:
+        denied = rt.launch(testkit, ["http", url]).wait(30)
+        assert not denied.ok and "not allowed by the server's HTTP policy" in (denied.error or "")
+        rt.config.http_allow_hosts = ("127.0.0.1",)
+        h = rt.launch(testkit, ["http", url])
+        assert h.wait(30).ok
+        assert h.recv(5) == "200 echo:ping:1"
+    finally:
+        rt.config.http_allow_hosts = saved
+        server.shutdown()
+
+
+def test_an_inferlet_launches_a_child(rt: Any, testkit: str) -> None:
+    parent = rt.launch(testkit, ["spawn", testkit, "child-key", "from the child"])
+    assert parent.wait(30).ok
+    child_id = parent.recv(5)
+    assert child_id and child_id != parent.id
+    deadline = time.monotonic() + 30
+    while rt.query(lambda: rt.store_kv.get("child-key")) is None:
+        assert time.monotonic() < deadline, "the child never ran"
+        time.sleep(0.02)
+    assert rt.query(lambda: rt.store_kv.get("child-key")) == "from the child"
+    bad = rt.launch(testkit, ["spawn", "no-such-program", "k", "v"]).wait(30)
+    assert not bad.ok and "no-such-program" in (bad.error or "")

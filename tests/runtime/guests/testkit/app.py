@@ -4,7 +4,7 @@ import json
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import forward, generate, kv, messaging, model, runtime, store, types
+from wit_world.imports import forward, generate, http, kv, messaging, model, runtime, store, types
 
 GREEDY = types.Sampler(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None)
 
@@ -69,6 +69,16 @@ class WitWorld(wit_world.WitWorld):
             # Text completion, one forward call per token: args = prompt text, max tokens.
             toks = greedy_decode(q, ps, list(m.encode(args[1])), int(args[2]))
             messaging.send(m.decode(toks))
+        elif mode == "http":
+            # POST to args[1]; report "status body".
+            fut = http.fetch("POST", args[1], [("x-test", "1")], b"ping")
+            r = unwrap(wait(fut))
+            messaging.send(f"{r.status} {bytes(r.body).decode()}")
+        elif mode == "put":
+            store.set(args[1], args[2])
+        elif mode == "spawn":
+            # A child of the same program (args[1]) that stores args[2] = args[3].
+            messaging.send(unwrap(runtime.launch(args[1], ["put", args[2], args[3]])))
         elif mode == "fork":
             ctx = [int(x) for x in args[1].split(",")]
             assert len(ctx) % ps == 0
