@@ -81,7 +81,7 @@ def main() -> None:
     from loom.sdk.build import build_inferlet
 
     print("building the Python test inferlet (cached after the first time)...", file=sys.stderr)
-    wasm = build_inferlet(ROOT / "tests" / "runtime" / "guests" / "testkit").read_bytes()
+    wasm = build_inferlet(ROOT / "tests" / "runtime" / "guests" / "testkit", sdk=False).read_bytes()
     texts = prompts(args.guests)
     rows: list[dict[str, Any]] = []
     for policy in args.policies.split(","):

@@ -136,7 +136,7 @@ def main() -> None:
     from loom.sdk.build import build_inferlet
 
     print("building the Python test inferlet (cached after the first time)...", file=sys.stderr)
-    wasm = build_inferlet(ROOT / "tests" / "runtime" / "guests" / "testkit").read_bytes()
+    wasm = build_inferlet(ROOT / "tests" / "runtime" / "guests" / "testkit", sdk=False).read_bytes()
     pages = max(counts) * (-(-(3 + args.calls) // 16)) + 64
     rt = start_runtime(
         EngineConfig(model=str(ensure_tiny_model()), num_pages=pages),

@@ -15,7 +15,7 @@ def testkit_wasm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The raw-bindings test inferlet, built with componentize-py (about 10 s, once)."""
     from loom.sdk.build import build_inferlet
 
-    return build_inferlet(GUESTS / "testkit").read_bytes()
+    return build_inferlet(GUESTS / "testkit", sdk=False).read_bytes()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,356 @@
+"""``Context``: a token sequence with its KV cache, and the ways to extend it.
+
+Tokens are *filled* first (pending: known but not yet in the KV cache) and enter the KV
+cache with the next forward pass: ``flush()`` alone, or the pass that also samples
+(``decode_step``, ``generate``). The last sampled token stays pending, as in any decode
+loop: the next pass writes it and predicts the one after.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from inferlet import _kv
+from inferlet._loop import gather, wait_for
+from inferlet._wit import Err, forward, generate, kv, store, types, unwrap
+from inferlet.model import Model
+from inferlet.sampler import Greedy, Sampler
+from inferlet.stop import Stop, as_stop
+
+
+def _export_key(name: str) -> str:
+    return f"loom.context/{name}"
+
+
+def _wit_sampler(s: Sampler) -> types.Sampler:
+    return types.Sampler(
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed
+    )
+
+
+class Context:
+    def __init__(
+        self,
+        model: Model,
+        queue: Any,
+        *,
+        pages: list[int] | None = None,
+        kv_len: int = 0,
+        tokens: list[int] | None = None,
+        after: list[Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.queue = queue
+        self.page_size = model.page_size(queue)
+        self.pages: list[int] = pages or []  # held in model.refs
+        self.tokens: list[int] = tokens or []  # every token: in the KV cache, then pending
+        # Position (index in ``tokens``) of each written KV slot, in slot order. Equal to
+        # range(kv_len) until masked pages are dropped.
+        self.slot_pos: list[int] = list(range(kv_len))
+        self.written = kv_len  # tokens[:written] went through a forward pass
+        self.masked: set[int] = set()  # positions hidden from later passes
+        # Passes of other queues this context's next pass must follow (a fork's parent).
+        self._after: list[Any] = after or []
+        self._unchecked: list[Any] = []  # flushes not yet seen to succeed
+        self._released = False
+
+    # ----- filling -----
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens filled but not yet in the KV cache."""
+        return self.tokens[self.written :]
+
+    @property
+    def kv_len(self) -> int:
+        """KV slots in use (the written tokens minus dropped pages)."""
+        return len(self.slot_pos)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def fill(self, text: str) -> None:
+        self.fill_tokens(self.model.tokenizer.encode(text))
+
+    def fill_tokens(self, ids: list[int]) -> None:
+        vocab = self.model.tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        self._check_open()
+        self.tokens += ids
+
+    def fill_chat(self, messages: list[Any], add_generation_prompt: bool = True) -> None:
+        self.fill(self.model.chat_template(messages, add_generation_prompt))
+
+    # ----- forward passes -----
+
+    def _grow(self, total: int) -> None:
+        """Make sure pages hold ``total`` tokens."""
+        need = _kv.pages_for(total, self.page_size) - len(self.pages)
+        if need > 0:
+            new = list(kv.allocate(self.queue, need))
+            self.model.refs.hold(new)
+            self.pages += new
+
+    def _submit(self, outputs: str, arg: Any = None) -> Any:
+        """Queue a pass over the pending tokens; returns its forward-result."""
+        self._check_open()
+        pending = self.pending
+        if not pending:
+            raise ValueError("nothing to process: fill tokens first")
+        end = len(self.tokens)
+        if end > self.model.max_model_len:
+            raise ValueError(
+                f"position {end} exceeds the context length {self.model.max_model_len}"
+            )
+        slots = self.kv_len + len(pending)
+        self._grow(slots)
+        fp = forward.ForwardPass(self.queue)
+        fp.input(pending, list(range(self.written, end)))
+        fp.kv_pages(
+            self.pages[: _kv.pages_for(slots, self.page_size)],
+            _kv.last_page_len(slots, self.page_size),
+        )
+        last = len(pending) - 1
+        if outputs == "token":
+            fp.output_token(last, _wit_sampler(arg))
+        elif outputs == "distribution":
+            fp.output_distribution(last, arg)
+        self.slot_pos += range(self.written, end)
+        self.written = end
+        return fp.execute()
+
+    async def _follow(self) -> None:
+        if self._after:
+            after, self._after = self._after, []
+            for fut in after:
+                unwrap(await wait_for(fut))
+
+    def _check_flushes(self) -> None:
+        for fut in self._unchecked:
+            unwrap(fut.get())
+        self._unchecked.clear()
+
+    def flush(self) -> None:
+        """Write the pending tokens into the KV cache (queued; no result to wait for).
+
+        A fork's first pass must follow its parent's, so a fork awaits in ``decode_step``;
+        use ``await ctx.decode_step()`` or ``generate`` to go on."""
+        if self._after:
+            raise RuntimeError("a fresh fork cannot flush before its first awaited step")
+        if self.pending:
+            self._unchecked.append(self._submit("none"))
+
+    async def decode_step(self, sampler: Sampler | None = None) -> int:
+        """One forward pass over the pending tokens; the sampled next token (pending)."""
+        await self._follow()
+        fut = self._submit("token", sampler or Greedy())
+        out = unwrap(await wait_for(fut))
+        self._check_flushes()
+        token = int(out.tokens[0])
+        self.tokens.append(token)
+        return token
+
+    async def next_distribution(self, k: int = 32) -> list[tuple[int, float]]:
+        """The top-``k`` next-token distribution after the pending tokens (descending).
+
+        The tokens are written to the KV cache; nothing is appended: pick a token and
+        ``fill_tokens([t])`` it."""
+        await self._follow()
+        out = unwrap(await wait_for(self._submit("distribution", k)))
+        self._check_flushes()
+        return list(zip(out.dist_ids, out.dist_probs, strict=True))
+
+    async def generate(
+        self,
+        max_tokens: int | None = None,
+        sampler: Sampler | None = None,
+        stop: Stop | str | list[str] | None = None,
+    ) -> str:
+        """Generate in the host (one call, no guest work per token); the new text."""
+        _, text, _ = await self._generate(max_tokens, sampler, stop)
+        return text
+
+    async def _generate(
+        self, max_tokens: int | None, sampler: Sampler | None, stop: Any
+    ) -> tuple[list[int], str, str]:
+        await self._follow()
+        self._check_open()
+        cond = as_stop(stop, max_tokens)
+        if not self.pending:
+            raise ValueError("nothing to continue from: fill tokens first")
+        held = _kv.pages_for(self.kv_len, self.page_size)
+        spare = self.pages[held:]
+        limit = cond.max_tokens if cond.max_tokens is not None else self.model.max_model_len
+        fut = generate.generate(
+            self.queue,
+            self.pages[:held],
+            _kv.last_page_len(self.kv_len, self.page_size) if self.kv_len else 0,
+            self.pending,
+            self.written,
+            _wit_sampler(sampler or Greedy()),
+            generate.StopConditions(
+                max_tokens=limit,
+                stop_tokens=list(cond.token_ids),
+                stop_strings=list(cond.strings),
+                stop_at_eos=cond.at_eos,
+            ),
+            None,
+            False,
+        )
+        g = unwrap(await wait_for(fut))
+        self._check_flushes()
+        new_pages = [p for p in g.pages if p not in set(self.pages)]
+        self.model.refs.hold(new_pages)
+        self.pages = list(g.pages) + spare
+        self.tokens += list(g.tokens)
+        # Everything but the last generated token is in the KV cache now.
+        self.slot_pos += range(self.written, len(self.tokens) - 1)
+        self.written = len(self.tokens) - 1
+        return list(g.tokens), g.text, g.finish_reason
+
+    async def generate_stream(
+        self,
+        max_tokens: int | None = None,
+        sampler: Sampler | None = None,
+        stop: Stop | str | list[str] | None = None,
+    ) -> AsyncIterator[str]:
+        """Text pieces as tokens are produced (one forward call per token)."""
+        cond = as_stop(stop, max_tokens)
+        text = _kv.IncrementalText(self.model.tokenizer.decode)
+        eos = set(cond.token_ids) | (set(self.model.eos_tokens) if cond.at_eos else set())
+        produced, count = "", 0
+        while True:
+            token = await self.decode_step(sampler)
+            count += 1
+            piece = "" if token in eos else text.push(token)
+            grown = produced + piece
+            cuts = [grown.find(s) for s in cond.strings if s in grown]
+            if cuts:  # a stop string: the text ends before it
+                if min(cuts) > len(produced):
+                    yield grown[len(produced) : min(cuts)]
+                return
+            if piece:
+                yield piece
+            produced = grown
+            if token in eos or (cond.max_tokens is not None and count >= cond.max_tokens):
+                return
+
+    # ----- sharing -----
+
+    def fork(self) -> Context:
+        """A child context with the same tokens on a queue of its own.
+
+        Full pages of written KV are shared by reference; the tokens of a partly filled
+        last page are re-filled as pending in the child (recomputed with its next pass).
+        The child's first pass waits for every pass the parent queued before the fork."""
+        self._check_open()
+        shared_pages = self.kv_len // self.page_size
+        shared = self.pages[:shared_pages]
+        self.model.refs.hold(shared)
+        child = Context(
+            self.model,
+            self.model._raw.create_queue(),
+            pages=list(shared),
+            tokens=list(self.tokens),
+            after=list(self._unchecked) + list(self._after),
+        )
+        child.slot_pos = self.slot_pos[: shared_pages * self.page_size]
+        child.written = child.slot_pos[-1] + 1 if child.slot_pos else 0
+        child.masked = set(self.masked)
+        return child
+
+    # ----- KV surgery -----
+
+    def mask_tokens(self, start: int, end: int) -> None:
+        """Hide tokens ``start..end`` (positions) from every later pass of this context."""
+        self._check_open()
+        if not 0 <= start <= end <= self.written:
+            raise ValueError(f"mask range {start}..{end} is not within the written {self.written}")
+        self.masked.update(range(start, end))
+        ps = self.page_size
+        touched = {i // ps for i, pos in enumerate(self.slot_pos) if start <= pos < end}
+        for page in sorted(touched):
+            slots = self.slot_pos[page * ps : (page + 1) * ps]
+            keep = [pos not in self.masked for pos in slots] + [True] * (ps - len(slots))
+            kv.mask(self.queue, self.pages[page], keep)
+
+    def drop_masked_pages(self) -> int:
+        """Free full pages whose every token is masked; the number of pages dropped.
+
+        Positions are kept: later tokens still see the right distances (attention sinks,
+        sliding windows)."""
+        self._check_open()
+        ps = self.page_size
+        full = self.kv_len // ps
+        drop = [
+            i for i in range(full)
+            if all(pos in self.masked for pos in self.slot_pos[i * ps : (i + 1) * ps])
+        ]  # fmt: skip
+        if not drop:
+            return 0
+        gone = self.model.refs.release([self.pages[i] for i in drop])
+        if gone:
+            kv.free(self.queue, gone)
+        keep = [i for i in range(len(self.pages)) if i not in set(drop)]
+        self.pages = [self.pages[i] for i in keep]
+        dropped = set(drop)
+        self.slot_pos = [pos for i, pos in enumerate(self.slot_pos) if i // ps not in dropped]
+        return len(drop)
+
+    def export(self, name: str, persistent: bool = False) -> None:
+        """Publish this context's written KV (and its tokens) under ``name``."""
+        self._check_open()
+        if self.kv_len != self.written or not self.written:
+            raise ValueError("only a context with written, undropped KV can be exported")
+        held = self.pages[: _kv.pages_for(self.kv_len, self.page_size)]
+        kv.export_pages(self.queue, held, name, persistent)
+        store.set(_export_key(name), json.dumps(self.tokens[: self.written]))
+
+    @classmethod
+    async def import_(cls, model: Model, name: str) -> Context:
+        """A context continuing from pages another inferlet exported as ``name``."""
+        raw = store.get(_export_key(name))
+        ctx: Context = model.create_context()
+        try:
+            pages = list(kv.import_pages(ctx.queue, name))
+        except Err as e:
+            raise ValueError(f"cannot import {name!r}: {e.value}") from None
+        if raw is None:
+            kv.free(ctx.queue, pages)
+            raise ValueError(f"export {name!r} carries no tokens (not made by Context.export)")
+        tokens: list[int] = json.loads(raw)
+        ps = ctx.page_size
+        full = len(tokens) // ps
+        if len(tokens) % ps:  # the exporter may still write into its last page: recompute it
+            kv.free(ctx.queue, pages[full:])
+            pages = pages[:full]
+        model.refs.hold(pages)
+        ctx.pages = pages
+        ctx.tokens = tokens
+        ctx.slot_pos = list(range(full * ps))
+        ctx.written = full * ps
+        return ctx
+
+    def release(self) -> None:
+        """Give back this context's pages (shared ones once no other context holds them)."""
+        if self._released:
+            return
+        self._released = True
+        gone = self.model.refs.release(self.pages)
+        if gone:
+            kv.free(self.queue, gone)
+        self.pages = []
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise RuntimeError("this context was released")
+
+
+async def decode_all(contexts: list[Context], sampler: Sampler | None = None) -> list[int]:
+    """One decode step of every context, submitted together (one engine batch)."""
+    tokens: list[int] = await gather(*(c.decode_step(sampler) for c in contexts))
+    return tokens
