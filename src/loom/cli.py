@@ -1,4 +1,4 @@
-"""The ``loom`` command line: ``loom generate | model make-tiny | model info``."""
+"""The ``loom`` command line: ``generate | build | new | model make-tiny | model info``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from loom.sdk.build import BuildError, build_inferlet
+
+    t0 = time.perf_counter()
+    src = Path(args.app)
+    out = Path(args.out) if args.out else (src.with_suffix(".wasm") if src.is_file()
+                                           else src / "app.wasm")  # fmt: skip
+    try:
+        path = build_inferlet(
+            src, out, progress=lambda m: print(f"loom build: {m}", file=sys.stderr)
+        )
+    except BuildError as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _cmd_new(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loom.sdk.scaffold import new_inferlet
+
+    try:
+        folder = new_inferlet(args.name, Path(args.dir))
+    except (ValueError, FileExistsError) as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder / 'app.py'}; build it with: loom build {folder / 'app.py'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="Loom: programmable LLM serving")
     parser.add_argument("--version", action="version", version=f"loom {__version__}")
@@ -94,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(func=_cmd_generate)
 
+    build = sub.add_parser(
+        "build", help="compile a Python inferlet (a .py file or a folder with app.py) to Wasm"
+    )
+    build.add_argument("app", help="app.py, or a folder with app.py and helper modules")
+    build.add_argument("-o", "--out", help="output .wasm (default: next to the app)")
+    build.set_defaults(func=_cmd_build)
+    new = sub.add_parser("new", help="write a starter inferlet NAME/app.py")
+    new.add_argument("name")
+    new.add_argument("--dir", default=".", help="where to create it (default: here)")
+    new.set_defaults(func=_cmd_new)
     model = sub.add_parser("model", help="make or inspect model directories")
     msub = model.add_subparsers(dest="model_command", required=True)
     tiny = msub.add_parser("make-tiny", help="write the deterministic tiny Llama model")
