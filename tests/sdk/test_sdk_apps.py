@@ -82,3 +82,94 @@ def test_messages_and_errors(srt: Any, sdkkit: str) -> None:
     assert not result.ok
     assert "ValueError: boom from the app" in (result.error or "")
     assert "scenarios.py" in (result.error or "")  # the traceback names the app's file
+
+
+def test_next_distribution_is_sorted_and_led_by_the_greedy_token(srt: Any, sdkkit: str) -> None:
+    result, messages = run(srt, sdkkit, "dist", "Once upon a time", "5")
+    assert result.ok, result.error
+    out = json.loads(messages[-1])
+    probs = [p for _, p in out["dist"]]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+    assert out["dist"][0][0] == out["greedy"]
+
+
+def test_beam_search_returns_the_best_scoring_beams(srt: Any, sdkkit: str, tiny_dir: Any) -> None:
+    import math
+
+    import torch
+
+    text = "Once upon a time"
+    result, messages = run(srt, sdkkit, "beam", text, "3", "4")
+    assert result.ok, result.error
+    beams = json.loads(messages[-1])
+    assert len(beams) == 3
+    scores = [s for _, s in beams]
+    assert scores == sorted(scores, reverse=True)
+    # Each score is the beam's log-probability under the reference implementation.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), torch_dtype=torch.float32)
+    prompt = srt.tokenizer.encode(text, add_special_tokens=False)
+
+    def logprob(cont: list[int]) -> float:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + cont])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return float(sum(lp[len(prompt) - 1 + i, t] for i, t in enumerate(cont)))
+
+    for toks, score in beams:
+        assert math.isclose(score, logprob(toks), abs_tol=1e-3)
+    # The best beam scores at least as well as greedy decoding of the same length.
+    llm = LLM(str(tiny_dir), num_pages=32)
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0,
+                                                   ignore_eos=True))[0].token_ids  # fmt: skip
+    assert scores[0] >= logprob(list(greedy)) - 1e-4
+
+
+def test_speculative_decoding_equals_greedy(srt: Any, sdkkit: str, tiny_dir: Any) -> None:
+    text = "The quick brown fox"
+    truth = _reference(srt, tiny_dir, text, 17)
+    result, messages = run(srt, sdkkit, "spec", text, json.dumps(truth[:16]))
+    assert result.ok, result.error
+    out = json.loads(messages[-1])
+    assert out["tokens"] == truth[:16]
+    assert out["after"] == truth[16]
+    assert out["passes"] < 15  # several tokens per pass when the drafter is right
+    assert out["accepted"] > 0
+
+
+def test_attention_sink_keeps_the_kv_bounded(srt: Any, sdkkit: str) -> None:
+    free0 = free_pages(srt)
+    result, messages = run(srt, sdkkit, "sink", "Once upon a time there was", "90")
+    assert result.ok, result.error
+    out = json.loads(messages[-1])
+    assert out["tokens"] > 90 and out["dropped"] >= 3
+    assert out["most_pages"] <= 5  # without dropping: ceil(out["tokens"] / 16) = 7
+    assert free_pages(srt) == free0
+
+
+def test_an_exported_context_continues_in_another_inferlet(srt: Any, sdkkit: str) -> None:
+    free0 = free_pages(srt)
+    result, messages = run(srt, sdkkit, "export", "a prompt that spans more than one page", "ctx1")
+    assert result.ok, result.error
+    expected = json.loads(messages[0])
+    result, messages = run(srt, sdkkit, "import", "ctx1")
+    assert result.ok, result.error
+    assert json.loads(messages[-1]) == expected
+    srt.query(lambda: srt.exports.remove("ctx1"))
+    assert free_pages(srt) == free0
+
+
+def test_pubsub_channels_store_and_the_rest(srt: Any, sdkkit: str) -> None:
+    sub = srt.launch(sdkkit, ["pubsub", "sub"])
+    assert sub.recv(30) == "subscribed"
+    assert srt.launch(sdkkit, ["pubsub", "pub", "hello all"]).wait(30).ok
+    assert sub.wait(30).ok and sub.recv(5) == "got hello all"
+    puller = srt.launch(sdkkit, ["channel", "pull"])
+    assert srt.launch(sdkkit, ["channel", "push", "job-1"]).wait(30).ok
+    assert puller.wait(30).ok and puller.recv(5) == "pulled job-1"
+    result, messages = run(srt, sdkkit, "misc", "x")
+    assert result.ok, result.error
+    out = json.loads(messages[-1])
+    assert "k1" in out["keys"] and out["got"] == "v1" and out["after"] is None
+    assert out["args"] == ["misc", "x"] and out["model"]

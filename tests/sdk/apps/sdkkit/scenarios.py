@@ -50,4 +50,162 @@ async def fail(args):
     raise ValueError("boom from the app")
 
 
-SCENARIOS = {"steps": steps, "fast": fast, "forks": forks, "echo": echo, "fail": fail}
+async def dist(args):
+    """The top-k distribution, then the greedy token from a second context."""
+    model = inferlet.get_model()
+    a = model.create_context()
+    a.fill(args[0])
+    d = await a.next_distribution(int(args[1]))
+    b = model.create_context()
+    b.fill(args[0])
+    greedy = await b.decode_step()
+    a.release()
+    b.release()
+    return json.dumps({"dist": d, "greedy": greedy})
+
+
+async def beam(args):
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    beams = await ctx.beam_search(int(args[1]), int(args[2]), stop=inferlet.IgnoreEos())
+    ctx.release()
+    return json.dumps(beams)
+
+
+class ListDrafter:
+    """Proposes `k` tokens from a known continuation, wrong at chosen steps."""
+
+    def __init__(self, prompt_len, truth, k, wrong_every):
+        self.prompt_len, self.truth, self.k, self.wrong_every = prompt_len, truth, k, wrong_every
+        self.calls, self.accepted = 0, 0
+
+    def draft(self, tokens):
+        self.calls += 1
+        done = len(tokens) - self.prompt_len
+        guess = list(self.truth[done : done + self.k])
+        if guess and self.wrong_every and self.calls % self.wrong_every == 0:
+            guess[len(guess) // 2] = (guess[len(guess) // 2] + 1) % 50
+        return guess
+
+    def feedback(self, accepted, proposed):
+        self.accepted += accepted
+
+
+async def spec(args):
+    """Speculative decoding with a drafter that knows the answer but errs every 3rd call."""
+    truth = json.loads(args[1])
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    drafter = ListDrafter(len(ctx.tokens), truth, 4, 3)
+    first = await ctx.decode_step()
+    out = await ctx.generate_speculative(drafter, len(truth) - 1)
+    after = await ctx.decode_step()  # the context goes on correctly after speculation
+    ctx.release()
+    return json.dumps(
+        {
+            "tokens": [first, *out],
+            "after": after,
+            "passes": drafter.calls,
+            "accepted": drafter.accepted,
+        }
+    )
+
+
+async def sink(args):
+    """Attention sink: 4 sink tokens + a window of pages; the KV stays bounded."""
+    ctx = inferlet.get_model().create_context()
+    ps = ctx.page_size
+    ctx.fill(args[0])
+    steps_, window_pages = int(args[1]), 2
+    most, head_masked, dropped = 0, False, 0
+    for _ in range(steps_):
+        await ctx.decode_step()
+        if ctx.kv_len >= (window_pages + 2) * ps:  # sink page + window + the page in use
+            if not head_masked:
+                ctx.mask_tokens(4, ps)  # page 0 keeps only the 4 sink tokens
+                head_masked = True
+            first = ctx.slot_pos[ps]  # the oldest page after the sink page
+            ctx.mask_tokens(first, first + ps)
+            dropped += ctx.drop_masked_pages()
+        most = max(most, len(ctx.pages))
+    ctx.release()
+    return json.dumps({"most_pages": most, "tokens": len(ctx.tokens), "dropped": dropped})
+
+
+async def export_ctx(args):
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    tok = await ctx.decode_step()  # the prompt is written now: export it
+    await ctx.export(args[1], persistent=True)
+    inferlet.send(json.dumps(tok))
+    ctx.release()
+    return None
+
+
+async def import_ctx(args):
+    model = inferlet.get_model()
+    ctx = await inferlet.Context.import_(model, args[0])
+    tok = await ctx.decode_step()
+    ctx.release()
+    return json.dumps(tok)
+
+
+async def pubsub(args):
+    if args[0] == "sub":
+        topic = inferlet.subscribe("news")
+        inferlet.send("subscribed")
+        async for msg in topic:
+            topic.close()
+            return "got " + msg
+    inferlet.broadcast("news", args[1])
+    return None
+
+
+async def channel(args):
+    if args[0] == "pull":
+        return "pulled " + await inferlet.pull("jobs")
+    inferlet.push("jobs", args[1])
+    return None
+
+
+async def misc(args):
+    inferlet.store_set("k1", "v1")
+    keys = inferlet.store_list()
+    got = inferlet.store_get("k1")
+    inferlet.store_delete("k1")
+    inferlet.log("misc scenario ran", level="info")
+    model = inferlet.get_model()
+    ctx = model.create_context()
+    try:
+        ctx.fill_chat([{"role": "user", "content": "hi"}])
+        chat = len(ctx.tokens) > 0
+    except ValueError:
+        chat = None  # the model has no chat template
+    return json.dumps(
+        {
+            "keys": keys,
+            "got": got,
+            "after": inferlet.store_get("k1"),
+            "chat": chat,
+            "args": inferlet.get_arguments(),
+            "model": model.name,
+        }
+    )
+
+
+SCENARIOS = {
+    "steps": steps,
+    "fast": fast,
+    "forks": forks,
+    "echo": echo,
+    "fail": fail,
+    "dist": dist,
+    "beam": beam,
+    "spec": spec,
+    "sink": sink,
+    "export": export_ctx,
+    "import": import_ctx,
+    "pubsub": pubsub,
+    "channel": channel,
+    "misc": misc,
+}

@@ -18,7 +18,7 @@ try:
 except ImportError:
     pass
 else:
-    from inferlet.context import Context, decode_all
+    from inferlet.context import Context, Drafter, decode_all
     from inferlet.io import (
         Response,
         broadcast,
@@ -42,7 +42,7 @@ else:
     from inferlet.model import Model, Tokenizer, get_model
 
     __all__ += [
-        "Context", "Model", "Response", "Tokenizer", "broadcast", "decode_all",
+        "Context", "Drafter", "Model", "Response", "Tokenizer", "broadcast", "decode_all",
         "get_arguments", "get_model", "http_get", "http_post", "http_request",
         "instance_id", "launch", "log", "pull", "push", "receive", "send", "store_delete",
         "store_get", "store_list", "store_set", "subscribe",

@@ -9,8 +9,9 @@ loop: the next pass writes it and predicts the one after.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from inferlet import _kv
 from inferlet._loop import gather, wait_for
@@ -18,6 +19,18 @@ from inferlet._wit import Err, forward, generate, kv, store, types, unwrap
 from inferlet.model import Model
 from inferlet.sampler import Greedy, Sampler
 from inferlet.stop import Stop, as_stop
+
+
+class Drafter(Protocol):
+    """Proposes tokens for ``generate_speculative`` to verify."""
+
+    def draft(self, tokens: list[int]) -> list[int]:
+        """Guesses for the tokens that follow ``tokens`` (may be empty)."""
+        ...
+
+    def feedback(self, accepted: int, proposed: int) -> None:
+        """How many of the last proposal the model agreed with."""
+        ...
 
 
 def _export_key(name: str) -> str:
@@ -119,6 +132,10 @@ class Context:
             fp.output_token(last, _wit_sampler(arg))
         elif outputs == "distribution":
             fp.output_distribution(last, arg)
+        elif outputs == "tokens":  # a token at each of the last `arg` inputs (verification)
+            greedy = _wit_sampler(Greedy())
+            for i in range(len(pending) - arg, len(pending)):
+                fp.output_token(i, greedy)
         self.slot_pos += range(self.written, end)
         self.written = end
         return fp.execute()
@@ -239,6 +256,92 @@ class Context:
             if token in eos or (cond.max_tokens is not None and count >= cond.max_tokens):
                 return
 
+    # ----- search -----
+
+    async def beam_search(
+        self, beam_size: int, max_tokens: int, *, stop: Stop | None = None
+    ) -> list[tuple[list[int], float]]:
+        """The ``beam_size`` best continuations by total log-probability, best first.
+
+        Each step asks every beam for its top-``beam_size`` distribution in one batch
+        (``gather``), keeps the best ``beam_size`` extensions, and forks the kept beams
+        (shared full pages). Returns ``(tokens, logprob)`` pairs; ``self`` is unchanged."""
+        if beam_size < 1 or max_tokens < 1:
+            raise ValueError("beam_size and max_tokens must be >= 1")
+        cond = stop or Stop()
+        eos = set(cond.token_ids) | (set(self.model.eos_tokens) if cond.at_eos else set())
+        beams: list[tuple[Context, list[int], float]] = [(self.fork(), [], 0.0)]
+        done: list[tuple[list[int], float]] = []
+        for _ in range(max_tokens):
+            dists = await gather(*(c.next_distribution(beam_size) for c, _, _ in beams))
+            cands = [
+                (score + math.log(max(p, 1e-30)), b, tok)
+                for b, ((_, _, score), dist) in enumerate(zip(beams, dists, strict=True))
+                for tok, p in dist
+            ]
+            cands.sort(key=lambda c: -c[0])
+            kept: list[tuple[Context, list[int], float]] = []
+            for score, b, tok in cands[:beam_size]:
+                parent, toks = beams[b][0], beams[b][1]
+                if tok in eos:
+                    done.append(([*toks, tok], score))
+                    continue
+                child = parent.fork()
+                child.fill_tokens([tok])
+                kept.append((child, [*toks, tok], score))
+            for c, _, _ in beams:
+                c.release()
+            beams = kept
+            if not beams:
+                break
+        out = done + [(toks, score) for _, toks, score in beams]
+        for c, _, _ in beams:
+            c.release()
+        out.sort(key=lambda b: -b[1])
+        return out[:beam_size]
+
+    async def generate_speculative(self, drafter: Drafter, max_tokens: int) -> list[int]:
+        """Greedy generation verified against a drafter's guesses; returns the new tokens.
+
+        Each step feeds the pending token plus the drafter's proposal in one pass and asks
+        for the model's greedy token after each of them; the longest agreeing prefix is
+        kept, plus the model's own next token, so the output equals plain greedy decoding
+        while a good drafter makes several tokens per pass. Rejected draft slots are
+        simply left beyond the KV length and overwritten later."""
+        await self._follow()
+        out: list[int] = []
+        while len(out) < max_tokens:
+            draft = [int(t) for t in drafter.draft(list(self.tokens))][: max_tokens - len(out)]
+            base_written, base_slots, n_pending = self.written, self.kv_len, len(self.pending)
+            if not n_pending:
+                raise ValueError("nothing to continue from: fill tokens first")
+            self.tokens += draft
+            res = unwrap(await wait_for(self._submit("tokens", len(draft) + 1)))
+            self._check_flushes()
+            model_toks = [int(t) for t in res.tokens]
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == model_toks[accepted]:
+                accepted += 1
+            new = [*draft[:accepted], model_toks[accepted]]
+            # Keep the KV of the pending tokens and the accepted drafts; the model's next
+            # token becomes the pending one.
+            del self.tokens[base_written + n_pending + accepted :]
+            self.slot_pos = self.slot_pos[: base_slots + n_pending + accepted]
+            self.written = base_written + n_pending + accepted
+            self.tokens.append(new[-1])
+            out += new
+            drafter.feedback(accepted, len(draft))
+        extra = len(out) - max_tokens
+        if extra > 0:  # the last step may overshoot: give the surplus back
+            del out[max_tokens:]
+            keep = len(self.tokens) - extra
+            del self.tokens[keep:]
+            if self.written > keep - 1:
+                cut = self.written - (keep - 1)
+                self.slot_pos = self.slot_pos[: len(self.slot_pos) - cut]
+                self.written = keep - 1
+        return out
+
     # ----- sharing -----
 
     def fork(self) -> Context:
@@ -301,14 +404,18 @@ class Context:
         self.slot_pos = [pos for i, pos in enumerate(self.slot_pos) if i // ps not in dropped]
         return len(drop)
 
-    def export(self, name: str, persistent: bool = False) -> None:
-        """Publish this context's written KV (and its tokens) under ``name``."""
+    async def export(self, name: str, persistent: bool = False) -> None:
+        """Publish this context's written KV (and its tokens) under ``name``; returns once
+        the export is visible to other inferlets. A persistent export outlives this
+        inferlet; a plain one ends with it."""
         self._check_open()
         if self.kv_len != self.written or not self.written:
             raise ValueError("only a context with written, undropped KV can be exported")
         held = self.pages[: _kv.pages_for(self.kv_len, self.page_size)]
-        kv.export_pages(self.queue, held, name, persistent)
         store.set(_export_key(name), json.dumps(self.tokens[: self.written]))
+        kv.export_pages(self.queue, held, name, persistent)
+        if not await wait_for(self.queue.synchronize()):
+            raise RuntimeError(f"exporting {name!r} failed: an earlier queued command failed")
 
     @classmethod
     async def import_(cls, model: Model, name: str) -> Context:
@@ -324,8 +431,10 @@ class Context:
             raise ValueError(f"export {name!r} carries no tokens (not made by Context.export)")
         tokens: list[int] = json.loads(raw)
         ps = ctx.page_size
-        full = len(tokens) // ps
-        if len(tokens) % ps:  # the exporter may still write into its last page: recompute it
+        # The last page is recomputed, not shared: the exporter may still write into it,
+        # and the importer needs at least one pending token to go on from.
+        full = (len(tokens) - 1) // ps
+        if pages[full:]:
             kv.free(ctx.queue, pages[full:])
             pages = pages[:full]
         model.refs.hold(pages)

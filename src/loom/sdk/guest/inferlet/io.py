@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from inferlet._loop import wait_for
 from inferlet._wit import Err, http, messaging, runtime, store, unwrap
 from inferlet._wit import log as wit_log
@@ -33,14 +31,26 @@ def broadcast(topic: str, message: str) -> None:
     messaging.broadcast(topic, message)
 
 
-async def subscribe(topic: str) -> AsyncIterator[str]:
-    """Messages broadcast on ``topic`` from now on (an endless async iterator)."""
-    sub = messaging.subscribe(topic)
-    try:
-        while True:
-            yield await wait_for(sub)
-    finally:
-        sub.unsubscribe()
+class Subscription:
+    """Messages broadcast on a topic from the moment of subscribing (``async for``)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._sub = messaging.subscribe(topic)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> str:
+        return str(await wait_for(self._sub))
+
+    def close(self) -> None:
+        self._sub.unsubscribe()
+
+
+def subscribe(topic: str) -> Subscription:
+    """Subscribe now; iterate the returned object for the messages."""
+    return Subscription(topic)
 
 
 def push(channel: str, message: str) -> None:
