@@ -173,3 +173,37 @@ def test_pubsub_channels_store_and_the_rest(srt: Any, sdkkit: str) -> None:
     out = json.loads(messages[-1])
     assert "k1" in out["keys"] and out["got"] == "v1" and out["after"] is None
     assert out["args"] == ["misc", "x"] and out["model"]
+
+
+def test_http_and_child_inferlets(srt: Any, sdkkit: str) -> None:
+    import http.server
+    import threading
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            reply = body + b"/" + self.headers["x-test"].encode()
+            self.send_response(201)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = srt.config.http_allow_hosts
+    srt.config.http_allow_hosts = ("127.0.0.1",)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        puller = srt.launch(sdkkit, ["channel", "pull"])
+        result, messages = run(srt, sdkkit, "net", url, sdkkit)
+        assert result.ok, result.error
+        out = json.loads(messages[-1])
+        assert out["status"] == 201 and out["text"] == "ping/sdk"
+        # The child pushed to the channel the puller waits on.
+        assert puller.wait(30).ok and puller.recv(5) == "pulled from-child"
+    finally:
+        srt.config.http_allow_hosts = saved
+        server.shutdown()

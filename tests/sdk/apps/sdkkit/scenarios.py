@@ -193,7 +193,15 @@ async def misc(args):
     )
 
 
+async def net(args):
+    """HTTP through the policy, then a child inferlet of this program."""
+    got = await inferlet.http_post(args[0], "ping", {"x-test": "sdk"})
+    child = await inferlet.launch(args[1], ["channel", "push", "from-child"])
+    return json.dumps({"status": got.status, "text": got.text, "child": child})
+
+
 SCENARIOS = {
+    "net": net,
     "steps": steps,
     "fast": fast,
     "forks": forks,
