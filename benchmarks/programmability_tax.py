@@ -5,7 +5,9 @@ path (``ctx.generate``: one call per completion), (c) a Python inferlet looping
 ``ctx.decode_step()`` (one forward call per token, the loop in the guest), (d) a C
 inferlet looping per token (not built yet: reported as n/a). Each at 1 and 32
 concurrent requests on the ~40M "small" model; greedy, end-of-sequence ignored, every
-system must produce the same tokens.
+system should produce the same tokens. The table shows the share of completions equal
+to (a)'s: in bfloat16, greedy decoding of random weights meets near-ties, and a different
+thread count or batch composition can flip one (the tests check equality in float32).
 
 Time per output token = wall time of the run / tokens per request (what one request's
 reader sees); medians of ``--runs`` runs, interleaved across systems.
@@ -90,16 +92,18 @@ def main() -> None:
         run_inferlet(rt, program, 2, 4, "steps")
         for n in levels:
             times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+            same = {"b": 0, "c": 0}
             for _ in range(args.runs):
                 wall, ref = run_builtin(llm, n, args.tokens)
                 times["a"].append(wall / args.tokens)
+                want = [tok.decode(r) for r in ref]
                 for key, mode in (("b", "fast"), ("c", "steps")):
                     wall, texts = run_inferlet(rt, program, n, args.tokens, mode)
-                    if texts != [tok.decode(r) for r in ref]:
-                        raise RuntimeError(f"({key}) produced other tokens than the engine")
+                    same[key] += sum(t == w for t, w in zip(texts, want, strict=True))
                     times[key].append(wall / args.tokens)
             row = {"concurrency": n, **{k: statistics.median(v) * 1e3 for k, v in times.items()},
-                   "runs_ms": {k: [x * 1e3 for x in v] for k, v in times.items()}}  # fmt: skip
+                   "runs_ms": {k: [x * 1e3 for x in v] for k, v in times.items()},
+                   "same_text": {k: v / (n * args.runs) for k, v in same.items()}}  # fmt: skip
             rows.append(row)
             print(f"  concurrency {n} done", file=sys.stderr)
     finally:
@@ -114,6 +118,9 @@ def main() -> None:
         b, c = r["b"] / r["a"], r["c"] / r["a"]
         print(f"{r['concurrency']:>10} | {r['a']:>11.1f} | {r['b']:>9.1f} ({b:>5.2f}x) | "
               f"{r['c']:>9.1f} ({c:>5.2f}x) | {'n/a':>10}")  # fmt: skip
+    print("\nshare of completions equal to (a)'s: " + ", ".join(
+        f"{r['concurrency']}: (b) {r['same_text']['b']:.0%} (c) {r['same_text']['c']:.0%}"
+        for r in rows))  # fmt: skip
     print("targets: (b) within 3% of (a); (c) within 15% of (a) at 32 concurrent")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
