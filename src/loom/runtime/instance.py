@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.runtime.commands import CommandQueue
-from loom.runtime.futures import Mailbox, PollWait, Stream
+from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.resources import InstancePages
 from loom.runtime.wasm_ffi import CallFuture, GuestStore
 
@@ -75,7 +75,8 @@ class Instance:
     handle: InstanceHandle
     call: CallFuture | None = None
     started: bool = False  # instantiation done, `run` called
-    blocked: PollWait | None = None
+    blocked: Any = None  # what a suspended guest waits on (a PollWait, a native wait)
+    native_error: str | None = None  # a native inferlet's loom_fail message
     queued: bool = False  # on the run queue
     alive: bool = True
     kill_reason: str | None = None

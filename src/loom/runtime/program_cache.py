@@ -13,10 +13,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import wasmtime
 from wasmtime.component import Component
 
 from loom.paths import cache_root
 from loom.runtime.wasm_ffi import WASMTIME_VERSION, WasmEngine, WasmError
+
+
+def is_core_module(wasm: bytes) -> bool:
+    """A core module (version 1), as opposed to a component (a different layer/version)."""
+    return wasm[:8] == b"\0asm\x01\x00\x00\x00"
 
 
 def program_hash(wasm: bytes) -> str:
@@ -31,12 +37,21 @@ class ProgramCache:
     def __init__(self, engine: WasmEngine, cache_dir: Path | None = None) -> None:
         self.engine = engine
         self.dir = cache_dir or default_cache_dir()
-        self._loaded: dict[str, Component] = {}
+        self._loaded: dict[str, Component | wasmtime.Module] = {}
 
     def add(self, wasm: bytes) -> str:
-        """Compile (or load the cached compile of) a program; returns its hash."""
+        """Compile (or load the cached compile of) a program; returns its hash.
+
+        A component is a Python (or other component) inferlet; a core module is a C/Zig
+        inferlet on the plain C ABI (compiling one takes milliseconds: not cached)."""
         h = program_hash(wasm)
         if h in self._loaded:
+            return h
+        if is_core_module(wasm):
+            try:
+                self._loaded[h] = wasmtime.Module(self.engine.engine, wasm)
+            except wasmtime.WasmtimeError as e:
+                raise WasmError(f"not a valid WebAssembly module: {e}") from None
             return h
         path = self.dir / f"{h}-wasmtime{WASMTIME_VERSION}.cwasm"
         if path.exists():
@@ -56,9 +71,18 @@ class ProgramCache:
 
     def get(self, h: str) -> Component:
         comp = self._loaded.get(h)
-        if comp is None:
-            raise WasmError(f"no program with hash {h}")
+        if not isinstance(comp, Component):
+            raise WasmError(f"no component program with hash {h}")
         return comp
+
+    def get_core(self, h: str) -> wasmtime.Module:
+        module = self._loaded.get(h)
+        if not isinstance(module, wasmtime.Module):
+            raise WasmError(f"no core-module program with hash {h}")
+        return module
+
+    def is_core(self, h: str) -> bool:
+        return isinstance(self._loaded.get(h), wasmtime.Module)
 
     def __contains__(self, h: str) -> bool:
         return h in self._loaded

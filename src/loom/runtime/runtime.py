@@ -52,6 +52,7 @@ from loom.runtime.engine_worker import (
 )
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.host.forward_api import forward_output
+from loom.runtime.host_core import register_core
 from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
@@ -120,6 +121,8 @@ class Runtime:
 
         register_all(self.linker, self)
         self.linker.build()
+        self.core_linker = wasm_ffi.CoreLinker(self.wasm)  # native (C/Zig) inferlets
+        register_core(self.core_linker, self)
 
         self.instances: dict[str, Instance] = {}
         self.by_ctx: dict[int, Instance] = {}
@@ -278,7 +281,19 @@ class Runtime:
         self.instances[inst.id] = inst
         self.by_ctx[store.key] = inst
         self.by_seq[inst.seq] = inst
-        inst.call = wasm_ffi.instantiate_async(self.linker, store, self.programs.get(program))
+        if self.programs.is_core(program):
+            # A native inferlet instantiates at once (no start code runs); `run` next.
+            try:
+                core = self.core_linker.instantiate(store, self.programs.get_core(program))
+                inst.call = self.core_linker.call_async(store, core, "run")
+            except wasm_ffi.WasmError as e:
+                self._end(inst, False, f"cannot start the native inferlet: {e}")
+                return
+            inst.started = True
+            inst.spawn_s = time.perf_counter() - inst.spawned_at
+            self.stats.spawn_s.append(inst.spawn_s)
+        else:
+            inst.call = wasm_ffi.instantiate_async(self.linker, store, self.programs.get(program))
         self.stats.spawned += 1
         self._make_runnable(inst)
 
@@ -343,7 +358,11 @@ class Runtime:
                 return
             self._make_runnable(inst)
             return
-        failure = wasm_ffi.decode_run_result(inst.call.results)
+        if self.programs.is_core(inst.program):
+            code = int(inst.call.results[0].of.i32)
+            failure = None if code == 0 else (inst.native_error or f"run returned {code}")
+        else:
+            failure = wasm_ffi.decode_run_result(inst.call.results)
         self._end(inst, failure is None, failure)
 
     def kill(self, inst: Instance, reason: str) -> None:

@@ -22,6 +22,7 @@ Nothing here knows about inferlets; ``loom.runtime.host`` builds on it.
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable, Sequence
 from ctypes import POINTER, byref, c_void_p
 from dataclasses import dataclass
@@ -305,6 +306,22 @@ def _fn_address(f: Any) -> int:
     return ctypes.cast(f, c_void_p).value or 0
 
 
+@ffi.wasmtime_func_async_continuation_callback_t
+def _already_done(env: Any) -> bool:
+    return True
+
+
+# wasmtime requires a continuation from every async callback, even one whose result
+# (or trap) is already written.
+_ALREADY_DONE_FN = _fn_address(_already_done)
+
+
+def _set_continuation(cont: int, fn: int, env: int, finalizer: int) -> None:
+    _ptr_at(cont).value = fn
+    _ptr_at(cont + 8).value = env
+    _ptr_at(cont + 16).value = finalizer
+
+
 _CONTINUATION_FN = _fn_address(_continuation)
 _CONTINUATION_FINALIZER_FN = _fn_address(_continuation_finalizer)
 
@@ -321,6 +338,7 @@ def _async_trampoline(
         msg = _error_message(hf, e)
         LAST_HOST_ERROR[ctx] = msg
         _ptr_at(err_ret).value = wasm_codec.error_new(msg.encode()) or 0
+        _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
         return
     key = next(_pending_ids)
     _PENDING[key] = (pending, hf, ctx, res)
@@ -452,11 +470,14 @@ class GuestStore:
 class CallFuture:
     """A fiber-backed async operation (instantiation or an export call) of one store."""
 
-    def __init__(self, raw: Any, keep: tuple[Any, ...], results: Any, err: Any) -> None:
+    def __init__(
+        self, raw: Any, keep: tuple[Any, ...], results: Any, err: Any, trap: Any = None
+    ) -> None:
         self._raw = raw
         self._keep = keep  # ctypes buffers the C side writes into until completion
         self.results = results
         self._err = err
+        self._trap = trap  # core calls report traps apart from errors
         self.done = False
 
     def poll(self) -> bool:
@@ -475,6 +496,10 @@ class CallFuture:
         if self._err:
             text = _error_text(self._err)
             self._err = POINTER(ffi.wasmtime_error_t)()
+            return text
+        if self._trap:
+            text = str(wasmtime.Trap._from_ptr(self._trap))  # takes ownership
+            self._trap = None
             return text
         return None
 
@@ -531,10 +556,76 @@ def decode_run_result(results: Any) -> str | None:
     return ctypes.string_at(inner.of.string.data, inner.of.string.size).decode()
 
 
-# ===== core modules (host-call cost without a component guest) =====
+# ===== core modules (C/Zig inferlets on a plain C ABI; host-call measurements) =====
 
-_CORE_FUNCS: list[Callable[[int], Pending | int]] = [lambda x: 0]
-_CORE_PENDING: dict[int, tuple[Pending, Any]] = {}
+_CORE_VAL = ctypes.sizeof(ffi.wasmtime_val_t)  # 32: kind (u8) at 0, payload at 8
+_CORE_KINDS = {"i": int(ffi.WASMTIME_I32.value), "I": int(ffi.WASMTIME_I64.value),
+               "f": int(ffi.WASMTIME_F32.value)}  # fmt: skip
+_CORE_CTYPES: dict[str, Any] = {"i": ctypes.c_int32, "I": ctypes.c_int64, "f": ctypes.c_float}
+
+
+class CoreMemory:
+    """The calling instance's exported ``memory``, bounds-checked (guest pointers are
+    untrusted). Looked up per host call: a memory may move when it grows."""
+
+    def __init__(self, caller: int) -> None:
+        self._caller = caller
+        self._base = 0
+        self._size = -1
+
+    def _bounds(self) -> tuple[int, int]:
+        if self._size < 0:
+            item = ffi.wasmtime_extern_t()
+            caller = ctypes.cast(self._caller, POINTER(ffi.wasmtime_caller_t))
+            if not ffi.wasmtime_caller_export_get(caller, b"memory", 6, byref(item)) or (
+                item.kind != ffi.WASMTIME_EXTERN_MEMORY.value
+            ):
+                raise HostCallError("the inferlet exports no memory")
+            ctx = ffi.wasmtime_caller_context(caller)
+            mem = item.of.memory
+            self._base = ctypes.cast(ffi.wasmtime_memory_data(ctx, byref(mem)), c_void_p).value or 0
+            self._size = int(ffi.wasmtime_memory_data_size(ctx, byref(mem)))
+        return self._base, self._size
+
+    def _at(self, ptr: int, n: int) -> int:
+        base, size = self._bounds()
+        if ptr < 0 or n < 0 or ptr + n > size:
+            raise HostCallError(f"memory access out of bounds: [{ptr}, {ptr + n}) of {size}")
+        return base + ptr
+
+    def read(self, ptr: int, n: int) -> bytes:
+        return ctypes.string_at(self._at(ptr, n), n) if n else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        if data:
+            ctypes.memmove(self._at(ptr, len(data)), data, len(data))
+
+    def read_u32s(self, ptr: int, n: int) -> list[int]:
+        return list(struct.unpack(f"<{n}I", self.read(ptr, 4 * n)))
+
+    def write_u32s(self, ptr: int, values: Sequence[int]) -> None:
+        self.write(ptr, struct.pack(f"<{len(values)}I", *values))
+
+    def write_f32s(self, ptr: int, values: Sequence[float]) -> None:
+        self.write(ptr, struct.pack(f"<{len(values)}f", *values))
+
+
+@dataclass
+class _CoreFunc:
+    name: str
+    params: str  # one letter per parameter: i (i32), I (i64), f (f32)
+    result: str  # "" or one letter
+    fn: Callable[..., Any]
+
+
+_CORE_FUNCS: list[_CoreFunc | None] = [None]
+_CORE_PENDING: dict[int, tuple[Pending, _CoreFunc, int]] = {}
+
+
+def _write_core_result(cf: _CoreFunc, results: int, value: Any) -> None:
+    if cf.result:
+        ctypes.c_uint8.from_address(results).value = _CORE_KINDS[cf.result]
+        _CORE_CTYPES[cf.result].from_address(results + 8).value = value
 
 
 @ffi.wasmtime_func_async_continuation_callback_t
@@ -543,48 +634,98 @@ def _core_continuation(env: Any) -> bool:
     entry = _CORE_PENDING.get(key)
     if entry is None:
         return True
-    pending, res = entry
+    pending, cf, results = entry
     if not pending.ready():
         return False
     del _CORE_PENDING[key]
-    res[0].kind = ffi.WASMTIME_I32
-    res[0].of.i32 = int(pending.value())
+    _write_core_result(cf, results, pending.value())
     return True
 
 
-@ffi.wasmtime_func_async_callback_t
+_CORE_CONTINUATION_FN = _fn_address(_core_continuation)
+
+
+_core_trap_new = ctypes.PYFUNCTYPE(c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
+    ("wasmtime_trap_new", ffi.dll)
+)
+
+
+@ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p,
+                  ctypes.c_size_t, c_void_p, c_void_p)  # fmt: skip
 def _core_async_trampoline(
-    env: Any, caller: Any, args: Any, nargs: int, res: Any, nres: int, trap: Any, cont: Any
+    env: int, caller: int, args: int, nargs: int, results: int, nres: int, trap: int, cont: int
 ) -> None:
-    out = _CORE_FUNCS[env or 0](args[0].of.i32)
-    if isinstance(out, int):
-        res[0].kind = ffi.WASMTIME_I32
-        res[0].of.i32 = out
+    cf = _CORE_FUNCS[env or 0]
+    assert cf is not None
+    ctx = (
+        ctypes.cast(
+            ffi.wasmtime_caller_context(ctypes.cast(caller, POINTER(ffi.wasmtime_caller_t))),
+            c_void_p,
+        ).value
+        or 0
+    )
+    t0 = perf_counter()
+    try:
+        vals = [_CORE_CTYPES[p].from_address(args + i * _CORE_VAL + 8).value
+                for i, p in enumerate(cf.params)]  # fmt: skip
+        out = cf.fn(ctx, CoreMemory(caller), *vals)
+    except Exception as e:
+        msg = str(e) if isinstance(e, HostCallError) else f"host error in {cf.name}: {e}"
+        LAST_HOST_ERROR[ctx] = msg
+        data = msg.encode()
+        _ptr_at(trap).value = _core_trap_new(data, len(data)) or 0
+        _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
         return
-    key = next(_pending_ids)
-    _CORE_PENDING[key] = (out, res)
-    cont.contents.callback = _core_continuation
-    cont.contents.env = key
-    cont.contents.finalizer = _continuation_finalizer
+    finally:
+        HostCallStats.calls += 1
+        HostCallStats.seconds += perf_counter() - t0
+    if hasattr(out, "ready"):  # a Pending: the guest waits on its fiber
+        key = next(_pending_ids)
+        _CORE_PENDING[key] = (out, cf, results)
+        _set_continuation(cont, _CORE_CONTINUATION_FN, key, _CONTINUATION_FINALIZER_FN)
+        return
+    _write_core_result(cf, results, out)
+    _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
+
+
+_CORE_TRAMPOLINE_FN = _fn_address(_core_async_trampoline)
+_define_async_func = ctypes.PYFUNCTYPE(
+    c_void_p, c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+    c_void_p, c_void_p, c_void_p, c_void_p,
+)(("wasmtime_linker_define_async_func", ffi.dll))  # fmt: skip
+_VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64, "f": wasmtime.ValType.f32}
 
 
 class CoreLinker:
-    """Core-module guests with async ``(i32) -> i32`` host functions."""
+    """Core-module guests: host functions on a plain C ABI (numbers and memory offsets).
+
+    Every function is defined async: it returns a value at once, or a ``Pending`` that
+    suspends the calling guest on its fiber until ready."""
 
     def __init__(self, engine: WasmEngine) -> None:
         self.engine = engine
         self.linker = wasmtime.Linker(engine.engine)
-        self._functype = wasmtime.FuncType([wasmtime.ValType.i32()], [wasmtime.ValType.i32()])
+        self._types: list[wasmtime.FuncType] = []
+
+    def add_func(
+        self, module: str, name: str, params: str, result: str, fn: Callable[..., Any]
+    ) -> None:
+        """``fn(context_key, memory, *args)`` for a ``(params) -> result`` import."""
+        ftype = wasmtime.FuncType([_VALTYPES[p]() for p in params],
+                                  [_VALTYPES[result]()] if result else [])  # fmt: skip
+        self._types.append(ftype)  # the linker keeps a pointer to it
+        _CORE_FUNCS.append(_CoreFunc(f"{module}.{name}", params, result, fn))
+        m, n = module.encode(), name.encode()
+        err = _define_async_func(
+            self.linker.ptr(), m, len(m), n, len(n), ftype.ptr(), _CORE_TRAMPOLINE_FN,
+            len(_CORE_FUNCS) - 1, _NO_FINALIZER_FN,
+        )  # fmt: skip
+        if err:
+            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)), f"define {module}.{name}")
 
     def add_async_func(self, module: str, name: str, fn: Callable[[int], Pending | int]) -> None:
-        """``fn(arg)`` returns an int at once, or a ``Pending`` that suspends the guest."""
-        _CORE_FUNCS.append(fn)
-        m, n = module.encode(), name.encode()
-        err = ffi.wasmtime_linker_define_async_func(
-            self.linker.ptr(), m, len(m), n, len(n), self._functype.ptr(),
-            _core_async_trampoline, len(_CORE_FUNCS) - 1, _no_finalizer,
-        )  # fmt: skip
-        _raise_error(err, f"define {module}.{name}")
+        """An ``(i32) -> i32`` import calling ``fn(arg)`` (measurements and tests)."""
+        self.add_func(module, name, "i", "i", lambda ctx, mem, x: fn(x))
 
     def instantiate(self, store: GuestStore, module: wasmtime.Module) -> Any:
         """Instantiate (asynchronously, driven to completion here); returns the instance."""
@@ -602,19 +743,22 @@ class CoreLinker:
             raise WasmError(str(wasmtime.Trap._from_ptr(trap)))
         return inst
 
-    def call_async(self, store: GuestStore, instance: Any, name: str, arg: int) -> CallFuture:
+    def call_async(self, store: GuestStore, instance: Any, name: str, *args: int) -> CallFuture:
+        """Start calling an export taking i32 arguments and returning one i32."""
         item = ffi.wasmtime_extern_t()
         n = name.encode()
         if not ffi.wasmtime_instance_export_get(store.ctx, byref(instance), n, len(n), byref(item)):
-            raise WasmError(f"no export {name!r}")
-        args = (ffi.wasmtime_val_t * 1)()
-        args[0].kind = ffi.WASMTIME_I32
-        args[0].of.i32 = arg
+            raise WasmError(f"the module exports no function {name!r}")
+        if item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
+            raise WasmError(f"export {name!r} is not a function")
+        argv = (ffi.wasmtime_val_t * max(1, len(args)))()
+        for i, a in enumerate(args):
+            argv[i].kind = ffi.WASMTIME_I32
+            argv[i].of.i32 = a
         results = (ffi.wasmtime_val_t * 1)()
         trap = POINTER(ffi.wasm_trap_t)()
         err = POINTER(ffi.wasmtime_error_t)()
         raw = ffi.wasmtime_func_call_async(
-            store.ctx, byref(item.of.func), args, 1, results, 1, byref(trap), byref(err)
+            store.ctx, byref(item.of.func), argv, len(args), results, 1, byref(trap), byref(err)
         )
-        fut = CallFuture(raw, (args, item, trap), results, err)
-        return fut
+        return CallFuture(raw, (argv, item), results, err, trap)

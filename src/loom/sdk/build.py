@@ -131,6 +131,8 @@ def build_inferlet(
     ``sdk=False`` builds an app on the raw bindings whose ``app.py`` defines ``WitWorld``.
     Returns the .wasm path (the cache entry, or ``out``)."""
     app = Path(app)
+    if app.suffix in (".c", ".zig"):
+        return build_native(app, out, cache_dir, progress=progress)
     with tempfile.TemporaryDirectory(prefix="loom-build-") as staging:
         if app.is_file():
             if app.suffix != ".py":
@@ -173,3 +175,54 @@ def _compile(app_dir: Path, cache: Path, sdk: bool, progress: Callable[[str], No
     os.replace(tmp, cache)
     if progress is not None:
         progress(f"compiled in {time.perf_counter() - t0:.1f} s")
+
+
+C_HEADER_DIR = Path(__file__).parent / "c"
+ZIGLANG_VERSION = "0.17.1"
+
+
+def build_native(
+    src: Path,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Compile a C (``.c``) or Zig (``.zig``) inferlet to a freestanding core module with
+    the ``ziglang`` toolchain from the Python index; cached by content hash."""
+    src = Path(src).resolve()
+    if not src.is_file():
+        raise BuildError(f"{src} does not exist")
+    h = hashlib.sha256(f"native-{ZIGLANG_VERSION}".encode())
+    h.update(src.read_bytes())
+    h.update((C_HEADER_DIR / "loom.h").read_bytes())
+    cache = (cache_dir or build_cache_dir()) / f"{h.hexdigest()}.wasm"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".wasm")
+        os.close(fd)
+        zig = [sys.executable, "-m", "ziglang"]
+        if src.suffix == ".c":
+            cmd = [*zig, "cc", "--target=wasm32-freestanding", "-nostdlib", "-O2",
+                   "-Wl,--no-entry", "-I", str(C_HEADER_DIR), str(src), "-o", tmp]  # fmt: skip
+        else:
+            cmd = [*zig, "build-exe", str(src), "-target", "wasm32-freestanding", "-fno-entry",
+                   "-rdynamic", "-O", "ReleaseSmall", "-I", str(C_HEADER_DIR),
+                   f"-femit-bin={tmp}"]  # fmt: skip
+        if progress is not None:
+            progress(f"compiling {src.name} with zig {ZIGLANG_VERSION}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src.parent)
+        if proc.returncode != 0:
+            Path(tmp).unlink(missing_ok=True)
+            if "No module named ziglang" in proc.stderr:
+                raise BuildError(
+                    "native inferlets need the zig toolchain: "
+                    f"pip install ziglang=={ZIGLANG_VERSION}"
+                )
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            raise BuildError("compiling failed:\n" + "\n".join(lines[-20:]))
+        os.replace(tmp, cache)
+    if out is None:
+        return cache
+    shutil.copyfile(cache, out)
+    return Path(out)

@@ -130,20 +130,11 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         inst = rt.caller(key)
         fp = builder(key, rep)
         fp.executed = True
-        fut = HostFuture()
         outputs = [
             OutputSpec(i, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
             for i, o in sorted(fp.outputs.items())
         ]
-        problem = _check(fp, outputs, rt)
-        if problem is not None:
-            fut.resolve(Err(problem))
-        else:
-            cmd = ForwardCmd(
-                fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks, outputs, fut
-            )
-            rt.enqueue(fp.queue, cmd)
-        return rt.handles.add(inst.seq, fut)
+        return rt.handles.add(inst.seq, submit_pass(rt, fp, outputs))
 
     fp_t = borrow("forward-pass")
     linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
@@ -171,6 +162,21 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         NAME, "[method]forward-pass.logit-mask", [fp_t, U32, list_of(U32)], None, logit_mask
     )
     linker.add_func(NAME, "[method]forward-pass.execute", [fp_t], own("forward-result"), execute)
+
+
+def submit_pass(rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]) -> HostFuture:
+    """Queue a built pass on its queue; a pass that cannot run resolves with the reason
+    at once (checked alone, so it never fails a shared batch)."""
+    fut = HostFuture()
+    problem = _check(fp, outputs, rt)
+    if problem is not None:
+        fut.resolve(Err(problem))
+    else:
+        cmd = ForwardCmd(
+            fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks, outputs, fut
+        )
+        rt.enqueue(fp.queue, cmd)
+    return fut
 
 
 def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:

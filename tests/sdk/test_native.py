@@ -1,0 +1,70 @@
+"""Native (C and Zig) inferlets on the C ABI: built with zig, run by the same runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loom import LLM, SamplingParams
+from loom.sdk.build import BuildError, build_inferlet
+
+INFERLETS = Path(__file__).resolve().parents[2] / "inferlets"
+
+
+@pytest.fixture(scope="module")
+def native_programs(srt: Any) -> dict[str, str]:
+    return {
+        lang: srt.add_program(build_inferlet(INFERLETS / path).read_bytes())
+        for lang, path in (("c", "c_completion/app.c"), ("zig", "zig_greedy/app.zig"))
+    }
+
+
+@pytest.mark.parametrize("lang", ["c", "zig"])
+def test_native_completion_equals_the_engine(
+    srt: Any, native_programs: dict[str, str], tiny_dir: Any, lang: str
+) -> None:
+    free0 = srt.query(lambda: srt.pool.num_free)
+    text = "Once upon a time there"
+    h = srt.launch(native_programs[lang], [text, "12"])
+    result = h.wait(60)
+    assert result.ok, result.error
+    prompt = srt.tokenizer.encode(text, add_special_tokens=False)
+    ref = LLM(str(tiny_dir), num_pages=32).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )[0]
+    assert h.recv(5) == srt.tokenizer.decode(ref.token_ids)
+    assert srt.query(lambda: srt.pool.num_free) == free0
+
+
+def test_native_errors_are_clear(srt: Any, native_programs: dict[str, str]) -> None:
+    result = srt.launch(native_programs["c"], ["only a prompt"]).wait(30)
+    assert not result.ok and result.error == "usage: prompt max_tokens"
+
+
+def test_out_of_bounds_pointers_trap_with_a_message(srt: Any, tmp_path: Path) -> None:
+    app = tmp_path / "bad.c"
+    app.write_text(
+        '#include "loom.h"\n'
+        "LOOM_EXPORT(run) int32_t run(void) {\n"
+        "    loom_send((const char *)0x7ffffff0, 64);  /* far outside memory */\n"
+        "    return 0;\n"
+        "}\n"
+    )
+    program = srt.add_program(build_inferlet(app, cache_dir=tmp_path).read_bytes())
+    result = srt.launch(program, []).wait(30)
+    assert not result.ok and "memory access out of bounds" in (result.error or "")
+    # The server keeps serving.
+    ok = tmp_path / "ok.c"
+    ok.write_text('#include "loom.h"\nLOOM_EXPORT(run) int32_t run(void) {\n'
+                  '    loom_send("fine", 4);\n    return 0;\n}\n')  # fmt: skip
+    h = srt.launch(srt.add_program(build_inferlet(ok, cache_dir=tmp_path).read_bytes()), [])
+    assert h.wait(30).ok and h.recv(5) == "fine"
+
+
+def test_native_build_errors_name_the_line(tmp_path: Path) -> None:
+    app = tmp_path / "broken.c"
+    app.write_text('#include "loom.h"\nint32_t run(void) { return missing; }\n')
+    with pytest.raises(BuildError, match=r"broken\.c:2:.*missing"):
+        build_inferlet(app, cache_dir=tmp_path)
