@@ -3,7 +3,7 @@
 (a) the built-in scheduler (``LLM.generate``), (b) a Python inferlet on the host fast
 path (``ctx.generate``: one call per completion), (c) a Python inferlet looping
 ``ctx.decode_step()`` (one forward call per token, the loop in the guest), (d) a C
-inferlet looping per token (not built yet: reported as n/a). Each at 1 and 32
+inferlet looping per token (``inferlets/c_completion``, the C ABI). Each at 1 and 32
 concurrent requests on the ~40M "small" model; greedy, end-of-sequence ignored, every
 system should produce the same tokens. The table shows the share of completions equal
 to (a)'s: in bfloat16, greedy decoding of random weights meets near-ties, and a different
@@ -64,6 +64,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
     ap.add_argument(
+        "--engine-threads", type=int, default=None,
+        help="torch threads of the runtime's engine process (default: as many as (a) uses)",
+    )  # fmt: skip
+    ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "programmability_tax.json"
     )
     args = ap.parse_args()
@@ -78,27 +82,34 @@ def main() -> None:
     path = model_dir(args.model, args.cache)
     print("building the text-completion inferlet (cached after the first time)...", file=sys.stderr)
     wasm = build_inferlet(ROOT / "inferlets" / "text_completion").read_bytes()
+    c_wasm = build_inferlet(ROOT / "inferlets" / "c_completion" / "app.c").read_bytes()
     kv_mb = 1024
     llm = LLM(str(path), dtype=args.dtype, kv_cache_memory_mb=kv_mb)
+    import torch
+
+    threads = args.engine_threads or torch.get_num_threads()
     rt = start_runtime(
         EngineConfig(model=str(path), dtype=args.dtype, kv_cache_memory_mb=kv_mb),
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
+        engine_threads=threads,
     )
     rows: list[dict[str, Any]] = []
     try:
         program = rt.add_program(wasm)
+        c_program = rt.add_program(c_wasm)
         tok = llm.tokenizer
         run_builtin(llm, 2, 4)  # warm-up of both systems
         run_inferlet(rt, program, 2, 4, "steps")
         for n in levels:
-            times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-            same = {"b": 0, "c": 0}
+            times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+            same = {"b": 0, "c": 0, "d": 0}
             for _ in range(args.runs):
                 wall, ref = run_builtin(llm, n, args.tokens)
                 times["a"].append(wall / args.tokens)
                 want = [tok.decode(r) for r in ref]
-                for key, mode in (("b", "fast"), ("c", "steps")):
-                    wall, texts = run_inferlet(rt, program, n, args.tokens, mode)
+                for key, prog, mode in (("b", program, "fast"), ("c", program, "steps"),
+                                        ("d", c_program, "")):  # fmt: skip
+                    wall, texts = run_inferlet(rt, prog, n, args.tokens, mode)
                     same[key] += sum(t == w for t, w in zip(texts, want, strict=True))
                     times[key].append(wall / args.tokens)
             row = {"concurrency": n, **{k: statistics.median(v) * 1e3 for k, v in times.items()},
@@ -109,17 +120,19 @@ def main() -> None:
     finally:
         rt.close()
 
-    print(f"\n{args.model} model ({args.dtype}), {args.tokens} new tokens, greedy; ms per output "
-          f"token (median of {args.runs}); ratio vs (a)\n")  # fmt: skip
+    print(f"\n{args.model} model ({args.dtype}), {args.tokens} new tokens, greedy; engine threads "
+          f"{threads} for every system; ms per output token (median of {args.runs}); ratio vs "
+          f"(a)\n")  # fmt: skip
     print(f"{'concurrent':>10} | {'(a) builtin':>11} | {'(b) fast path':>18} | "
-          f"{'(c) decode_step':>18} | {'(d) C loop':>10}")  # fmt: skip
-    print("-" * 80)
+          f"{'(c) decode_step':>18} | {'(d) C loop':>18}")  # fmt: skip
+    print("-" * 88)
     for r in rows:
-        b, c = r["b"] / r["a"], r["c"] / r["a"]
+        b, c, d = (r[k] / r["a"] for k in "bcd")
         print(f"{r['concurrency']:>10} | {r['a']:>11.1f} | {r['b']:>9.1f} ({b:>5.2f}x) | "
-              f"{r['c']:>9.1f} ({c:>5.2f}x) | {'n/a':>10}")  # fmt: skip
+              f"{r['c']:>9.1f} ({c:>5.2f}x) | {r['d']:>9.1f} ({d:>5.2f}x)")  # fmt: skip
     print("\nshare of completions equal to (a)'s: " + ", ".join(
-        f"{r['concurrency']}: (b) {r['same_text']['b']:.0%} (c) {r['same_text']['c']:.0%}"
+        f"{r['concurrency']}: (b) {r['same_text']['b']:.0%} (c) {r['same_text']['c']:.0%} "
+        f"(d) {r['same_text']['d']:.0%}"
         for r in rows))  # fmt: skip
     print("targets: (b) within 3% of (a); (c) within 15% of (a) at 32 concurrent")
     args.out.parent.mkdir(parents=True, exist_ok=True)
