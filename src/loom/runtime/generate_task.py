@@ -85,6 +85,9 @@ class GenerateTask:
                 return delta
         if len(self.tokens) >= self.stop.max_tokens:
             self.finish_reason = "length"
+            tail = self.detok.flush()  # an incomplete character at the very end, as the engine
+            self.text += tail
+            delta += tail
         return delta
 
     def last_page_len(self, page_size: int) -> int:
