@@ -46,3 +46,12 @@ def test_k_or_t_fires_on_whichever_comes_first() -> None:
     assert _decide("k_or_t", 4, waited_ms=0, idle=False)
     assert _decide("k_or_t", 1, waited_ms=11, idle=False)
     assert not _decide("k_or_t", 3, waited_ms=2, idle=True)
+
+
+def test_higher_priority_queues_come_first_then_by_age() -> None:
+    b = Batcher(RuntimeConfig())
+    qs = _queues(4, submitted_at=1.0)
+    qs[0].priority, qs[1].priority, qs[2].priority, qs[3].priority = 1, 0, 2, 1
+    for q in qs:
+        b.add_queue(q)
+    assert [q.owner for q in b.ready_heads()] == [2, 0, 3, 1]

@@ -207,3 +207,21 @@ def test_http_and_child_inferlets(srt: Any, sdkkit: str) -> None:
     finally:
         srt.config.http_allow_hosts = saved
         server.shutdown()
+
+
+def test_the_readme_example_runs_its_forks_together(srt: Any, tiny_dir: Any) -> None:
+    from pathlib import Path
+
+    from loom.runtime.runtime import RuntimeStats
+    from loom.sdk.build import build_inferlet
+
+    app = Path(__file__).resolve().parents[2] / "inferlets" / "fork_choices"
+    program = srt.add_program(build_inferlet(app).read_bytes())
+    free0 = free_pages(srt)
+    srt.query(lambda: setattr(srt, "stats", RuntimeStats()))
+    result, messages = run(srt, program, "A long prompt that fills more than one KV page, surely")
+    assert result.ok, result.error
+    assert messages and messages[-1].count("\n") >= 3  # four completions, newline-joined
+    sizes = list(srt.stats.batch_sizes)
+    assert sizes[0] == 1 and max(sizes) == 4  # the flush, then the four forks together
+    assert free_pages(srt) == free0

@@ -368,8 +368,15 @@ class Context:
 
     # ----- KV surgery -----
 
-    def mask_tokens(self, start: int, end: int) -> None:
-        """Hide tokens ``start..end`` (positions) from every later pass of this context."""
+    def mask_tokens(self, start: int | range, end: int | None = None) -> None:
+        """Hide tokens at positions ``start..end`` (or a ``range``) from every later pass
+        of this context."""
+        if isinstance(start, range):
+            if start.step != 1:
+                raise ValueError("mask_tokens takes a contiguous range")
+            start, end = start.start, start.stop
+        if end is None:
+            raise ValueError("mask_tokens needs an end (or a range)")
         self._check_open()
         if not 0 <= start <= end <= self.written:
             raise ValueError(f"mask range {start}..{end} is not within the written {self.written}")
