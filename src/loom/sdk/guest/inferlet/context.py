@@ -372,9 +372,10 @@ class Context:
         """Hide tokens at positions ``start..end`` (or a ``range``) from every later pass
         of this context."""
         if isinstance(start, range):
-            if start.step != 1:
+            span = start
+            if span.step != 1:
                 raise ValueError("mask_tokens takes a contiguous range")
-            start, end = start.start, start.stop
+            start, end = span.start, span.stop
         if end is None:
             raise ValueError("mask_tokens needs an end (or a range)")
         self._check_open()
