@@ -287,3 +287,29 @@ def test_an_inferlet_launches_a_child(rt: Any, testkit: str) -> None:
     assert rt.query(lambda: rt.store_kv.get("child-key")) == "from the child"
     bad = rt.launch(testkit, ["spawn", "no-such-program", "k", "v"]).wait(30)
     assert not bad.ok and "no-such-program" in (bad.error or "")
+
+
+def test_generation_chunks_in_the_worker_equal_step_by_step(rt: Any, testkit: str) -> None:
+    """Generations the worker continues on its own give the same tokens, text and pages
+    as one round trip per token, in fewer batches, and return unused pages."""
+    from loom.runtime.runtime import RuntimeStats
+
+    free0 = free_pages(rt)
+    outs = {}
+    saved = rt.config.generate_chunk
+    try:
+        for chunk in (0, 5):
+            rt.config.generate_chunk = chunk
+            rt.query(lambda: setattr(rt, "stats", RuntimeStats()))
+            handles = [rt.launch(testkit, ["generate", text, "23"])
+                       for text in ("Once upon a time", "The quick brown fox")]  # fmt: skip
+            assert all(h.wait(60).ok for h in handles)
+            outs[chunk] = ([json.loads(h.recv(5)) for h in handles], rt.stats.batches,
+                           rt.stats.continued_tokens)  # fmt: skip
+    finally:
+        rt.config.generate_chunk = saved
+    (plain, plain_batches, none), (chunked, chunked_batches, continued) = outs[0], outs[5]
+    assert none == 0 and continued > 0
+    assert chunked == plain
+    assert chunked_batches < plain_batches
+    assert free_pages(rt) == free0

@@ -75,12 +75,36 @@ class WorkerInfo:
 
 
 @dataclass
+class GenPlan:
+    """How the worker may go on generating one sequence of a batch by itself.
+
+    After the batch's step the sequence has ``kv_len`` slots written and its sampled
+    token (``batch.outputs[output]``) pending at ``position``. Each continued step feeds
+    that token, samples the next with ``sampler`` (its seed offset by the token count, as
+    the runtime's generation does) and stops at a token of ``stop_tokens`` or after
+    ``max_steps`` steps. ``pages`` (physical, in order) must hold every slot written."""
+
+    output: int
+    pages: list[int]
+    kv_len: int
+    position: int
+    sampler: SamplerSpec
+    seed_count: int  # tokens generated before the first continued step's sample
+    stop_tokens: frozenset[int]
+    max_steps: int
+    logit_mask: list[int] | None
+
+
+@dataclass
 class ExecuteOp:
     """Clear the slot state of ``fresh_pages``, then run ``batch``; the result is
-    ``list[OutputResult]`` in the order of ``batch.outputs``."""
+    ``list[OutputResult]`` in the order of ``batch.outputs``. With ``plans``, the worker
+    then continues those generations on its own (no round trip per token) and the result
+    is ``(results, tokens)``: the tokens each plan produced after the batch's step."""
 
     batch: ForwardBatch
     fresh_pages: list[int]
+    plans: list[GenPlan] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -208,6 +232,42 @@ class _OpRunner:
             eos_token_ids=tuple(dict.fromkeys(eos)),
         )
 
+    def _continue(self, results: list[OutputResult], plans: list[GenPlan]) -> list[list[int]]:
+        """Decode steps of the planned sequences, batched, until each stops."""
+        ps = self.page_size
+        last: list[int | None] = [results[p.output].token for p in plans]
+        out: list[list[int]] = [[] for _ in plans]
+        active = [i for i, p in enumerate(plans) if p.max_steps > 0
+                  and last[i] is not None and last[i] not in p.stop_tokens]  # fmt: skip
+        while active:
+            toks, pos, tables, lasts, outs = [], [], [], [], []
+            for j, i in enumerate(active):
+                p, k = plans[i], len(out[i])
+                written = p.kv_len + k + 1  # slots after this step
+                s = p.sampler
+                if s.seed is not None:  # the same per-token seed the runtime would use
+                    s = SamplerSpec(s.temperature, s.top_k, s.top_p, s.min_p,
+                                    (s.seed + p.seed_count + k) & 0xFFFFFFFFFFFFFFFF)  # fmt: skip
+                toks.append(int(last[i]))  # type: ignore[arg-type]
+                pos.append(p.position + k)
+                tables.append(p.pages[: -(-written // ps)])
+                lasts.append(written - ps * (len(tables[-1]) - 1))
+                outs.append(OutputSpec(j, s, 0, None, p.logit_mask))
+            batch = ForwardBatch(toks, pos, list(range(len(active) + 1)), tables, lasts, outs)
+            step = self.engine.execute(batch)
+            still = []
+            for j, i in enumerate(active):
+                tok = step[j].token
+                assert tok is not None
+                out[i].append(tok)
+                last[i] = tok
+                p = plans[i]
+                room = (len(p.pages) * ps) - (p.kv_len + len(out[i]) + 1)
+                if tok not in p.stop_tokens and len(out[i]) < p.max_steps and room >= 0:
+                    still.append(i)
+            active = still
+        return out
+
     def run(self, op: WorkerOp) -> object:
         """Execute one op; raise ``RequestError`` for anything wrong with its arguments."""
         cache = self.engine.runner.cache
@@ -225,7 +285,12 @@ class _OpRunner:
                 raise _request_error(e, "invalid forward batch") from e
             # ``execute`` validates again (a few microseconds): the engine's only
             # public entry, so its checks stay in one place.
-            return self.engine.execute(op.batch)
+            results = self.engine.execute(op.batch)
+            if not op.plans:
+                return results
+            for plan in op.plans:
+                self._check_pages(plan.pages)
+            return results, self._continue(results, op.plans)
         if isinstance(op, CopySlotsOp):
             self._check_pages([op.src_page, op.dst_page])
             if op.size < 0:
@@ -676,7 +741,7 @@ _WIRE_REDUCERS: dict[type, Callable[[Any], Any]] = {
     **copyreg.dispatch_table,
     **{
         cls: _positional_reducer(cls)
-        for cls in (ForwardBatch, OutputSpec, SamplerSpec, OutputResult, ExecuteOp)
+        for cls in (ForwardBatch, OutputSpec, SamplerSpec, OutputResult, ExecuteOp, GenPlan)
     },
 }
 

@@ -21,6 +21,11 @@ class RuntimeConfig:
     batch_t_ms: float = 16.0
     max_batch_tokens: int = 8192
 
+    # A batch of nothing but host-driven generations, while no guest can add work, lets
+    # the engine worker continue them for up to this many tokens without a round trip per
+    # token (0: one step per batch).
+    generate_chunk: int = 16
+
     # Per-instance limits.
     memory_limit_bytes: int = 256 << 20  # componentize-py guests start at ~12 MiB
     cpu_budget_s: float = 60.0  # guest CPU time on the runtime thread

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loom.config import EngineConfig
-from loom.engine.batch import ForwardBatch, OutputSpec
+from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec
 from loom.engine.page_pool import PagePool
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
@@ -47,6 +47,7 @@ from loom.runtime.engine_worker import (
     CopySlotsOp,
     EngineWorker,
     ExecuteOp,
+    GenPlan,
     SetLiveOp,
     start_worker,
 )
@@ -74,6 +75,7 @@ class RuntimeStats:
     loop_s: float = 0.0  # time of loop turns that did work
     spawned: int = 0
     spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    continued_tokens: int = 0  # tokens the worker generated on its own (generate chunks)
 
 
 @dataclass(eq=False)
@@ -81,6 +83,7 @@ class _Flight:
     """A batch in the engine: which command produced which slice of the outputs."""
 
     parts: list[tuple[Instance, CommandQueue, ForwardCmd | GenerateCmd, int, int]]
+    plans: dict[int, int] = field(default_factory=dict)  # part index -> plan index
 
 
 class Runtime:
@@ -535,6 +538,7 @@ class Runtime:
         masks: list[list[list[int]] | None] = []
         any_mask = False
         parts = []
+        taken_heads: list[CommandQueue] = []
         max_tokens = self.config.max_batch_tokens
         for q in heads:
             inst = self._owner(q)
@@ -544,6 +548,7 @@ class Runtime:
             if tokens and len(tokens) + _run_tokens(run) > max_tokens:
                 break
             taken = take_forward_run(q)
+            taken_heads.append(q)
             for cmd in taken:
                 try:
                     if isinstance(cmd, GenerateCmd):
@@ -588,13 +593,50 @@ class Runtime:
             outputs=outputs,
             masks=masks if any_mask else None,
         )
-        op_id = self.worker.submit(ExecuteOp(batch, self.pool.drain_fresh()))
-        self._flight[op_id] = _Flight(parts)
+        flight = _Flight(parts)
+        plans: list[GenPlan] = []
+        if len(taken_heads) == len(heads) and not self._runq and not self._inbox:
+            plans = self._plan_generations(flight)
+        op_id = self.worker.submit(ExecuteOp(batch, self.pool.drain_fresh(), plans))
+        self._flight[op_id] = flight
         self._batch_inflight = True
         self.stats.batches += 1
         self.stats.forward_cmds += len(parts)
         self.stats.batch_sizes.append(len(parts))
         return None
+
+    def _plan_generations(self, flight: _Flight) -> list[GenPlan]:
+        """When a batch holds only host-driven generations and nothing else can arrive
+        before it returns, let the worker go on with them for up to ``generate_chunk``
+        tokens (no round trip per token). Pages for those tokens are taken now, only if
+        free; a generation that stops early gives the spare ones back."""
+        chunk = self.config.generate_chunk
+        if chunk <= 0 or not all(isinstance(c, GenerateCmd) for _, _, c, _, _ in flight.parts):
+            return []
+        ps = self.page_size
+        plans: list[GenPlan] = []
+        for k, (inst, _, cmd, a, _) in enumerate(flight.parts):
+            task = cmd.task  # type: ignore[union-attr]
+            kv_after = task.kv_len + len(task.pending)
+            steps = min(chunk, task.stop.max_tokens - len(task.tokens) - 1)
+            if steps <= 0:
+                continue
+            extra = -(-(kv_after + steps) // ps) - len(task.pages)
+            if extra > 0:
+                if self.pool.can_allocate(extra):
+                    task.pages += inst.pages.adopt(self.pool.allocate(extra))
+                else:
+                    steps = len(task.pages) * ps - kv_after
+            if steps <= 0:
+                continue
+            flight.plans[k] = len(plans)
+            plans.append(GenPlan(
+                output=a, pages=inst.pages.physical(task.pages), kv_len=kv_after,
+                position=task.position + len(task.pending), sampler=task.sampler,
+                seed_count=len(task.tokens) + 1, stop_tokens=task.stop.stop_tokens,
+                max_steps=steps, logit_mask=task.logit_mask,
+            ))  # fmt: skip
+        return plans
 
     def _generate_inputs(self, inst: Instance, cmd: GenerateCmd) -> Any:
         task = cmd.task
@@ -615,9 +657,21 @@ class Runtime:
             self._batch_inflight = False
             self._complete(flight, result)
 
+    def _trim_pages(self, inst: Instance, task: Any) -> None:
+        """Give back pages a finished generation took ahead and did not fill."""
+        keep = max(1, -(-task.kv_len // self.page_size)) if task.pages else 0
+        spare = task.pages[keep:]
+        if spare:
+            del task.pages[keep:]
+            if inst.alive:
+                inst.pages.release(spare)
+
     def _complete(self, flight: _Flight, result: Any) -> None:
         failed = isinstance(result, BaseException)
-        for inst, q, cmd, a, b in flight.parts:
+        more: list[list[int]] = []
+        if flight.plans and not failed:
+            result, more = result
+        for k, (inst, q, cmd, a, b) in enumerate(flight.parts):
             if isinstance(cmd, ForwardCmd):
                 q.inflight -= 1
                 if failed:
@@ -632,15 +686,23 @@ class Runtime:
             if failed:
                 task.finish_reason = f"error: {result}"
             else:
-                delta = task.on_result(result[a])
-                if task.stream and delta:
-                    try:
-                        self.send_to_client(inst, delta)
-                    except HostCallError as e:
-                        self.kill(inst, str(e))
+                steps = [result[a]]
+                if k in flight.plans:  # the tokens the worker went on to generate
+                    steps += [OutputResult(token=t) for t in more[flight.plans[k]]]
+                    self.stats.continued_tokens += len(steps) - 1
+                for res in steps:
+                    delta = task.on_result(res)
+                    if task.stream and delta:
+                        try:
+                            self.send_to_client(inst, delta)
+                        except HostCallError as e:
+                            self.kill(inst, str(e))
+                    if task.finish_reason is not None:
+                        break  # later tokens the worker made are dropped (slots unused)
             if task.finish_reason is not None:
                 if q.peek() is cmd:
                     q.pop()
+                self._trim_pages(inst, task)
                 task.future.resolve(
                     wasm_ffi.Ok(
                         (
