@@ -225,3 +225,14 @@ def test_the_readme_example_runs_its_forks_together(srt: Any, tiny_dir: Any) -> 
     sizes = list(srt.stats.batch_sizes)
     assert sizes[0] == 1 and max(sizes) == 4  # the flush, then the four forks together
     assert free_pages(srt) == free0
+
+
+def test_tree_speculation_equals_greedy(srt: Any, sdkkit: str, tiny_dir: Any) -> None:
+    text = "The quick brown fox"
+    truth = _reference(srt, tiny_dir, text, 17)
+    result, messages = run(srt, sdkkit, "spec_tree", text, json.dumps(truth[:16]))
+    assert result.ok, result.error
+    out = json.loads(messages[-1])
+    assert out["tokens"] == truth[:16]
+    assert out["after"] == truth[16]
+    assert out["passes"] < 10 and out["accepted"] > 0  # several tokens per pass

@@ -175,3 +175,12 @@ def test_incremental_text_never_splits_a_character() -> None:
 
     text = _kv.IncrementalText(decode)
     assert [text.push(i) for i in (1, 2, 3)] == ["caf", "", "é!"]
+
+
+def test_draft_trees_and_brle_rows() -> None:
+    assert _kv.draft_tree([5, 6, 7]) == [(5, -1), (6, 0), (7, 1)]
+    assert _kv.draft_tree([(5, -1), (6, -1), (7, 1)]) == [(5, -1), (6, -1), (7, 1)]
+    with pytest.raises(ValueError):
+        _kv.draft_tree([(5, 1)])
+    assert _kv.encode_brle([False, False, True, True, False]) == [2, 2, 1]
+    assert _kv.encode_brle([True]) == [0, 1]

@@ -111,6 +111,47 @@ async def spec(args):
     )
 
 
+class TreeDrafter:
+    """Each call proposes a tree: two guesses per level, the true token second, so the
+    accepted path is never the first nodes in draft order (its KV is re-fed)."""
+
+    def __init__(self, prompt_len, truth, depth):
+        self.prompt_len, self.truth, self.depth = prompt_len, truth, depth
+        self.calls, self.accepted = 0, 0
+
+    def draft(self, tokens):
+        self.calls += 1
+        done = len(tokens) - self.prompt_len
+        nodes, parent = [], -1
+        for tok in self.truth[done : done + self.depth]:
+            nodes.append(((tok + 7) % 50, parent))  # a wrong sibling first
+            nodes.append((tok, parent))
+            parent = len(nodes) - 1
+        return nodes
+
+    def feedback(self, accepted, proposed):
+        self.accepted += accepted
+
+
+async def spec_tree(args):
+    truth = json.loads(args[1])
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    drafter = TreeDrafter(len(ctx.tokens), truth, 3)
+    first = await ctx.decode_step()
+    out = await ctx.generate_speculative(drafter, len(truth) - 1)
+    after = await ctx.decode_step()
+    ctx.release()
+    return json.dumps(
+        {
+            "tokens": [first, *out],
+            "after": after,
+            "passes": drafter.calls,
+            "accepted": drafter.accepted,
+        }
+    )
+
+
 async def sink(args):
     """Attention sink: 4 sink tokens + a window of pages; the KV stays bounded."""
     ctx = inferlet.get_model().create_context()
@@ -202,6 +243,7 @@ async def net(args):
 
 SCENARIOS = {
     "net": net,
+    "spec_tree": spec_tree,
     "steps": steps,
     "fast": fast,
     "forks": forks,

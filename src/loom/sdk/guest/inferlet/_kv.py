@@ -7,6 +7,9 @@ context holding it releases it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 def pages_for(tokens: int, page_size: int) -> int:
     """Pages that hold ``tokens`` slots."""
@@ -63,3 +66,32 @@ class IncrementalText:
         piece = text[self._emitted :]
         self._emitted = len(text)
         return piece
+
+
+def encode_brle(mask: list[bool]) -> list[int]:
+    """Run lengths of ``mask`` (true = masked out), starting with a run of false."""
+    runs: list[int] = []
+    current, count = False, 0
+    for bit in mask:
+        if bit == current:
+            count += 1
+        else:
+            runs.append(count)
+            current, count = bit, 1
+    runs.append(count)
+    return runs
+
+
+def draft_tree(draft: Iterable[Any]) -> list[tuple[int, int]]:
+    """A drafter's chain (``[t, ...]``) or tree (``[(t, parent), ...]``) as tree nodes
+    ``(token, parent)``; a parent must come before its child (-1: the root)."""
+    nodes: list[tuple[int, int]] = []
+    for i, item in enumerate(draft):
+        if isinstance(item, (tuple, list)):
+            tok, par = int(item[0]), int(item[1])
+        else:
+            tok, par = int(item), i - 1
+        if not -1 <= par < i:
+            raise ValueError(f"draft node {i}: parent {par} must come before it (or be -1)")
+        nodes.append((tok, par))
+    return nodes

@@ -24,8 +24,9 @@ from inferlet.stop import Stop, as_stop
 class Drafter(Protocol):
     """Proposes tokens for ``generate_speculative`` to verify."""
 
-    def draft(self, tokens: list[int]) -> list[int]:
-        """Guesses for the tokens that follow ``tokens`` (may be empty)."""
+    def draft(self, tokens: list[int]) -> list[int] | list[tuple[int, int]]:
+        """Guesses for what follows ``tokens``: a chain of tokens, or a tree of
+        ``(token, parent index)`` nodes (parent -1: the root); may be empty."""
         ...
 
     def feedback(self, accepted: int, proposed: int) -> None:
@@ -132,10 +133,6 @@ class Context:
             fp.output_token(last, _wit_sampler(arg))
         elif outputs == "distribution":
             fp.output_distribution(last, arg)
-        elif outputs == "tokens":  # a token at each of the last `arg` inputs (verification)
-            greedy = _wit_sampler(Greedy())
-            for i in range(len(pending) - arg, len(pending)):
-                fp.output_token(i, greedy)
         self.slot_pos += range(self.written, end)
         self.written = end
         return fp.execute()
@@ -303,34 +300,43 @@ class Context:
     async def generate_speculative(self, drafter: Drafter, max_tokens: int) -> list[int]:
         """Greedy generation verified against a drafter's guesses; returns the new tokens.
 
-        Each step feeds the pending token plus the drafter's proposal in one pass and asks
-        for the model's greedy token after each of them; the longest agreeing prefix is
-        kept, plus the model's own next token, so the output equals plain greedy decoding
-        while a good drafter makes several tokens per pass. Rejected draft slots are
-        simply left beyond the KV length and overwritten later."""
+        A draft is a chain (``list[int]``) or a tree (``list[(token, parent)]``, parent
+        -1 for the root, parents listed before children). Each step feeds the pending
+        tokens plus every draft node in one pass, each node attending only to its own
+        ancestors (an attention mask), and asks for the model's greedy token after each.
+        The path of drafts the model agrees with is kept, plus the model's own next
+        token, so the output equals plain greedy decoding while a good drafter yields
+        several tokens per pass. KV of the accepted nodes stored in draft order is kept;
+        the rest is re-fed with the next pass."""
         await self._follow()
         out: list[int] = []
         while len(out) < max_tokens:
-            draft = [int(t) for t in drafter.draft(list(self.tokens))][: max_tokens - len(out)]
+            nodes = _kv.draft_tree(drafter.draft(list(self.tokens)))
             base_written, base_slots, n_pending = self.written, self.kv_len, len(self.pending)
             if not n_pending:
                 raise ValueError("nothing to continue from: fill tokens first")
-            self.tokens += draft
-            res = unwrap(await wait_for(self._submit("tokens", len(draft) + 1)))
+            res = unwrap(await wait_for(self._submit_tree(nodes)))
             self._check_flushes()
-            model_toks = [int(t) for t in res.tokens]
-            accepted = 0
-            while accepted < len(draft) and draft[accepted] == model_toks[accepted]:
-                accepted += 1
-            new = [*draft[:accepted], model_toks[accepted]]
-            # Keep the KV of the pending tokens and the accepted drafts; the model's next
-            # token becomes the pending one.
-            del self.tokens[base_written + n_pending + accepted :]
-            self.slot_pos = self.slot_pos[: base_slots + n_pending + accepted]
-            self.written = base_written + n_pending + accepted
-            self.tokens.append(new[-1])
+            preds = [int(t) for t in res.tokens]  # after the last pending token, then per node
+            path: list[int] = []  # accepted node indices, root to leaf
+            pred, parent = preds[0], -1
+            while True:
+                child = next((i for i, (tok, par) in enumerate(nodes)
+                              if par == parent and tok == pred), None)  # fmt: skip
+                if child is None:
+                    break
+                path.append(child)
+                pred, parent = preds[1 + child], child
+            new = [nodes[i][0] for i in path] + [pred]
+            stored = 0  # accepted nodes whose slots sit right after the pending tokens
+            while stored < len(path) and path[stored] == stored:
+                stored += 1
+            self.slot_pos = self.slot_pos[: base_slots + n_pending + stored]
+            self.written = base_written + n_pending + stored
+            del self.tokens[base_written + n_pending :]
+            self.tokens += new
             out += new
-            drafter.feedback(accepted, len(draft))
+            drafter.feedback(len(path), len(nodes))
         extra = len(out) - max_tokens
         if extra > 0:  # the last step may overshoot: give the surplus back
             del out[max_tokens:]
@@ -341,6 +347,47 @@ class Context:
                 self.slot_pos = self.slot_pos[: len(self.slot_pos) - cut]
                 self.written = keep - 1
         return out
+
+    def _submit_tree(self, nodes: list[tuple[int, int]]) -> Any:
+        """One pass over the pending tokens and a draft tree (greedy outputs after the
+        last pending token and after every node); slots of all of them are appended."""
+        self._check_open()
+        pending = self.pending
+        vocab = self.model.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t, _ in nodes):
+            raise ValueError("draft token out of range")
+        n_p, ctx = len(pending), self.kv_len
+        depth: list[int] = []
+        for _, par in nodes:
+            depth.append(0 if par < 0 else depth[par] + 1)
+        base = self.written + n_p  # position of the first draft level
+        positions = list(range(self.written, self.written + n_p)) + [base + d for d in depth]
+        if max(positions) >= self.model.max_model_len:
+            raise ValueError("the draft runs past the model's context length")
+        rows = [[ctx + j + 1] for j in range(n_p)]
+        for i in range(len(nodes)):
+            keep = {i}
+            par = nodes[i][1]
+            while par >= 0:
+                keep.add(par)
+                par = nodes[par][1]
+            masked = [k not in keep for k in range(i + 1)]
+            rows.append(_kv.encode_brle([False] * (ctx + n_p) + masked))
+        slots = ctx + n_p + len(nodes)
+        self._grow(slots)
+        fp = forward.ForwardPass(self.queue)
+        fp.input(pending + [t for t, _ in nodes], positions)
+        fp.kv_pages(
+            self.pages[: _kv.pages_for(slots, self.page_size)],
+            _kv.last_page_len(slots, self.page_size),
+        )
+        if nodes:
+            fp.attention_mask(rows)
+        greedy = _wit_sampler(Greedy())
+        for idx in range(n_p - 1, n_p + len(nodes)):
+            fp.output_token(idx, greedy)
+        self.slot_pos += positions
+        return fp.execute()
 
     # ----- sharing -----
 
