@@ -11,21 +11,10 @@ from typing import Any
 import pytest
 
 from loom import LLM, SamplingParams
+from tests.runtime_helpers import free_pages
+from tests.runtime_helpers import run_inferlet as run
 
 CTX = [10 + i for i in range(32)]  # two full pages of context
-
-
-def run(rt: Any, program: str, *args: str, timeout: float = 60) -> tuple[Any, list[str]]:
-    h = rt.launch(program, list(args))
-    result = h.wait(timeout)
-    messages = []
-    while not h.messages.empty():
-        messages.append(h.messages.get())
-    return result, messages
-
-
-def free_pages(rt: Any) -> int:
-    return int(rt.query(lambda: rt.pool.num_free))
 
 
 def test_hello_reports_its_instance_id(rt: Any, testkit: str) -> None:
@@ -211,14 +200,14 @@ def test_a_thousand_concurrent_inferlets_all_finish_correctly(
             h = rt.launch(program, ["decode", p, str(steps)])
             assert h.wait(120).ok
             solo[p] = json.loads(h.recv(1))
-        free0 = rt.query(lambda: rt.pool.num_free)
+        free0 = free_pages(rt)
         handles = [rt.launch(program, ["decode", p, str(steps)]) for p in prompts]
         results = [h.wait(1200) for h in handles]
         assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
         for p, h in zip(prompts, handles, strict=True):
             assert json.loads(h.recv(1)) == solo[p]
         assert max(rt.stats.batch_sizes) > 100  # they really ran together
-        assert rt.query(lambda: rt.pool.num_free) == free0
+        assert free_pages(rt) == free0
     finally:
         rt.close()
 

@@ -9,6 +9,7 @@ import pytest
 
 from loom import LLM, SamplingParams
 from loom.sdk.build import BuildError, build_inferlet
+from tests.runtime_helpers import free_pages
 
 INFERLETS = Path(__file__).resolve().parents[2] / "inferlets"
 
@@ -25,7 +26,7 @@ def native_programs(srt: Any) -> dict[str, str]:
 def test_native_completion_equals_the_engine(
     srt: Any, native_programs: dict[str, str], tiny_dir: Any, lang: str
 ) -> None:
-    free0 = srt.query(lambda: srt.pool.num_free)
+    free0 = free_pages(srt)
     text = "Once upon a time there"
     h = srt.launch(native_programs[lang], [text, "12"])
     result = h.wait(60)
@@ -35,7 +36,7 @@ def test_native_completion_equals_the_engine(
         [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     )[0]
     assert h.recv(5) == srt.tokenizer.decode(ref.token_ids)
-    assert srt.query(lambda: srt.pool.num_free) == free0
+    assert free_pages(srt) == free0
 
 
 def test_native_errors_are_clear(srt: Any, native_programs: dict[str, str]) -> None:

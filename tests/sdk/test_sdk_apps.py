@@ -6,19 +6,8 @@ import json
 from typing import Any
 
 from loom import LLM, SamplingParams
-
-
-def run(rt: Any, program: str, *args: str) -> tuple[Any, list[str]]:
-    h = rt.launch(program, list(args))
-    result = h.wait(120)
-    messages = []
-    while not h.messages.empty():
-        messages.append(h.messages.get())
-    return result, messages
-
-
-def free_pages(rt: Any) -> int:
-    return int(rt.query(lambda: rt.pool.num_free))
+from tests.runtime_helpers import free_pages
+from tests.runtime_helpers import run_inferlet as run
 
 
 def _reference(rt: Any, tiny_dir: Any, text: str, n: int) -> list[int]:

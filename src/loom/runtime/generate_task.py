@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.engine.batch import OutputSpec, SamplerSpec
 from loom.models.detokenizer import IncrementalDetokenizer
 from loom.models.tokenizer import Tokenizer
 from loom.runtime.futures import HostFuture
@@ -62,13 +62,12 @@ class GenerateTask:
         out = OutputSpec(index=n - 1, sampler=sampler, logit_mask=self.logit_mask)
         return list(self.pending), positions, last, out
 
-    def on_result(self, res: OutputResult) -> str:
+    def on_token(self, tok: int) -> str:
         """Take one step's sampled token; returns the new text (for streaming)."""
-        assert res.token is not None and self.detok is not None
+        assert self.detok is not None
         n = len(self.pending)
         self.kv_len += n
         self.position += n
-        tok = res.token
         self.tokens.append(tok)
         self.pending = [tok]
         if tok in self.stop.stop_tokens:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loom.config import EngineConfig
-from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec
+from loom.engine.batch import ForwardBatch, OutputSpec
 from loom.engine.page_pool import PagePool
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
@@ -686,12 +686,14 @@ class Runtime:
             if failed:
                 task.finish_reason = f"error: {result}"
             else:
-                steps = [result[a]]
+                first = result[a].token
+                assert first is not None
+                steps = [first]
                 if k in flight.plans:  # the tokens the worker went on to generate
-                    steps += [OutputResult(token=t) for t in more[flight.plans[k]]]
+                    steps += more[flight.plans[k]]
                     self.stats.continued_tokens += len(steps) - 1
-                for res in steps:
-                    delta = task.on_result(res)
+                for tok in steps:
+                    delta = task.on_token(tok)
                     if task.stream and delta:
                         try:
                             self.send_to_client(inst, delta)

@@ -48,7 +48,10 @@ class WasmError(Exception):
 
 
 def _raise_error(err: Any, what: str) -> None:
+    """Raise for a non-null ``wasmtime_error_t*`` (a typed pointer or a plain address)."""
     if err:
+        if isinstance(err, int):
+            err = ctypes.cast(err, POINTER(ffi.wasmtime_error_t))
         raise WasmError(f"{what}: {wasmtime.WasmtimeError._from_ptr(err)}")
 
 
@@ -436,17 +439,13 @@ class ComponentLinker:
                             ip, b, len(b), self.resources.get(rname).ptr(),
                             _fn_address(_dtor_trampoline), idx, _NO_FINALIZER_FN,
                         )  # fmt: skip
-                        if err:
-                            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)),
-                                         f"define resource {rname}")  # fmt: skip
+                        _raise_error(err, f"define resource {rname}")
                     for fname, idx, is_async in self._funcs.get(iface, []):
                         b = fname.encode()
                         add = _add_func_async if is_async else _add_func
                         tramp = _async_trampoline if is_async else _sync_trampoline
                         err = add(ip, b, len(b), _fn_address(tramp), idx, _NO_FINALIZER_FN)
-                        if err:
-                            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)),
-                                         f"define {iface}#{fname}")  # fmt: skip
+                        _raise_error(err, f"define {iface}#{fname}")
 
 
 class GuestStore:
@@ -720,8 +719,7 @@ class CoreLinker:
             self.linker.ptr(), m, len(m), n, len(n), ftype.ptr(), _CORE_TRAMPOLINE_FN,
             len(_CORE_FUNCS) - 1, _NO_FINALIZER_FN,
         )  # fmt: skip
-        if err:
-            _raise_error(ctypes.cast(err, POINTER(ffi.wasmtime_error_t)), f"define {module}.{name}")
+        _raise_error(err, f"define {module}.{name}")
 
     def add_async_func(self, module: str, name: str, fn: Callable[[int], Pending | int]) -> None:
         """An ``(i32) -> i32`` import calling ``fn(arg)`` (measurements and tests)."""

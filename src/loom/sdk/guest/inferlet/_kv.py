@@ -69,7 +69,10 @@ class IncrementalText:
 
 
 def encode_brle(mask: list[bool]) -> list[int]:
-    """Run lengths of ``mask`` (true = masked out), starting with a run of false."""
+    """Run lengths of ``mask`` (true = masked out), starting with a run of false.
+
+    The same encoding as ``loom.engine.masks.encode_brle``; the guest cannot import the
+    server package, so the SDK carries its own copy."""
     runs: list[int] = []
     current, count = False, 0
     for bit in mask:

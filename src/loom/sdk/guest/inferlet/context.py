@@ -110,31 +110,46 @@ class Context:
             self.pages += new
 
     def _submit(self, outputs: str, arg: Any = None) -> Any:
-        """Queue a pass over the pending tokens; returns its forward-result."""
-        self._check_open()
+        """Queue a pass over the pending tokens with ``outputs`` ("none", "token" with a
+        sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result."""
         pending = self.pending
-        if not pending:
+        wanted = [] if outputs == "none" else [(len(pending) - 1, outputs, arg)]
+        fut = self._pass(pending, list(range(self.written, len(self.tokens))), None, wanted)
+        self.written = len(self.tokens)
+        return fut
+
+    def _pass(
+        self,
+        inputs: list[int],
+        positions: list[int],
+        rows: list[list[int]] | None,
+        outputs: list[tuple[int, str, Any]],
+    ) -> Any:
+        """Queue one forward pass writing a slot per input after the current KV; returns
+        its forward-result. ``rows``: BRLE attention rows (None: causal)."""
+        self._check_open()
+        if not self.pending:
             raise ValueError("nothing to process: fill tokens first")
-        end = len(self.tokens)
-        if end > self.model.max_model_len:
+        if max(positions) >= self.model.max_model_len:
             raise ValueError(
-                f"position {end} exceeds the context length {self.model.max_model_len}"
+                f"position {max(positions)} is past the context length {self.model.max_model_len}"
             )
-        slots = self.kv_len + len(pending)
+        slots = self.kv_len + len(inputs)
         self._grow(slots)
         fp = forward.ForwardPass(self.queue)
-        fp.input(pending, list(range(self.written, end)))
+        fp.input(inputs, positions)
         fp.kv_pages(
             self.pages[: _kv.pages_for(slots, self.page_size)],
             _kv.last_page_len(slots, self.page_size),
         )
-        last = len(pending) - 1
-        if outputs == "token":
-            fp.output_token(last, _wit_sampler(arg))
-        elif outputs == "distribution":
-            fp.output_distribution(last, arg)
-        self.slot_pos += range(self.written, end)
-        self.written = end
+        if rows is not None:
+            fp.attention_mask(rows)
+        for index, kind, arg in outputs:
+            if kind == "token":
+                fp.output_token(index, _wit_sampler(arg))
+            else:
+                fp.output_distribution(index, arg)
+        self.slot_pos += positions
         return fp.execute()
 
     async def _follow(self) -> None:
@@ -349,9 +364,8 @@ class Context:
         return out
 
     def _submit_tree(self, nodes: list[tuple[int, int]]) -> Any:
-        """One pass over the pending tokens and a draft tree (greedy outputs after the
-        last pending token and after every node); slots of all of them are appended."""
-        self._check_open()
+        """One pass over the pending tokens and a draft tree, each node attending to its
+        ancestors only; greedy outputs after the last pending token and every node."""
         pending = self.pending
         vocab = self.model.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t, _ in nodes):
@@ -361,9 +375,7 @@ class Context:
         for _, par in nodes:
             depth.append(0 if par < 0 else depth[par] + 1)
         base = self.written + n_p  # position of the first draft level
-        positions = list(range(self.written, self.written + n_p)) + [base + d for d in depth]
-        if max(positions) >= self.model.max_model_len:
-            raise ValueError("the draft runs past the model's context length")
+        positions = list(range(self.written, base)) + [base + d for d in depth]
         rows = [[ctx + j + 1] for j in range(n_p)]
         for i in range(len(nodes)):
             keep = {i}
@@ -373,21 +385,10 @@ class Context:
                 par = nodes[par][1]
             masked = [k not in keep for k in range(i + 1)]
             rows.append(_kv.encode_brle([False] * (ctx + n_p) + masked))
-        slots = ctx + n_p + len(nodes)
-        self._grow(slots)
-        fp = forward.ForwardPass(self.queue)
-        fp.input(pending + [t for t, _ in nodes], positions)
-        fp.kv_pages(
-            self.pages[: _kv.pages_for(slots, self.page_size)],
-            _kv.last_page_len(slots, self.page_size),
-        )
-        if nodes:
-            fp.attention_mask(rows)
-        greedy = _wit_sampler(Greedy())
-        for idx in range(n_p - 1, n_p + len(nodes)):
-            fp.output_token(idx, greedy)
-        self.slot_pos += positions
-        return fp.execute()
+        greedy = Greedy()
+        outputs = [(idx, "token", greedy) for idx in range(n_p - 1, n_p + len(nodes))]
+        return self._pass(pending + [t for t, _ in nodes], positions,
+                          rows if nodes else None, outputs)  # fmt: skip
 
     # ----- sharing -----
 
