@@ -7,9 +7,11 @@ so a Python inferlet pays one guest call per generation instead of several per t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from loom.engine.batch import OutputSpec, SamplerSpec
+from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
 from loom.models.detokenizer import IncrementalDetokenizer
 from loom.models.tokenizer import Tokenizer
 from loom.runtime.futures import HostFuture
@@ -38,6 +40,13 @@ class GenerateTask:
     text: str = ""
     finish_reason: str | None = None
     detok: IncrementalDetokenizer | None = None
+    # Host-side users (the OpenAI API) ask for logprobs per generated token (None: none,
+    # 0: the chosen token's, k: plus the k most likely) and get each step's text and the
+    # end through callbacks instead of a guest future.
+    logprobs: int | None = None
+    outputs: list[OutputResult] = field(default_factory=list)  # per token, with logprobs
+    on_delta: Callable[[str, int], None] | None = None  # (new text, token) per token
+    on_finish: Callable[[GenerateTask], Any] | None = None
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)
@@ -59,7 +68,9 @@ class GenerateTask:
                 sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p,
                 (sampler.seed + len(self.tokens)) & 0xFFFFFFFFFFFFFFFF,
             )  # fmt: skip
-        out = OutputSpec(index=n - 1, sampler=sampler, logit_mask=self.logit_mask)
+        out = OutputSpec(
+            index=n - 1, sampler=sampler, logprobs=self.logprobs, logit_mask=self.logit_mask
+        )
         return list(self.pending), positions, last, out
 
     def on_token(self, tok: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +26,22 @@ class InstanceResult:
     tokens: int
 
 
-class InstanceHandle:
-    """The client's side of an instance; safe to use from any thread."""
+EventListener = Callable[[str, Any], None]
 
-    def __init__(self, instance_id: str, post: Any) -> None:
+
+class InstanceHandle:
+    """The client's side of an instance; safe to use from any thread.
+
+    Without a ``listener``, messages the instance sends queue up in ``messages``. With one,
+    every event is handed to it on the runtime thread as ``(kind, payload)``: ``("message",
+    str)``, ``("log", (level, str))`` and finally ``("end", InstanceResult)``. The listener
+    must not block (the server hops each event onto its event loop).
+    """
+
+    def __init__(self, instance_id: str, post: Any, listener: EventListener | None = None) -> None:
         self.id = instance_id
         self._post = post  # runtime inbox poster
+        self.listener = listener
         self.messages: queue.Queue[str] = queue.Queue()
         self.result: InstanceResult | None = None
         self.launched_at = time.perf_counter()
@@ -58,6 +69,8 @@ class InstanceHandle:
         self.finished_at = time.perf_counter()
         self.result = result
         self._done.set()
+        if self.listener is not None:
+            self.listener("end", result)
 
     @property
     def done(self) -> bool:
@@ -88,3 +101,4 @@ class Instance:
     spawned_at: float = 0.0
     submitted: bool = False  # queued forward work during its current time slice
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)
+    job: Any = None  # a host-driven completion (no guest code) when set

@@ -27,9 +27,10 @@ from typing import Any, Literal
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputSpec
 from loom.engine.page_pool import PagePool
+from loom.engine.prefix_cache import PrefixCache
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
-from loom.runtime import wasm_ffi
+from loom.runtime import completions, wasm_ffi
 from loom.runtime.batcher import Batcher, take_forward_run
 from loom.runtime.commands import (
     AllocateCmd,
@@ -43,6 +44,7 @@ from loom.runtime.commands import (
     SyncCmd,
     UnexportCmd,
 )
+from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.engine_worker import (
     CopySlotsOp,
     EngineWorker,
@@ -54,7 +56,7 @@ from loom.runtime.engine_worker import (
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.host.forward_api import forward_output
 from loom.runtime.host_core import register_core
-from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
+from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
 from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
@@ -116,6 +118,9 @@ class Runtime:
         self.topics: dict[str, list[tuple[Instance, Stream]]] = {}
         self.channels: dict[str, Mailbox] = {}
         self.stats = RuntimeStats()
+        # Full pages of finished host completions, matched by later prompts; the pool's
+        # reclaimer, so cached pages are given back whenever allocation runs short.
+        self.prefix_cache = PrefixCache(self.pool)
 
         self.wasm = WasmEngine()
         self.programs = ProgramCache(self.wasm, cache_dir)
@@ -155,11 +160,24 @@ class Runtime:
         with self._lock:
             return self.programs.add(wasm)
 
-    def launch(self, program: str, arguments: list[str] | None = None) -> InstanceHandle:
+    def launch(
+        self,
+        program: str,
+        arguments: list[str] | None = None,
+        listener: EventListener | None = None,
+    ) -> InstanceHandle:
+        """Start an instance of an added program. ``listener`` receives its events on the
+        runtime thread (see ``InstanceHandle``); without one, messages queue on the handle."""
         if program not in self.programs:
             raise KeyError(f"no program with hash {program}; add it first")
-        handle = InstanceHandle(uuid.uuid4().hex[:12], self._post)
+        handle = InstanceHandle(uuid.uuid4().hex[:12], self._post, listener)
         self._post(("launch", handle, program, list(arguments or [])))
+        return handle
+
+    def submit_completion(self, request: CompletionRequest) -> CompletionHandle:
+        """Queue a host-driven generation (no guest); its steps batch with inferlet work."""
+        handle = completions.new_handle(self._post)
+        self._post(("completion", handle.id, request))
         return handle
 
     def start(self) -> Runtime:
@@ -261,6 +279,8 @@ class Runtime:
                     self.kill(inst, item[2])
             elif kind == "call":
                 item[1]()
+            elif kind == "completion":
+                completions.start_completion(self, self.prefix_cache, item[1], item[2])
 
     def _spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> None:
         if len(self.instances) >= self.config.max_instances:
@@ -272,7 +292,7 @@ class Runtime:
             slice_ticks=1,
         )
         inst = Instance(
-            seq=next(self._seq),
+            seq=self.next_seq(),
             id=handle.id,
             program=program,
             arguments=args,
@@ -281,9 +301,7 @@ class Runtime:
             handle=handle,
             spawned_at=time.perf_counter(),
         )
-        self.instances[inst.id] = inst
-        self.by_ctx[store.key] = inst
-        self.by_seq[inst.seq] = inst
+        self.register_instance(inst)
         if self.programs.is_core(program):
             # A native inferlet instantiates at once (no start code runs); `run` next.
             try:
@@ -299,6 +317,18 @@ class Runtime:
             inst.call = wasm_ffi.instantiate_async(self.linker, store, self.programs.get(program))
         self.stats.spawned += 1
         self._make_runnable(inst)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def register_instance(self, inst: Instance) -> None:
+        self.instances[inst.id] = inst
+        self.by_ctx[inst.store.key] = inst
+        self.by_seq[inst.seq] = inst
+
+    def end_instance(self, inst: Instance, ok: bool, error: str | None) -> None:
+        """End an instance now (runtime thread, outside a guest call)."""
+        self._end(inst, ok, error)
 
     def _make_runnable(self, inst: Instance) -> None:
         if inst.alive and not inst.queued:
@@ -397,6 +427,8 @@ class Runtime:
         self.by_ctx.pop(inst.store.key, None)
         self.by_seq.pop(inst.seq, None)
         self.instances.pop(inst.id, None)
+        if inst.job is not None:
+            completions.on_instance_end(inst, error)
         inst.handle._finish(InstanceResult(inst.id, ok, error, inst.cpu_s, inst.tokens))
 
     # ===== instance lookups for host functions =====
@@ -413,6 +445,10 @@ class Runtime:
                 f"message of {len(message.encode())} bytes exceeds the cap of "
                 f"{self.config.max_message_bytes}"
             )
+        listener = inst.handle.listener
+        if listener is not None:
+            listener("message", message)
+            return
         if inst.handle.messages.qsize() >= self.config.max_pending_messages:
             raise HostCallError(
                 f"more than {self.config.max_pending_messages} unread messages to the client"
@@ -617,6 +653,8 @@ class Runtime:
         plans: list[GenPlan] = []
         for k, (inst, _, cmd, a, _) in enumerate(flight.parts):
             task = cmd.task  # type: ignore[union-attr]
+            if task.logprobs is not None:
+                continue  # the worker's continuation returns tokens only
             kv_after = task.kv_len + len(task.pending)
             steps = min(chunk, task.stop.max_tokens - len(task.tokens) - 1)
             if steps <= 0:
@@ -688,13 +726,17 @@ class Runtime:
             else:
                 first = result[a].token
                 assert first is not None
+                if task.logprobs is not None:
+                    task.outputs.append(result[a])
                 steps = [first]
                 if k in flight.plans:  # the tokens the worker went on to generate
                     steps += more[flight.plans[k]]
                     self.stats.continued_tokens += len(steps) - 1
                 for tok in steps:
                     delta = task.on_token(tok)
-                    if task.stream and delta:
+                    if task.on_delta is not None:
+                        task.on_delta(delta, tok)
+                    elif task.stream and delta:
                         try:
                             self.send_to_client(inst, delta)
                         except HostCallError as e:
@@ -716,6 +758,8 @@ class Runtime:
                         )
                     )
                 )
+                if task.on_finish is not None:
+                    task.on_finish(task)
 
 
 def _peek_run(q: CommandQueue) -> list[Any]:

@@ -14,12 +14,17 @@ if TYPE_CHECKING:
 NAME = iface("log")
 LEVEL = enum("debug", "info", "warning", "error")
 _LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+_NAMES = ("debug", "info", "warning", "error")
 logger = logging.getLogger("loom.inferlet")
 
 
 def register(linker: ComponentLinker, rt: Runtime) -> None:
     def log(key: int, level: int, message: str) -> None:
         inst = rt.caller(key)
-        logger.log(_LEVELS[level], "[%s] %s", inst.id, message[: rt.config.max_message_bytes])
+        text = message[: rt.config.max_message_bytes]
+        logger.log(_LEVELS[level], "[%s] %s", inst.id, text)
+        listener = inst.handle.listener
+        if listener is not None:
+            listener("log", (_NAMES[level], text))
 
     linker.add_func(NAME, "log", [LEVEL, STRING], None, log)
