@@ -1,4 +1,4 @@
-"""The ``loom`` command line: ``generate | build | new | model make-tiny | model info``."""
+"""The ``loom`` command line: ``serve | run | ps | kill | generate | build | new | model``."""
 
 from __future__ import annotations
 
@@ -112,10 +112,81 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from loom.errors import LoomError
+    from loom.server.settings import field_names, load_settings
+
+    overrides = {name: getattr(args, name, None) for name in field_names()}
+    overrides["api_keys"] = args.api_key or None
+    try:
+        settings = load_settings(args.config, overrides)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    from loom.server.app import serve
+
+    try:
+        return serve(settings)
+    except LoomError as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model: inferlets over WebSocket, the OpenAI API over HTTP",
+        description="Start the engine, the inferlet runtime and the HTTP/WebSocket server. "
+        "Every flag is also a key of the --config TOML file (flags win).",
+    )
+    # Defaults are None here so that a config file's value is not overridden by a default.
+    serve.add_argument("--model", help="HF model directory, or 'tiny' (default)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--config", help="TOML file with the same settings")
+    serve.add_argument("--api-key", action="append", help="accept this key (repeatable)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", help="cpu, cuda or cuda:N")
+    serve.add_argument("--num-pages", type=int, help="KV pages (default: from memory)")
+    serve.add_argument("--kv-cache-memory-mb", type=int)
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--worker", choices=["process", "thread"], help="engine placement")
+    serve.add_argument("--engine-threads", type=int)
+    serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
+    serve.add_argument("--out-of-pages", choices=["wait", "kill-newest"])
+    serve.add_argument("--max-instances", type=int)
+    serve.add_argument("--max-upload-mb", type=int)
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    from loom.client.commands import add_client_args, cmd_kill, cmd_ps, cmd_run
+
+    run = sub.add_parser(
+        "run",
+        help="build if needed, upload and run an inferlet; stream its output",
+        description="Messages go to stdout, logs to stderr; the exit status is 0 when the "
+        "instance returns, 1 when it fails or is terminated.",
+    )
+    run.add_argument("app", help="app.py, a folder with app.py, app.c, app.zig, or a .wasm")
+    add_client_args(run)
+    run.add_argument("args", nargs="*", help="arguments for the inferlet (after --)")
+    run.set_defaults(func=cmd_run)
+    ps = sub.add_parser("ps", help="list running instances")
+    add_client_args(ps)
+    ps.set_defaults(func=cmd_ps)
+    kill = sub.add_parser("kill", help="terminate instances")
+    kill.add_argument("instance", nargs="+")
+    add_client_args(kill)
+    kill.set_defaults(func=cmd_kill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="Loom: programmable LLM serving")
     parser.add_argument("--version", action="version", version=f"loom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_client_commands(sub)
 
     gen = sub.add_parser("generate", help="generate text offline and stream it to stdout")
     _add_engine_args(gen)

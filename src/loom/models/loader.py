@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from loom.errors import ModelLoadError
 from loom.models.config import ModelConfig
@@ -66,9 +67,12 @@ def load_model(
         model = CausalLM(cfg)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     tensors: dict[str, torch.Tensor] = {}
+    # A progress bar on a terminal only (``disable=None``): loading a real model takes a while.
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=None)
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                bar.update()
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if name not in expected:
@@ -80,6 +84,7 @@ def load_model(
                         f"config implies {tuple(expected[name])}"
                     )
                 tensors[name] = t.to(device=device, dtype=torch_dtype)
+    bar.close()
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)

@@ -54,6 +54,7 @@ from loom.runtime.engine_worker import (
     start_worker,
 )
 from loom.runtime.futures import Mailbox, Stream
+from loom.runtime.histogram import BATCH_SIZES, STEP_SECONDS, Histogram
 from loom.runtime.host.forward_api import forward_output
 from loom.runtime.host_core import register_core
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
@@ -78,6 +79,10 @@ class RuntimeStats:
     spawned: int = 0
     spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     continued_tokens: int = 0  # tokens the worker generated on its own (generate chunks)
+    batch_tokens: int = 0  # tokens put through the model
+    sampled_tokens: int = 0  # tokens sampled for inferlets and completions
+    step_latency: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))
+    batch_size_hist: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
 
 
 @dataclass(eq=False)
@@ -86,6 +91,7 @@ class _Flight:
 
     parts: list[tuple[Instance, CommandQueue, ForwardCmd | GenerateCmd, int, int]]
     plans: dict[int, int] = field(default_factory=dict)  # part index -> plan index
+    submitted_at: float = field(default_factory=time.perf_counter)
 
 
 class Runtime:
@@ -639,6 +645,8 @@ class Runtime:
         self.stats.batches += 1
         self.stats.forward_cmds += len(parts)
         self.stats.batch_sizes.append(len(parts))
+        self.stats.batch_size_hist.observe(len(parts))
+        self.stats.batch_tokens += len(tokens)
         return None
 
     def _plan_generations(self, flight: _Flight) -> list[GenPlan]:
@@ -693,6 +701,7 @@ class Runtime:
             if flight is None:  # a page op (copy/mask): its ids were checked when queued
                 continue
             self._batch_inflight = False
+            self.stats.step_latency.observe(time.perf_counter() - flight.submitted_at)
             self._complete(flight, result)
 
     def _trim_pages(self, inst: Instance, task: Any) -> None:
@@ -732,6 +741,7 @@ class Runtime:
                 if k in flight.plans:  # the tokens the worker went on to generate
                     steps += more[flight.plans[k]]
                     self.stats.continued_tokens += len(steps) - 1
+                self.stats.sampled_tokens += len(steps)
                 for tok in steps:
                     delta = task.on_token(tok)
                     if task.on_delta is not None:

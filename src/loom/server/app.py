@@ -1,0 +1,154 @@
+"""The FastAPI application and ``serve``: one process with the engine worker, the
+runtime, and HTTP + WebSocket on uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import Response
+
+from loom import __version__
+from loom.server import inferlets_api, openai_api
+from loom.server.errors import install_error_handlers
+from loom.server.metrics import make_registry, render
+from loom.server.settings import ServeSettings
+from loom.server.state import ServerState
+from loom.server.ws import Session
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app over a started runtime (the caller owns the runtime's life)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        yield
+
+    app = FastAPI(title="Loom", version=__version__, lifespan=lifespan)
+    app.state.loom = state
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(inferlets_api.router)
+    registry = make_registry(state)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": state.model_name,
+            "instances": len(state.instances),
+            "uptime_s": round(time.time() - state.started_at, 3),
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = await asyncio.to_thread(render, registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.websocket("/v1/ws")
+    async def websocket(ws: WebSocket) -> None:
+        await Session(state, ws).run()
+
+    return app
+
+
+def start_state(settings: ServeSettings, log: Any = None) -> ServerState:
+    """Start the engine worker and the runtime described by ``settings``."""
+    from loom.runtime.runtime import start_runtime
+
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"loom: loading model {settings.model!r} ({settings.dtype}, {settings.device}, "
+        f"{settings.worker} worker)")  # fmt: skip
+    t0 = time.perf_counter()
+    runtime = start_runtime(
+        settings.engine_config(),
+        settings.runtime_config(),
+        worker_mode=settings.worker,  # type: ignore[arg-type]
+        engine_threads=settings.engine_threads,
+    )
+    say(f"loom: model ready in {time.perf_counter() - t0:.1f} s: {runtime.model_name}, "
+        f"{runtime.pool.num_pages} KV pages of {runtime.page_size} tokens, "
+        f"context {runtime.max_model_len}")  # fmt: skip
+    return ServerState(runtime, settings, runtime.model_name)
+
+
+def serve(settings: ServeSettings) -> int:
+    """``loom serve``: run until interrupted."""
+    import uvicorn
+
+    state = start_state(settings)
+    app = create_app(state)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            ws_max_size=8 << 20)  # fmt: skip
+    server = _AnnouncingServer(config, state)
+    try:
+        server.run()
+    finally:
+        state.runtime.close()
+    return 0
+
+
+class _AnnouncingServer:
+    """uvicorn's server, saying where it listens once the socket is bound."""
+
+    def __new__(cls, config: Any, state: ServerState) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets)
+                if self.started:
+                    host, port = config.host, config.port
+                    url = f"http://{host}:{port}"
+                    print(
+                        f"loom: serving {state.model_name} on {url} (OpenAI API at {url}/v1, "
+                        f"inferlets at ws://{host}:{port}/v1/ws)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+        return Server(config)
+
+
+class BackgroundServer:
+    """The whole server in a background thread on 127.0.0.1 (tests, benchmarks, embedding):
+    ``with BackgroundServer(settings) as srv: use(srv.url)``. Port 0 picks a free port."""
+
+    def __init__(self, settings: ServeSettings, state: ServerState | None = None) -> None:
+        import threading
+
+        import uvicorn
+
+        self.state = state or start_state(settings, log=lambda msg: None)
+        self.app = create_app(self.state)
+        config = uvicorn.Config(self.app, host=settings.host, port=settings.port,
+                                log_level="warning", ws_max_size=8 << 20)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="loom-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        sock = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+
+    def close(self, stop_runtime: bool = True) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        if stop_runtime:
+            self.state.runtime.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

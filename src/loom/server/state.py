@@ -1,0 +1,171 @@
+"""What the server keeps besides the runtime: uploaded programs, the instances clients
+launched (with their events, fanned out to every attached client), and counters.
+
+Everything here lives on the server's event loop. Runtime events arrive on the runtime
+thread and hop over with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loom.paths import cache_root
+from loom.runtime.instance import InstanceResult
+from loom.runtime.runtime import Runtime
+from loom.server.settings import ServeSettings
+
+Event = dict[str, Any]  # {"type": "event", "instance", "event", "data"}
+Subscriber = Callable[[Event], None]
+FINAL_EVENTS = ("result", "error", "terminated")
+
+
+@dataclass(eq=False)
+class InstanceRecord:
+    id: str
+    program: str
+    args: list[str]
+    started_at: float = field(default_factory=time.time)
+    status: str = "running"  # running | finished | failed | terminated
+    backlog: deque[Event] = field(default_factory=deque)
+    backlog_cap: int = 1000
+    subscribers: dict[int, Subscriber] = field(default_factory=dict)
+    terminated_by_client: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    handle: Any = None  # the runtime's InstanceHandle
+
+    def emit(self, kind: str, data: Any) -> None:
+        event: Event = {"type": "event", "instance": self.id, "event": kind, "data": data}
+        if self.backlog_cap:
+            self.backlog.append(event)
+            # The final event is never dropped; the oldest messages go first.
+            while len(self.backlog) > self.backlog_cap:
+                self.backlog.popleft()
+        for deliver in list(self.subscribers.values()):
+            deliver(event)
+        if kind in FINAL_EVENTS:
+            self.done.set()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "program": self.program,
+            "args": self.args,
+            "status": self.status,
+            "started_at": self.started_at,
+            "attached": len(self.subscribers),
+        }
+
+
+class ServerState:
+    def __init__(self, runtime: Runtime, settings: ServeSettings, model_name: str) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.model_name = model_name
+        self.started_at = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.instances: dict[str, InstanceRecord] = {}
+        self.finished: OrderedDict[str, InstanceRecord] = OrderedDict()  # the most recent
+        self.program_dir = Path(settings.program_dir or cache_root() / "uploads")
+        self.requests_total: dict[str, int] = {}
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    # ----- authentication -----
+
+    def check_key(self, key: str | None) -> bool:
+        if not self.settings.api_keys:
+            return True
+        if not key:
+            return False
+        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.settings.api_keys)
+
+    # ----- programs -----
+
+    def has_program(self, digest: str) -> bool:
+        """Loaded, or uploaded before (this run or an earlier one): then load it now."""
+        if digest in self.runtime.programs:
+            return True
+        path = self.program_dir / f"{digest}.wasm"
+        if path.is_file():
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() == digest:
+                self.runtime.add_program(data)
+                return True
+        return False
+
+    def save_program(self, data: bytes) -> str:
+        """Compile (cached by hash) and keep the program for later runs; returns its hash."""
+        digest = self.runtime.add_program(data)
+        self.program_dir.mkdir(parents=True, exist_ok=True)
+        path = self.program_dir / f"{digest}.wasm"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return digest
+
+    # ----- instances -----
+
+    def launch(self, program: str, args: list[str]) -> InstanceRecord:
+        loop = self.loop
+        assert loop is not None, "the server's event loop is not set"
+        record: InstanceRecord | None = None
+        early: list[tuple[str, Any]] = []
+
+        def on_event(kind: str, payload: Any) -> None:  # runtime thread
+            loop.call_soon_threadsafe(deliver, kind, payload)
+
+        def deliver(kind: str, payload: Any) -> None:  # event loop
+            if record is None:
+                early.append((kind, payload))
+            else:
+                self._on_runtime_event(record, kind, payload)
+
+        handle = self.runtime.launch(program, args, listener=on_event)
+        record = InstanceRecord(
+            handle.id, program, args, backlog_cap=self.settings.event_backlog, handle=handle
+        )
+        self.instances[record.id] = record
+        for kind, payload in early:
+            self._on_runtime_event(record, kind, payload)
+        return record
+
+    def _on_runtime_event(self, record: InstanceRecord, kind: str, payload: Any) -> None:
+        if kind == "message":
+            record.emit("message", payload)
+        elif kind == "log":
+            level, text = payload
+            record.emit("log", {"level": level, "text": text})
+        elif kind == "end":
+            result: InstanceResult = payload
+            if result.ok:
+                record.status = "finished"
+                record.emit("result", {"cpu_s": result.cpu_s, "tokens": result.tokens})
+            elif record.terminated_by_client:
+                record.status = "terminated"
+                record.emit("terminated", {"reason": result.error or "terminated"})
+            else:
+                record.status = "failed"
+                record.emit("error", {"message": result.error or "the instance failed"})
+            self.instances.pop(record.id, None)
+            self.finished[record.id] = record
+            while len(self.finished) > 1000:
+                self.finished.popitem(last=False)
+
+    def find(self, instance_id: str) -> InstanceRecord | None:
+        return self.instances.get(instance_id) or self.finished.get(instance_id)
+
+    def terminate(self, record: InstanceRecord) -> None:
+        record.terminated_by_client = True
+        record.handle.kill()
+
+    def count(self, route: str) -> None:
+        self.requests_total[route] = self.requests_total.get(route, 0) + 1
