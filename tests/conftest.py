@@ -41,3 +41,11 @@ def tiny_llm(tiny_dir: Path) -> Iterator[object]:
     llm = LLM(str(tiny_dir), num_pages=256)
     yield llm
     assert_all_pages_free(llm)
+
+
+@pytest.fixture(scope="session")
+def sdkkit_wasm() -> bytes:
+    """The SDK test inferlet (``tests/sdk/apps/sdkkit``), built once per session."""
+    from loom.sdk.build import build_inferlet
+
+    return build_inferlet(Path(__file__).parent / "sdk" / "apps" / "sdkkit").read_bytes()

@@ -225,7 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` belongs to the inferlet (`loom run app.py --server U -- a b`);
+    # argparse would otherwise refuse it once options followed the positionals.
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough:
+        if not hasattr(args, "args"):
+            parser.error(f"'loom {args.command}' takes no arguments after --")
+        args.args = [*args.args, *passthrough]
     return int(args.func(args))
 
 

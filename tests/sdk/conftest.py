@@ -10,13 +10,6 @@ import pytest
 APPS = Path(__file__).parent / "apps"
 
 
-@pytest.fixture(scope="session")
-def sdkkit_wasm() -> bytes:
-    from loom.sdk.build import build_inferlet
-
-    return build_inferlet(APPS / "sdkkit").read_bytes()
-
-
 @pytest.fixture(scope="module")
 def srt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from loom.config import EngineConfig
