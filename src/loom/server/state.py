@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -106,10 +108,11 @@ class ServerState:
         digest = self.runtime.add_program(data)
         self.program_dir.mkdir(parents=True, exist_ok=True)
         path = self.program_dir / f"{digest}.wasm"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        if not path.exists():  # a private temp name: two clients may upload it at once
+            fd, tmp = tempfile.mkstemp(dir=self.program_dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
         return digest
 
     # ----- instances -----

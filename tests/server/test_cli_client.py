@@ -1,0 +1,83 @@
+"""``loom run | ps | kill`` as a user runs them, against a real server; settings files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loom import LLM, SamplingParams
+from loom.client import SyncClient
+from tests.server.conftest import API_KEY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def loom(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LOOM_API_KEY": API_KEY}
+    return subprocess.run([sys.executable, "-m", "loom", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def test_loom_run_builds_uploads_and_prints_the_output(server: Any, tiny_dir: Path) -> None:
+    prompt = "Once upon a time"
+    out = loom("run", str(ROOT / "inferlets" / "text_completion" / "app.py"),
+               "--server", server.url, "--", prompt, "10")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    llm = LLM(str(tiny_dir), num_pages=32)
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    want = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0.0,
+                                              ignore_eos=True))[0].text  # fmt: skip
+    assert out.stdout == want + "\n"
+    assert "launched" in out.stderr
+
+
+def test_loom_run_reports_a_failing_inferlet(
+    server: Any, sdkkit_wasm: bytes, tmp_path: Path
+) -> None:
+    wasm = tmp_path / "kit.wasm"
+    wasm.write_bytes(sdkkit_wasm)
+    out = loom("run", str(wasm), "--server", server.url, "--", "fail")
+    assert out.returncode == 1
+    assert "boom from the app" in out.stderr
+    out = loom("run", str(wasm), "--server", server.url, "--api-key", "wrong", "--", "fail")
+    assert out.returncode == 1 and "unauthenticated" in out.stderr
+    out = loom("run", str(tmp_path / "missing.py"), "--server", server.url)
+    assert out.returncode == 2 and "error" in out.stderr
+    out = loom("ps", "--server", "http://127.0.0.1:9")  # nothing listens there
+    assert out.returncode == 2 and "cannot reach the server" in out.stderr
+
+
+def test_loom_ps_and_kill(server: Any, sdkkit_wasm: bytes) -> None:
+    with SyncClient(server.url, API_KEY) as c:
+        inst = c.launch(c.upload(sdkkit_wasm), ["echo"])
+        assert inst.recv(timeout=60) == "ready"
+        ps = loom("ps", "--server", server.url)
+        assert ps.returncode == 0, ps.stderr
+        assert inst.id in ps.stdout and "running" in ps.stdout
+        kill = loom("kill", inst.id, "--server", server.url)
+        assert kill.returncode == 0, kill.stderr
+        assert inst.wait(timeout=60).kind == "terminated"
+        again = loom("kill", inst.id, "--server", server.url)
+        assert again.returncode == 1 and "not_running" in again.stderr
+
+
+def test_settings_file_and_flags(tmp_path: Path) -> None:
+    from loom.server.settings import load_settings
+
+    cfg = tmp_path / "loom.toml"
+    cfg.write_text('port = 9001\nmodel = "tiny"\napi_keys = ["a", "b"]\nnum_pages = 64\n')
+    s = load_settings(cfg, {"port": 9100, "host": None})
+    assert (s.port, s.host, s.api_keys, s.num_pages) == (9100, "127.0.0.1", ["a", "b"], 64)
+    assert s.engine_config().num_pages == 64
+    cfg.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_settings(cfg, {})
+    with pytest.raises(ValueError, match="port"):
+        load_settings(None, {"port": 70000})
+    bad = loom("serve", "--config", str(cfg))
+    assert bad.returncode == 2 and "unknown setting(s) prot" in bad.stderr
