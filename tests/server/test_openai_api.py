@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,46 @@ def test_health_and_metrics(server: Any, client: openai.OpenAI, model_name: str)
         assert name in text, name
     batches = [ln for ln in text.splitlines() if ln.startswith("loom_batches_total")]
     assert float(batches[0].split()[-1]) > 0
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(
+    server: Any, model_name: str
+) -> None:
+    rt = server.state.runtime
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    before = rt.query(lambda: rt.stats.sampled_tokens)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        running = rt.query(lambda: sum(1 for i in rt.instances.values() if i.job is not None))
+        if running == 0:
+            break
+        time.sleep(0.05)
+    assert running == 0
+    assert rt.query(lambda: rt.stats.sampled_tokens) - before < 1500
+    # Every page is free again or held only by the prefix cache (reclaimable).
+    assert rt.query(lambda: rt.pool.num_available()) == rt.pool.num_pages
+
+
+def test_api_requests_share_engine_batches_with_inferlets(
+    server: Any, client: openai.OpenAI, model_name: str, sdkkit_wasm: bytes
+) -> None:
+    from loom.client import SyncClient
+
+    rt = server.state.runtime
+    with SyncClient(server.url, API_KEY) as c:
+        program = c.upload(sdkkit_wasm)
+        start = rt.query(lambda: len(rt.stats.batch_sizes))
+        inst = c.launch(program, ["steps", "A long walk", "48"])  # one forward per token
+        got = client.completions.create(model=model_name, prompt="Another prompt",
+                                        max_tokens=48, temperature=0,
+                                        extra_body={"ignore_eos": True})  # fmt: skip
+        assert inst.wait(timeout=120).ok
+    assert got.usage is not None and got.usage.completion_tokens == 48
+    sizes = rt.query(lambda: list(rt.stats.batch_sizes)[start:])
+    assert max(sizes) >= 2, sizes  # a batch carried the inferlet's pass and the completion
