@@ -8,6 +8,7 @@ sequence length, slot liveness, causal order by position and BRLE rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -138,9 +139,16 @@ class PagedAttention:
     """The ``AttentionBackend`` the model calls once per layer for one step."""
 
     def __init__(
-        self, cache: KVCache, meta: AttentionMetadata, mirror: DecodeMirror | None = None
+        self,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        mirror: DecodeMirror | None = None,
+        layer_hook: Callable[[int], None] | None = None,
     ) -> None:
         self.cache, self.meta, self.mirror = cache, meta, mirror
+        # Called with the layer index once that layer's new K/V are in the cache (KV
+        # transfer sends each layer while the next one computes).
+        self.layer_hook = layer_hook
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -149,6 +157,8 @@ class PagedAttention:
         kv = self.cache.kv[layer]  # [2, slots, kv_heads, head_dim]
         kv[0].index_copy_(0, m.slot_mapping, k)
         kv[1].index_copy_(0, m.slot_mapping, v)
+        if self.layer_hook is not None:
+            self.layer_hook(layer)
         s, ql, kl = m.num_seqs, m.max_q, m.max_kv
         heads, dim = q.shape[1], q.shape[2]
         qs = q if m.q_gather is None else q.index_select(0, m.q_gather)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loom.engine.attention import PagedAttention, build_metadata
@@ -25,6 +27,8 @@ class ModelRunner:
         self.mirror = DecodeMirror(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
+        # Set by a driver around one step: called per layer after its K/V are written.
+        self.layer_hook: Callable[[int], None] | None = None
 
     def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
         """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
@@ -33,7 +37,7 @@ class ModelRunner:
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         logits: torch.Tensor = self.model(
-            ids, pos, PagedAttention(self.cache, meta, self.mirror), rows
+            ids, pos, PagedAttention(self.cache, meta, self.mirror, self.layer_hook), rows
         )
         return logits
 

@@ -8,7 +8,7 @@ run merged with those of every other queue in one engine batch. All other comman
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loom.engine.batch import OutputSpec
 from loom.runtime.futures import HostFuture
@@ -27,6 +27,8 @@ class ForwardCmd:
     outputs: list[OutputSpec]  # indices local to this pass
     future: HostFuture
     submitted_at: float = 0.0
+    kv_send: Any = None  # a KVSendSpec: ship this pass's KV to another engine, layer by layer
+    kv_result: Any = None  # its KVTransferResult, set before the future resolves
 
 
 @dataclass(eq=False)

@@ -86,39 +86,61 @@ def new_handle(post: Callable[[tuple[object, ...]], None]) -> CompletionHandle:
     return CompletionHandle(f"cmpl-{next(_ids)}", post)
 
 
+def new_host_instance(rt: Runtime, instance_id: str, job: object) -> Instance:
+    """A guest-less instance: owns pages and queues like an inferlet, runs no code."""
+    inst = Instance(
+        seq=rt.next_seq(),
+        id=instance_id,
+        program="<host>",
+        arguments=[],
+        store=GuestStore(rt.wasm, memory_limit=0, slice_ticks=1),
+        pages=InstancePages(rt.pool),
+        handle=InstanceHandle(instance_id, rt._post),
+        started=True,
+        job=job,
+    )
+    rt.register_instance(inst)
+    return inst
+
+
 def start_completion(
-    rt: Runtime, cache: PrefixCache, handle_id: str, req: CompletionRequest
+    rt: Runtime,
+    cache: PrefixCache,
+    handle_id: str,
+    req: CompletionRequest,
+    prefilled: tuple[Instance, list[int], int] | None = None,
 ) -> None:
-    """Runtime thread: make the guest-less instance and queue its generation."""
+    """Runtime thread: make the guest-less instance and queue its generation.
+
+    ``prefilled``: an existing host instance with its (virtual) pages whose first
+    ``kv_len`` slots already hold the prompt's KV (received from another engine); the
+    prefix cache is not consulted then."""
     ps = rt.page_size
     prompt = req.prompt
     job = CompletionJob(req)
     if not prompt or len(prompt) >= rt.max_model_len:
         job.report(_failed(req, f"the prompt must hold 1 to {rt.max_model_len - 1} tokens"))
+        if prefilled is not None:
+            rt.end_instance(prefilled[0], False, "bad prompt")
         return
-    if len(rt.instances) >= rt.config.max_instances:
-        job.report(_failed(req, "too many instances"))
-        return
-    inst = Instance(
-        seq=rt.next_seq(),
-        id=handle_id,
-        program="<completion>",
-        arguments=[],
-        store=GuestStore(rt.wasm, memory_limit=0, slice_ticks=1),
-        pages=InstancePages(rt.pool),
-        handle=InstanceHandle(handle_id, rt._post),
-        started=True,
-        job=job,
-    )
-    rt.register_instance(inst)
-    # At least one prompt token must go through the model to sample the first output.
-    full = (len(prompt) - 1) // ps
-    matched = cache.match(chain_keys(prompt, ps, full))
-    job.cached_tokens = len(matched) * ps
+    if prefilled is None:
+        if len(rt.instances) >= rt.config.max_instances:
+            job.report(_failed(req, "too many instances"))
+            return
+        inst = new_host_instance(rt, handle_id, job)
+        # At least one prompt token must go through the model to sample the first output.
+        full = (len(prompt) - 1) // ps
+        matched = cache.match(chain_keys(prompt, ps, full))
+        job.cached_tokens = len(matched) * ps
+        pages = inst.pages.adopt(matched)
+    else:
+        inst, pages, kv_len = prefilled
+        inst.job = job
+        job.cached_tokens = kv_len
     room = rt.max_model_len - len(prompt)
     stops = set(req.stop_tokens) | (set(rt.eos_token_ids) if req.stop_at_eos else set())
     task = GenerateTask(
-        pages=inst.pages.adopt(matched),
+        pages=pages,
         kv_len=job.cached_tokens,
         pending=prompt[job.cached_tokens :],
         position=job.cached_tokens,
@@ -167,8 +189,13 @@ def _finish(rt: Runtime, cache: PrefixCache, inst: Instance, task: GenerateTask)
 
 
 def on_instance_end(inst: Instance, error: str | None) -> None:
-    """The runtime ended a completion's instance (a kill, a cancel, a shutdown)."""
-    job: CompletionJob = inst.job
+    """The runtime ended a host instance (a kill, a cancel, a shutdown)."""
+    job = inst.job
+    if not isinstance(job, CompletionJob):
+        on_end = getattr(job, "on_end", None)
+        if on_end is not None:
+            on_end(error)
+        return
     if not job.reported:
         task = job.task
         job.report(

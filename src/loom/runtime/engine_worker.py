@@ -96,6 +96,29 @@ class GenPlan:
 
 
 @dataclass
+class KVSendSpec:
+    """Send the K/V of ``local_slots`` (every layer, as each layer is computed) into
+    ``remote_slots`` of the engine whose KV receiver listens at ``dst``."""
+
+    rid: str
+    dst: str
+    local_slots: list[int]
+    remote_slots: list[int]
+
+
+@dataclass
+class KVTransferResult:
+    """How one send went (bytes, time writing frames, time not hidden behind compute)."""
+
+    rid: str
+    ok: bool
+    error: str | None
+    bytes: int
+    send_s: float
+    exposed_s: float
+
+
+@dataclass
 class ExecuteOp:
     """Clear the slot state of ``fresh_pages``, then run ``batch``; the result is
     ``list[OutputResult]`` in the order of ``batch.outputs``. With ``plans``, the worker
@@ -105,6 +128,9 @@ class ExecuteOp:
     batch: ForwardBatch
     fresh_pages: list[int]
     plans: list[GenPlan] = dataclasses.field(default_factory=list)
+    # With sends, the result is ``(result, list[KVTransferResult])``: each send's K/V go
+    # out layer by layer during the step, and the step returns once receivers answered.
+    kv_sends: list[KVSendSpec] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -133,7 +159,47 @@ class ResetPagesOp:
     pages: list[int]
 
 
-WorkerOp = ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp
+@dataclass
+class KVRecvStartOp:
+    """Start the KV receiver (once; later calls return the same address): ``"host:port"``."""
+
+
+@dataclass
+class KVReserveOp:
+    """Clear ``fresh_pages``, then accept K/V for ``slots`` (at ``positions``) under
+    ``rid``; the result is ``None``."""
+
+    rid: str
+    slots: list[int]
+    positions: list[int]
+    fresh_pages: list[int]
+
+
+@dataclass
+class KVReleaseOp:
+    """Stop accepting K/V for ``rid`` (consumed or expired); the result is ``None``."""
+
+    rid: str
+
+
+@dataclass
+class KVStatusOp:
+    """The receiver's view of ``rid``: ``{complete, bytes, error, expected}`` or ``None``."""
+
+    rid: str
+
+
+@dataclass
+class KVSendCachedOp:
+    """Send K/V that are already in the cache (no step runs); ``list[KVTransferResult]``."""
+
+    sends: list[KVSendSpec]
+
+
+WorkerOp = (
+    ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp | KVRecvStartOp | KVReserveOp
+    | KVReleaseOp | KVStatusOp | KVSendCachedOp
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -220,6 +286,8 @@ class _OpRunner:
         engine = self.engine
         self.num_pages, self.page_size = engine.pool.num_pages, engine.pool.page_size
         self.vocab_size = engine.model_config.vocab_size
+        self.sender: Any = None  # KV transport, made on first use
+        self.receiver: Any = None
         # The same EOS set the engine's own output processor uses (tokenizer's, then the
         # model config's), keeping order for the runtime's benefit.
         eos = tuple(engine.tokenizer.eos_token_ids) + tuple(engine.model_config.eos_token_ids)
@@ -283,14 +351,9 @@ class _OpRunner:
                 # ``validate`` raises plain ValueError for structural problems; at this
                 # boundary they are the caller's fault, which is what RequestError says.
                 raise _request_error(e, "invalid forward batch") from e
-            # ``execute`` validates again (a few microseconds): the engine's only
-            # public entry, so its checks stay in one place.
-            results = self.engine.execute(op.batch)
-            if not op.plans:
-                return results
-            for plan in op.plans:
-                self._check_pages(plan.pages)
-            return results, self._continue(results, op.plans)
+            if op.kv_sends:
+                return self._execute_sending(op)
+            return self._execute(op)
         if isinstance(op, CopySlotsOp):
             self._check_pages([op.src_page, op.dst_page])
             if op.size < 0:
@@ -311,7 +374,95 @@ class _OpRunner:
             self._check_pages(op.pages)
             cache.reset_pages(list(op.pages))
             return None
+        if isinstance(op, KVRecvStartOp):
+            return self._receiver().address
+        if isinstance(op, KVReserveOp):
+            self._check_pages(op.fresh_pages)
+            cache.reset_pages(list(op.fresh_pages))
+            self._check_slots(op.slots)
+            self._receiver().reserve(op.rid, list(op.slots), list(op.positions))
+            return None
+        if isinstance(op, KVReleaseOp):
+            if self.receiver is not None:
+                self.receiver.release(op.rid)
+            return None
+        if isinstance(op, KVStatusOp):
+            return self.receiver.status(op.rid) if self.receiver is not None else None
+        if isinstance(op, KVSendCachedOp):
+            for spec in op.sends:
+                self._check_slots(spec.local_slots)
+            for layer in range(cache.kv.shape[0]):
+                self._send_layer(op.sends, layer)
+            return self._flush_sends(op.sends)
         raise TypeError(f"not a worker op: {type(op).__name__}")
+
+    def _execute(self, op: ExecuteOp) -> object:
+        # ``execute`` validates again (a few microseconds): the engine's only public
+        # entry, so its checks stay in one place.
+        results = self.engine.execute(op.batch)
+        if not op.plans:
+            return results
+        for plan in op.plans:
+            self._check_pages(plan.pages)
+        return results, self._continue(results, op.plans)
+
+    def _execute_sending(self, op: ExecuteOp) -> object:
+        for spec in op.kv_sends:
+            self._check_slots(spec.local_slots)
+        runner = self.engine.runner
+        runner.layer_hook = lambda layer: self._send_layer(op.kv_sends, layer)
+        try:
+            result = self._execute(op)
+        finally:
+            runner.layer_hook = None
+        return result, self._flush_sends(op.kv_sends)
+
+    def _send_layer(self, sends: list[KVSendSpec], layer: int) -> None:
+        import torch
+
+        kv = self.engine.runner.cache.kv[layer]  # [2, slots, kv_heads, head_dim]
+        for spec in sends:
+            idx = torch.tensor(spec.local_slots, dtype=torch.long, device=kv.device)
+            # A copy: the sender thread writes it out while the next layer computes.
+            self._sender().put(spec.dst, spec.rid, spec.remote_slots, layer,
+                               kv.index_select(1, idx))  # fmt: skip
+
+    def _flush_sends(self, sends: list[KVSendSpec]) -> list[KVTransferResult]:
+        stats = self._sender().flush({s.rid: s.dst for s in sends})
+        return [
+            KVTransferResult(rid, st.error is None, st.error, st.bytes, st.send_s, st.exposed_s)
+            for rid, st in stats.items()
+        ]
+
+    def _sender(self) -> Any:
+        if self.sender is None:
+            from loom.router.transport import KVSender
+
+            self.sender = KVSender()
+        return self.sender
+
+    def _receiver(self) -> Any:
+        if self.receiver is None:
+            from loom.router.transport import KVReceiver
+
+            cache = self.engine.runner.cache
+
+            def on_complete(slots: list[int], positions: list[int]) -> None:
+                import torch
+
+                idx = torch.tensor(slots, dtype=torch.long, device=cache.slot_pos.device)
+                cache.slot_pos[idx] = torch.tensor(positions, dtype=torch.long,
+                                                   device=cache.slot_pos.device)  # fmt: skip
+                cache.slot_live[idx] = True
+                cache.version += 1
+
+            self.receiver = KVReceiver(cache.kv, on_complete)
+        return self.receiver
+
+    def _check_slots(self, slots: list[int]) -> None:
+        n = self.num_pages * self.page_size
+        if any(not (isinstance(s, int) and 0 <= s < n) for s in slots):
+            raise RequestError(f"slot ids out of range [0, {n})")
 
     def _check_pages(self, pages: list[int]) -> None:
         # Out-of-range ids would index past the KV tensors (an IndexError, or a silent

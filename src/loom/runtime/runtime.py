@@ -59,6 +59,7 @@ from loom.runtime.host.forward_api import forward_output
 from loom.runtime.host_core import register_core
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
+from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
 from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
 from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
@@ -92,6 +93,7 @@ class _Flight:
     parts: list[tuple[Instance, CommandQueue, ForwardCmd | GenerateCmd, int, int]]
     plans: dict[int, int] = field(default_factory=dict)  # part index -> plan index
     submitted_at: float = field(default_factory=time.perf_counter)
+    kv_sends: bool = False  # the result comes as (result, transfer results)
 
 
 class Runtime:
@@ -147,6 +149,8 @@ class Runtime:
         self._wake = wake or threading.Event()
         self._poked = False
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
+        self._op_callbacks: dict[int, Callable[[Any], None]] = {}  # op id -> its reader
+        self.microserving = Microserving(self)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
         # forks, say) gets one more slice before the batch fires, so its passes ride
@@ -256,6 +260,8 @@ class Runtime:
             self._wake.clear()
             self._poked = False
             self._process_inbox()
+            if self.microserving.reservations:
+                self.microserving.expire(time.monotonic())
             self._drain_engine()
             self._advance_queues()
             wait_s = self._maybe_fire()
@@ -335,6 +341,11 @@ class Runtime:
     def end_instance(self, inst: Instance, ok: bool, error: str | None) -> None:
         """End an instance now (runtime thread, outside a guest call)."""
         self._end(inst, ok, error)
+
+    def submit_op(self, op: Any, callback: Callable[[Any], None]) -> None:
+        """Runtime thread: send ``op`` to the engine worker; ``callback(result)`` runs on
+        this thread when it is done (the result may be an exception)."""
+        self._op_callbacks[self.worker.submit(op)] = callback
 
     def _make_runnable(self, inst: Instance) -> None:
         if inst.alive and not inst.queued:
@@ -580,6 +591,7 @@ class Runtime:
         masks: list[list[list[int]] | None] = []
         any_mask = False
         parts = []
+        kv_sends: list[Any] = []
         taken_heads: list[CommandQueue] = []
         max_tokens = self.config.max_batch_tokens
         for q in heads:
@@ -624,6 +636,8 @@ class Runtime:
                 parts.append((inst, q, cmd, out_start, len(outputs)))
                 if isinstance(cmd, ForwardCmd):
                     q.inflight += 1
+                    if cmd.kv_send is not None:
+                        kv_sends.append(cmd.kv_send)
         if not parts:
             return None
         batch = ForwardBatch(
@@ -635,11 +649,12 @@ class Runtime:
             outputs=outputs,
             masks=masks if any_mask else None,
         )
-        flight = _Flight(parts)
+        flight = _Flight(parts, kv_sends=bool(kv_sends))
         plans: list[GenPlan] = []
         if len(taken_heads) == len(heads) and not self._runq and not self._inbox:
             plans = self._plan_generations(flight)
-        op_id = self.worker.submit(ExecuteOp(batch, self.pool.drain_fresh(), plans))
+        op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends)
+        op_id = self.worker.submit(op)
         self._flight[op_id] = flight
         self._batch_inflight = True
         self.stats.batches += 1
@@ -697,6 +712,10 @@ class Runtime:
 
     def _drain_engine(self) -> None:
         for op_id, result in self.worker.drain():
+            callback = self._op_callbacks.pop(op_id, None)
+            if callback is not None:
+                callback(result)
+                continue
             flight = self._flight.pop(op_id, None)
             if flight is None:  # a page op (copy/mask): its ids were checked when queued
                 continue
@@ -715,12 +734,18 @@ class Runtime:
 
     def _complete(self, flight: _Flight, result: Any) -> None:
         failed = isinstance(result, BaseException)
+        transfers: dict[str, Any] = {}
+        if flight.kv_sends and not failed:
+            result, sent = result
+            transfers = {t.rid: t for t in sent}
         more: list[list[int]] = []
         if flight.plans and not failed:
             result, more = result
         for k, (inst, q, cmd, a, b) in enumerate(flight.parts):
             if isinstance(cmd, ForwardCmd):
                 q.inflight -= 1
+                if cmd.kv_send is not None:
+                    cmd.kv_result = transfers.get(cmd.kv_send.rid)
                 if failed:
                     q.failed = True
                     cmd.future.resolve(wasm_ffi.Err(f"forward pass failed: {result}"))

@@ -14,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import Response
 
 from loom import __version__
-from loom.server import inferlets_api, openai_api
+from loom.server import inferlets_api, microserving_api, openai_api
 from loom.server.errors import install_error_handlers
 from loom.server.metrics import make_registry, render
 from loom.server.settings import ServeSettings
@@ -35,6 +35,7 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(inferlets_api.router)
+    app.include_router(microserving_api.router)
     registry = make_registry(state)
 
     @app.get("/health")

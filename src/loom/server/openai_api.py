@@ -11,15 +11,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.engine.batch import OutputResult, SamplerSpec
+from loom.runtime.completions import CompletionHandle, CompletionResult
 from loom.runtime.completions import CompletionRequest as RuntimeRequest
-from loom.runtime.completions import CompletionResult
 from loom.server.auth import require_key
 from loom.server.errors import ApiError
 from loom.server.openai_models import ChatCompletionRequest, CompletionRequest
@@ -122,7 +122,8 @@ class _Run:
     """One choice in flight: its runtime handle, streamed pieces, and the result."""
 
     def __init__(self, st: ServerState, body: Any, prompt: list[int], choice: int,
-                 logprobs: int | None, stream: bool) -> None:  # fmt: skip
+                 logprobs: int | None, stream: bool,
+                 submit: Submit | None = None) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         self.index = choice
         self.done: asyncio.Future[CompletionResult] = loop.create_future()
@@ -141,7 +142,7 @@ class _Run:
             loop.call_soon_threadsafe(pieces.put_nowait, (text, token))
 
         max_tokens = body.max_tokens or (st.runtime.max_model_len - len(prompt))
-        self.handle = st.runtime.submit_completion(
+        self.handle = (submit or st.runtime.submit_completion)(
             RuntimeRequest(
                 prompt=prompt,
                 sampler=_sampler(body, choice),
@@ -155,15 +156,30 @@ class _Run:
         )
 
 
+Submit = Callable[[RuntimeRequest], CompletionHandle]
+
+
+def _error_of(error: str) -> ApiError:
+    """A failed generation as an HTTP error: refusals carry their status as a prefix
+    (``"409 transfer_incomplete: ..."``), anything else is the server's fault."""
+    head, _, rest = error.partition(" ")
+    if head.isdigit() and len(head) == 3 and ":" in rest:
+        code, _, message = rest.partition(": ")
+        return ApiError(int(head), message, code=code)
+    return ApiError(500, f"generation failed: {error}", kind="server_error")
+
+
 def _set(fut: asyncio.Future[CompletionResult], result: CompletionResult) -> None:
     if not fut.done():
         fut.set_result(result)
 
 
 async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: bool,
-                 logprobs: int | None) -> Any:  # fmt: skip
+                 logprobs: int | None, submit: Submit | None = None) -> Any:  # fmt: skip
+    """Run every choice of every prompt (``submit`` starts one; default: a runtime
+    completion) and answer as OpenAI does, streaming or not."""
     runs = [
-        _Run(st, body, prompt, i * body.n + j, logprobs, body.stream)
+        _Run(st, body, prompt, i * body.n + j, logprobs, body.stream, submit)
         for i, prompt in enumerate(prompts)
         for j in range(body.n)
     ]
@@ -184,7 +200,7 @@ async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: 
         raise
     for res in results:
         if res.error is not None:
-            raise ApiError(500, f"generation failed: {res.error}", kind="server_error")
+            raise _error_of(res.error)
     _account(st, results)
     choices = [
         _choice(st, r.index, res, chat, logprobs) for r, res in zip(runs, results, strict=True)

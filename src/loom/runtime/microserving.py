@@ -1,0 +1,397 @@
+"""Microserving on the runtime: the engine side of ``prep_recv``, ``remote_send`` and
+``start_generate`` (DESIGN §3).
+
+- ``prep_recv``: match the prompt's full pages in the prefix cache, take pages for the
+  rest of ``prompt[:end]``, and tell the engine worker's KV receiver which slots may be
+  written under the request id. The pages sit in a guest-less instance until the
+  matching ``start_generate`` or until the reservation expires.
+- ``remote_send``: compute the KV of ``prompt[:end]`` (what the local prefix cache lacks)
+  in an ordinary engine batch whose step ships ``prompt[begin:end]`` layer by layer to the
+  receiver; answer once the receiver confirmed every layer.
+- ``start_generate``: turn the reservation into a completion whose KV already holds
+  ``prompt[:begin]``: with one token left it is fed as the first decode step's input, with
+  more the rest is prefilled here. A reservation whose transfer did not complete is never
+  decoded.
+
+Every method runs on the runtime thread (callers post through ``Runtime.call_soon``) and
+answers through a callback that must not block.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loom.engine.prefix_cache import chain_keys
+from loom.runtime.commands import ForwardCmd
+from loom.runtime.completions import (
+    CompletionRequest,
+    _failed,
+    new_host_instance,
+    start_completion,
+)
+from loom.runtime.engine_worker import (
+    KVRecvStartOp,
+    KVReleaseOp,
+    KVReserveOp,
+    KVSendCachedOp,
+    KVSendSpec,
+    KVStatusOp,
+    KVTransferResult,
+)
+from loom.runtime.futures import HostFuture
+from loom.runtime.instance import Instance
+
+if TYPE_CHECKING:
+    from loom.runtime.runtime import Runtime
+
+Reply = Callable[[Any], None]  # a dict on success, a MicroservingError otherwise
+
+
+class MicroservingError(Exception):
+    """A refused call: ``status`` is the HTTP status the server answers with."""
+
+    def __init__(self, status: int, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def encode_addr(slots: list[int]) -> str:
+    """Slot ids as base64(JSON ``[n_segments, start_1, len_1, ...]``), runs merged."""
+    runs: list[int] = []
+    for s in slots:
+        if runs and runs[-2] + runs[-1] == s:
+            runs[-1] += 1
+        else:
+            runs += [s, 1]
+    return base64.b64encode(json.dumps([len(runs) // 2, *runs]).encode()).decode()
+
+
+def decode_addr(info: str) -> list[int]:
+    try:
+        data = json.loads(base64.b64decode(info, validate=True))
+        n, runs = int(data[0]), [int(x) for x in data[1:]]
+    except (ValueError, TypeError, IndexError) as e:
+        raise MicroservingError(400, f"kv_addr_info is not a valid KV address: {e}") from None
+    if len(runs) != 2 * n or any(x < 0 for x in runs) or any(k == 0 for k in runs[1::2]):
+        raise MicroservingError(400, "kv_addr_info: segment count and runs do not agree")
+    return [s for start, k in zip(runs[::2], runs[1::2], strict=True)
+            for s in range(start, start + k)]  # fmt: skip
+
+
+def resolve_window(index: int, length: int, name: str) -> int:
+    """A Python-style (possibly negative) token index resolved against ``length``."""
+    at = index + length if index < 0 else index
+    if not 0 <= at < length:
+        raise MicroservingError(
+            400, f"{name}={index} is outside the prompt of {length} tokens ({name} must be "
+            f"less than the prompt length; negative values count from the end)",
+        )  # fmt: skip
+    return at
+
+
+@dataclass(eq=False)
+class Reservation:
+    rid: str
+    inst: Instance
+    prompt: list[int]
+    end: int
+    matched: int
+    pages: list[int]  # virtual ids covering prompt[:end]
+    deadline: float
+    ms: Microserving
+    verified: bool = False  # the receiver confirmed every slot of every layer
+
+    def on_end(self, error: str | None) -> None:  # the instance was killed or the runtime stopped
+        self.ms.drop(self.rid, release_pages=False)
+
+
+@dataclass(eq=False)
+class _SendJob:
+    rid: str
+    reply: Reply
+    done: bool = False
+
+    def on_end(self, error: str | None) -> None:
+        if not self.done:
+            self.done = True
+            self.reply(MicroservingError(503, f"remote_send ended: {error}", "aborted"))
+
+
+@dataclass
+class TransferCounters:
+    sent_bytes: int = 0
+    sends: int = 0
+    send_s: float = 0.0
+    hidden_s: float = 0.0
+    failed_sends: int = 0
+    received_requests: int = 0
+    expired: int = 0
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Microserving:
+    def __init__(self, rt: Runtime, reservation_ttl_s: float = 60.0) -> None:
+        self.rt = rt
+        self.ttl_s = reservation_ttl_s
+        self.reservations: dict[str, Reservation] = {}
+        self.sending: set[str] = set()
+        self.recv_addr: str | None = None
+        self.counters = TransferCounters()
+
+    # ----- prep_recv -----
+
+    def prep_recv(self, rid: str, prompt: list[int], end: int, reply: Reply) -> None:
+        rt, ps = self.rt, self.rt.page_size
+        try:
+            self._check_prompt(prompt)
+            end = resolve_window(end, len(prompt), "end")
+            if rid in self.reservations or rid in rt.instances:
+                raise MicroservingError(409, f"request id {rid!r} is already in use")
+        except MicroservingError as e:
+            reply(e)
+            return
+        matched_pages = rt.prefix_cache.match(chain_keys(prompt, ps, end // ps))
+        matched = len(matched_pages) * ps
+        need = -(-end // ps) - len(matched_pages)
+        if need > 0 and not rt.pool.can_allocate(need):
+            rt.pool.free(matched_pages)
+            reply(MicroservingError(503, "out of KV pages; retry later", "preempt"))
+            return
+        fresh = rt.pool.allocate(need) if need > 0 else []
+        inst = new_host_instance(rt, f"recv-{rid}", None)
+        physical = matched_pages + fresh
+        pages = inst.pages.adopt(physical)
+        r = Reservation(rid, inst, list(prompt), end, matched, pages,
+                        time.monotonic() + self.ttl_s, self)  # fmt: skip
+        inst.job = r
+        self.reservations[rid] = r
+        positions = list(range(matched, end))
+        slots = [physical[p // ps] * ps + p % ps for p in positions]
+        if self.recv_addr is None:
+            rt.submit_op(KVRecvStartOp(), self._on_receiver)
+
+        def reserved(result: Any) -> None:
+            if isinstance(result, BaseException):
+                self.drop(rid)
+                reply(MicroservingError(500, f"cannot reserve KV slots: {result}", "internal"))
+                return
+            reply({"kv_addr_info": encode_addr(slots), "prefix_matched_length": matched,
+                   "recv_engine": self.recv_addr})  # fmt: skip
+
+        rt.submit_op(KVReserveOp(rid, slots, positions, rt.pool.drain_fresh()), reserved)
+
+    def _on_receiver(self, result: Any) -> None:
+        if not isinstance(result, BaseException):
+            self.recv_addr = str(result)
+
+    # ----- remote_send -----
+
+    def remote_send(self, rid: str, prompt: list[int], begin: int, end: int, addr: str,
+                    dst: str, reply: Reply) -> None:  # fmt: skip
+        rt, ps = self.rt, self.rt.page_size
+        try:
+            self._check_prompt(prompt)
+            end = resolve_window(end, len(prompt), "end")
+            begin = resolve_window(begin, len(prompt), "begin")
+            if begin >= end:
+                raise MicroservingError(400, f"begin ({begin}) must be less than end ({end})")
+            remote = decode_addr(addr)
+            if len(remote) != end - begin:
+                raise MicroservingError(
+                    400, f"kv_addr_info holds {len(remote)} slots; the window [{begin}:{end}] "
+                    f"has {end - begin} tokens",
+                )  # fmt: skip
+            if not dst or ":" not in dst:
+                raise MicroservingError(400, "recv_engine must be the receiver's 'host:port'")
+            if rid in self.sending:
+                raise MicroservingError(409, f"request id {rid!r} is already sending")
+        except MicroservingError as e:
+            reply(e)
+            return
+        matched_pages = rt.prefix_cache.match(chain_keys(prompt, ps, end // ps))
+        matched = len(matched_pages) * ps
+        need = -(-end // ps) - len(matched_pages)
+        if need > 0 and not rt.pool.can_allocate(need):
+            rt.pool.free(matched_pages)
+            reply(MicroservingError(503, "out of KV pages; retry later", "preempt"))
+            return
+        job = _SendJob(rid, reply)
+        inst = new_host_instance(rt, f"send-{rid}-{rt.next_seq()}", job)
+        physical = matched_pages + (rt.pool.allocate(need) if need > 0 else [])
+        pages = inst.pages.adopt(physical)
+        local = [physical[p // ps] * ps + p % ps for p in range(begin, end)]
+        spec = KVSendSpec(rid, dst, local, remote)
+        self.sending.add(rid)
+
+        def finish(result: Any) -> None:
+            self.sending.discard(rid)
+            if job.done:
+                return
+            job.done = True
+            if isinstance(result, BaseException) or result is None:
+                err = result if result is not None else "no transfer result"
+                self.counters.failed_sends += 1
+                reply(MicroservingError(502, f"KV transfer failed: {err}", "transfer_failed"))
+                rt.end_instance(inst, False, str(err))
+                return
+            t: KVTransferResult = result
+            self._count(t, end - begin)
+            if not t.ok:
+                reply(MicroservingError(502, f"KV transfer failed: {t.error}", "transfer_failed"))
+                rt.end_instance(inst, False, t.error)
+                return
+            # The KV of prompt[:end] is computed here now: keep its full pages for later.
+            full = end // ps
+            rt.prefix_cache.insert(chain_keys(prompt, ps, full), physical[:full])
+            reply({"bytes": t.bytes, "tokens": end - begin, "send_s": t.send_s,
+                   "hidden_s": max(0.0, t.send_s - t.exposed_s),
+                   "computed_tokens": end - matched})  # fmt: skip
+            rt.end_instance(inst, True, None)
+
+        if matched >= end:  # everything is cached here: send straight from the cache
+            rt.submit_op(KVSendCachedOp([spec]), lambda res: finish(
+                res[0] if isinstance(res, list) and res else res))  # fmt: skip
+            return
+        future = HostFuture()
+        last = end - ps * (len(pages) - 1)
+        cmd = ForwardCmd(
+            tokens=prompt[matched:end],
+            positions=list(range(matched, end)),
+            pages=pages,
+            last_page_len=last,
+            masks=None,
+            outputs=[],
+            future=future,
+            kv_send=spec,
+        )
+        future.waiters.append(lambda: finish(
+            cmd.kv_result if cmd.kv_result is not None else _future_error(future)))  # fmt: skip
+        rt.enqueue(rt.new_queue(inst), cmd)
+
+    def _count(self, t: KVTransferResult, tokens: int) -> None:
+        c = self.counters
+        c.sends += 1
+        c.sent_bytes += t.bytes
+        c.send_s += t.send_s
+        c.hidden_s += max(0.0, t.send_s - t.exposed_s)
+        c.recent.append({"rid": t.rid, "bytes": t.bytes, "tokens": tokens, "send_s": t.send_s,
+                         "exposed_s": t.exposed_s})  # fmt: skip
+        del c.recent[:-1000]
+
+    # ----- start_generate -----
+
+    def check_start(self, rid: str, prompt: list[int], begin: int, reply: Reply) -> None:
+        """Validate a ``start_generate`` before any output is promised: window rules, and
+        that a reservation's transfer completed (otherwise the reservation is dropped and
+        the request is never decoded)."""
+        rt = self.rt
+        r = self.reservations.get(rid)
+        try:
+            self._check_prompt(prompt)
+            begin = resolve_window(begin, len(prompt), "begin")
+            if r is None:
+                if begin != 0:
+                    why = (f"no reservation for request id {rid!r} (expired or never made with "
+                           "prep_recv); only begin=0 works without one")  # fmt: skip
+                    raise MicroservingError(404, why, "unknown_request")
+            elif prompt[: r.end] != r.prompt[: r.end]:
+                raise MicroservingError(400, "the prompt differs from the one given to prep_recv")
+            elif begin > r.end:
+                raise MicroservingError(
+                    400, f"begin ({begin}) is past the reserved window end ({r.end})"
+                )
+        except MicroservingError as e:
+            reply(e)
+            return
+        if r is None or r.verified or r.end == r.matched:
+            reply({})
+            return
+
+        def checked(status: Any) -> None:
+            if self.reservations.get(rid) is not r:
+                reply(MicroservingError(404, f"the reservation {rid!r} is gone", "unknown_request"))
+                return
+            if isinstance(status, dict) and status.get("complete"):
+                r.verified = True
+                rt.submit_op(KVReleaseOp(rid), lambda _: None)  # late frames are refused now
+                self.counters.received_requests += 1
+                reply({})
+                return
+            why = status.get("error") if isinstance(status, dict) else None
+            self.drop(rid)
+            reply(MicroservingError(409, "the KV for this request never fully arrived "
+                                    f"({why or 'no data'}); not decoding",
+                                    "transfer_incomplete"))  # fmt: skip
+
+        rt.submit_op(KVStatusOp(rid), checked)
+
+    def start_generate(self, rid: str, begin: int, req: CompletionRequest,
+                       handle_id: str) -> None:  # fmt: skip
+        """After ``check_start``: resume ``rid``'s reservation (or, without one, run an
+        ordinary completion); the result goes to ``req.on_done``."""
+        rt = self.rt
+        begin = begin + len(req.prompt) if begin < 0 else begin
+        r = self.reservations.pop(rid, None)
+        if r is None:
+            if begin != 0:
+                req.on_done(_failed(req, f"no reservation for request id {rid!r}"))
+                return
+            start_completion(rt, rt.prefix_cache, handle_id, req)
+            return
+        if not (r.verified or r.end == r.matched):
+            req.on_done(_failed(req, "start_generate before check_start"))
+            rt.end_instance(r.inst, False, "unchecked")
+            return
+        self._resume(r, min(begin, r.end), req, handle_id)
+
+    def _resume(self, r: Reservation, begin: int, req: CompletionRequest,
+                handle_id: str) -> None:  # fmt: skip
+        rt, ps = self.rt, self.rt.page_size
+        kv_len = begin
+        keep = -(-kv_len // ps)
+        # Pages past the resume point hold nothing the generation reads again.
+        if len(r.pages) > keep:
+            r.inst.pages.release(r.pages[keep:])
+        del rt.instances[r.inst.id]
+        r.inst.id = handle_id
+        rt.instances[handle_id] = r.inst
+        start_completion(rt, rt.prefix_cache, handle_id, req,
+                         prefilled=(r.inst, r.pages[:keep], kv_len))  # fmt: skip
+
+    # ----- expiry and aborts -----
+
+    def abort(self, rid: str) -> bool:
+        return self.drop(rid)
+
+    def drop(self, rid: str, release_pages: bool = True) -> bool:
+        r = self.reservations.pop(rid, None)
+        if r is None:
+            return False
+        self.rt.submit_op(KVReleaseOp(rid), lambda _: None)
+        if release_pages:
+            self.rt.end_instance(r.inst, False, "reservation dropped")
+        return True
+
+    def expire(self, now: float) -> None:
+        for rid in [rid for rid, r in self.reservations.items() if r.deadline <= now]:
+            self.counters.expired += 1
+            self.drop(rid)
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        rt = self.rt
+        if not prompt:
+            raise MicroservingError(400, "the prompt is empty")
+        if len(prompt) >= rt.max_model_len:
+            raise MicroservingError(400, f"the prompt exceeds the context ({rt.max_model_len})")
+        if any(not 0 <= t < rt.vocab_size for t in prompt):
+            raise MicroservingError(400, f"token ids must lie in [0, {rt.vocab_size})")
+
+
+def _future_error(future: HostFuture) -> Any:
+    value = future.value
+    return RuntimeError(getattr(value, "value", None) or "the forward pass failed")

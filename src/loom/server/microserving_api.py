@@ -1,0 +1,133 @@
+"""Microserving endpoints of an engine: ``/microserving/prep_recv``, ``remote_send``,
+``start_generate`` (and ``abort``), over ``Runtime.microserving``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from loom.runtime.completions import CompletionHandle, new_handle
+from loom.runtime.completions import CompletionRequest as RuntimeRequest
+from loom.runtime.microserving import MicroservingError
+from loom.server.auth import require_key
+from loom.server.errors import ApiError
+from loom.server.openai_api import _checked, _serve
+from loom.server.openai_models import _Sampling
+from loom.server.state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+RequestId = Field(min_length=1, max_length=200, description="shared by the three calls")
+
+
+class _Windowed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: list[int] | str = Field(description="token ids (or text, tokenized here)")
+    request_id: str = RequestId
+    model: str | None = None
+
+
+class PrepRecvRequest(_Windowed):
+    end: int = Field(description="reserve slots for prompt[matched:end]; negative counts back")
+
+
+class RemoteSendRequest(_Windowed):
+    begin: int
+    end: int
+    kv_addr_info: str = Field(min_length=1)
+    recv_engine: str = Field(min_length=3, description="the receiver's KV address, host:port")
+
+
+class StartGenerateRequest(_Sampling):
+    model: str = ""
+    prompt: list[int] | str
+    request_id: str = RequestId
+    begin: int = 0
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = RequestId
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.loom  # type: ignore[no-any-return]
+
+
+def _tokens(st: ServerState, prompt: list[int] | str) -> list[int]:
+    ids = st.runtime.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    return _checked(st, ids, "prompt")
+
+
+async def _call(st: ServerState, fn: Any) -> dict[str, Any]:
+    """Run ``fn(reply)`` on the runtime thread and await its reply."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    def reply(value: Any) -> None:  # runtime thread
+        loop.call_soon_threadsafe(settle, value)
+
+    st.runtime.call_soon(lambda: fn(reply))
+    value = await fut
+    if isinstance(value, MicroservingError):
+        kind = "server_error" if value.status >= 500 else "invalid_request_error"
+        raise ApiError(value.status, value.message, code=value.code, kind=kind)
+    return value  # type: ignore[no-any-return]
+
+
+@router.post("/microserving/prep_recv")
+async def prep_recv(body: PrepRecvRequest, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    st.count("prep_recv")
+    prompt = _tokens(st, body.prompt)
+    ms = st.runtime.microserving
+    return await _call(st, lambda reply: ms.prep_recv(body.request_id, prompt, body.end, reply))
+
+
+@router.post("/microserving/remote_send")
+async def remote_send(body: RemoteSendRequest, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    st.count("remote_send")
+    prompt = _tokens(st, body.prompt)
+    ms = st.runtime.microserving
+    return await _call(st, lambda reply: ms.remote_send(
+        body.request_id, prompt, body.begin, body.end, body.kv_addr_info, body.recv_engine, reply
+    ))  # fmt: skip
+
+
+@router.post("/microserving/start_generate", response_model=None)
+async def start_generate(body: StartGenerateRequest, request: Request) -> Any:
+    st = _state(request)
+    st.count("start_generate")
+    if body.n != 1:
+        raise ApiError(400, "start_generate takes n=1", param="n")
+    prompt = _tokens(st, body.prompt)
+    ms = st.runtime.microserving
+    rid, begin = body.request_id, body.begin
+    await _call(st, lambda reply: ms.check_start(rid, prompt, begin, reply))
+    rt = st.runtime
+
+    def submit(req: RuntimeRequest) -> CompletionHandle:
+        handle = new_handle(rt._post)
+        rt.call_soon(lambda: ms.start_generate(rid, begin, req, handle.id))
+        return handle
+
+    return await _serve(st, body, [prompt], chat=False, logprobs=body.logprobs, submit=submit)
+
+
+@router.post("/microserving/abort")
+async def abort(body: AbortRequest, request: Request) -> dict[str, Any]:
+    """Drop a reservation now (a router whose client went away); false if there was none."""
+    st = _state(request)
+    ms = st.runtime.microserving
+    found = await asyncio.to_thread(st.runtime.query, lambda: ms.abort(body.request_id))
+    return {"aborted": bool(found)}
