@@ -159,6 +159,80 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_cmd_serve)
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    """A bare engine for a router: the whole server on one or a few cores, the engine in
+    this process (no second process competing for the cores)."""
+    import os
+
+    if args.cpus:
+        cpus = {int(c) for c in args.cpus.split(",")}
+        os.sched_setaffinity(0, cpus)
+    import torch
+
+    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
+    from loom.server.app import serve
+    from loom.server.settings import ServeSettings
+
+    settings = ServeSettings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        worker="thread",
+        num_pages=args.num_pages,
+        dtype=args.dtype,
+    )
+    return serve(settings)
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from loom.router.serve import run_router
+
+    return run_router(args)
+
+
+def _add_microserving(sub: argparse._SubParsersAction) -> None:
+    engine = sub.add_parser("engine", help="a bare engine (OpenAI + microserving endpoints)")
+    engine.add_argument("--model", default="tiny")
+    engine.add_argument("--host", default="127.0.0.1")
+    engine.add_argument("--port", type=int, default=8090)
+    engine.add_argument("--cpus", help="pin to these cores, e.g. 0 or 0,1")
+    engine.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    engine.add_argument("--num-pages", type=int)
+    engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    engine.add_argument(
+        "--reservation-ttl",
+        type=float,
+        default=60.0,
+        help="seconds an unused KV reservation is kept (default 60)",
+    )
+    engine.set_defaults(func=_cmd_engine)
+    router = sub.add_parser(
+        "router", help="route OpenAI requests over engines with a microserving strategy"
+    )
+    router.add_argument("--engines", type=int, default=2, help="local engines to start")
+    router.add_argument(
+        "--engine-url",
+        action="append",
+        default=[],
+        help="use this running engine instead (repeatable)",
+    )
+    router.add_argument(
+        "--strategy",
+        default="pd",
+        help="dp, pd, balanced-pd, prefix-pd, migrate or dynamic (default pd)",
+    )
+    router.add_argument(
+        "--balance",
+        type=float,
+        default=0.0,
+        help="share of the prompt the decode engine prefills (balanced P/D)",
+    )
+    router.add_argument("--model", default="tiny")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8080)
+    router.set_defaults(func=_cmd_router)
+
+
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     from loom.client.commands import add_client_args, cmd_kill, cmd_ps, cmd_run
 
@@ -186,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_microserving(sub)
     _add_client_commands(sub)
 
     gen = sub.add_parser("generate", help="generate text offline and stream it to stdout")

@@ -140,8 +140,12 @@ class KVReceiver:
             r = self.reservations.get(rid)
             if r is None:
                 return None
-            return {"complete": r.complete, "bytes": r.bytes, "error": r.error,
-                    "expected": len(r.slots)}  # fmt: skip
+            return {
+                "complete": r.complete,
+                "bytes": r.bytes,
+                "error": r.error,
+                "expected": len(r.slots),
+            }
 
     def close(self) -> None:
         self._server.close()
@@ -310,8 +314,11 @@ class _Link:
                     continue
                 t0 = time.perf_counter()
                 data = body.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                _send_frame(self.sock, {"rid": rid, "dtype": str(body.dtype),
-                                        "shape": list(body.shape), **header}, data)  # fmt: skip
+                _send_frame(
+                    self.sock,
+                    {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header},
+                    data,
+                )
                 st.send_s += time.perf_counter() - t0
                 st.bytes += len(data)
                 st.frames += 1

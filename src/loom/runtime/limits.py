@@ -47,6 +47,10 @@ class RuntimeConfig:
     # collector (``gc.freeze``), so collections scan only what instances create.
     freeze_gc: bool = True
 
+    # Microserving: a KV reservation (prep_recv) not taken up by start_generate within
+    # this many seconds is dropped and its pages freed.
+    reservation_ttl_s: float = 60.0
+
     # Outgoing HTTP is allowed only to these hosts ("*" allows any).
     http_allow_hosts: tuple[str, ...] = ()
 

@@ -79,8 +79,9 @@ def decode_addr(info: str) -> list[int]:
         raise MicroservingError(400, f"kv_addr_info is not a valid KV address: {e}") from None
     if len(runs) != 2 * n or any(x < 0 for x in runs) or any(k == 0 for k in runs[1::2]):
         raise MicroservingError(400, "kv_addr_info: segment count and runs do not agree")
-    return [s for start, k in zip(runs[::2], runs[1::2], strict=True)
-            for s in range(start, start + k)]  # fmt: skip
+    return [
+        s for start, k in zip(runs[::2], runs[1::2], strict=True) for s in range(start, start + k)
+    ]
 
 
 def resolve_window(index: int, length: int, name: str) -> int:
@@ -88,9 +89,10 @@ def resolve_window(index: int, length: int, name: str) -> int:
     at = index + length if index < 0 else index
     if not 0 <= at < length:
         raise MicroservingError(
-            400, f"{name}={index} is outside the prompt of {length} tokens ({name} must be "
+            400,
+            f"{name}={index} is outside the prompt of {length} tokens ({name} must be "
             f"less than the prompt length; negative values count from the end)",
-        )  # fmt: skip
+        )
     return at
 
 
@@ -166,8 +168,9 @@ class Microserving:
         inst = new_host_instance(rt, f"recv-{rid}", None)
         physical = matched_pages + fresh
         pages = inst.pages.adopt(physical)
-        r = Reservation(rid, inst, list(prompt), end, matched, pages,
-                        time.monotonic() + self.ttl_s, self)  # fmt: skip
+        r = Reservation(
+            rid, inst, list(prompt), end, matched, pages, time.monotonic() + self.ttl_s, self
+        )
         inst.job = r
         self.reservations[rid] = r
         positions = list(range(matched, end))
@@ -180,8 +183,13 @@ class Microserving:
                 self.drop(rid)
                 reply(MicroservingError(500, f"cannot reserve KV slots: {result}", "internal"))
                 return
-            reply({"kv_addr_info": encode_addr(slots), "prefix_matched_length": matched,
-                   "recv_engine": self.recv_addr})  # fmt: skip
+            reply(
+                {
+                    "kv_addr_info": encode_addr(slots),
+                    "prefix_matched_length": matched,
+                    "recv_engine": self.recv_addr,
+                }
+            )
 
         rt.submit_op(KVReserveOp(rid, slots, positions, rt.pool.drain_fresh()), reserved)
 
@@ -191,8 +199,9 @@ class Microserving:
 
     # ----- remote_send -----
 
-    def remote_send(self, rid: str, prompt: list[int], begin: int, end: int, addr: str,
-                    dst: str, reply: Reply) -> None:  # fmt: skip
+    def remote_send(
+        self, rid: str, prompt: list[int], begin: int, end: int, addr: str, dst: str, reply: Reply
+    ) -> None:
         rt, ps = self.rt, self.rt.page_size
         try:
             self._check_prompt(prompt)
@@ -203,9 +212,10 @@ class Microserving:
             remote = decode_addr(addr)
             if len(remote) != end - begin:
                 raise MicroservingError(
-                    400, f"kv_addr_info holds {len(remote)} slots; the window [{begin}:{end}] "
+                    400,
+                    f"kv_addr_info holds {len(remote)} slots; the window [{begin}:{end}] "
                     f"has {end - begin} tokens",
-                )  # fmt: skip
+                )
             if not dst or ":" not in dst:
                 raise MicroservingError(400, "recv_engine must be the receiver's 'host:port'")
             if rid in self.sending:
@@ -248,14 +258,22 @@ class Microserving:
             # The KV of prompt[:end] is computed here now: keep its full pages for later.
             full = end // ps
             rt.prefix_cache.insert(chain_keys(prompt, ps, full), physical[:full])
-            reply({"bytes": t.bytes, "tokens": end - begin, "send_s": t.send_s,
-                   "hidden_s": max(0.0, t.send_s - t.exposed_s),
-                   "computed_tokens": end - matched})  # fmt: skip
+            reply(
+                {
+                    "bytes": t.bytes,
+                    "tokens": end - begin,
+                    "send_s": t.send_s,
+                    "hidden_s": max(0.0, t.send_s - t.exposed_s),
+                    "computed_tokens": end - matched,
+                }
+            )
             rt.end_instance(inst, True, None)
 
         if matched >= end:  # everything is cached here: send straight from the cache
-            rt.submit_op(KVSendCachedOp([spec]), lambda res: finish(
-                res[0] if isinstance(res, list) and res else res))  # fmt: skip
+            rt.submit_op(
+                KVSendCachedOp([spec]),
+                lambda res: finish(res[0] if isinstance(res, list) and res else res),
+            )
             return
         future = HostFuture()
         last = end - ps * (len(pages) - 1)
@@ -269,8 +287,9 @@ class Microserving:
             future=future,
             kv_send=spec,
         )
-        future.waiters.append(lambda: finish(
-            cmd.kv_result if cmd.kv_result is not None else _future_error(future)))  # fmt: skip
+        future.waiters.append(
+            lambda: finish(cmd.kv_result if cmd.kv_result is not None else _future_error(future))
+        )
         rt.enqueue(rt.new_queue(inst), cmd)
 
     def _count(self, t: KVTransferResult, tokens: int) -> None:
@@ -279,8 +298,15 @@ class Microserving:
         c.sent_bytes += t.bytes
         c.send_s += t.send_s
         c.hidden_s += max(0.0, t.send_s - t.exposed_s)
-        c.recent.append({"rid": t.rid, "bytes": t.bytes, "tokens": tokens, "send_s": t.send_s,
-                         "exposed_s": t.exposed_s})  # fmt: skip
+        c.recent.append(
+            {
+                "rid": t.rid,
+                "bytes": t.bytes,
+                "tokens": tokens,
+                "send_s": t.send_s,
+                "exposed_s": t.exposed_s,
+            }
+        )
         del c.recent[:-1000]
 
     # ----- start_generate -----
@@ -296,8 +322,10 @@ class Microserving:
             begin = resolve_window(begin, len(prompt), "begin")
             if r is None:
                 if begin != 0:
-                    why = (f"no reservation for request id {rid!r} (expired or never made with "
-                           "prep_recv); only begin=0 works without one")  # fmt: skip
+                    why = (
+                        f"no reservation for request id {rid!r} (expired or never made with "
+                        "prep_recv); only begin=0 works without one"
+                    )
                     raise MicroservingError(404, why, "unknown_request")
             elif prompt[: r.end] != r.prompt[: r.end]:
                 raise MicroservingError(400, "the prompt differs from the one given to prep_recv")
@@ -308,8 +336,8 @@ class Microserving:
         except MicroservingError as e:
             reply(e)
             return
-        if r is None or r.verified or r.end == r.matched:
-            reply({})
+        if r is None or r.verified or r.end == r.matched or begin <= r.matched:
+            reply({})  # nothing to wait for: no transfer, or none needed below ``begin``
             return
 
         def checked(status: Any) -> None:
@@ -324,14 +352,18 @@ class Microserving:
                 return
             why = status.get("error") if isinstance(status, dict) else None
             self.drop(rid)
-            reply(MicroservingError(409, "the KV for this request never fully arrived "
-                                    f"({why or 'no data'}); not decoding",
-                                    "transfer_incomplete"))  # fmt: skip
+            reply(
+                MicroservingError(
+                    409,
+                    "the KV for this request never fully arrived "
+                    f"({why or 'no data'}); not decoding",
+                    "transfer_incomplete",
+                )
+            )
 
         rt.submit_op(KVStatusOp(rid), checked)
 
-    def start_generate(self, rid: str, begin: int, req: CompletionRequest,
-                       handle_id: str) -> None:  # fmt: skip
+    def start_generate(self, rid: str, begin: int, req: CompletionRequest, handle_id: str) -> None:
         """After ``check_start``: resume ``rid``'s reservation (or, without one, run an
         ordinary completion); the result goes to ``req.on_done``."""
         rt = self.rt
@@ -343,14 +375,15 @@ class Microserving:
                 return
             start_completion(rt, rt.prefix_cache, handle_id, req)
             return
-        if not (r.verified or r.end == r.matched):
+        if not (r.verified or r.end == r.matched or begin <= r.matched):
             req.on_done(_failed(req, "start_generate before check_start"))
             rt.end_instance(r.inst, False, "unchecked")
             return
+        if not r.verified:  # resumed below the received window: refuse late frames
+            rt.submit_op(KVReleaseOp(rid), lambda _: None)
         self._resume(r, min(begin, r.end), req, handle_id)
 
-    def _resume(self, r: Reservation, begin: int, req: CompletionRequest,
-                handle_id: str) -> None:  # fmt: skip
+    def _resume(self, r: Reservation, begin: int, req: CompletionRequest, handle_id: str) -> None:
         rt, ps = self.rt, self.rt.page_size
         kv_len = begin
         keep = -(-kv_len // ps)
@@ -360,8 +393,9 @@ class Microserving:
         del rt.instances[r.inst.id]
         r.inst.id = handle_id
         rt.instances[handle_id] = r.inst
-        start_completion(rt, rt.prefix_cache, handle_id, req,
-                         prefilled=(r.inst, r.pages[:keep], kv_len))  # fmt: skip
+        start_completion(
+            rt, rt.prefix_cache, handle_id, req, prefilled=(r.inst, r.pages[:keep], kv_len)
+        )
 
     # ----- expiry and aborts -----
 

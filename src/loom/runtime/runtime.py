@@ -150,7 +150,7 @@ class Runtime:
         self._poked = False
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
         self._op_callbacks: dict[int, Callable[[Any], None]] = {}  # op id -> its reader
-        self.microserving = Microserving(self)
+        self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
         # forks, say) gets one more slice before the batch fires, so its passes ride

@@ -99,9 +99,18 @@ async def remote_send(body: RemoteSendRequest, request: Request) -> dict[str, An
     st.count("remote_send")
     prompt = _tokens(st, body.prompt)
     ms = st.runtime.microserving
-    return await _call(st, lambda reply: ms.remote_send(
-        body.request_id, prompt, body.begin, body.end, body.kv_addr_info, body.recv_engine, reply
-    ))  # fmt: skip
+    return await _call(
+        st,
+        lambda reply: ms.remote_send(
+            body.request_id,
+            prompt,
+            body.begin,
+            body.end,
+            body.kv_addr_info,
+            body.recv_engine,
+            reply,
+        ),
+    )
 
 
 @router.post("/microserving/start_generate", response_model=None)

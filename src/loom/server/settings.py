@@ -39,6 +39,7 @@ class ServeSettings:
     cpu_budget_s: float = 60.0
     memory_limit_mb: int = 256
     http_allow_hosts: list[str] = field(default_factory=list)
+    reservation_ttl_s: float = 60.0  # microserving: unused KV reservations expire
 
     # The client protocol.
     max_upload_mb: int = 64  # largest program a client may upload
@@ -63,6 +64,7 @@ class ServeSettings:
             cpu_budget_s=self.cpu_budget_s,
             memory_limit_bytes=self.memory_limit_mb << 20,
             http_allow_hosts=tuple(self.http_allow_hosts),
+            reservation_ttl_s=self.reservation_ttl_s,
         )
 
     def validate(self) -> None:
