@@ -80,8 +80,13 @@ def test_every_strategy_gives_the_greedy_output(engines: list[Any], llm: Any) ->
     async def scenario() -> None:
         router = StrategyRouter(urls)
         try:
-            for strategy in (DataParallel(), PrefillDecode(), PrefillDecode(balance=0.1),
-                             PrefillDecode(balance=0.3), PrefillDecode(balance=0.6)):  # fmt: skip
+            for strategy in (
+                DataParallel(),
+                PrefillDecode(),
+                PrefillDecode(balance=0.1),
+                PrefillDecode(balance=0.3),
+                PrefillDecode(balance=0.6),
+            ):
                 router.strategy = strategy
                 sent = 0
                 for k, p in enumerate(prompts):
@@ -163,9 +168,14 @@ def test_context_migration_copies_kv_and_keeps_outputs(engines: list[Any], llm: 
     asyncio.run(scenario())
     # The migrated context is in dst's prefix cache: a request there finds it.
     model = httpx.get(urls[1] + "/v1/models").json()["data"][0]["id"]
-    r = httpx.post(urls[1] + "/v1/completions", json={
-        "model": model, "prompt": [*context, 99], "max_tokens": 1,
-    })  # fmt: skip
+    r = httpx.post(
+        urls[1] + "/v1/completions",
+        json={
+            "model": model,
+            "prompt": [*context, 99],
+            "max_tokens": 1,
+        },
+    )
     assert r.status_code == 200
     # All 64 context tokens: 63 received, the last fed by migrate's one-token generation.
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
