@@ -672,6 +672,10 @@ class Runtime:
         chunk = self.config.generate_chunk
         if chunk <= 0 or not all(isinstance(c, GenerateCmd) for _, _, c, _, _ in flight.parts):
             return []
+        # A generation's first token goes out at once (time to first token); the chunks
+        # only speed up the tokens after it.
+        if any(not c.task.tokens for _, _, c, _, _ in flight.parts):  # type: ignore[union-attr]
+            return []
         ps = self.page_size
         plans: list[GenPlan] = []
         for k, (inst, _, cmd, a, _) in enumerate(flight.parts):

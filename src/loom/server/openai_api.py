@@ -318,8 +318,9 @@ async def _stream(st: ServerState, runs: list[_Run], n: int, rid: str, created: 
                     yield chunk([_final(run.index, item, chat, logprobs, st)])
                     continue
                 text, _token = item
-                if text:
-                    yield chunk([_delta(run, text, chat)])
+                # One chunk per token, even when its text is held back (an incomplete
+                # character) or empty: clients time tokens by chunks.
+                yield chunk([_delta(run, text, chat)])
                 pending[asyncio.ensure_future(_next(run))] = run
         results = [r for r in finished if r is not None]
         _account(st, results)

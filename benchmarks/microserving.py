@@ -1,0 +1,287 @@
+"""Microserving strategies under load: 2 real engine processes, one core each, a router in
+this process, seeded Poisson arrivals.
+
+Workloads: ``long`` (long prompt, short output; 512/16 by default), ``chat`` (64/64),
+``shared`` (a few long documents shared by many short questions; 448 + 32 / 16).
+Strategies: dp, pd, balanced pd (f = 0.1, 0.3); on ``shared`` also prefix-aware pd.
+Per request: TTFT (arrival -> first token at the router), TPOT ((last - first) / (n - 1)),
+JCT (arrival -> last token); mean and p99, throughput, KV bytes transferred. Rates are
+multiples of one engine's measured capacity for the workload, so a run means the same on
+a slower or faster machine. Timings are the tiny model's real compute on CPU (no cost
+model). The router and load generator share the cores with the engines (2 cores here).
+
+    python benchmarks/microserving.py [--model small] [--requests 40] [--seeds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def make_requests(
+    kind: str, n: int, rate: float, seed: int, vocab: int, lengths: dict[str, tuple[int, int]]
+) -> list[tuple[float, list[int], int]]:
+    """(arrival time, prompt tokens, output tokens) with Poisson arrivals at ``rate``/s."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    docs = [[rng.randrange(100, vocab) for _ in range(lengths["shared"][0])] for _ in range(4)]
+    for i in range(n):
+        t += rng.expovariate(rate)
+        if kind == "shared":
+            doc = docs[rng.randrange(len(docs))]
+            question = [rng.randrange(100, vocab) for _ in range(32)]
+            out.append((t, doc + question, lengths["shared"][1]))
+        else:
+            p, o = lengths[kind]
+            out.append((t, [rng.randrange(100, vocab) for _ in range(p)], o))
+        del i
+    return out
+
+
+async def drive(
+    router: Any, requests: list[tuple[float, list[int], int]], tag: str
+) -> list[dict[str, Any]]:
+    from loom.router.router import RoutedRequest
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    results: list[dict[str, Any]] = []
+
+    async def one(k: int, at: float, prompt: list[int], n: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+        start = loop.time()
+        first = last = None
+        req = RoutedRequest(
+            prompt, f"{tag}-{k}", {"max_tokens": n, "temperature": 0, "ignore_eos": True}
+        )
+        async for chunk in router.handle(req):
+            if any(c.get("finish_reason") is None for c in chunk.get("choices", [])):
+                last = loop.time()
+                first = first or last
+        assert first is not None and last is not None
+        results.append(
+            {
+                "ttft": first - start,
+                "tpot": (last - first) / max(1, n - 1),
+                "jct": last - start,
+                "bytes": req.transferred_bytes,
+                "done": last - t0,
+            }
+        )
+
+    await asyncio.gather(*(one(k, at, p, n) for k, (at, p, n) in enumerate(requests)))
+    return results
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    def p99(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+    out: dict[str, float] = {}
+    for key in ("ttft", "tpot", "jct"):
+        xs = [r[key] for r in rows]
+        out[f"{key}_mean"] = statistics.mean(xs)
+        out[f"{key}_p99"] = p99(xs)
+    out["throughput"] = len(rows) / max(r["done"] for r in rows)
+    out["bytes"] = sum(r["bytes"] for r in rows)
+    return out
+
+
+def strategy_for(name: str) -> Any:
+    from loom.router.strategies import DataParallel, PrefillDecode, PrefixAwarePD
+
+    return {
+        "dp": DataParallel(),
+        "pd": PrefillDecode(),
+        "pd-f0.1": PrefillDecode(balance=0.1),
+        "pd-f0.3": PrefillDecode(balance=0.3),
+        "pd-f0.5": PrefillDecode(balance=0.5),
+        "prefix-pd": PrefixAwarePD(bypass_below=64),
+    }[name]
+
+
+async def capacity(
+    router: Any, kind: str, vocab: int, lengths: dict[str, tuple[int, int]]
+) -> float:
+    """Requests per second one engine sustains for ``kind``, run one at a time (a rough
+    service rate: 1 / mean latency)."""
+    from loom.router.strategies import DataParallel
+
+    router.strategy = DataParallel()
+    reqs = make_requests(kind, 4, 1000.0, 99, vocab, lengths)
+    lat = []
+    for k, (_, p, n) in enumerate(reqs):
+        rows = await drive(router, [(0.0, p, n)], f"cap-{kind}-{k}")
+        lat.append(rows[0]["jct"])
+    return 1.0 / statistics.median(lat[1:])
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from loom.router.engines import start_engines
+    from loom.router.strategies import StrategyRouter
+
+    if args.model == "tiny":
+        model = "tiny"
+    else:
+        from engine_throughput import model_dir
+
+        model = str(model_dir(args.model, Path.home() / ".cache" / "loom"))
+    lengths = {
+        "long": (args.long_prompt, args.long_output),
+        "chat": (64, 64),
+        "shared": (args.long_prompt - 64, 16),
+    }
+    extra = ["--dtype", args.dtype, "--num-pages", str(args.num_pages)]
+    engines = start_engines(2, model, extra_args=extra, quiet=True)
+    out: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "engines": [{"url": e.url, "cpus": e.cpus} for e in engines],
+        "lengths": lengths,
+        "runs": [],
+    }
+    try:
+        from loom.models import resolve_model_dir
+        from loom.models.config import ModelConfig
+
+        vocab = min(2000, ModelConfig.from_dir(resolve_model_dir(model)).vocab_size)
+        router = StrategyRouter([e.url for e in engines])
+        run_id = 0
+        for kind in args.workloads.split(","):
+            cap = await capacity(router, kind, vocab, lengths)
+            strategies = ["dp", "pd", "pd-f0.1", "pd-f0.3", "pd-f0.5"]
+            if kind == "shared":
+                strategies = ["dp", "pd", "prefix-pd"]
+            for load in [float(x) for x in args.loads.split(",")]:
+                rate = load * cap
+                for seed in range(args.seeds):
+                    reqs = make_requests(kind, args.requests, rate, seed, vocab, lengths)
+                    for name in strategies:
+                        router.strategy = strategy_for(name)
+                        # A first token of its own per run: no run finds another's
+                        # prompts in an engine's prefix cache (within a run, `shared`
+                        # requests still share their documents).
+                        run_id += 1
+                        reqs_run = [
+                            (a, [100 + run_id % (vocab - 100), *p[1:]], n) for a, p, n in reqs
+                        ]
+                        rows = await drive(router, reqs_run, f"{kind}-{name}-{load}-{seed}")
+                        s = summarize(rows)
+                        run = {
+                            "workload": kind,
+                            "strategy": name,
+                            "load": load,
+                            "rate": rate,
+                            "seed": seed,
+                            **s,
+                        }
+                        out["runs"].append(run)
+                        print(
+                            f"{kind:<6} {name:<9} load {load:4.2f} ({rate:5.2f}/s) seed {seed}: "
+                            f"JCT {s['jct_mean']:6.2f}s p99 {s['jct_p99']:6.2f}s "
+                            f"TTFT {s['ttft_mean']:6.2f}s TPOT {1000 * s['tpot_mean']:6.1f}ms "
+                            f"{s['throughput']:5.2f} req/s  {s['bytes'] / 1e6:7.1f} MB",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        await router.close()
+    finally:
+        for e in engines:
+            e.stop()
+    return out
+
+
+def report(data: dict[str, Any], out_json: Path, out_png: Path) -> None:
+    runs = data["runs"]
+    keys = sorted({(r["workload"], r["load"], r["strategy"]) for r in runs})
+    print(f"\nmodel {data['model']} ({data['dtype']}), 2 engines x 1 core; medians over seeds")
+    print(
+        f"{'workload':<8} {'load':>5} {'strategy':<10} {'JCT mean':>9} {'JCT p99':>9} "
+        f"{'TTFT mean':>10} {'TTFT p99':>9} {'TPOT ms':>8} {'req/s':>6} {'MB sent':>8} "
+        f"{'JCT vs dp':>9}"
+    )
+    table = []
+    for wl, load, name in keys:
+        rs = [r for r in runs if (r["workload"], r["load"], r["strategy"]) == (wl, load, name)]
+        med = {
+            k: statistics.median(r[k] for r in rs)
+            for k in rs[0]
+            if isinstance(rs[0][k], (int, float)) and k not in ("seed", "load")
+        }
+        dp = [r for r in runs if (r["workload"], r["load"], r["strategy"]) == (wl, load, "dp")]
+        ratio = med["jct_mean"] / statistics.median(r["jct_mean"] for r in dp) if dp else 1.0
+        table.append({"workload": wl, "load": load, "strategy": name, **med, "jct_vs_dp": ratio})
+        print(
+            f"{wl:<8} {load:5.2f} {name:<10} {med['jct_mean']:9.2f} {med['jct_p99']:9.2f} "
+            f"{med['ttft_mean']:10.2f} {med['ttft_p99']:9.2f} {1000 * med['tpot_mean']:8.1f} "
+            f"{med['throughput']:6.2f} {med['bytes'] / 1e6:8.1f} {ratio:8.2f}x"
+        )
+    data["table"] = table
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(data, indent=2))
+    print(f"wrote {out_json}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    workloads = sorted({r["workload"] for r in table})
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 7), squeeze=False)
+    for col, wl in enumerate(workloads):
+        for row, metric in enumerate(("jct_mean", "ttft_mean")):
+            ax = axes[row][col]
+            for name in sorted({r["strategy"] for r in table if r["workload"] == wl}):
+                pts = sorted(
+                    (r["load"], r[metric])
+                    for r in table
+                    if r["workload"] == wl and r["strategy"] == name
+                )
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.set_title(f"{wl}: {metric.replace('_', ' ')}")
+            ax.set_xlabel("load (x one engine's capacity)")
+            ax.set_ylabel("seconds")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print(f"wrote {out_png}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="small", help="small (~40M) or tiny")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--workloads", default="long,chat,shared")
+    ap.add_argument(
+        "--loads",
+        default="0.5,1.0,1.5,2.0",
+        help="multiples of one engine's capacity (2 engines: up to ~2)",
+    )
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--long-prompt", type=int, default=512)
+    ap.add_argument("--long-output", type=int, default=16)
+    ap.add_argument("--num-pages", type=int, default=2048)
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "microserving.json"
+    )
+    args = ap.parse_args()
+    data = asyncio.run(main_async(args))
+    report(data, args.out, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
