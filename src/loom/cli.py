@@ -180,6 +180,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         worker="thread",
         num_pages=args.num_pages,
         dtype=args.dtype,
+        reservation_ttl_s=args.reservation_ttl,
+        kv_transport=args.kv_transport,
     )
     return serve(settings)
 
@@ -204,6 +206,12 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=60.0,
         help="seconds an unused KV reservation is kept (default 60)",
+    )
+    engine.add_argument(
+        "--kv-transport",
+        default="tcp",
+        choices=["tcp", "shm"],
+        help="how KV is sent to other engines (shm: same host only)",
     )
     engine.set_defaults(func=_cmd_engine)
     router = sub.add_parser(
@@ -230,6 +238,12 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--model", default="tiny")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8080)
+    router.add_argument(
+        "--kv-transport",
+        default="tcp",
+        choices=["tcp", "shm"],
+        help="KV transport of the engines it starts (shm: shared memory)",
+    )
     router.set_defaults(func=_cmd_router)
 
 

@@ -222,3 +222,56 @@ def test_a_client_that_disconnects_aborts_the_decode_side(pair: tuple[Any, Any])
     while held(d) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert held(d) == 0 and held(p) == 0
+
+
+def test_shared_memory_transport_gives_the_same_kv(pair: tuple[Any, Any], tiny_dir: Path) -> None:
+    import os
+
+    from loom import LLM, SamplingParams
+
+    _, d = pair
+    prompt = [(i * 53) % 1900 + 60 for i in range(37)]
+    segments = set(os.listdir("/dev/shm"))
+    settings = ServeSettings(
+        model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport="shm"
+    )
+    with BackgroundServer(settings) as p:
+        prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id="shm-1").json()
+        sent = post(
+            p,
+            "remote_send",
+            prompt=prompt,
+            end=-1,
+            request_id="shm-1",
+            begin=prep["prefix_matched_length"],
+            kv_addr_info=prep["kv_addr_info"],
+            recv_engine=prep["recv_engine"],
+        )
+        assert sent.status_code == 200, sent.text
+        assert sent.json()["bytes"] == 36 * _bytes_per_token(tiny_dir)
+        llm = LLM(str(tiny_dir), num_pages=16, enable_prefix_caching=False)
+        llm.generate([prompt[:36]], SamplingParams(max_tokens=1))
+        got = cache_of(d).kv[:, :, torch.tensor(_slots(prep["kv_addr_info"]))]
+        assert torch.allclose(got, llm.engine.runner.cache.kv[:, :, :36], atol=1e-5)
+        gen = post(
+            d,
+            "start_generate",
+            prompt=prompt,
+            begin=-1,
+            request_id="shm-1",
+            max_tokens=5,
+            temperature=0,
+            ignore_eos=True,
+        )
+        greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        assert gen.json()["choices"][0]["text"] == llm.generate([prompt], greedy)[0].text
+        assert held(p) == 0
+    assert held(d) == 0
+    assert set(os.listdir("/dev/shm")) == segments  # every frame's segment was removed
+
+
+def _bytes_per_token(model_dir: Path) -> int:
+    from loom.engine.kv_cache import KVCache
+    from loom.models.config import ModelConfig
+
+    return KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)

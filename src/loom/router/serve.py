@@ -26,7 +26,9 @@ def run_router(args: argparse.Namespace) -> int:
     urls = list(args.engine_url)
     if not urls:
         print(f"loom: starting {args.engines} engines ({args.model})", file=sys.stderr)
-        procs = start_engines(args.engines, args.model)
+        procs = start_engines(
+            args.engines, args.model, extra_args=["--kv-transport", args.kv_transport]
+        )
         urls = [p.url for p in procs]
         for p in procs:
             print(f"loom: engine {p.url} on cores {p.cpus}", file=sys.stderr)

@@ -178,6 +178,8 @@ class KVReceiver:
             if r is None or r.error is not None:
                 return  # unknown, expired or already failed: the end frame reports it
             try:
+                if "shm" in header:  # the payload waits in a shared-memory segment
+                    payload = _take_shm(str(header["shm"]), int(header["nbytes"]))
                 layer = int(header["layer"])
                 slots = unrle(list(header["slots"]))
                 if not 0 <= layer < self.num_layers:
@@ -213,6 +215,38 @@ class KVReceiver:
             return {"rid": rid, "ok": r.error is None, "error": r.error, "bytes": r.bytes}
 
 
+def _take_shm(name: str, nbytes: int) -> bytes:
+    """Copy a frame's payload out of the segment the sender made, then remove it."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    seg = shared_memory.SharedMemory(name=name)
+    try:
+        # Attaching registers the segment with this process's tracker too (Python 3.11);
+        # the sender created it and this side removes it, so neither should track it.
+        resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+        if nbytes > seg.size:
+            raise ValueError("shared-memory frame shorter than announced")
+        buf = seg.buf
+        assert buf is not None
+        return bytes(buf[:nbytes])
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def _put_shm(data: bytes) -> str:
+    from multiprocessing import resource_tracker, shared_memory
+
+    seg = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
+    resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+    buf = seg.buf
+    assert buf is not None
+    buf[: len(data)] = data
+    name = seg.name
+    seg.close()
+    return name
+
+
 # ===== sending side =====
 
 
@@ -231,10 +265,17 @@ class SendStats:
 
 
 class KVSender:
-    """Queues frames per destination; one thread per destination writes them in order."""
+    """Queues frames per destination; one thread per destination writes them in order.
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    ``mode="tcp"`` sends K/V bytes on the socket; ``mode="shm"`` (engines on one host)
+    puts each frame's bytes in a shared-memory segment and sends only its name, so the
+    data never goes through the socket."""
+
+    def __init__(self, timeout_s: float = 60.0, mode: str = "tcp") -> None:
+        if mode not in ("tcp", "shm"):
+            raise ValueError(f"KV transport must be 'tcp' or 'shm', got {mode!r}")
         self.timeout_s = timeout_s
+        self.mode = mode
         self._links: dict[str, _Link] = {}
         self.stats: dict[str, SendStats] = {}
 
@@ -314,11 +355,12 @@ class _Link:
                     continue
                 t0 = time.perf_counter()
                 data = body.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                _send_frame(
-                    self.sock,
-                    {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header},
-                    data,
-                )
+                meta = {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header}
+                if self.owner.mode == "shm":
+                    meta.update(shm=_put_shm(data), nbytes=len(data))
+                    _send_frame(self.sock, meta)
+                else:
+                    _send_frame(self.sock, meta, data)
                 st.send_s += time.perf_counter() - t0
                 st.bytes += len(data)
                 st.frames += 1

@@ -104,6 +104,7 @@ class KVSendSpec:
     dst: str
     local_slots: list[int]
     remote_slots: list[int]
+    transport: str = "tcp"  # "tcp", or "shm" for a receiver on this host
 
 
 @dataclass
@@ -286,7 +287,7 @@ class _OpRunner:
         engine = self.engine
         self.num_pages, self.page_size = engine.pool.num_pages, engine.pool.page_size
         self.vocab_size = engine.model_config.vocab_size
-        self.sender: Any = None  # KV transport, made on first use
+        self.senders: dict[str, Any] = {}  # KV transports by kind, made on first use
         self.receiver: Any = None
         # The same EOS set the engine's own output processor uses (tokenizer's, then the
         # model config's), keeping order for the runtime's benefit.
@@ -424,22 +425,27 @@ class _OpRunner:
         for spec in sends:
             idx = torch.tensor(spec.local_slots, dtype=torch.long, device=kv.device)
             # A copy: the sender thread writes it out while the next layer computes.
-            self._sender().put(spec.dst, spec.rid, spec.remote_slots, layer,
+            self._sender(spec.transport).put(spec.dst, spec.rid, spec.remote_slots, layer,
                                kv.index_select(1, idx))  # fmt: skip
 
     def _flush_sends(self, sends: list[KVSendSpec]) -> list[KVTransferResult]:
-        stats = self._sender().flush({s.rid: s.dst for s in sends})
-        return [
-            KVTransferResult(rid, st.error is None, st.error, st.bytes, st.send_s, st.exposed_s)
-            for rid, st in stats.items()
-        ]
+        out = []
+        for transport in sorted({s.transport for s in sends}):
+            group = {s.rid: s.dst for s in sends if s.transport == transport}
+            stats = self._sender(transport).flush(group)
+            out += [
+                KVTransferResult(rid, st.error is None, st.error, st.bytes, st.send_s, st.exposed_s)
+                for rid, st in stats.items()
+            ]
+        return out
 
-    def _sender(self) -> Any:
-        if self.sender is None:
-            from loom.router.transport import KVSender
+    def _sender(self, transport: str = "tcp") -> Any:
+        from loom.router.transport import KVSender
 
-            self.sender = KVSender()
-        return self.sender
+        sender = self.senders.get(transport)
+        if sender is None:
+            sender = self.senders[transport] = KVSender(mode=transport)
+        return sender
 
     def _receiver(self) -> Any:
         if self.receiver is None:

@@ -235,7 +235,7 @@ class Microserving:
         physical = matched_pages + (rt.pool.allocate(need) if need > 0 else [])
         pages = inst.pages.adopt(physical)
         local = [physical[p // ps] * ps + p % ps for p in range(begin, end)]
-        spec = KVSendSpec(rid, dst, local, remote)
+        spec = KVSendSpec(rid, dst, local, remote, rt.config.kv_transport)
         self.sending.add(rid)
 
         def finish(result: Any) -> None:

@@ -40,6 +40,7 @@ class ServeSettings:
     memory_limit_mb: int = 256
     http_allow_hosts: list[str] = field(default_factory=list)
     reservation_ttl_s: float = 60.0  # microserving: unused KV reservations expire
+    kv_transport: str = "tcp"  # microserving: "tcp", or "shm" for engines on one host
 
     # The client protocol.
     max_upload_mb: int = 64  # largest program a client may upload
@@ -65,6 +66,7 @@ class ServeSettings:
             memory_limit_bytes=self.memory_limit_mb << 20,
             http_allow_hosts=tuple(self.http_allow_hosts),
             reservation_ttl_s=self.reservation_ttl_s,
+            kv_transport=self.kv_transport,
         )
 
     def validate(self) -> None:
