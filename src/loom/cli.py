@@ -210,7 +210,7 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
     engine.add_argument(
         "--kv-transport",
         default="tcp",
-        choices=["tcp", "shm"],
+        choices=["tcp", "shm", "gloo"],
         help="how KV is sent to other engines (shm: same host only)",
     )
     engine.set_defaults(func=_cmd_engine)
@@ -241,7 +241,7 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
     router.add_argument(
         "--kv-transport",
         default="tcp",
-        choices=["tcp", "shm"],
+        choices=["tcp", "shm", "gloo"],
         help="KV transport of the engines it starts (shm: shared memory)",
     )
     router.set_defaults(func=_cmd_router)

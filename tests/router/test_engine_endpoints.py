@@ -224,25 +224,28 @@ def test_a_client_that_disconnects_aborts_the_decode_side(pair: tuple[Any, Any])
     assert held(d) == 0 and held(p) == 0
 
 
-def test_shared_memory_transport_gives_the_same_kv(pair: tuple[Any, Any], tiny_dir: Path) -> None:
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_other_transports_give_the_same_kv(
+    pair: tuple[Any, Any], tiny_dir: Path, transport: str
+) -> None:
     import os
 
     from loom import LLM, SamplingParams
 
     _, d = pair
-    prompt = [(i * 53) % 1900 + 60 for i in range(37)]
+    prompt = [len(transport), *((i * 53) % 1900 + 60 for i in range(36))]
     segments = set(os.listdir("/dev/shm"))
     settings = ServeSettings(
-        model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport="shm"
+        model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport=transport
     )
     with BackgroundServer(settings) as p:
-        prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id="shm-1").json()
+        prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id=f"{transport}-1").json()
         sent = post(
             p,
             "remote_send",
             prompt=prompt,
             end=-1,
-            request_id="shm-1",
+            request_id=f"{transport}-1",
             begin=prep["prefix_matched_length"],
             kv_addr_info=prep["kv_addr_info"],
             recv_engine=prep["recv_engine"],
@@ -258,7 +261,7 @@ def test_shared_memory_transport_gives_the_same_kv(pair: tuple[Any, Any], tiny_d
             "start_generate",
             prompt=prompt,
             begin=-1,
-            request_id="shm-1",
+            request_id=f"{transport}-1",
             max_tokens=5,
             temperature=0,
             ignore_eos=True,

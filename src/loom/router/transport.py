@@ -21,6 +21,7 @@ those slots for that layer (``[2, n, kv_heads, head_dim]``). An end frame is ``{
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import queue
 import socket
@@ -160,6 +161,7 @@ class KVReceiver:
 
     def _serve(self, conn: socket.socket) -> None:
         row = self.kv[0, :, :1].numel() * self.kv.element_size()  # bytes per slot per layer
+        group: Any = None  # a torch.distributed (gloo) pair group, when the sender asks
         with conn:
             try:
                 while True:
@@ -167,19 +169,44 @@ class KVReceiver:
                     rid = str(header.get("rid"))
                     if header.get("end"):
                         _send_frame(conn, self._finish(rid))
-                    else:
-                        self._write(rid, header, payload)
-            except (ConnectionError, OSError, ValueError):
+                        continue
+                    if "gloo_store" in header:
+                        group = _join_gloo(str(header["gloo_store"]))
+                        continue
+                    # Take the data off its channel before judging the frame, so a refused
+                    # frame leaves no segment behind and the stream stays in step.
+                    tensor = None
+                    if header.get("gloo"):
+                        if group is None:
+                            raise ValueError("a gloo frame before the gloo handshake")
+                        tensor = self._gloo_buffer(header)
+                        group.recv([tensor], 0, int(header["tag"])).wait()
+                    elif "shm" in header:
+                        payload = _take_shm(str(header["shm"]), int(header["nbytes"]))
+                    self._write(rid, header, payload, tensor)
+            except (ConnectionError, OSError, ValueError, RuntimeError, KeyError, TypeError):
                 return  # the sender went away or spoke nonsense: its requests stay incomplete
 
-    def _write(self, rid: str, header: dict[str, Any], payload: bytes) -> None:
+    def _gloo_buffer(self, header: dict[str, Any]) -> torch.Tensor:
+        shape = [int(x) for x in header["shape"]]
+        if (
+            len(shape) != 4
+            or shape[0] != 2
+            or list(shape[2:]) != list(self.kv.shape[3:])
+            or not 0 < shape[1] <= self.kv.shape[2]
+            or header.get("dtype") != str(self.kv.dtype)
+        ):
+            raise ValueError("gloo frame shape or dtype does not match this engine's KV")
+        return torch.empty(shape, dtype=self.kv.dtype)
+
+    def _write(
+        self, rid: str, header: dict[str, Any], payload: bytes, tensor: torch.Tensor | None = None
+    ) -> None:
         with self.lock:
             r = self.reservations.get(rid)
             if r is None or r.error is not None:
                 return  # unknown, expired or already failed: the end frame reports it
             try:
-                if "shm" in header:  # the payload waits in a shared-memory segment
-                    payload = _take_shm(str(header["shm"]), int(header["nbytes"]))
                 layer = int(header["layer"])
                 slots = unrle(list(header["slots"]))
                 if not 0 <= layer < self.num_layers:
@@ -188,15 +215,19 @@ class KVReceiver:
                 if any(s not in allowed for s in slots):
                     raise ValueError("frame writes slots outside the reservation")
                 shape = (2, len(slots), *self.kv.shape[3:])
-                t = torch.frombuffer(bytearray(payload), dtype=self.kv.dtype).view(shape)
+                if tensor is None:
+                    t = torch.frombuffer(bytearray(payload), dtype=self.kv.dtype).view(shape)
+                else:
+                    t = tensor.view(shape)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 r.error = f"bad KV frame: {e}"
                 return
             idx = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
             self.kv[layer].index_copy_(1, idx, t.to(self.kv.device))
             r.layers_done.setdefault(layer, set()).update(slots)
-            r.bytes += len(payload)
-            self.received_bytes += len(payload)
+            nbytes = t.numel() * t.element_size()
+            r.bytes += nbytes
+            self.received_bytes += nbytes
 
     def _finish(self, rid: str) -> dict[str, Any]:
         with self.lock:
@@ -213,6 +244,28 @@ class KVReceiver:
                 r.complete = True
                 self.on_complete(r.slots, r.positions)
             return {"rid": rid, "ok": r.error is None, "error": r.error, "bytes": r.bytes}
+
+
+_GLOO_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _join_gloo(address: str) -> Any:
+    """The receiving end (rank 1) of a two-process gloo group the sender set up."""
+    import torch.distributed as dist
+
+    host, _, port = address.rpartition(":")
+    store = dist.TCPStore(host, int(port), 2, False, timeout=_GLOO_TIMEOUT)
+    return dist.ProcessGroupGloo(store, 1, 2, _GLOO_TIMEOUT)
+
+
+def _open_gloo(sock: socket.socket) -> Any:
+    """Make a two-process gloo group with the receiver at the other end of ``sock``."""
+    import torch.distributed as dist
+
+    host = sock.getsockname()[0]
+    store = dist.TCPStore(host, 0, 2, True, timeout=_GLOO_TIMEOUT, wait_for_workers=False)
+    _send_frame(sock, {"gloo_store": f"{host}:{store.port}"})
+    return dist.ProcessGroupGloo(store, 0, 2, _GLOO_TIMEOUT), store
 
 
 def _take_shm(name: str, nbytes: int) -> bytes:
@@ -269,11 +322,13 @@ class KVSender:
 
     ``mode="tcp"`` sends K/V bytes on the socket; ``mode="shm"`` (engines on one host)
     puts each frame's bytes in a shared-memory segment and sends only its name, so the
-    data never goes through the socket."""
+    data never goes through the socket; ``mode="gloo"`` sends the tensors with
+    ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling) and
+    only frame headers on the socket."""
 
     def __init__(self, timeout_s: float = 60.0, mode: str = "tcp") -> None:
-        if mode not in ("tcp", "shm"):
-            raise ValueError(f"KV transport must be 'tcp' or 'shm', got {mode!r}")
+        if mode not in ("tcp", "shm", "gloo"):
+            raise ValueError(f"KV transport must be 'tcp', 'shm' or 'gloo', got {mode!r}")
         self.timeout_s = timeout_s
         self.mode = mode
         self._links: dict[str, _Link] = {}
@@ -335,6 +390,8 @@ class _Link:
         self.sock = socket.create_connection((host, int(port)), timeout=owner.timeout_s)
         self.owner = owner
         self.alive = True
+        self.group: Any = None  # (gloo group, its store) once the first gloo frame goes
+        self.tag = 0
         self.queue: queue.Queue[tuple[str, dict[str, Any], Any] | None] = queue.Queue()
         threading.Thread(target=self._run, name=f"loom-kv-send-{dst}", daemon=True).start()
 
@@ -354,9 +411,20 @@ class _Link:
                     done.set()
                     continue
                 t0 = time.perf_counter()
-                data = body.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                data = b""
+                if self.owner.mode != "gloo":
+                    data = body.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
                 meta = {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header}
-                if self.owner.mode == "shm":
+                if self.owner.mode == "gloo":
+                    if self.group is None:
+                        self.group = _open_gloo(self.sock)
+                    self.tag += 1
+                    _send_frame(self.sock, {**meta, "gloo": True, "tag": self.tag})
+                    tensor = body.detach().contiguous().cpu()
+                    self.group[0].send([tensor], 1, self.tag).wait()
+                    data = b""
+                    st.bytes += tensor.numel() * tensor.element_size()
+                elif self.owner.mode == "shm":
                     meta.update(shm=_put_shm(data), nbytes=len(data))
                     _send_frame(self.sock, meta)
                 else:
@@ -364,7 +432,7 @@ class _Link:
                 st.send_s += time.perf_counter() - t0
                 st.bytes += len(data)
                 st.frames += 1
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RuntimeError) as e:
                 self.alive = False
                 st.error = f"KV transfer failed: {e}"
                 if header.get("end"):

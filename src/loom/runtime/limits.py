@@ -50,8 +50,9 @@ class RuntimeConfig:
     # Microserving: a KV reservation (prep_recv) not taken up by start_generate within
     # this many seconds is dropped and its pages freed.
     reservation_ttl_s: float = 60.0
-    # How this engine ships KV to others: "tcp" (any host) or "shm" (shared memory, for
-    # receivers on this host; the socket carries only frame names).
+    # How this engine ships KV to others: "tcp" (any host), "shm" (shared memory, for
+    # receivers on this host; the socket carries only frame names) or "gloo"
+    # (torch.distributed send/recv; the socket carries only frame headers).
     kv_transport: str = "tcp"
 
     # Outgoing HTTP is allowed only to these hosts ("*" allows any).
@@ -62,7 +63,7 @@ class RuntimeConfig:
             raise ValueError(f"unknown batch policy {self.batch_policy!r}")
         if self.out_of_pages not in ("wait", "kill-newest"):
             raise ValueError(f"unknown out-of-pages policy {self.out_of_pages!r}")
-        if self.kv_transport not in ("tcp", "shm"):
-            raise ValueError(f"kv_transport must be 'tcp' or 'shm', got {self.kv_transport!r}")
+        if self.kv_transport not in ("tcp", "shm", "gloo"):
+            raise ValueError(f"kv_transport must be tcp, shm or gloo, got {self.kv_transport!r}")
         if self.batch_k < 1 or self.batch_t_ms < 0 or self.slice_ms <= 0:
             raise ValueError("batch_k must be >= 1, batch_t_ms >= 0 and slice_ms > 0")

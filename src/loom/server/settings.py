@@ -40,7 +40,7 @@ class ServeSettings:
     memory_limit_mb: int = 256
     http_allow_hosts: list[str] = field(default_factory=list)
     reservation_ttl_s: float = 60.0  # microserving: unused KV reservations expire
-    kv_transport: str = "tcp"  # microserving: "tcp", or "shm" for engines on one host
+    kv_transport: str = "tcp"  # microserving: "tcp", "shm" (one host) or "gloo"
 
     # The client protocol.
     max_upload_mb: int = 64  # largest program a client may upload
