@@ -214,3 +214,38 @@ def test_no_engine_up_is_a_clear_error() -> None:
             await router.close()
 
     asyncio.run(scenario())
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_a_client_that_goes_away_mid_transfer_frees_the_reservation(engines: list[Any]) -> None:
+    urls = [e.url for e in engines]
+
+    async def scenario() -> None:
+        router = StrategyRouter(urls, PrefillDecode())
+        reserved = asyncio.Event()
+
+        async def slow_prefill(*args: Any, **kw: Any) -> dict[str, Any]:
+            reserved.set()  # prep_recv is done: the decode engine holds a reservation
+            await asyncio.sleep(3600)
+            return {}
+
+        router.remote_send = slow_prefill  # type: ignore[method-assign]
+        try:
+            task = asyncio.create_task(run(router, prompt(41, 80), "gone-1"))
+            await reserved.wait()
+            assert metric(urls[1], "loom_kv_reservations") == 1
+            task.cancel()  # the client disconnects
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert metric(urls[1], "loom_kv_reservations") == 0
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())
+    assert pages_held(urls[1]) == 0

@@ -161,6 +161,12 @@ class ResetPagesOp:
 
 
 @dataclass
+class NudgeOp:
+    """Does nothing; its arrival ends a running generation chunk early, so work that came
+    in meanwhile does not wait for the whole chunk. The result is ``None``."""
+
+
+@dataclass
 class KVRecvStartOp:
     """Start the KV receiver (once; later calls return the same address): ``"host:port"``."""
 
@@ -199,7 +205,7 @@ class KVSendCachedOp:
 
 WorkerOp = (
     ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp | KVRecvStartOp | KVReserveOp
-    | KVReleaseOp | KVStatusOp | KVSendCachedOp
+    | KVReleaseOp | KVStatusOp | KVSendCachedOp | NudgeOp
 )  # fmt: skip
 
 
@@ -288,6 +294,9 @@ class _OpRunner:
         self.num_pages, self.page_size = engine.pool.num_pages, engine.pool.page_size
         self.vocab_size = engine.model_config.vocab_size
         self.senders: dict[str, Any] = {}  # KV transports by kind, made on first use
+        # Whether an op waits behind the current one (set by the worker that owns this
+        # runner): a generation chunk ends early for it.
+        self.pending: Callable[[], bool] = lambda: False
         self.receiver: Any = None
         # The same EOS set the engine's own output processor uses (tokenizer's, then the
         # model config's), keeping order for the runtime's benefit.
@@ -335,6 +344,8 @@ class _OpRunner:
                 if tok not in p.stop_tokens and len(out[i]) < p.max_steps and room >= 0:
                     still.append(i)
             active = still
+            if active and self.pending():
+                break  # new work is waiting: hand back what was made, the runtime goes on
         return out
 
     def run(self, op: WorkerOp) -> object:
@@ -374,6 +385,8 @@ class _OpRunner:
         if isinstance(op, ResetPagesOp):
             self._check_pages(op.pages)
             cache.reset_pages(list(op.pages))
+            return None
+        if isinstance(op, NudgeOp):
             return None
         if isinstance(op, KVRecvStartOp):
             return self._receiver().address
@@ -672,6 +685,7 @@ class InProcessWorker(_WorkerBase):
             started.set()
             return
         self._runner = runner
+        runner.pending = lambda: not self._inbox.empty()
         started.set()
         reason = "engine worker is closed"
         try:
@@ -982,6 +996,7 @@ def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:
                 return
 
     threading.Thread(target=read_ops, name="loom-engine-worker-ops", daemon=True).start()
+    runner.pending = lambda: not inbox.empty()
     while True:
         kind, ident, payload = inbox.get()
         if kind == _CLOSE:

@@ -50,6 +50,7 @@ from loom.runtime.engine_worker import (
     EngineWorker,
     ExecuteOp,
     GenPlan,
+    NudgeOp,
     SetLiveOp,
     start_worker,
 )
@@ -94,6 +95,7 @@ class _Flight:
     plans: dict[int, int] = field(default_factory=dict)  # part index -> plan index
     submitted_at: float = field(default_factory=time.perf_counter)
     kv_sends: bool = False  # the result comes as (result, transfer results)
+    nudged: bool = False  # the worker was told to cut its generation chunk short
 
 
 class Runtime:
@@ -150,6 +152,7 @@ class Runtime:
         self._poked = False
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
         self._op_callbacks: dict[int, Callable[[Any], None]] = {}  # op id -> its reader
+        self._chunk_flight: _Flight | None = None  # the batch in flight, if it has plans
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
@@ -572,6 +575,7 @@ class Runtime:
 
     def _maybe_fire(self) -> float | None:
         if self._batch_inflight:  # one batch at a time: nothing to decide until it returns
+            self._maybe_nudge()
             return None
         if self._hold_fire:
             self._hold_fire = False
@@ -655,6 +659,7 @@ class Runtime:
             plans = self._plan_generations(flight)
         op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends)
         op_id = self.worker.submit(op)
+        self._chunk_flight = flight if plans else None
         self._flight[op_id] = flight
         self._batch_inflight = True
         self.stats.batches += 1
@@ -663,6 +668,20 @@ class Runtime:
         self.stats.batch_size_hist.observe(len(parts))
         self.stats.batch_tokens += len(tokens)
         return None
+
+    def _maybe_nudge(self) -> None:
+        """While the worker runs a generation chunk, new forward work would wait for the
+        whole chunk: tell the worker (once per batch) to hand back what it has."""
+        flight = self._chunk_flight
+        if flight is None or flight.nudged:
+            return
+        if self._runq or any(
+            q.peek() is not None and isinstance(q.peek(), (ForwardCmd, GenerateCmd))
+            and not any(q is p[1] for p in flight.parts)
+            for q in self.batcher.queues
+        ):  # fmt: skip
+            flight.nudged = True
+            self.submit_op(NudgeOp(), lambda _: None)
 
     def _plan_generations(self, flight: _Flight) -> list[GenPlan]:
         """When a batch holds only host-driven generations and nothing else can arrive
@@ -724,6 +743,7 @@ class Runtime:
             if flight is None:  # a page op (copy/mask): its ids were checked when queued
                 continue
             self._batch_inflight = False
+            self._chunk_flight = None
             self.stats.step_latency.observe(time.perf_counter() - flight.submitted_at)
             self._complete(flight, result)
 

@@ -36,6 +36,8 @@ def runtime_snapshot(state: ServerState) -> dict[str, Any]:
             "sampled_tokens": s.sampled_tokens,
             "spawned": s.spawned,
             "step": (s.step_latency.cumulative(), s.step_latency.sum),
+            "reservations": len(rt.microserving.reservations),
+            "transfer": dict(vars(rt.microserving.counters)),
             "batch_size": (s.batch_size_hist.cumulative(), s.batch_size_hist.sum),
         }
 
@@ -70,6 +72,29 @@ class _Collector(Collector):
         for route, n in sorted(self.state.requests_total.items()):
             requests.add_metric([route], n)
         yield requests
+        t = snap["transfer"]
+        yield g(
+            "loom_kv_reservations",
+            "Microserving KV reservations waiting for start_generate",
+            value=snap["reservations"],
+        )
+        yield c(
+            "loom_kv_reservations_expired", "KV reservations dropped unused", value=t["expired"]
+        )
+        yield c("loom_kv_sent_bytes", "KV bytes sent to other engines", value=t["sent_bytes"])
+        yield c("loom_kv_sends", "KV transfers sent", value=t["sends"])
+        yield c("loom_kv_failed_sends", "KV transfers that failed", value=t["failed_sends"])
+        yield c("loom_kv_send_seconds", "Time spent writing KV frames", value=t["send_s"])
+        yield c(
+            "loom_kv_send_hidden_seconds",
+            "Part of that time overlapped with compute",
+            value=t["hidden_s"],
+        )
+        yield c(
+            "loom_kv_received_requests",
+            "Requests whose KV arrived complete",
+            value=t["received_requests"],
+        )
         now = time.monotonic()
         rate = 0.0
         if self._last is not None and now > self._last[0]:
