@@ -220,3 +220,49 @@ def test_api_requests_share_engine_batches_with_inferlets(
     assert got.usage is not None and got.usage.completion_tokens == 48
     sizes = rt.query(lambda: list(rt.stats.batch_sizes)[start:])
     assert max(sizes) >= 2, sizes  # a batch carried the inferlet's pass and the completion
+
+
+def test_a_request_arriving_during_a_generation_chunk_cuts_it_short(
+    server: Any, client: openai.OpenAI, llm: LLM, model_name: str
+) -> None:
+    import threading
+
+    rt = server.state.runtime
+    long_prompt, short_prompt = "A long tale of", "Meanwhile, elsewhere"
+    want_long = greedy(llm, long_prompt, 300, ignore_eos=True).text
+    want_short = greedy(llm, short_prompt, 12, ignore_eos=True).text
+    for _ in range(5):
+        before = rt.query(lambda: rt.stats.nudges)
+        box: dict[str, str] = {}
+
+        def long_run(box: dict[str, str] = box) -> None:
+            r = client.completions.create(
+                model=model_name,
+                prompt=long_prompt,
+                max_tokens=300,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            box["long"] = r.choices[0].text
+
+        t = threading.Thread(target=long_run)
+        t.start()
+        time.sleep(0.1)  # the long generation is in its chunks by now
+        # Several arrivals during it: each cuts a chunk at another point of a page.
+        for _ in range(6):
+            short = client.completions.create(
+                model=model_name,
+                prompt=short_prompt,
+                max_tokens=12,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            # Outputs are exact whether or not a chunk was cut short ...
+            assert short.choices[0].text == want_short
+        t.join(60)
+        assert box["long"] == want_long
+        if rt.query(lambda: rt.stats.nudges) > before:
+            break
+    else:  # ... and one was (the short request did not wait for a whole chunk).
+        raise AssertionError("no generation chunk was cut short in 5 tries")
+    assert rt.query(lambda: rt.pool.num_available()) == rt.pool.num_pages

@@ -82,6 +82,7 @@ class RuntimeStats:
     spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     continued_tokens: int = 0  # tokens the worker generated on its own (generate chunks)
     batch_tokens: int = 0  # tokens put through the model
+    nudges: int = 0  # generation chunks the worker was asked to cut short
     sampled_tokens: int = 0  # tokens sampled for inferlets and completions
     step_latency: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))
     batch_size_hist: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
@@ -681,6 +682,7 @@ class Runtime:
             for q in self.batcher.queues
         ):  # fmt: skip
             flight.nudged = True
+            self.stats.nudges += 1
             self.submit_op(NudgeOp(), lambda _: None)
 
     def _plan_generations(self, flight: _Flight) -> list[GenPlan]:
@@ -802,6 +804,10 @@ class Runtime:
                             self.kill(inst, str(e))
                     if task.finish_reason is not None:
                         break  # later tokens the worker made are dropped (slots unused)
+                if k in flight.plans and task.finish_reason is None:
+                    # A chunk cut short leaves pages taken ahead unfilled; the next step
+                    # takes what it needs again.
+                    self._trim_pages(inst, task)
             if task.finish_reason is not None:
                 if q.peek() is cmd:
                     q.pop()
