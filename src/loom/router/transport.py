@@ -157,6 +157,7 @@ class KVReceiver:
                 conn, _ = self._server.accept()
             except OSError:
                 return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -388,6 +389,9 @@ class _Link:
     def __init__(self, dst: str, owner: KVSender) -> None:
         host, _, port = dst.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=owner.timeout_s)
+        # Small frames (headers, end frames, answers) must not wait for Nagle's algorithm
+        # (40 ms of delayed ACK per exchange on loopback).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.owner = owner
         self.alive = True
         self.group: Any = None  # (gloo group, its store) once the first gloo frame goes
