@@ -81,3 +81,14 @@ def test_settings_file_and_flags(tmp_path: Path) -> None:
         load_settings(None, {"port": 70000})
     bad = loom("serve", "--config", str(cfg))
     assert bad.returncode == 2 and "unknown setting(s) prot" in bad.stderr
+
+
+def test_every_setting_is_a_serve_flag() -> None:
+    from loom.cli import build_parser
+    from loom.server.settings import field_names
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    dests = {a.dest for a in sub.choices["serve"]._actions}  # type: ignore[attr-defined]
+    assert set(field_names()) - dests == {"api_keys"}  # given as --api-key, repeatable
+    assert "api_key" in dests
