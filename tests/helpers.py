@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from loom.engine.batch import ForwardBatch, OutputSpec
@@ -67,3 +69,13 @@ def assert_all_pages_free(llm: object) -> None:
         engine.prefix_cache.clear()
         assert len(engine.prefix_cache) == 0, "a finished request still holds cached pages"
     assert engine.pool.num_free == engine.pool.num_pages
+
+
+def kv_bytes_per_token(model_dir: Any) -> int:
+    """KV bytes one token of a float32 engine on ``model_dir`` holds (all layers, K and V)."""
+    import torch
+
+    from loom.engine.kv_cache import KVCache
+    from loom.models.config import ModelConfig
+
+    return KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)

@@ -14,6 +14,7 @@ import torch
 
 from loom.server.app import BackgroundServer
 from loom.server.settings import ServeSettings
+from tests.helpers import kv_bytes_per_token
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,27 @@ def held(srv: Any) -> int:
 
 
 PROMPT = [(i * 37) % 1900 + 50 for i in range(45)]
+
+
+def send_to(
+    p: Any,
+    prep: dict[str, Any],
+    rid: str,
+    *,
+    prompt: list[int] = PROMPT,
+    recv_engine: str | None = None,
+) -> httpx.Response:
+    """``remote_send`` from ``p`` of ``prompt[matched:-1]`` into ``prep``'s reservation."""
+    return post(
+        p,
+        "remote_send",
+        prompt=prompt,
+        end=-1,
+        request_id=rid,
+        begin=prep["prefix_matched_length"],
+        kv_addr_info=prep["kv_addr_info"],
+        recv_engine=recv_engine or prep["recv_engine"],
+    )
 
 
 def test_received_kv_equals_local_recomputation(pair: tuple[Any, Any], tiny_dir: Path) -> None:
@@ -155,16 +177,7 @@ def test_an_unused_reservation_expires_and_frees_its_pages(pair: tuple[Any, Any]
     time.sleep(1.6)  # the fixture's reservations live 1 s
     assert held(d) == before
     # A transfer into the expired reservation is refused, and nothing is decoded.
-    r = post(
-        p,
-        "remote_send",
-        prompt=PROMPT,
-        end=-1,
-        request_id="exp-1",
-        begin=prep["prefix_matched_length"],
-        kv_addr_info=prep["kv_addr_info"],
-        recv_engine=prep["recv_engine"],
-    )
+    r = send_to(p, prep, "exp-1")
     assert r.status_code == 502 and "no reservation" in r.json()["error"]["message"]
     g = post(d, "start_generate", prompt=PROMPT, begin=-1, request_id="exp-1")
     assert g.status_code == 404
@@ -175,16 +188,7 @@ def test_a_failed_transfer_is_never_decoded(pair: tuple[Any, Any]) -> None:
     p, d = pair
     prep = post(d, "prep_recv", prompt=PROMPT, end=-1, request_id="fail-1").json()
     # The prefill engine cannot reach the receiver: the send fails ...
-    r = post(
-        p,
-        "remote_send",
-        prompt=PROMPT,
-        end=-1,
-        request_id="fail-1",
-        begin=prep["prefix_matched_length"],
-        kv_addr_info=prep["kv_addr_info"],
-        recv_engine="127.0.0.1:9",
-    )
+    r = send_to(p, prep, "fail-1", recv_engine="127.0.0.1:9")
     assert r.status_code == 502 and "KV transfer failed" in r.json()["error"]["message"]
     # ... and the decode engine refuses to generate from the missing KV.
     g = post(d, "start_generate", prompt=PROMPT, begin=-1, request_id="fail-1", max_tokens=4)
@@ -195,16 +199,7 @@ def test_a_failed_transfer_is_never_decoded(pair: tuple[Any, Any]) -> None:
 def test_a_client_that_disconnects_aborts_the_decode_side(pair: tuple[Any, Any]) -> None:
     p, d = pair
     prep = post(d, "prep_recv", prompt=PROMPT, end=-1, request_id="dis-1").json()
-    post(
-        p,
-        "remote_send",
-        prompt=PROMPT,
-        end=-1,
-        request_id="dis-1",
-        begin=prep["prefix_matched_length"],
-        kv_addr_info=prep["kv_addr_info"],
-        recv_engine=prep["recv_engine"],
-    )
+    send_to(p, prep, "dis-1")
     body = {
         "prompt": PROMPT,
         "begin": -1,
@@ -240,18 +235,9 @@ def test_other_transports_give_the_same_kv(
     )
     with BackgroundServer(settings) as p:
         prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id=f"{transport}-1").json()
-        sent = post(
-            p,
-            "remote_send",
-            prompt=prompt,
-            end=-1,
-            request_id=f"{transport}-1",
-            begin=prep["prefix_matched_length"],
-            kv_addr_info=prep["kv_addr_info"],
-            recv_engine=prep["recv_engine"],
-        )
+        sent = send_to(p, prep, f"{transport}-1", prompt=prompt)
         assert sent.status_code == 200, sent.text
-        assert sent.json()["bytes"] == 36 * _bytes_per_token(tiny_dir)
+        assert sent.json()["bytes"] == 36 * kv_bytes_per_token(tiny_dir)
         llm = LLM(str(tiny_dir), num_pages=16, enable_prefix_caching=False)
         llm.generate([prompt[:36]], SamplingParams(max_tokens=1))
         got = cache_of(d).kv[:, :, torch.tensor(_slots(prep["kv_addr_info"]))]
@@ -271,10 +257,3 @@ def test_other_transports_give_the_same_kv(
         assert held(p) == 0
     assert held(d) == 0
     assert set(os.listdir("/dev/shm")) == segments  # every frame's segment was removed
-
-
-def _bytes_per_token(model_dir: Path) -> int:
-    from loom.engine.kv_cache import KVCache
-    from loom.models.config import ModelConfig
-
-    return KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)

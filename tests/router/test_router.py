@@ -19,6 +19,7 @@ from loom.router.strategies import (
     StrategyRouter,
     migrate,
 )
+from tests.helpers import kv_bytes_per_token
 
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -40,27 +41,6 @@ async def run(router: Router, p: list[int], rid: str) -> tuple[str, RoutedReques
     return "".join(text), req
 
 
-def kv_bytes_per_token(engine_url: str) -> int:
-    from loom.engine.kv_cache import KVCache
-    from loom.models.config import ModelConfig
-
-    info = httpx.get(engine_url + "/v1/models").json()
-    assert info["data"]
-    cfg = ModelConfig.from_dir(_model_dir)
-    import torch
-
-    return KVCache.bytes_per_token(cfg, torch.float32)
-
-
-_model_dir: Any = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _remember_model(tiny_dir: Any) -> None:
-    global _model_dir
-    _model_dir = tiny_dir
-
-
 def pages_held(url: str) -> int:
     """KV pages held by anything but the prefix cache (which gives them back on demand)."""
     values = {}
@@ -71,11 +51,13 @@ def pages_held(url: str) -> int:
     return int(values["loom_kv_pages_used"] - values["loom_kv_pages_cached"])
 
 
-def test_every_strategy_gives_the_greedy_output(engines: list[Any], llm: Any) -> None:
+def test_every_strategy_gives_the_greedy_output(
+    engines: list[Any], llm: Any, tiny_dir: Any
+) -> None:
     urls = [e.url for e in engines]
     prompts = [prompt(s, n) for s, n in ((1, 70), (2, 33), (3, 100), (4, 17))]
     want = [reference(llm, p) for p in prompts]
-    per_token = kv_bytes_per_token(urls[0])
+    per_token = kv_bytes_per_token(tiny_dir)
 
     async def scenario() -> None:
         router = StrategyRouter(urls)
@@ -144,7 +126,9 @@ def test_prefix_aware_pd_bypasses_the_prefill_engine_on_a_cache_hit(
         assert pages_held(url) == 0
 
 
-def test_context_migration_copies_kv_and_keeps_outputs(engines: list[Any], llm: Any) -> None:
+def test_context_migration_copies_kv_and_keeps_outputs(
+    engines: list[Any], llm: Any, tiny_dir: Any
+) -> None:
     urls = [e.url for e in engines]
     context = prompt(21, 64)
 
@@ -155,7 +139,7 @@ def test_context_migration_copies_kv_and_keeps_outputs(engines: list[Any], llm: 
             # The context lives on src first.
             text, _ = await run(router, [*context, 1], "warm")  # dp: least loaded = src
             sent = await migrate(router, context, src, dst, "mig-1")
-            assert sent == 63 * kv_bytes_per_token(urls[0])  # the whole context but its last
+            assert sent == 63 * kv_bytes_per_token(tiny_dir)  # the whole context but its last
             router.strategy = ContextMigration(context_len=32)
             q = [*context, 42, 43]
             router.strategy.owner[router.strategy.key(RoutedRequest(q, "k")) or ""] = 1

@@ -80,9 +80,32 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             raise ApiError(e.status, e.message, code=e.code, kind=kind) from None
         return "".join(text), finish, usage
 
-    def routed(prompt: list[int], body: Any) -> RoutedRequest:
+    async def respond(prompt: list[int], body: Any, chat: bool) -> Any:
+        """Route one request; stream its chunks or answer with the whole completion."""
         counts[router.strategy.name] = counts.get(router.strategy.name, 0) + 1
-        return RoutedRequest(prompt, f"r{next(_ids)}-{uuid.uuid4().hex[:8]}", sampling(body))
+        req = RoutedRequest(prompt, f"r{next(_ids)}-{uuid.uuid4().hex[:8]}", sampling(body))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.request_id}"
+        created = int(time.time())
+        if body.stream:
+            usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _relay(router, req, rid, created, model_name, chat, usage_wanted),
+                media_type="text/event-stream",
+            )
+        text, finish, usage = await collect(req)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse({
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model_name,
+            "usage": usage,
+            "choices": [choice],
+        })  # fmt: skip
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Any:
@@ -94,25 +117,7 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             prompt = list(p)  # type: ignore[arg-type]
         else:
             raise ApiError(400, "the router takes one prompt (text or token ids)", param="prompt")
-        req = routed(prompt, body)
-        rid, created = f"cmpl-{req.request_id}", int(time.time())
-        if body.stream:
-            usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _relay(router, req, rid, created, model_name, False, usage_wanted),
-                media_type="text/event-stream",
-            )
-        text, finish, usage = await collect(req)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "usage": usage,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
-        )
+        return await respond(prompt, body, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest) -> Any:
@@ -124,32 +129,7 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
         except Exception as e:
             raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        req = routed(prompt, body)
-        rid, created = f"chatcmpl-{req.request_id}", int(time.time())
-        if body.stream:
-            usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _relay(router, req, rid, created, model_name, True, usage_wanted),
-                media_type="text/event-stream",
-            )
-        text, finish, usage = await collect(req)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model_name,
-                "usage": usage,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": finish,
-                        "logprobs": None,
-                        "message": {"role": "assistant", "content": text},
-                    }
-                ],
-            }
-        )
+        return await respond(prompt, body, chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -157,16 +157,11 @@ class Microserving:
         except MicroservingError as e:
             reply(e)
             return
-        matched_pages = rt.prefix_cache.match(chain_keys(prompt, ps, end // ps))
-        matched = len(matched_pages) * ps
-        need = -(-end // ps) - len(matched_pages)
-        if need > 0 and not rt.pool.can_allocate(need):
-            rt.pool.free(matched_pages)
-            reply(MicroservingError(503, "out of KV pages; retry later", "preempt"))
+        taken = self._pages_for(prompt, end, reply)
+        if taken is None:
             return
-        fresh = rt.pool.allocate(need) if need > 0 else []
+        physical, matched = taken
         inst = new_host_instance(rt, f"recv-{rid}", None)
-        physical = matched_pages + fresh
         pages = inst.pages.adopt(physical)
         r = Reservation(
             rid, inst, list(prompt), end, matched, pages, time.monotonic() + self.ttl_s, self
@@ -192,6 +187,19 @@ class Microserving:
             )
 
         rt.submit_op(KVReserveOp(rid, slots, positions, rt.pool.drain_fresh()), reserved)
+
+    def _pages_for(self, prompt: list[int], end: int, reply: Reply) -> tuple[list[int], int] | None:
+        """(physical pages covering ``prompt[:end]``, tokens the prefix cache supplied): the
+        cache's full pages first, fresh ones for the rest; ``None`` after answering
+        ``preempt`` when the pool is short."""
+        rt, ps = self.rt, self.rt.page_size
+        cached = rt.prefix_cache.match(chain_keys(prompt, ps, end // ps))
+        need = -(-end // ps) - len(cached)
+        if need > 0 and not rt.pool.can_allocate(need):
+            rt.pool.free(cached)
+            reply(MicroservingError(503, "out of KV pages; retry later", "preempt"))
+            return None
+        return cached + (rt.pool.allocate(need) if need > 0 else []), len(cached) * ps
 
     def _on_receiver(self, result: Any) -> None:
         if not isinstance(result, BaseException):
@@ -223,16 +231,12 @@ class Microserving:
         except MicroservingError as e:
             reply(e)
             return
-        matched_pages = rt.prefix_cache.match(chain_keys(prompt, ps, end // ps))
-        matched = len(matched_pages) * ps
-        need = -(-end // ps) - len(matched_pages)
-        if need > 0 and not rt.pool.can_allocate(need):
-            rt.pool.free(matched_pages)
-            reply(MicroservingError(503, "out of KV pages; retry later", "preempt"))
+        taken = self._pages_for(prompt, end, reply)
+        if taken is None:
             return
+        physical, matched = taken
         job = _SendJob(rid, reply)
         inst = new_host_instance(rt, f"send-{rid}-{rt.next_seq()}", job)
-        physical = matched_pages + (rt.pool.allocate(need) if need > 0 else [])
         pages = inst.pages.adopt(physical)
         local = [physical[p // ps] * ps + p % ps for p in range(begin, end)]
         spec = KVSendSpec(rid, dst, local, remote, rt.config.kv_transport)

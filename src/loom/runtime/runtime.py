@@ -97,6 +97,7 @@ class _Flight:
     submitted_at: float = field(default_factory=time.perf_counter)
     kv_sends: bool = False  # the result comes as (result, transfer results)
     nudged: bool = False  # the worker was told to cut its generation chunk short
+    forward_enqueued: int = 0  # the runtime's count of forward commands when it fired
 
 
 class Runtime:
@@ -154,6 +155,7 @@ class Runtime:
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
         self._op_callbacks: dict[int, Callable[[Any], None]] = {}  # op id -> its reader
         self._chunk_flight: _Flight | None = None  # the batch in flight, if it has plans
+        self._forward_enqueued = 0  # forward-kind commands ever queued (nudge decisions)
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
@@ -484,6 +486,7 @@ class Runtime:
 
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
+            self._forward_enqueued += 1
             cmd.submitted_at = time.perf_counter()
             owner = self.by_seq.get(q.owner)
             if owner is not None:
@@ -661,6 +664,7 @@ class Runtime:
         op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends)
         op_id = self.worker.submit(op)
         self._chunk_flight = flight if plans else None
+        flight.forward_enqueued = self._forward_enqueued
         self._flight[op_id] = flight
         self._batch_inflight = True
         self.stats.batches += 1
@@ -676,11 +680,9 @@ class Runtime:
         flight = self._chunk_flight
         if flight is None or flight.nudged:
             return
-        if self._runq or any(
-            q.peek() is not None and isinstance(q.peek(), (ForwardCmd, GenerateCmd))
-            and not any(q is p[1] for p in flight.parts)
-            for q in self.batcher.queues
-        ):  # fmt: skip
+        # A chunk is planned only when every forward head rode the batch and no guest was
+        # runnable, so forward work enqueued since then (or a runnable guest) is new.
+        if self._runq or self._forward_enqueued > flight.forward_enqueued:
             flight.nudged = True
             self.stats.nudges += 1
             self.submit_op(NudgeOp(), lambda _: None)
