@@ -10,7 +10,11 @@ to (a)'s: in bfloat16, greedy decoding of random weights meets near-ties, and a 
 thread count or batch composition can flip one (the tests check equality in float32).
 
 Time per output token = wall time of the run / tokens per request (what one request's
-reader sees); medians of ``--runs`` runs, interleaved across systems.
+reader sees); medians of ``--runs`` runs, interleaved across systems. Every request has
+its own prompt (see ``prompts``). The engine gets the same torch threads in every system:
+by default every core but one, the core the runtime thread (guests, host calls, batching)
+runs on, as it would beside a GPU; ``--engine-threads`` all cores makes the runtime
+compete with the engine for the CPU.
 
     python benchmarks/programmability_tax.py [--concurrency 1,32] [--tokens 32] [--runs 3]
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,19 +39,29 @@ PROMPT = (
 )
 
 
-def run_builtin(llm: Any, n: int, tokens: int) -> tuple[float, list[str]]:
+def prompts(n: int, run: int) -> list[str]:
+    """One prompt per request, each with its own first words: identical prompts would let
+    (a)'s prefix cache prefill once for all of them, which an inferlet (owning its context)
+    does not do, and the table would show that instead of the cost of programmability. New
+    prompts every run, for the same reason (finished sequences stay in (a)'s cache)."""
+    return [f"Story {run}-{i}. {PROMPT}" for i in range(n)]
+
+
+def run_builtin(llm: Any, n: int, tokens: int, run: int) -> tuple[float, list[str]]:
     from loom import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    prompt = llm.tokenizer.encode(PROMPT, add_special_tokens=False)
+    ids = [llm.tokenizer.encode(p, add_special_tokens=False) for p in prompts(n, run)]
     t0 = time.perf_counter()
-    outs = llm.generate([prompt] * n, params)
+    outs = llm.generate(ids, params)
     return time.perf_counter() - t0, [o.text for o in outs]
 
 
-def run_inferlet(rt: Any, program: str, n: int, tokens: int, mode: str) -> tuple[float, list[str]]:
+def run_inferlet(
+    rt: Any, program: str, n: int, tokens: int, mode: str, run: int
+) -> tuple[float, list[str]]:
     t0 = time.perf_counter()
-    handles = [rt.launch(program, [PROMPT, str(tokens), mode]) for _ in range(n)]
+    handles = [rt.launch(program, [p, str(tokens), mode]) for p in prompts(n, run)]
     results = [h.wait(1800) for h in handles]
     wall = max(h.finished_at for h in handles) - t0
     bad = [r.error for r in results if not r.ok]
@@ -65,7 +80,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
     ap.add_argument(
         "--engine-threads", type=int, default=None,
-        help="torch threads of the runtime's engine process (default: as many as (a) uses)",
+        help="torch threads of the engine, the same for (a) and the runtime's engine process "
+        "(default: every core but one, which the runtime thread needs; the runtime's default)",
     )  # fmt: skip
     ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "programmability_tax.json"
@@ -87,7 +103,8 @@ def main() -> None:
     llm = LLM(str(path), dtype=args.dtype, kv_cache_memory_mb=kv_mb)
     import torch
 
-    threads = args.engine_threads or torch.get_num_threads()
+    threads = args.engine_threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
     rt = start_runtime(
         EngineConfig(model=str(path), dtype=args.dtype, kv_cache_memory_mb=kv_mb),
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
@@ -97,18 +114,18 @@ def main() -> None:
     try:
         program = rt.add_program(wasm)
         c_program = rt.add_program(c_wasm)
-        run_builtin(llm, 2, 4)  # warm-up of both systems
-        run_inferlet(rt, program, 2, 4, "steps")
+        run_builtin(llm, 2, 4, -1)  # warm-up of both systems
+        run_inferlet(rt, program, 2, 4, "steps", -1)
         for n in levels:
             times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
             same = {"b": 0, "c": 0, "d": 0}
-            for _ in range(args.runs):
-                wall, ref = run_builtin(llm, n, args.tokens)
+            for r in range(args.runs):
+                wall, ref = run_builtin(llm, n, args.tokens, n * 1000 + r)
                 times["a"].append(wall / args.tokens)
                 want = ref
                 for key, prog, mode in (("b", program, "fast"), ("c", program, "steps"),
                                         ("d", c_program, "")):  # fmt: skip
-                    wall, texts = run_inferlet(rt, prog, n, args.tokens, mode)
+                    wall, texts = run_inferlet(rt, prog, n, args.tokens, mode, n * 1000 + r)
                     same[key] += sum(t == w for t, w in zip(texts, want, strict=True))
                     times[key].append(wall / args.tokens)
             row = {"concurrency": n, **{k: statistics.median(v) * 1e3 for k, v in times.items()},

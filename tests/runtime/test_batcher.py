@@ -28,6 +28,20 @@ def test_adaptive_fires_whenever_the_engine_is_free() -> None:
     assert not _decide("adaptive", 8, waited_ms=50, idle=True, busy=True)
 
 
+def test_adaptive_lets_woken_guests_join_a_decode_batch() -> None:
+    """Asked before the guests run: 4 decode steps wait while 28 guests are runnable, so
+    the batch waits for them (one batch of 32, not cohorts of 4 and 28); a prefill that
+    outweighs the runnable guests fires at once."""
+    b = Batcher(RuntimeConfig())
+    decode = _queues(4, submitted_at=100.0)
+    assert not b.decide(False, decode, 100.0, guests_idle=False, runnable_before_guests=28).fire
+    assert b.decide(False, decode, 100.0, guests_idle=False, runnable_before_guests=3).fire
+    assert b.decide(False, decode, 100.0, guests_idle=False).fire  # asked after the guests
+    prefill = CommandQueue(owner=9)
+    prefill.push(ForwardCmd(list(range(40)), list(range(40)), [9], 8, None, [], HostFuture()))
+    assert b.decide(False, [prefill], 100.0, guests_idle=False, runnable_before_guests=28).fire
+
+
 def test_k_waits_for_k_commands_or_for_every_guest_to_wait() -> None:
     assert not _decide("k", 3, waited_ms=1000, idle=False)
     assert _decide("k", 4, waited_ms=0, idle=False)

@@ -123,6 +123,26 @@ def test_a_waiting_host_call_suspends_only_its_guest(
     assert rounds == 3
 
 
+def test_a_fresh_slice_lets_a_long_waiting_guest_run_on(
+    engine: wasm_ffi.WasmEngine, guest: Guest
+) -> None:
+    """A guest parked past its deadline yields at its first loop back-edge once answered,
+    unless it gets a fresh slice before the poll (what the runtime does)."""
+    linker, module, pending = guest
+    for fresh in (False, True):
+        pending.clear()
+        store = wasm_ffi.GuestStore(engine, memory_limit=4 * 65536, slice_ticks=5)
+        fut = linker.call_async(store, linker.instantiate(store, module), "sum", 3)
+        assert not _poll_until(fut, lambda: len(pending) == 1)
+        time.sleep(0.04)  # 20 ticks of 2 ms: the 5-tick deadline is long past
+        pending[0].val = 1
+        if fresh:
+            store.fresh_slice()
+        assert not fut.poll()
+        assert len(pending) == (2 if fresh else 1)  # reached its next call, or yielded
+        fut.cancel()
+
+
 def test_a_spinning_guest_yields_at_every_epoch(engine: wasm_ffi.WasmEngine, guest: Guest) -> None:
     spin = _start(engine, guest, "spin", 0)
     for _ in range(5):

@@ -8,7 +8,15 @@ kind commands of all queues thus ride one engine batch.
 
 Firing policies (the original system's Table 5):
 - ``adaptive`` (default): fire whenever the engine is free, with everything that arrived
-  meanwhile — work-conserving, no tuning knob.
+  meanwhile — work-conserving, no tuning knob. One refinement: when at least as many
+  guests are runnable (typically those the last batch just woke, each about to submit a
+  decode step) as tokens wait, the guests run first and the batch fires after them.
+  Firing at once would split the instances into two cohorts that alternate on the
+  engine for ever (one computes while the other runs its guests), and a decode step
+  costs nearly the same at batch 4 as at batch 32: measured, 28 + 4 instances took two
+  passes per token (~90 ms) where one batch of 32 takes ~50 ms plus the guests' turn.
+  A prefill waiting (many tokens) fires at once: its cost grows with its tokens, so
+  nothing is gained by holding it, and the engine would idle while guests start.
 - ``k``: fire once ``k`` forward commands are waiting, or when no more can arrive (no
   guest is runnable: every live instance waits), else fewer than ``k`` live inferlets
   would wait forever.
@@ -49,14 +57,24 @@ class Batcher:
         return heads
 
     def decide(
-        self, engine_busy: bool, heads: list[CommandQueue], now: float, *, guests_idle: bool
+        self,
+        engine_busy: bool,
+        heads: list[CommandQueue],
+        now: float,
+        *,
+        guests_idle: bool,
+        runnable_before_guests: int = 0,
     ) -> FireDecision:
-        """``guests_idle``: no guest is runnable, so no command can arrive before a result."""
+        """``guests_idle``: no guest is runnable, so no command can arrive before a result.
+        ``runnable_before_guests``: asked before this turn's guests run, how many are
+        runnable (0 when asked after them)."""
         if engine_busy or not heads:
             return FireDecision(False)
         policy = self.config.batch_policy
         if policy == "adaptive":
-            return FireDecision(True)
+            if not runnable_before_guests:
+                return FireDecision(True)
+            return FireDecision(runnable_before_guests < sum(_head_tokens(q) for q in heads))
         n = sum(1 for q in heads for _ in _forward_run(q))
         oldest = min(_submitted(q) for q in heads)
         waited = now - oldest
@@ -70,6 +88,11 @@ class Batcher:
                 return FireDecision(True)
             return FireDecision(False, wait_s=t - waited)
         return FireDecision(False)
+
+
+def _head_tokens(q: CommandQueue) -> int:
+    cmd = q.peek()
+    return len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)  # type: ignore[union-attr]
 
 
 def _submitted(q: CommandQueue) -> float:

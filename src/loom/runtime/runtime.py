@@ -6,7 +6,9 @@ Loop, per turn:
 3. run eager commands at the head of every queue (allocate, free, copy, mask, ...);
 4. fire a forward batch if the policy says so (at most one in flight);
 5. resume each runnable instance once: it runs until it waits on a future, finishes, or
-   its time slice (an epoch tick) ends.
+   its time slice (an epoch tick) ends;
+6. if the engine is still free, fire what the guests just submitted (the ``adaptive``
+   policy holds a batch for this when more guests are runnable than commands wait).
 A guest that waits is suspended inside ``types.poll`` and costs nothing until woken.
 """
 
@@ -156,6 +158,7 @@ class Runtime:
         self._op_callbacks: dict[int, Callable[[Any], None]] = {}  # op id -> its reader
         self._chunk_flight: _Flight | None = None  # the batch in flight, if it has plans
         self._forward_enqueued = 0  # forward-kind commands ever queued (nudge decisions)
+        self._largest_since_fire = 0  # most tokens of a forward queued since a batch fired
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
@@ -270,9 +273,13 @@ class Runtime:
                 self.microserving.expire(time.monotonic())
             self._drain_engine()
             self._advance_queues()
-            wait_s = self._maybe_fire()
+            wait_s = self._maybe_fire(before_guests=True)
             ran = self._run_guests()
             self._end_pending()
+            if ran and not self._batch_inflight:
+                # What the guests just submitted rides the batch the engine is free for.
+                self._advance_queues()
+                wait_s = self._maybe_fire()
             if ran:
                 self.stats.loop_s += time.perf_counter() - t0
             if not self._runq and not self._inbox and not self._poked:
@@ -365,8 +372,7 @@ class Runtime:
         n = len(self._runq)
         if not n:
             return False
-        stats = self.stats
-        budget = self.config.cpu_budget_s
+        tried_fire = False
         for _ in range(n):
             inst = self._runq.popleft()
             inst.queued = False
@@ -374,25 +380,43 @@ class Runtime:
                 continue
             if inst.blocked is not None and not inst.blocked.ready():
                 continue  # a spurious wake: still waiting
-            inst.blocked = None
-            t0 = time.perf_counter()
-            done = inst.call.poll()
-            dt = time.perf_counter() - t0
-            inst.cpu_s += dt
-            stats.poll_s += dt
-            stats.guest_polls += 1
-            if not done and inst.blocked is None and inst.submitted:
-                self._hold_fire = True  # preempted mid-submission: let it finish first
-            inst.submitted = False
-            if inst.kill_reason is not None:
-                self._end(inst, False, inst.kill_reason)
-            elif done:
-                self._on_call_done(inst)
-            elif inst.cpu_s > budget:
-                self._end(inst, False, f"CPU budget of {budget:g} s exceeded")
-            elif inst.blocked is None or inst.blocked.ready():
-                self._make_runnable(inst)  # its time slice ended (or it is ready already)
+            self._resume(inst)
+            # The engine is free and a prefill arrived that outweighs what the rest of
+            # the pass is likely to add (a decode token each): fire now rather than after
+            # every guest ran. Decode steps alone never fire mid-pass, else the woken
+            # guests would split into cohorts again. Once per pass: it scans every queue.
+            if (
+                not tried_fire
+                and not self._batch_inflight
+                and self._largest_since_fire > len(self._runq)
+            ):
+                tried_fire = True
+                self._advance_queues()
+                self._maybe_fire(before_guests=True)
         return True
+
+    def _resume(self, inst: Instance) -> None:
+        """Run ``inst`` until it waits, finishes or its time slice ends."""
+        assert inst.call is not None
+        inst.blocked = None
+        inst.store.fresh_slice()
+        t0 = time.perf_counter()
+        done = inst.call.poll()
+        dt = time.perf_counter() - t0
+        inst.cpu_s += dt
+        self.stats.poll_s += dt
+        self.stats.guest_polls += 1
+        if not done and inst.blocked is None and inst.submitted:
+            self._hold_fire = True  # preempted mid-submission: let it finish first
+        inst.submitted = False
+        if inst.kill_reason is not None:
+            self._end(inst, False, inst.kill_reason)
+        elif done:
+            self._on_call_done(inst)
+        elif inst.cpu_s > self.config.cpu_budget_s:
+            self._end(inst, False, f"CPU budget of {self.config.cpu_budget_s:g} s exceeded")
+        elif inst.blocked is None or inst.blocked.ready():
+            self._make_runnable(inst)  # its time slice ended (or it is ready already)
 
     def _on_call_done(self, inst: Instance) -> None:
         assert inst.call is not None
@@ -412,7 +436,9 @@ class Runtime:
             except wasm_ffi.WasmError as e:
                 self._end(inst, False, str(e))
                 return
-            self._make_runnable(inst)
+            # Straight on into ``main``: its first forward can reach the engine while the
+            # other new instances are still being instantiated.
+            self._resume(inst)
             return
         if self.programs.is_core(inst.program):
             code = int(inst.call.results[0].of.i32)
@@ -487,6 +513,8 @@ class Runtime:
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             self._forward_enqueued += 1
+            n = len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)
+            self._largest_since_fire = max(self._largest_since_fire, n)
             cmd.submitted_at = time.perf_counter()
             owner = self.by_seq.get(q.owner)
             if owner is not None:
@@ -577,16 +605,21 @@ class Runtime:
 
     # ===== forward batches =====
 
-    def _maybe_fire(self) -> float | None:
+    def _maybe_fire(self, before_guests: bool = False) -> float | None:
         if self._batch_inflight:  # one batch at a time: nothing to decide until it returns
             self._maybe_nudge()
             return None
-        if self._hold_fire:
-            self._hold_fire = False
+        if self._hold_fire:  # set by the guest pass; cleared once the next pass is due
+            if before_guests:
+                self._hold_fire = False
             return None
         heads = self.batcher.ready_heads()
         decision = self.batcher.decide(
-            self._batch_inflight, heads, time.perf_counter(), guests_idle=not self._runq
+            self._batch_inflight,
+            heads,
+            time.perf_counter(),
+            guests_idle=not self._runq,
+            runnable_before_guests=len(self._runq) if before_guests else 0,
         )
         if not decision.fire:
             return decision.wait_s
@@ -663,6 +696,7 @@ class Runtime:
             plans = self._plan_generations(flight)
         op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends)
         op_id = self.worker.submit(op)
+        self._largest_since_fire = 0
         self._chunk_flight = flight if plans else None
         flight.forward_enqueued = self._forward_enqueued
         self._flight[op_id] = flight
