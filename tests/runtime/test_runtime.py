@@ -39,6 +39,13 @@ def test_guest_decode_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -
     assert json.loads(messages[0]) == ref[0].token_ids
 
 
+def test_fused_step_decodes_like_a_built_pass(rt: Any, testkit: str) -> None:
+    prompt = "5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21"  # crosses a page boundary
+    built, fused = (run(rt, testkit, mode, prompt, "8") for mode in ("decode", "step-decode"))
+    assert built[0].ok and fused[0].ok, (built[0].error, fused[0].error)
+    assert json.loads(fused[1][0]) == json.loads(built[1][0])
+
+
 def test_generate_fast_path_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -> None:
     text = "Once upon a time"
     result, messages = run(rt, testkit, "generate", text, "9")
@@ -121,6 +128,7 @@ def test_memory_cap_traps_the_guest(rt: Any, testkit: str) -> None:
     ("mode", "expected"),
     [
         ("forge", "KV page id 12345 is not held by this inferlet"),
+        ("step-forge", "KV page id 12345 is not held by this inferlet"),
         ("import-unknown", "no KV pages are exported under the name 'no-such-export'"),
         ("flood", "more than 200 unread messages to the client"),
     ],

@@ -20,6 +20,7 @@ from loom.runtime.wasm_ffi import (
     HostCallError,
     borrow,
     list_of,
+    option,
     own,
     record,
     result,
@@ -136,6 +137,29 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         ]
         return rt.handles.add(inst.seq, submit_pass(rt, fp, outputs))
 
+    def step(
+        key: int,
+        q: int,
+        tokens: list[int],
+        positions: list[int],
+        pages: list[int],
+        last: int,
+        s: Any,
+    ) -> int:
+        inst = rt.caller(key)
+        queue = rt.handles.get(inst.seq, q, CommandQueue)
+        inst.pages.check(pages)
+        fp = ForwardPassBuilder(queue, tokens, positions, pages, last)
+        outputs = [] if s is None else [OutputSpec(len(tokens) - 1, sampler_spec(s))]
+        return rt.handles.add(inst.seq, submit_pass(rt, fp, outputs))
+
+    linker.add_func(
+        NAME,
+        "step",
+        [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32, option(SAMPLER)],
+        own("forward-result"),
+        step,
+    )
     fp_t = borrow("forward-pass")
     linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
     linker.add_func(

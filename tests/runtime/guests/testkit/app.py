@@ -31,21 +31,19 @@ def fwd(q, tokens, positions, pages, last, sample=None, dist=0):
     return fp.execute()
 
 
-def greedy_decode(q, ps, prompt, steps):
-    """Prefill `prompt`, then `steps` single-token forwards; returns the sampled tokens."""
+def greedy_decode(q, ps, prompt, steps, fused=False):
+    """Prefill `prompt`, then `steps` single-token forwards; returns the sampled tokens.
+    `fused`: each pass through `forward.step` instead of a built forward-pass."""
     pages = kv.allocate(q, (len(prompt) + steps + ps - 1) // ps)
     n = len(prompt)
-    out = unwrap(
-        wait(fwd(q, prompt, list(range(n)), pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
-    )
-    toks = [out.tokens[0]]
-    for _ in range(steps - 1):
-        pos = n
-        n += 1
-        res = unwrap(
-            wait(fwd(q, [toks[-1]], [pos], pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY))
-        )
+    tokens, positions = prompt, list(range(n))
+    toks = []
+    for _ in range(steps):
+        args = (q, tokens, positions, pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)
+        res = unwrap(wait(forward.step(*args) if fused else fwd(*args)))
         toks.append(res.tokens[0])
+        tokens, positions = [toks[-1]], [n]
+        n += 1
     return toks
 
 
@@ -61,10 +59,11 @@ class WitWorld(wit_world.WitWorld):
         elif mode == "echo":
             msg = wait(messaging.receive())
             messaging.send("echo:" + msg)
-        elif mode == "decode":
+        elif mode in ("decode", "step-decode"):
             prompt = [int(x) for x in args[1].split(",")]
             steps = int(args[2])
-            messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps)))
+            fused = mode == "step-decode"
+            messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps, fused)))
         elif mode == "complete":
             # Text completion, one forward call per token: args = prompt text, max tokens.
             toks = greedy_decode(q, ps, list(m.encode(args[1])), int(args[2]))
@@ -164,6 +163,8 @@ class WitWorld(wit_world.WitWorld):
                 hog.append(bytearray(1 << 20))
         elif mode == "forge":
             kv.free(q, [12345])
+        elif mode == "step-forge":
+            wait(forward.step(q, [1], [0], [12345], 1, GREEDY))
         elif mode == "import-unknown":
             res = kv.import_pages(q, "no-such-export")
             messaging.send("error:" + res.value if type(res).__name__ == "Err" else "ok")
