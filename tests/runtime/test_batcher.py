@@ -29,17 +29,27 @@ def test_adaptive_fires_whenever_the_engine_is_free() -> None:
 
 
 def test_adaptive_lets_woken_guests_join_a_decode_batch() -> None:
-    """Asked before the guests run: 4 decode steps wait while 28 guests are runnable, so
-    the batch waits for them (one batch of 32, not cohorts of 4 and 28); a prefill that
-    outweighs the runnable guests fires at once."""
+    """Asked before the guests run: 4 decode steps wait while 28 guests are runnable whose
+    turns (28 x 0.5 ms) take less than an engine step (30 ms), so the batch waits for
+    them (one batch of 32, not cohorts of 4 and 28). It fires at once when the turns
+    would outlast the step, for a prefill that outweighs the runnable guests, and when
+    asked after the guests ran."""
     b = Batcher(RuntimeConfig())
+
+    def fire(heads: list[CommandQueue], runnable: int, turn_s: float = 0.0005) -> bool:
+        return b.decide(
+            False, heads, 100.0, guests_idle=False, runnable_before_guests=runnable,
+            guest_turn_s=turn_s, engine_step_s=0.030,
+        ).fire  # fmt: skip
+
     decode = _queues(4, submitted_at=100.0)
-    assert not b.decide(False, decode, 100.0, guests_idle=False, runnable_before_guests=28).fire
-    assert b.decide(False, decode, 100.0, guests_idle=False, runnable_before_guests=3).fire
-    assert b.decide(False, decode, 100.0, guests_idle=False).fire  # asked after the guests
+    assert not fire(decode, 28)
+    assert fire(decode, 3)
+    assert fire(decode, 28, turn_s=0.002)  # 56 ms of guest turns > a 30 ms step
+    assert fire(decode, 0)  # asked after the guests
     prefill = CommandQueue(owner=9)
     prefill.push(ForwardCmd(list(range(40)), list(range(40)), [9], 8, None, [], HostFuture()))
-    assert b.decide(False, [prefill], 100.0, guests_idle=False, runnable_before_guests=28).fire
+    assert fire([prefill], 28)
 
 
 def test_k_waits_for_k_commands_or_for_every_guest_to_wait() -> None:

@@ -85,17 +85,29 @@ def test_four_forks_ride_one_batch_and_match_the_parent(rt: Any, testkit: str) -
 
 
 def test_guests_in_lockstep_share_one_batch_per_step(rt: Any, testkit: str) -> None:
-    """Twelve guests decoding together: whatever order their first passes arrive in, the
-    decode steps merge into one batch per step (cohorts that alternate on the engine would
-    take about twice the batches), and each guest's tokens are its solo tokens."""
+    """Twelve guests decoding together on an engine whose step (30 ms, as a larger model's)
+    outlasts their turns: whatever order their first passes arrive in, the decode steps
+    merge into one batch per step (cohorts that alternate on the engine would take about
+    twice the batches), and each guest's tokens are its solo tokens."""
     steps, n = 10, 12
     prompts = [f"{5 + i},{6 + i},{7 + i}" for i in range(n)]
     solo = [json.loads(rt.launch(testkit, ["decode", p, str(steps)]).recv(30)) for p in prompts]
-    before = rt.query(lambda: len(rt.stats.batch_sizes))
-    handles = [rt.launch(testkit, ["decode", p, str(steps)]) for p in prompts]
-    assert all(h.wait(60).ok for h in handles)
+    engine = rt.worker._runner.engine  # the in-process worker's engine
+    execute = engine.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(0.03)
+        return execute(batch)
+
+    engine.execute = slow_execute
+    try:
+        before = rt.query(lambda: len(rt.stats.batch_sizes))
+        handles = [rt.launch(testkit, ["decode", p, str(steps)]) for p in prompts]
+        assert all(h.wait(60).ok for h in handles)
+        sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
+    finally:
+        del engine.execute
     assert [json.loads(h.recv(5)) for h in handles] == solo
-    sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
     assert sum(sizes) == n * steps
     # A guest its time slice cut short can miss a step's batch (it rides the next one),
     # so a few more batches than steps; two cohorts would need about twice as many.

@@ -159,6 +159,10 @@ class Runtime:
         self._chunk_flight: _Flight | None = None  # the batch in flight, if it has plans
         self._forward_enqueued = 0  # forward-kind commands ever queued (nudge decisions)
         self._largest_since_fire = 0  # most tokens of a forward queued since a batch fired
+        # Moving averages for the adaptive policy: a guest's turn that ends waiting on a
+        # pass it submitted, and an engine step.
+        self._guest_turn_s = 0.0
+        self._engine_step_s = 0.0
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
         # A guest whose time slice ended in the middle of submitting forward work (sibling
@@ -406,8 +410,11 @@ class Runtime:
         inst.cpu_s += dt
         self.stats.poll_s += dt
         self.stats.guest_polls += 1
-        if not done and inst.blocked is None and inst.submitted:
-            self._hold_fire = True  # preempted mid-submission: let it finish first
+        if not done and inst.submitted:
+            if inst.blocked is None:
+                self._hold_fire = True  # preempted mid-submission: let it finish first
+            else:  # a whole turn: submitted a pass and waits for it (batching decisions)
+                self._guest_turn_s += 0.1 * (dt - self._guest_turn_s)
         inst.submitted = False
         if inst.kill_reason is not None:
             self._end(inst, False, inst.kill_reason)
@@ -620,6 +627,8 @@ class Runtime:
             time.perf_counter(),
             guests_idle=not self._runq,
             runnable_before_guests=len(self._runq) if before_guests else 0,
+            guest_turn_s=self._guest_turn_s,
+            engine_step_s=self._engine_step_s,
         )
         if not decision.fire:
             return decision.wait_s
@@ -782,7 +791,10 @@ class Runtime:
                 continue
             self._batch_inflight = False
             self._chunk_flight = None
-            self.stats.step_latency.observe(time.perf_counter() - flight.submitted_at)
+            step_s = time.perf_counter() - flight.submitted_at
+            self.stats.step_latency.observe(step_s)
+            if not flight.plans:  # one step (a generation chunk is many)
+                self._engine_step_s += 0.2 * (step_s - self._engine_step_s)
             self._complete(flight, result)
 
     def _trim_pages(self, inst: Instance, task: Any) -> None:
