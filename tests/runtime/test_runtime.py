@@ -39,11 +39,22 @@ def test_guest_decode_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -
     assert json.loads(messages[0]) == ref[0].token_ids
 
 
-def test_fused_step_decodes_like_a_built_pass(rt: Any, testkit: str) -> None:
+def test_fused_steps_decode_like_a_built_pass(rt: Any, testkit: str) -> None:
     prompt = "5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21"  # crosses a page boundary
-    built, fused = (run(rt, testkit, mode, prompt, "8") for mode in ("decode", "step-decode"))
-    assert built[0].ok and fused[0].ok, (built[0].error, fused[0].error)
-    assert json.loads(fused[1][0]) == json.loads(built[1][0])
+    modes = ("decode", "step-decode", "wait-decode")
+    (built, want), *fused = (run(rt, testkit, mode, prompt, "8") for mode in modes)
+    assert built.ok, built.error
+    for result, messages in fused:
+        assert result.ok, result.error
+        assert json.loads(messages[0]) == json.loads(want[0])
+
+
+def test_a_waited_step_that_cannot_run_is_an_error_result(rt: Any, testkit: str) -> None:
+    free0 = free_pages(rt)
+    result, messages = run(rt, testkit, "wait-invalid")
+    assert result.ok, result.error
+    assert messages == ["error:the forward pass has no input tokens"]
+    assert free_pages(rt) == free0
 
 
 def test_generate_fast_path_matches_the_engine(rt: Any, testkit: str, tiny_dir: Any) -> None:
@@ -141,6 +152,7 @@ def test_memory_cap_traps_the_guest(rt: Any, testkit: str) -> None:
     [
         ("forge", "KV page id 12345 is not held by this inferlet"),
         ("step-forge", "KV page id 12345 is not held by this inferlet"),
+        ("wait-forge", "KV page id 12345 is not held by this inferlet"),
         ("import-unknown", "no KV pages are exported under the name 'no-such-export'"),
         ("flood", "more than 200 unread messages to the client"),
     ],

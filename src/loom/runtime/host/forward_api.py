@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from loom.runtime.wasm_ffi import (
 )
 
 if TYPE_CHECKING:
+    from loom.runtime.instance import Instance
     from loom.runtime.runtime import Runtime
 
 NAME = iface("forward")
@@ -137,28 +139,34 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         ]
         return rt.handles.add(inst.seq, submit_pass(rt, fp, outputs))
 
-    def step(
-        key: int,
+    def submit_step(
+        inst: Instance,
         q: int,
         tokens: list[int],
         positions: list[int],
         pages: list[int],
         last: int,
         s: Any,
-    ) -> int:
-        inst = rt.caller(key)
+    ) -> HostFuture:
         queue = rt.handles.get(inst.seq, q, CommandQueue)
         inst.pages.check(pages)
         fp = ForwardPassBuilder(queue, tokens, positions, pages, last)
         outputs = [] if s is None else [OutputSpec(len(tokens) - 1, sampler_spec(s))]
-        return rt.handles.add(inst.seq, submit_pass(rt, fp, outputs))
+        return submit_pass(rt, fp, outputs)
 
+    def step(key: int, q: int, *args: Any) -> int:
+        inst = rt.caller(key)
+        return rt.handles.add(inst.seq, submit_step(inst, q, *args))
+
+    def step_wait(key: int, q: int, *args: Any) -> PassWait:
+        inst = rt.caller(key)
+        return PassWait(submit_step(inst, q, *args), inst, rt.waker(inst))
+
+    step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32]
+    step_params.append(option(SAMPLER))
+    linker.add_func(NAME, "step", step_params, own("forward-result"), step)
     linker.add_func(
-        NAME,
-        "step",
-        [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32, option(SAMPLER)],
-        own("forward-result"),
-        step,
+        NAME, "step-wait", step_params, result(FORWARD_OUTPUT, STRING), step_wait, is_async=True
     )
     fp_t = borrow("forward-pass")
     linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
@@ -186,6 +194,24 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         NAME, "[method]forward-pass.logit-mask", [fp_t, U32, list_of(U32)], None, logit_mask
     )
     linker.add_func(NAME, "[method]forward-pass.execute", [fp_t], own("forward-result"), execute)
+
+
+class PassWait:
+    """The pending result of ``step-wait``: the instance sleeps until its pass is done."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: HostFuture, inst: Instance, wake: Callable[[], None]) -> None:
+        self.fut = fut
+        if not fut.done:
+            fut.waiters.append(wake)
+            inst.blocked = self
+
+    def ready(self) -> bool:
+        return self.fut.done
+
+    def value(self) -> Any:
+        return self.fut.value  # Ok(forward-output) or Err(reason)
 
 
 def submit_pass(rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]) -> HostFuture:

@@ -31,16 +31,20 @@ def fwd(q, tokens, positions, pages, last, sample=None, dist=0):
     return fp.execute()
 
 
-def greedy_decode(q, ps, prompt, steps, fused=False):
+def greedy_decode(q, ps, prompt, steps, fused=""):
     """Prefill `prompt`, then `steps` single-token forwards; returns the sampled tokens.
-    `fused`: each pass through `forward.step` instead of a built forward-pass."""
+    `fused`: each pass through `forward.step` ("step") or `forward.step-wait` ("wait")
+    instead of a built forward-pass."""
     pages = kv.allocate(q, (len(prompt) + steps + ps - 1) // ps)
     n = len(prompt)
     tokens, positions = prompt, list(range(n))
     toks = []
     for _ in range(steps):
         args = (q, tokens, positions, pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)
-        res = unwrap(wait(forward.step(*args) if fused else fwd(*args)))
+        if fused == "wait":
+            res = forward.step_wait(*args)
+        else:
+            res = unwrap(wait(forward.step(*args) if fused else fwd(*args)))
         toks.append(res.tokens[0])
         tokens, positions = [toks[-1]], [n]
         n += 1
@@ -59,10 +63,10 @@ class WitWorld(wit_world.WitWorld):
         elif mode == "echo":
             msg = wait(messaging.receive())
             messaging.send("echo:" + msg)
-        elif mode in ("decode", "step-decode"):
+        elif mode in ("decode", "step-decode", "wait-decode"):
             prompt = [int(x) for x in args[1].split(",")]
             steps = int(args[2])
-            fused = mode == "step-decode"
+            fused = {"step-decode": "step", "wait-decode": "wait"}.get(mode, "")
             messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps, fused)))
         elif mode == "complete":
             # Text completion, one forward call per token: args = prompt text, max tokens.
@@ -165,6 +169,16 @@ class WitWorld(wit_world.WitWorld):
             kv.free(q, [12345])
         elif mode == "step-forge":
             wait(forward.step(q, [1], [0], [12345], 1, GREEDY))
+        elif mode == "wait-forge":
+            forward.step_wait(q, [1], [0], [12345], 1, GREEDY)
+        elif mode == "wait-invalid":
+            # A pass the engine cannot run (no input tokens) fails as an Err result.
+            pages = kv.allocate(q, 1)
+            try:
+                forward.step_wait(q, [], [], pages, 1, GREEDY)
+                messaging.send("ok")
+            except Err as e:
+                messaging.send("error:" + str(e.value))
         elif mode == "import-unknown":
             res = kv.import_pages(q, "no-such-export")
             messaging.send("error:" + res.value if type(res).__name__ == "Err" else "ok")

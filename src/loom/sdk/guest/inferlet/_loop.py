@@ -119,6 +119,12 @@ class Loop:
                 (task, None, TypeError(f"inferlet tasks can only await SDK objects: {yielded!r}"))
             )
 
+    def alone(self) -> bool:
+        """No other task could run before the running one waits: none is ready or waits
+        on the host (the rest, if any, wait on tasks). The running task may then block the
+        whole instance in one host call instead of suspending through ``poll``."""
+        return not self._ready and not self._waiting
+
     def _finish(self, task: Task, result: Any, error: BaseException | None) -> None:
         task.done, task.result, task.error = True, result, error
         for waiter in task.waiters:
@@ -160,6 +166,11 @@ def current_loop() -> Loop:
     if _current is None:
         raise RuntimeError("no inferlet loop is running (call this from within main())")
     return _current
+
+
+def alone() -> bool:
+    """``Loop.alone`` of the running loop (False outside one: natively, in tests)."""
+    return _current is not None and _current.alone()
 
 
 def wait_for(fut: HostFuture) -> _HostWait:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from inferlet import _kv
-from inferlet._loop import gather, wait_for
+from inferlet._loop import alone, gather, wait_for
 from inferlet._wit import Err, forward, generate, kv, store, types, unwrap
 from inferlet.model import Model
 from inferlet.sampler import Greedy, Sampler
@@ -120,12 +120,14 @@ class Context:
             self.model.refs.hold(new)
             self.pages += new
 
-    def _submit(self, outputs: str, arg: Any = None) -> Any:
+    def _submit(self, outputs: str, arg: Any = None, *, wait: bool = False) -> Any:
         """Queue a pass over the pending tokens with ``outputs`` ("none", "token" with a
-        sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result."""
+        sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result
+        (``wait``: its outputs, the instance sleeping until they are there)."""
         pending = self.pending
         wanted = [] if outputs == "none" else [(len(pending) - 1, outputs, arg)]
-        fut = self._pass(pending, list(range(self.written, len(self.tokens))), None, wanted)
+        positions = list(range(self.written, len(self.tokens)))
+        fut = self._pass(pending, positions, None, wanted, wait=wait)
         self.written = len(self.tokens)
         return fut
 
@@ -135,9 +137,13 @@ class Context:
         positions: list[int],
         rows: list[list[int]] | None,
         outputs: list[tuple[int, str, Any]],
+        *,
+        wait: bool = False,
     ) -> Any:
         """Queue one forward pass writing a slot per input after the current KV; returns
-        its forward-result. ``rows``: BRLE attention rows (None: causal)."""
+        its forward-result. ``rows``: BRLE attention rows (None: causal). ``wait`` (a
+        causal pass with at most one sampled token at the last input): wait here and
+        return the outputs."""
         self._check_open()
         if not self.pending:
             raise ValueError("nothing to process: fill tokens first")
@@ -155,7 +161,14 @@ class Context:
             # The common pass (a decode step, a flush): one host call instead of five.
             self.slot_pos += positions
             sampler = _wit_sampler(outputs[0][2]) if outputs else None
+            if wait:
+                try:
+                    return forward.step_wait(self.queue, inputs, positions, pages, last, sampler)
+                except Err as e:
+                    raise RuntimeError(str(e.value)) from None
             return forward.step(self.queue, inputs, positions, pages, last, sampler)
+        if wait:
+            raise ValueError("only a causal pass with one sampled token can wait in place")
         fp = forward.ForwardPass(self.queue)
         fp.input(inputs, positions)
         fp.kv_pages(pages, last)
@@ -193,8 +206,12 @@ class Context:
     async def decode_step(self, sampler: Sampler | None = None) -> int:
         """One forward pass over the pending tokens; the sampled next token (pending)."""
         await self._follow()
-        fut = self._submit("token", sampler or _GREEDY)
-        out = unwrap(await wait_for(fut))
+        if alone():
+            # Nothing else to run meanwhile: sleep in the pass's own host call (one call
+            # per step instead of four: step, pollable, poll, get).
+            out = self._submit("token", sampler or _GREEDY, wait=True)
+        else:
+            out = unwrap(await wait_for(self._submit("token", sampler or _GREEDY)))
         self._check_flushes()
         token = int(out.tokens[0])
         self.tokens.append(token)
