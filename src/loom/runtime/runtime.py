@@ -392,6 +392,7 @@ class Runtime:
             if (
                 not tried_fire
                 and not self._batch_inflight
+                and not self._hold_fire  # a guest is mid-submission: not before it is done
                 and self._largest_since_fire > len(self._runq)
             ):
                 tried_fire = True

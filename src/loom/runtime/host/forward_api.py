@@ -19,6 +19,7 @@ from loom.runtime.wasm_ffi import (
     ComponentLinker,
     Err,
     HostCallError,
+    Ok,
     borrow,
     list_of,
     option,
@@ -165,9 +166,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
     step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32]
     step_params.append(option(SAMPLER))
     linker.add_func(NAME, "step", step_params, own("forward-result"), step)
-    linker.add_func(
-        NAME, "step-wait", step_params, result(FORWARD_OUTPUT, STRING), step_wait, is_async=True
-    )
+    linker.add_func(NAME, "step-wait", step_params, result(U32, STRING), step_wait, is_async=True)
     fp_t = borrow("forward-pass")
     linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
     linker.add_func(
@@ -197,7 +196,8 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
 
 
 class PassWait:
-    """The pending result of ``step-wait``: the instance sleeps until its pass is done."""
+    """The pending result of ``step-wait``: the instance sleeps until its pass is done;
+    then the sampled token (0 when none was asked for) or the reason it failed."""
 
     __slots__ = ("fut",)
 
@@ -210,8 +210,12 @@ class PassWait:
     def ready(self) -> bool:
         return self.fut.done
 
-    def value(self) -> Any:
-        return self.fut.value  # Ok(forward-output) or Err(reason)
+    def value(self) -> Ok | Err:
+        out = self.fut.value  # Ok(forward-output) or Err(reason)
+        if isinstance(out, Err):
+            return out
+        tokens = out.value[0]
+        return Ok(tokens[0] if tokens else 0)
 
 
 def submit_pass(rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]) -> HostFuture:

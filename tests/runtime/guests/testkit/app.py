@@ -42,10 +42,9 @@ def greedy_decode(q, ps, prompt, steps, fused=""):
     for _ in range(steps):
         args = (q, tokens, positions, pages[: (n - 1) // ps + 1], (n - 1) % ps + 1, GREEDY)
         if fused == "wait":
-            res = forward.step_wait(*args)
+            toks.append(forward.step_wait(*args))
         else:
-            res = unwrap(wait(forward.step(*args) if fused else fwd(*args)))
-        toks.append(res.tokens[0])
+            toks.append(unwrap(wait(forward.step(*args) if fused else fwd(*args))).tokens[0])
         tokens, positions = [toks[-1]], [n]
         n += 1
     return toks

@@ -123,7 +123,7 @@ class Context:
     def _submit(self, outputs: str, arg: Any = None, *, wait: bool = False) -> Any:
         """Queue a pass over the pending tokens with ``outputs`` ("none", "token" with a
         sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result
-        (``wait``: its outputs, the instance sleeping until they are there)."""
+        (``wait``: the sampled token, the instance sleeping until the pass is done)."""
         pending = self.pending
         wanted = [] if outputs == "none" else [(len(pending) - 1, outputs, arg)]
         positions = list(range(self.written, len(self.tokens)))
@@ -143,7 +143,7 @@ class Context:
         """Queue one forward pass writing a slot per input after the current KV; returns
         its forward-result. ``rows``: BRLE attention rows (None: causal). ``wait`` (a
         causal pass with at most one sampled token at the last input): wait here and
-        return the outputs."""
+        return the sampled token."""
         self._check_open()
         if not self.pending:
             raise ValueError("nothing to process: fill tokens first")
@@ -205,17 +205,46 @@ class Context:
 
     async def decode_step(self, sampler: Sampler | None = None) -> int:
         """One forward pass over the pending tokens; the sampled next token (pending)."""
-        await self._follow()
-        if alone():
+        if self._after:
+            await self._follow()
+        sampler = sampler or _GREEDY
+        if not alone():
+            token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
+        elif len(self.tokens) - self.written == 1 and not self._released:
+            token = self._decode_one(sampler)
+        else:
             # Nothing else to run meanwhile: sleep in the pass's own host call (one call
             # per step instead of four: step, pollable, poll, get).
-            out = self._submit("token", sampler or _GREEDY, wait=True)
-        else:
-            out = unwrap(await wait_for(self._submit("token", sampler or _GREEDY)))
-        self._check_flushes()
-        token = int(out.tokens[0])
+            token = self._submit("token", sampler, wait=True)
+        if self._unchecked:
+            self._check_flushes()
         self.tokens.append(token)
         return token
+
+    def _decode_one(self, sampler: Sampler) -> int:
+        """``_submit("token", sampler, wait=True)`` for the usual single pending token,
+        written out: this runs once per token of every Python decode loop, where each
+        line costs about a microsecond of interpreter time inside the sandbox."""
+        pos = self.written  # the pending token's index is its position
+        if pos >= self.model.max_model_len:
+            raise ValueError(
+                f"position {pos} is past the context length {self.model.max_model_len}"
+            )
+        slots = len(self.slot_pos) + 1
+        ps = self.page_size
+        npages = -(-slots // ps)
+        if npages > len(self.pages):
+            self._grow(slots)
+        pages = self.pages if npages == len(self.pages) else self.pages[:npages]
+        self.slot_pos.append(pos)
+        self.written = pos + 1
+        try:
+            return int(forward.step_wait(
+                self.queue, [self.tokens[pos]], [pos], pages, (slots - 1) % ps + 1,
+                _wit_sampler(sampler),
+            ))  # fmt: skip
+        except Err as e:
+            raise RuntimeError(str(e.value)) from None
 
     async def next_distribution(self, k: int = 32) -> list[tuple[int, float]]:
         """The top-``k`` next-token distribution after the pending tokens (descending).
