@@ -85,15 +85,19 @@ def core_guest(n_instances: int, calls: int) -> float:
     return wall / (n_instances * calls) * 1e6
 
 
-def python_guest(rt: Any, program: str, n_instances: int, calls: int) -> dict[str, float]:
+def python_guest(
+    rt: Any, program: str, n_instances: int, calls: int, mode: str = "decode"
+) -> dict[str, float]:
+    """``mode`` "decode": each pass built with five calls (constructor, input, kv-pages,
+    output-token, execute), then pollable, poll, get; "wait-decode": ``forward.step-wait``,
+    one call per pass (what the SDK's ``decode_step`` uses)."""
     from loom.runtime.runtime import RuntimeStats
 
     rt.query(lambda: setattr(rt, "stats", RuntimeStats()))
     wasm_ffi.HostCallStats.reset()
     t0 = time.perf_counter()
     handles = [
-        rt.launch(program, ["decode", f"{5 + i % 50},6,7", str(calls - 1)])
-        for i in range(n_instances)
+        rt.launch(program, [mode, f"{5 + i % 50},6,7", str(calls - 1)]) for i in range(n_instances)
     ]
     results = [h.wait(1800) for h in handles]
     wall = time.perf_counter() - t0
@@ -106,6 +110,7 @@ def python_guest(rt: Any, program: str, n_instances: int, calls: int) -> dict[st
     forwards = s.forward_cmds
     return {
         "host_us_per_call": host_s / host_calls * 1e6,
+        "host_us_per_forward": host_s / forwards * 1e6,
         "host_calls_per_forward": host_calls / forwards,
         "guest_us_per_forward": (s.poll_s - wasm_ffi.HostCallStats.seconds) / forwards * 1e6,
         "wall_s": wall,
@@ -158,6 +163,8 @@ def main() -> None:
                 {"instances": n, "core_us_per_call": core_us, **py, "host_us_runs": per_run}
             )
             print(f"  {n} instances done", file=sys.stderr)
+        waited = [python_guest(rt, program, 100, args.calls, "wait-decode") for _ in range(3)]
+        step_wait = {k: statistics.median(r[k] for r in waited) for k in waited[0]}
         spawn = []
         for _ in range(args.spawns):
             rt.launch(program, ["hello"]).wait(60)
@@ -169,22 +176,30 @@ def main() -> None:
     ten = next((r for r in rows if r["instances"] == 10), rows[0])
     print()
     print(f"{'instances':>9} | {'core µs/call':>12} | {'py host µs/call':>15} | {'vs 10':>6} | "
-          f"{'calls/fwd':>9} | {'guest µs/fwd':>12} | {'batch':>6} | {'wall s':>7}")  # fmt: skip
-    print("-" * 96)
+          f"{'calls/fwd':>9} | {'host µs/fwd':>11} | {'guest µs/fwd':>12} | {'batch':>6} | "
+          f"{'wall s':>7}")  # fmt: skip
+    print("-" * 110)
     for r in rows:
         ratio = r["host_us_per_call"] / ten["host_us_per_call"]
         print(
             f"{r['instances']:>9} | {r['core_us_per_call']:>12.2f} | {r['host_us_per_call']:>15.2f}"
             f" | {ratio:>5.2f}x | {r['host_calls_per_forward']:>9.1f} | "
-            f"{r['guest_us_per_forward']:>12.0f} | {r['mean_batch']:>6.1f} | {r['wall_s']:>7.2f}"
+            f"{r['host_us_per_forward']:>11.0f} | {r['guest_us_per_forward']:>12.0f} | "
+            f"{r['mean_batch']:>6.1f} | {r['wall_s']:>7.2f}"
         )
+    w = step_wait
+    print(f"\nthe same 100 guests through forward.step-wait (the SDK's decode step): "
+          f"{w['host_calls_per_forward']:.1f} calls, {w['host_us_per_forward']:.0f} µs of host "
+          f"and {w['guest_us_per_forward']:.0f} µs of guest time per forward "
+          f"({w['host_us_per_call']:.1f} µs per call)")  # fmt: skip
     spawn_ms = statistics.median(spawn) if spawn else float("nan")
     print(f"\ncached Python inferlet spawn (launch -> instantiated), median of {len(spawn)}: "
           f"{spawn_ms:.2f} ms")  # fmt: skip
     print("targets: Python-guest host overhead <= 20 µs/call; 1000 vs 10 instances <= 2x; "
           "cached spawn <= 2 ms")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "spawn_ms": spawn, "base": base}, indent=2))
+    out = {"rows": rows, "step_wait_100": step_wait, "spawn_ms": spawn, "base": base}
+    args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 
