@@ -4,6 +4,7 @@ and ``loom router`` as a user starts it."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,10 +127,20 @@ def test_loom_router_command(tiny_dir: Path, llm: Any) -> None:
         env=os.environ.copy(),
     )
     url = f"http://127.0.0.1:{port}"
+    # Start-up lines name the engines it started (read before the end: the engines share
+    # the pipe, so reading to its end would wait for them).
+    engine_urls: list[str] = []
+    assert proc.stderr is not None
+    for raw in proc.stderr:
+        line = raw.decode()
+        engine_urls += re.findall(r"engine (http://127\.0\.0\.1:\d+) on cores", line)
+        if "router (pd)" in line:
+            break
+    assert len(engine_urls) == 2, engine_urls
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            assert proc.poll() is None, "the router exited"
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -158,4 +169,9 @@ def test_loom_router_command(tiny_dir: Path, llm: Any) -> None:
         assert r.json()["choices"][0]["text"] == want
     finally:
         proc.terminate()
+        proc.wait(60)
+    # The router stopped the engines it started.
+    for engine_url in engine_urls:
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(engine_url + "/health", timeout=2)
         proc.wait(30)

@@ -16,12 +16,14 @@ def run_router(args: argparse.Namespace) -> int:
     from loom.router.app import create_router_app
     from loom.router.engines import start_engines
     from loom.router.strategies import StrategyRouter, make_strategy
+    from loom.server.shutdown import exit_cleanly_on_sigterm
 
     try:
         strategy = make_strategy(args.strategy, args.balance)
     except ValueError as e:
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
+    exit_cleanly_on_sigterm()  # the engines started here stop with the router
     procs = []
     urls = list(args.engine_url)
     if not urls:

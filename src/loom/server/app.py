@@ -83,11 +83,14 @@ def serve(settings: ServeSettings) -> int:
     """``loom serve``: run until interrupted."""
     import uvicorn
 
+    from loom.server.shutdown import exit_cleanly_on_sigterm
+
     state = start_state(settings)
     app = create_app(state)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             ws_max_size=8 << 20)  # fmt: skip
     server = _AnnouncingServer(config, state)
+    exit_cleanly_on_sigterm()  # the engine worker stops with the server
     try:
         server.run()
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
@@ -73,16 +73,30 @@ class _Out:
     logit_mask: list[int] | None = None
 
 
-@dataclass(eq=False)
 class ForwardPassBuilder:
-    queue: CommandQueue
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
-    last_page_len: int = 0
-    masks: list[list[int]] | None = None
-    outputs: dict[int, _Out] = field(default_factory=dict)
-    executed: bool = False
+    """A pass being built by a guest. A plain class: one is made per forward call, and
+    a dataclass's default factories cost a few µs each time."""
+
+    __slots__ = ("executed", "last_page_len", "masks", "outputs", "pages", "positions", "queue",
+                 "tokens")  # fmt: skip
+
+    def __init__(
+        self,
+        queue: CommandQueue,
+        tokens: list[int] | None = None,
+        positions: list[int] | None = None,
+        pages: list[int] | None = None,
+        last_page_len: int = 0,
+        masks: list[list[int]] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.tokens: list[int] = tokens if tokens is not None else []
+        self.positions: list[int] = positions if positions is not None else []
+        self.pages: list[int] = pages if pages is not None else []
+        self.last_page_len = last_page_len
+        self.masks = masks
+        self.outputs: dict[int, _Out] = {}
+        self.executed = False
 
 
 def register(linker: ComponentLinker, rt: Runtime) -> None:
@@ -114,7 +128,11 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         builder(key, rep).masks = rows
 
     def out(key: int, rep: int, index: int) -> _Out:
-        return builder(key, rep).outputs.setdefault(index, _Out())
+        outputs = builder(key, rep).outputs
+        o = outputs.get(index)
+        if o is None:
+            o = outputs[index] = _Out()
+        return o
 
     def output_token(key: int, rep: int, index: int, s: Any) -> None:
         out(key, rep, index).sampler = sampler_spec(s)
