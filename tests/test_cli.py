@@ -46,3 +46,48 @@ def test_errors_are_clear_and_exit_nonzero(tmp_path: Path) -> None:
     assert res.returncode == 2 and "temperature" in res.stderr
     res = loom("frobnicate")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_serve_stops_cleanly_on_sigterm(tiny_dir: Path) -> None:
+    """SIGTERM (what service managers send) ends `loom serve` with status 0, its engine
+    worker process with it, and nothing on stderr after the start-up lines."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loom", "serve", "--model", str(tiny_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+        children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers = [int(p) for p in children_file.read_text().split()]
+        assert workers, "no engine worker process"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert err.rstrip().splitlines()[-1].startswith("loom: serving"), err
+    for pid in workers:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )

@@ -956,6 +956,11 @@ def _child_main(
     """The child process: load the engine, then serve ops until told to stop."""
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock (the loader's progress bar) is a multiprocessing lock, whose
+    # semaphore the ``os._exit`` below would leave for the resource tracker to warn about.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     if threads is not None:
         import torch
 
