@@ -49,6 +49,23 @@ def test_fused_steps_decode_like_a_built_pass(rt: Any, testkit: str) -> None:
         assert json.loads(messages[0]) == json.loads(want[0])
 
 
+def test_an_instance_killed_while_asleep_in_step_wait_frees_everything(
+    rt: Any, testkit: str
+) -> None:
+    free0 = free_pages(rt)
+    start = rt.query(lambda: rt.stats.forward_cmds)
+    h = rt.launch(testkit, ["wait-decode", "5,6,7", "1000"])  # 63 of the 96 pages
+    deadline = time.monotonic() + 30
+    while rt.query(lambda: rt.stats.forward_cmds) < start + 3:  # it is decoding
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    h.kill()
+    result = h.wait(30)
+    assert not result.ok
+    assert free_pages(rt) == free0
+    assert run(rt, testkit, "wait-decode", "5,6,7", "3")[0].ok  # still serving
+
+
 def test_a_waited_step_that_cannot_run_is_an_error_result(rt: Any, testkit: str) -> None:
     free0 = free_pages(rt)
     result, messages = run(rt, testkit, "wait-invalid")
