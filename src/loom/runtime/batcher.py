@@ -33,7 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.runtime.commands import FORWARD_KINDS, CommandQueue, ForwardCmd, GenerateCmd
+from loom.runtime.commands import (
+    FORWARD_KINDS,
+    CommandQueue,
+    ForwardCmd,
+    GenerateCmd,
+    head_tokens,
+)
 from loom.runtime.limits import RuntimeConfig
 
 
@@ -83,7 +89,7 @@ class Batcher:
             hold = (
                 runnable > 0
                 and runnable * guest_turn_s < engine_step_s
-                and runnable >= sum(_head_tokens(q) for q in heads)
+                and runnable >= sum(head_tokens(q) for q in heads)
             )
             return FireDecision(not hold)
         n = sum(1 for q in heads for _ in _forward_run(q))
@@ -99,11 +105,6 @@ class Batcher:
                 return FireDecision(True)
             return FireDecision(False, wait_s=t - waited)
         return FireDecision(False)
-
-
-def _head_tokens(q: CommandQueue) -> int:
-    cmd = q.peek()
-    return len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)  # type: ignore[union-attr]
 
 
 def _submitted(q: CommandQueue) -> float:

@@ -30,11 +30,21 @@ class ForwardCmd:
     kv_send: Any = None  # a KVSendSpec: ship this pass's KV to another engine, layer by layer
     kv_result: Any = None  # its KVTransferResult, set before the future resolves
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this command puts through the engine when it next rides a batch."""
+        return len(self.tokens)
+
 
 @dataclass(eq=False)
 class GenerateCmd:
     task: GenerateTask
     submitted_at: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this command puts through the engine when it next rides a batch."""
+        return len(self.task.pending)
 
 
 @dataclass(eq=False)
@@ -121,3 +131,10 @@ class CommandQueue:
 
     def __len__(self) -> int:
         return len(self.cmds) - self.head
+
+
+def head_tokens(q: CommandQueue) -> int:
+    """Tokens the forward-kind command at the head of ``q`` puts through the engine."""
+    cmd = q.peek()
+    assert isinstance(cmd, (ForwardCmd, GenerateCmd))
+    return cmd.num_tokens

@@ -8,7 +8,8 @@ Loop, per turn:
 5. resume each runnable instance once: it runs until it waits on a future, finishes, or
    its time slice (an epoch tick) ends;
 6. if the engine is still free, fire what the guests just submitted (the ``adaptive``
-   policy holds a batch for this when more guests are runnable than commands wait).
+   policy holds a batch in step 4 for this when the runnable guests would add as many
+   tokens as wait and their turns take less than an engine step).
 A guest that waits is suspended inside ``types.poll`` and costs nothing until woken.
 """
 
@@ -45,6 +46,7 @@ from loom.runtime.commands import (
     MaskCmd,
     SyncCmd,
     UnexportCmd,
+    head_tokens,
 )
 from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.engine_worker import (
@@ -521,8 +523,7 @@ class Runtime:
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             self._forward_enqueued += 1
-            n = len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)
-            self._largest_since_fire = max(self._largest_since_fire, n)
+            self._largest_since_fire = max(self._largest_since_fire, cmd.num_tokens)
             cmd.submitted_at = time.perf_counter()
             owner = self.by_seq.get(q.owner)
             if owner is not None:
@@ -649,8 +650,7 @@ class Runtime:
             inst = self._owner(q)
             if inst is None:
                 continue
-            run = _peek_run(q)
-            if tokens and len(tokens) + _run_tokens(run) > max_tokens:
+            if tokens and len(tokens) + head_tokens(q) > max_tokens:
                 break
             taken = take_forward_run(q)
             taken_heads.append(q)
@@ -874,18 +874,6 @@ class Runtime:
                 )
                 if task.on_finish is not None:
                     task.on_finish(task)
-
-
-def _peek_run(q: CommandQueue) -> list[Any]:
-    cmd = q.peek()
-    return [cmd] if cmd is not None else []
-
-
-def _run_tokens(run: list[Any]) -> int:
-    n = 0
-    for cmd in run:
-        n += len(cmd.tokens) if isinstance(cmd, ForwardCmd) else len(cmd.task.pending)
-    return n
 
 
 def _shift(o: OutputSpec, base: int) -> OutputSpec:

@@ -181,8 +181,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         inst = rt.caller(key)
         return PassWait(submit_step(inst, q, *args), inst, rt.waker(inst))
 
-    step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32]
-    step_params.append(option(SAMPLER))
+    step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32, option(SAMPLER)]
     linker.add_func(NAME, "step", step_params, own("forward-result"), step)
     linker.add_func(NAME, "step-wait", step_params, result(U32, STRING), step_wait, is_async=True)
     fp_t = borrow("forward-pass")

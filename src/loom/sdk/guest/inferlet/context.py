@@ -120,14 +120,12 @@ class Context:
             self.model.refs.hold(new)
             self.pages += new
 
-    def _submit(self, outputs: str, arg: Any = None, *, wait: bool = False) -> Any:
+    def _submit(self, outputs: str, arg: Any = None) -> Any:
         """Queue a pass over the pending tokens with ``outputs`` ("none", "token" with a
-        sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result
-        (``wait``: the sampled token, the instance sleeping until the pass is done)."""
+        sampler ``arg``, "distribution" of ``arg`` tokens) after the last; its result."""
         pending = self.pending
         wanted = [] if outputs == "none" else [(len(pending) - 1, outputs, arg)]
-        positions = list(range(self.written, len(self.tokens)))
-        fut = self._pass(pending, positions, None, wanted, wait=wait)
+        fut = self._pass(pending, list(range(self.written, len(self.tokens))), None, wanted)
         self.written = len(self.tokens)
         return fut
 
@@ -137,13 +135,9 @@ class Context:
         positions: list[int],
         rows: list[list[int]] | None,
         outputs: list[tuple[int, str, Any]],
-        *,
-        wait: bool = False,
     ) -> Any:
         """Queue one forward pass writing a slot per input after the current KV; returns
-        its forward-result. ``rows``: BRLE attention rows (None: causal). ``wait`` (a
-        causal pass with at most one sampled token at the last input): wait here and
-        return the sampled token."""
+        its forward-result. ``rows``: BRLE attention rows (None: causal)."""
         self._check_open()
         if not self.pending:
             raise ValueError("nothing to process: fill tokens first")
@@ -161,14 +155,7 @@ class Context:
             # The common pass (a decode step, a flush): one host call instead of five.
             self.slot_pos += positions
             sampler = _wit_sampler(outputs[0][2]) if outputs else None
-            if wait:
-                try:
-                    return forward.step_wait(self.queue, inputs, positions, pages, last, sampler)
-                except Err as e:
-                    raise RuntimeError(str(e.value)) from None
             return forward.step(self.queue, inputs, positions, pages, last, sampler)
-        if wait:
-            raise ValueError("only a causal pass with one sampled token can wait in place")
         fp = forward.ForwardPass(self.queue)
         fp.input(inputs, positions)
         fp.kv_pages(pages, last)
@@ -208,23 +195,23 @@ class Context:
         if self._after:
             await self._follow()
         sampler = sampler or _GREEDY
-        if not alone():
-            token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
-        elif len(self.tokens) - self.written == 1 and not self._released:
-            token = self._decode_one(sampler)
-        else:
+        if alone() and len(self.tokens) - self.written == 1:
             # Nothing else to run meanwhile: sleep in the pass's own host call (one call
             # per step instead of four: step, pollable, poll, get).
-            token = self._submit("token", sampler, wait=True)
+            token = self._decode_one(sampler)
+        else:
+            token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
         if self._unchecked:
             self._check_flushes()
         self.tokens.append(token)
         return token
 
     def _decode_one(self, sampler: Sampler) -> int:
-        """``_submit("token", sampler, wait=True)`` for the usual single pending token,
-        written out: this runs once per token of every Python decode loop, where each
-        line costs about a microsecond of interpreter time inside the sandbox."""
+        """The pass of ``_submit("token", sampler)`` for a single pending token, through
+        ``step-wait``: the sampled token. Written out rather than through ``_pass``: it
+        runs once per token of every Python decode loop, where each line costs about a
+        microsecond of interpreter time inside the sandbox."""
+        self._check_open()
         pos = self.written  # the pending token's index is its position
         if pos >= self.model.max_model_len:
             raise ValueError(
