@@ -150,6 +150,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--num-pages", type=int, help="KV pages (default: from memory)")
     serve.add_argument("--kv-cache-memory-mb", type=int)
     serve.add_argument("--max-model-len", type=int)
+    serve.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV of earlier prompts' pages (default on)",
+    )
     serve.add_argument("--worker", choices=["process", "thread"], help="engine placement")
     serve.add_argument("--engine-threads", type=int)
     serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
@@ -193,6 +199,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         reservation_ttl_s=args.reservation_ttl,
         kv_transport=args.kv_transport,
+        prefix_cache=args.prefix_cache,
     )
     return serve(settings)
 
@@ -224,6 +231,12 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
         choices=["tcp", "shm", "gloo"],
         help="how KV is sent to other engines (shm: same host only)",
     )
+    engine.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of earlier prompts' pages (default on)",
+    )
     engine.set_defaults(func=_cmd_engine)
     router = sub.add_parser(
         "router", help="route OpenAI requests over engines with a microserving strategy"
@@ -254,6 +267,12 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
         default="tcp",
         choices=["tcp", "shm", "gloo"],
         help="KV transport of the engines it starts (shm: shared memory)",
+    )
+    router.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefix caches of the engines it starts (default on)",
     )
     router.set_defaults(func=_cmd_router)
 

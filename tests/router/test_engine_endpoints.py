@@ -257,3 +257,31 @@ def test_other_transports_give_the_same_kv(
         assert held(p) == 0
     assert held(d) == 0
     assert set(os.listdir("/dev/shm")) == segments  # every frame's segment was removed
+
+
+def test_an_engine_without_prefix_cache_matches_nothing(
+    pair: tuple[Any, Any], tiny_dir: Path
+) -> None:
+    _, d = pair
+    prompt = [7, *((i * 41) % 1900 + 70 for i in range(40))]
+    settings = ServeSettings(
+        model=str(tiny_dir), port=0, worker="thread", num_pages=64, prefix_cache=False
+    )
+    with BackgroundServer(settings) as off:
+        for srv in (d, off):
+            done = httpx.post(
+                srv.url + "/v1/completions",
+                json={"model": tiny_dir.name, "prompt": prompt, "max_tokens": 2},
+                timeout=60,
+            )
+            assert done.status_code == 200, done.text
+        # The same prompt again: the caching engine holds its two full pages, the other
+        # engine kept nothing, so its receiver must take the whole window.
+        on_prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id="pc-on").json()
+        off_prep = post(off, "prep_recv", prompt=prompt, end=-1, request_id="pc-off").json()
+        assert on_prep["prefix_matched_length"] == 32
+        assert off_prep["prefix_matched_length"] == 0
+        assert len(_slots(off_prep["kv_addr_info"])) == 40
+        post(d, "abort", request_id="pc-on")
+        post(off, "abort", request_id="pc-off")
+        assert held(off) == 0

@@ -40,8 +40,10 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, pool: PagePool) -> None:
-        self.pool = pool
+    def __init__(self, pool: PagePool, enabled: bool = True) -> None:
+        # Disabled: matches nothing and keeps nothing (a server run without prefix
+        # caching), so callers need no second code path.
+        self.pool, self.enabled = pool, enabled
         self._entries: dict[bytes, _Entry] = {}
         self._clock = 0
         self.hits = self.queries = 0  # pages matched / pages asked for
@@ -58,7 +60,7 @@ class PrefixCache:
         """Pages of the longest cached prefix of ``keys``; the caller receives a reference."""
         self._clock += 1
         pages: list[int] = []
-        for key in keys:
+        for key in keys if self.enabled else ():
             entry = self._entries.get(key)
             if entry is None:
                 break
@@ -71,6 +73,8 @@ class PrefixCache:
 
     def insert(self, keys: list[bytes], pages: list[int], first_depth: int = 0) -> None:
         """Register full pages under their chain keys (the cache takes its own reference)."""
+        if not self.enabled:
+            return
         self._clock += 1
         for depth, (key, page) in enumerate(zip(keys, pages, strict=True), first_depth):
             if key in self._entries:

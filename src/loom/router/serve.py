@@ -28,9 +28,10 @@ def run_router(args: argparse.Namespace) -> int:
     urls = list(args.engine_url)
     if not urls:
         print(f"loom: starting {args.engines} engines ({args.model})", file=sys.stderr)
-        procs = start_engines(
-            args.engines, args.model, extra_args=["--kv-transport", args.kv_transport]
-        )
+        extra = ["--kv-transport", args.kv_transport]
+        if not args.prefix_cache:
+            extra.append("--no-prefix-cache")
+        procs = start_engines(args.engines, args.model, extra_args=extra)
         urls = [p.url for p in procs]
         for p in procs:
             print(f"loom: engine {p.url} on cores {p.cpus}", file=sys.stderr)

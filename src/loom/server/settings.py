@@ -29,6 +29,9 @@ class ServeSettings:
     num_pages: int | None = None
     kv_cache_memory_mb: int = 256
     max_model_len: int | None = None
+    # Reuse the KV of earlier prompts' full pages (and report it to microserving routers
+    # as `prefix_matched_length`); off: every prompt is computed from its first token.
+    prefix_cache: bool = True
     worker: str = "process"  # the engine in its own process, or "thread" (tests, debugging)
     engine_threads: int | None = None  # torch threads of a process worker
 
@@ -55,6 +58,7 @@ class ServeSettings:
             num_pages=self.num_pages,
             kv_cache_memory_mb=self.kv_cache_memory_mb,
             max_model_len=self.max_model_len,
+            enable_prefix_caching=self.prefix_cache,
         )
 
     def runtime_config(self) -> RuntimeConfig:
@@ -67,6 +71,7 @@ class ServeSettings:
             http_allow_hosts=tuple(self.http_allow_hosts),
             reservation_ttl_s=self.reservation_ttl_s,
             kv_transport=self.kv_transport,
+            prefix_cache=self.prefix_cache,
         )
 
     def validate(self) -> None:
