@@ -14,11 +14,12 @@ model's real compute on CPU (no cost model). The router and load generator share
 cores with the engines (2 cores here).
 
 On the long workload the report finds the highest load DP sustains: the highest load of
-the sweep below the first at which DP's queue grows through the run (the later half of
-the requests waits over twice as long for a first token as the earlier half), and
-compares the P/D strategies with DP there (the target: mean JCT at least 15 % lower).
-For ``shared`` it compares prefix-aware P/D's TTFT with pd-nocache's (target: at least 2x
-lower) and, for the record, with plain pd on caching engines.
+the sweep below the first at which DP's queue grows through a longer run of DP alone
+(``--probe-requests``; the later half of the requests waits over twice as long for a
+first token as the earlier half), and compares the P/D strategies with DP there (the
+target: mean JCT at least 15 % lower). For ``shared`` it compares prefix-aware P/D's TTFT
+with pd-nocache's (target: at least 2x lower) and, for the record, with plain pd on
+caching engines.
 
     python benchmarks/microserving.py [--model small] [--requests 60] [--seeds 2]
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import sys
@@ -204,6 +206,24 @@ async def sweep(
                 log(kind, name, load, rate, seed, s)
 
 
+async def sustained_loads(
+    runner: Runner, kind: str, cap: float, args: argparse.Namespace
+) -> dict[str, float]:
+    """DP alone at each load, ascending, with ``--probe-requests`` requests (a longer run
+    than the sweep's, so a queue that grows shows apart from the start-up transient): the
+    TTFT growth of each (later half / earlier half). Stops after the first load DP does
+    not keep up with."""
+    growth: dict[str, float] = {}
+    for load in sorted(float(x) for x in args.loads.split(",")):
+        s = await runner.run(kind, "dp", args.probe_requests, load * cap, 1000)
+        growth[str(load)] = s["ttft_growth"]
+        log(kind, "dp-probe", load, load * cap, 1000, s)
+        print(f"  TTFT growth {s['ttft_growth']:.2f}", file=sys.stderr, flush=True)
+        if s["ttft_growth"] > SUSTAINED_GROWTH:
+            break
+    return growth
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from loom.router.engines import start_engines
     from loom.router.strategies import StrategyRouter
@@ -241,6 +261,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         runner = Runner(router, vocab, lengths)
         for kind in kinds:
             cap = out["capacity"][kind] = await capacity(router, kind, vocab, lengths)
+            if kind == "long" and args.probe_requests > 0:
+                out["dp_probe"] = await sustained_loads(runner, kind, cap, args)
             await sweep(runner, kind, STRATEGIES[kind], cap, args, out)
         await router.close()
     finally:
@@ -276,15 +298,17 @@ def targets(data: dict[str, Any], table: list[dict[str, Any]]) -> dict[str, Any]
         (r for r in table if r["workload"] == "long" and r["strategy"] == "dp"),
         key=lambda r: r["load"],
     )
+    # DP's TTFT growth by load: from the long probe runs when there are, else the sweep's.
+    probe = data.get("dp_probe") or {str(r["load"]): r["ttft_growth"] for r in dp_rows}
     if dp_rows:
         print(
             "\nDP's TTFT growth on the long workload (later half / earlier half; a growing "
             f"queue > {SUSTAINED_GROWTH:g}): "
-            + ", ".join(f"load {r['load']:g} {r['ttft_growth']:.2f}" for r in dp_rows)
+            + ", ".join(f"load {float(k):g} {v:.2f}" for k, v in probe.items())
         )
         top = None
         for r in dp_rows:  # the highest load below the first one DP does not keep up with
-            if r["ttft_growth"] > SUSTAINED_GROWTH:
+            if probe.get(str(r["load"]), math.inf) > SUSTAINED_GROWTH:
                 break
             top = r["load"]
         if top is None:
@@ -396,6 +420,12 @@ def main() -> None:
     )
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument(
+        "--probe-requests",
+        type=int,
+        default=150,
+        help="requests of the DP runs that find the highest load DP sustains (0: the sweep's)",
+    )
     ap.add_argument("--long-prompt", type=int, default=512)
     ap.add_argument("--long-output", type=int, default=16)
     ap.add_argument("--num-pages", type=int, default=2048)
