@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
 import statistics
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -254,32 +256,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "capacity": {},
         "runs": [],
     }
-    engines = start_engines(2, model, extra_args=extra, quiet=True)
-    out["engines"] = [{"url": e.url, "cpus": e.cpus} for e in engines]
-    try:
-        router = StrategyRouter([e.url for e in engines])
-        runner = Runner(router, vocab, lengths)
-        for kind in kinds:
-            cap = out["capacity"][kind] = await capacity(router, kind, vocab, lengths)
-            if kind == "long" and args.probe_requests > 0:
-                out["dp_probe"] = await sustained_loads(runner, kind, cap, args)
-            await sweep(runner, kind, STRATEGIES[kind], cap, args, out)
-        await router.close()
-    finally:
-        for e in engines:
-            e.stop()
-    if "shared" in kinds:
-        # The baseline of prefix-aware P/D: the same P/D on engines that keep no prefix
-        # cache, at the same arrival rates.
-        engines = start_engines(2, model, extra_args=[*extra, "--no-prefix-cache"], quiet=True)
+
+    @contextlib.asynccontextmanager
+    async def engine_pair(engine_args: list[str]) -> AsyncIterator[Runner]:
+        """Two engines and a router over them, stopped on the way out."""
+        engines = start_engines(2, model, extra_args=engine_args, quiet=True)
+        out.setdefault("engines", [{"url": e.url, "cpus": e.cpus} for e in engines])
         try:
             router = StrategyRouter([e.url for e in engines])
-            runner = Runner(router, vocab, lengths)
-            await sweep(runner, "shared", ["pd-nocache"], out["capacity"]["shared"], args, out)
+            yield Runner(router, vocab, lengths)
             await router.close()
         finally:
             for e in engines:
                 e.stop()
+
+    async with engine_pair(extra) as runner:
+        for kind in kinds:
+            cap = out["capacity"][kind] = await capacity(runner.router, kind, vocab, lengths)
+            if kind == "long" and args.probe_requests > 0:
+                out["dp_probe"] = await sustained_loads(runner, kind, cap, args)
+            await sweep(runner, kind, STRATEGIES[kind], cap, args, out)
+    if "shared" in kinds:
+        # The baseline of prefix-aware P/D: the same P/D on engines that keep no prefix
+        # cache, at the same arrival rates.
+        async with engine_pair([*extra, "--no-prefix-cache"]) as runner:
+            await sweep(runner, "shared", ["pd-nocache"], out["capacity"]["shared"], args, out)
     return out
 
 

@@ -174,4 +174,3 @@ def test_loom_router_command(tiny_dir: Path, llm: Any) -> None:
     for engine_url in engine_urls:
         with pytest.raises(httpx.HTTPError):
             httpx.get(engine_url + "/health", timeout=2)
-        proc.wait(30)

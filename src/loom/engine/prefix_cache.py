@@ -58,9 +58,11 @@ class PrefixCache:
 
     def match(self, keys: list[bytes]) -> list[int]:
         """Pages of the longest cached prefix of ``keys``; the caller receives a reference."""
+        if not self.enabled:
+            return []
         self._clock += 1
         pages: list[int] = []
-        for key in keys if self.enabled else ():
+        for key in keys:
             entry = self._entries.get(key)
             if entry is None:
                 break

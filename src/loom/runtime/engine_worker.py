@@ -72,6 +72,7 @@ class WorkerInfo:
     vocab_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    prefix_caching: bool = True  # EngineConfig.enable_prefix_caching: the runtime's cache on
 
 
 @dataclass
@@ -308,6 +309,7 @@ class _OpRunner:
             vocab_size=self.vocab_size,
             max_model_len=engine.max_model_len,
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            prefix_caching=config.enable_prefix_caching,
         )
 
     def _continue(self, results: list[OutputResult], plans: list[GenPlan]) -> list[list[int]]:

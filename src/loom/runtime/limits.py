@@ -54,7 +54,6 @@ class RuntimeConfig:
     # receivers on this host; the socket carries only frame names) or "gloo"
     # (torch.distributed send/recv; the socket carries only frame headers).
     kv_transport: str = "tcp"
-    prefix_cache: bool = True  # reuse full pages of finished completions' prompts
 
     # Outgoing HTTP is allowed only to these hosts ("*" allows any).
     http_allow_hosts: tuple[str, ...] = ()

@@ -136,7 +136,7 @@ class Runtime:
         self.stats = RuntimeStats()
         # Full pages of finished host completions, matched by later prompts; the pool's
         # reclaimer, so cached pages are given back whenever allocation runs short.
-        self.prefix_cache = PrefixCache(self.pool, enabled=config.prefix_cache)
+        self.prefix_cache = PrefixCache(self.pool, enabled=info.prefix_caching)
 
         self.wasm = WasmEngine()
         self.programs = ProgramCache(self.wasm, cache_dir)

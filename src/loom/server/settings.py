@@ -71,7 +71,6 @@ class ServeSettings:
             http_allow_hosts=tuple(self.http_allow_hosts),
             reservation_ttl_s=self.reservation_ttl_s,
             kv_transport=self.kv_transport,
-            prefix_cache=self.prefix_cache,
         )
 
     def validate(self) -> None:
