@@ -167,11 +167,12 @@ class Runtime:
         self._engine_step_s = 0.0
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
-        # A guest whose time slice ended in the middle of submitting forward work (sibling
-        # forks, say) gets one more slice before the batch fires, so its passes ride
-        # together; the hold lasts one loop turn, so a guest that then spins cannot stall
-        # the engine.
-        self._hold_fire = False
+        # Guests whose time slice ended in the middle of submitting forward work (sibling
+        # forks, say; or an instance starting, its prefill queued, still in Python): each
+        # gets one more slice before the batch fires, so its passes ride together. A guest
+        # leaves the set when it next waits or ends; the hold lasts one loop turn at most,
+        # so a guest that spins cannot stall the engine.
+        self._mid_submission: set[int] = set()
         self._pending_end: list[Instance] = []
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -387,15 +388,23 @@ class Runtime:
             if inst.blocked is not None and not inst.blocked.ready():
                 continue  # a spurious wake: still waiting
             self._resume(inst)
-            # The engine is free and a prefill arrived that outweighs what the rest of
-            # the pass is likely to add (a decode token each): fire now rather than after
+            # A prefill arrived that outweighs what the rest of the pass is likely to add
+            # (a decode token each): if the engine is free, fire now rather than after
             # every guest ran. Decode steps alone never fire mid-pass, else the woken
-            # guests would split into cohorts again. Once per pass: it scans every queue.
+            # guests would split into cohorts again. A long pass (many instances starting,
+            # ~5 ms each) looks for the engine's result after each guest, so prefills go
+            # on arriving batch after batch instead of the engine idling until the pass
+            # ends. One attempt per time the engine is found free: it scans every queue.
+            prefill_waits = self._largest_since_fire > len(self._runq)
+            if prefill_waits and self._batch_inflight:
+                self._drain_engine()
+                if not self._batch_inflight:
+                    tried_fire = False
             if (
-                not tried_fire
+                prefill_waits
+                and not tried_fire
                 and not self._batch_inflight
-                and not self._hold_fire  # a guest is mid-submission: not before it is done
-                and self._largest_since_fire > len(self._runq)
+                and not self._mid_submission  # not before those guests are done
             ):
                 tried_fire = True
                 self._advance_queues()
@@ -413,9 +422,11 @@ class Runtime:
         inst.cpu_s += dt
         self.stats.poll_s += dt
         self.stats.guest_polls += 1
+        if done or inst.blocked is not None:
+            self._mid_submission.discard(inst.seq)
         if not done and inst.submitted:
             if inst.blocked is None:
-                self._hold_fire = True  # preempted mid-submission: let it finish first
+                self._mid_submission.add(inst.seq)  # preempted: let it finish first
             else:  # a whole turn: submitted a pass and waits for it (batching decisions)
                 self._guest_turn_s += 0.1 * (dt - self._guest_turn_s)
         inst.submitted = False
@@ -473,6 +484,7 @@ class Runtime:
         if not inst.alive:
             return
         inst.alive = False
+        self._mid_submission.discard(inst.seq)
         if inst.call is not None:
             inst.call.cancel()
         inst.pages.release_all()
@@ -618,9 +630,9 @@ class Runtime:
         if self._batch_inflight:  # one batch at a time: nothing to decide until it returns
             self._maybe_nudge()
             return None
-        if self._hold_fire:  # set by the guest pass; cleared once the next pass is due
+        if self._mid_submission:  # set by the guest pass; cleared once the next is due
             if before_guests:
-                self._hold_fire = False
+                self._mid_submission.clear()
             return None
         heads = self.batcher.ready_heads()
         decision = self.batcher.decide(
