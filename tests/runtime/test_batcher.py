@@ -52,6 +52,38 @@ def test_adaptive_lets_woken_guests_join_a_decode_batch() -> None:
     assert fire([prefill], 28)
 
 
+def test_passes_ahead_fire_at_once_and_only_once_their_token_is_known() -> None:
+    """A pass ahead (step-chain) is not ready while the pass it follows runs; once that
+    returned, the batch fires with it at once even though the guests it woke are
+    runnable: their turns run while the engine computes."""
+    b = Batcher(RuntimeConfig())
+    ahead = _queues(32, submitted_at=100.0)
+    sources = []
+    for q in ahead:
+        cmd = q.peek()
+        assert isinstance(cmd, ForwardCmd)
+        cmd.ahead_of = ForwardCmd([1], [0], [0], 1, None, [], HostFuture())
+        sources.append(cmd.ahead_of)
+    assert b.ready_heads() == []
+    for q in ahead:
+        b.add_queue(q)
+    assert b.ready_heads() == []  # their tokens are not known yet
+    for src in sources:
+        src.future.resolve(7)
+    heads = b.ready_heads()
+    assert len(heads) == 32
+    fire = b.decide(
+        False, heads, 100.0, guests_idle=False, runnable_before_guests=32,
+        guest_turn_s=0.0005, engine_step_s=0.030,
+    ).fire  # fmt: skip
+    assert fire
+    plain = _queues(32, submitted_at=100.0)  # the same without passes ahead: held
+    assert not b.decide(
+        False, plain, 100.0, guests_idle=False, runnable_before_guests=32,
+        guest_turn_s=0.0005, engine_step_s=0.030,
+    ).fire  # fmt: skip
+
+
 def test_k_waits_for_k_commands_or_for_every_guest_to_wait() -> None:
     assert not _decide("k", 3, waited_ms=1000, idle=False)
     assert _decide("k", 4, waited_ms=0, idle=False)

@@ -49,6 +49,52 @@ def test_fused_steps_decode_like_a_built_pass(rt: Any, testkit: str) -> None:
         assert json.loads(messages[0]) == json.loads(want[0])
 
 
+def test_chained_steps_decode_like_waited_steps(rt: Any, testkit: str) -> None:
+    # step-chain queues each step's pass before the guest sees the token it needs; the
+    # tokens must be those of one waited pass per step, and the pass ahead left at the
+    # end, settled once it ran, has sampled the next one.
+    prompt = "5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21"  # crosses a page boundary
+    free0 = free_pages(rt)
+    want_result, want = run(rt, testkit, "wait-decode", prompt, "9")
+    assert want_result.ok, want_result.error
+    result, messages = run(rt, testkit, "chain-decode", prompt, "8")
+    assert result.ok, result.error
+    got = json.loads(messages[0])
+    assert got["tokens"] == json.loads(want[0])[:8]
+    assert got["settled"] == json.loads(want[0])[8]
+    assert free_pages(rt) == free0
+
+
+def test_a_pass_ahead_that_has_not_run_is_dropped_when_settled(rt: Any, testkit: str) -> None:
+    # Under the `k` policy with k far above one guest's passes, a pass ahead waits until
+    # its guest sleeps; the guest settles it before that: dropped, never run.
+    free0 = free_pages(rt)
+    want_result, want = run(rt, testkit, "wait-decode", "5,6,7", "4")
+    assert want_result.ok, want_result.error
+    saved = (rt.config.batch_policy, rt.config.batch_k)
+    rt.config.batch_policy, rt.config.batch_k = "k", 64
+    try:
+        start = rt.query(lambda: rt.stats.forward_cmds)
+        result, messages = run(rt, testkit, "chain-decode", "5,6,7", "4")
+        passes = rt.query(lambda: rt.stats.forward_cmds) - start
+    finally:
+        rt.config.batch_policy, rt.config.batch_k = saved
+    assert result.ok, result.error
+    assert json.loads(messages[0]) == {"tokens": json.loads(want[0]), "settled": None}
+    assert passes == 4  # the prefill and three passes ahead; the fourth was dropped
+    assert free_pages(rt) == free0
+
+
+def test_waiting_on_a_pass_ahead_that_was_never_queued_is_a_clear_error(
+    rt: Any, testkit: str
+) -> None:
+    free0 = free_pages(rt)
+    result, _ = run(rt, testkit, "chain-nothing-ahead")
+    assert not result.ok
+    assert "no tokens and no pass ahead to wait for" in (result.error or "")
+    assert free_pages(rt) == free0
+
+
 def test_an_instance_killed_while_asleep_in_step_wait_frees_everything(
     rt: Any, testkit: str
 ) -> None:

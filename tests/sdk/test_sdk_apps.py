@@ -25,6 +25,25 @@ def test_decode_steps_equal_the_engine(srt: Any, sdkkit: str, tiny_dir: Any) -> 
     assert free_pages(srt) == free0
 
 
+def test_decode_steps_between_other_uses_of_the_context_equal_the_engine(
+    srt: Any, sdkkit: str, tiny_dir: Any
+) -> None:
+    # Each decode step queues the next one ahead; a fill or a new sampler settles it
+    # (the fill must come after the last token, the new sampler must sample again).
+    text, extra = "Once upon a time there", 42
+    free0 = free_pages(srt)
+    result, messages = run(srt, sdkkit, "interleaved", text, str(extra))
+    assert result.ok, result.error
+    first = _reference(srt, tiny_dir, text, 3)
+    prompt = srt.tokenizer.encode(text, add_special_tokens=False)
+    llm = LLM(str(tiny_dir), num_pages=32)
+    rest = llm.generate(
+        [[*prompt, *first, extra]], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    )[0].token_ids
+    assert json.loads(messages[-1]) == first + list(rest)
+    assert free_pages(srt) == free0
+
+
 def test_fast_path_equals_the_engine(srt: Any, sdkkit: str, tiny_dir: Any) -> None:
     text = "The quick brown fox"
     result, messages = run(srt, sdkkit, "fast", text, "20")

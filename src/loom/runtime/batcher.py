@@ -21,6 +21,8 @@ Firing policies (the original system's Table 5):
   the tiny model, 64 guests held lost ~20 % of the tokens/s. A prefill waiting (many
   tokens) fires at once: its cost grows with its tokens, so nothing is gained by holding
   it, and the engine would idle while guests start.
+  Passes ahead (``step-chain``: a decode loop's next step, queued before the guest
+  has seen its token) fire at once: their guests' turns run during the batch.
 - ``k``: fire once ``k`` forward commands are waiting, or when no more can arrive (no
   guest is runnable: every live instance waits), else fewer than ``k`` live inferlets
   would wait forever.
@@ -62,7 +64,12 @@ class Batcher:
 
     def ready_heads(self) -> list[CommandQueue]:
         """Queues whose head is a forward-kind command, in firing order."""
-        heads = [q for q in self.queues if isinstance(q.peek(), FORWARD_KINDS)]
+        heads = [
+            q
+            for q in self.queues
+            if isinstance(cmd := q.peek(), GenerateCmd)
+            or (isinstance(cmd, ForwardCmd) and cmd.ready())
+        ]
         heads.sort(key=lambda q: -q.priority)  # stable: equal priorities keep their age order
         return heads
 
@@ -88,6 +95,7 @@ class Batcher:
             runnable = runnable_before_guests
             hold = (
                 runnable > 0
+                and not any(_is_ahead(q) for q in heads)
                 and runnable * guest_turn_s < engine_step_s
                 and runnable >= sum(head_tokens(q) for q in heads)
             )
@@ -105,6 +113,13 @@ class Batcher:
                 return FireDecision(True)
             return FireDecision(False, wait_s=t - waited)
         return FireDecision(False)
+
+
+def _is_ahead(q: CommandQueue) -> bool:
+    """The head is a pass ahead: the guests' turns were taken while the last batch ran,
+    so nothing is gained by holding the batch for them."""
+    cmd = q.peek()
+    return isinstance(cmd, ForwardCmd) and cmd.ahead_of is not None
 
 
 def _submitted(q: CommandQueue) -> float:
@@ -127,7 +142,7 @@ def _forward_run(q: CommandQueue) -> list[ForwardCmd | GenerateCmd]:
             if not out:
                 out.append(cmd)  # a generation owns its queue's head until it finishes
             break
-        if not isinstance(cmd, ForwardCmd) or pages.intersection(cmd.pages):
+        if not isinstance(cmd, ForwardCmd) or not cmd.ready() or pages.intersection(cmd.pages):
             break
         pages.update(cmd.pages)
         out.append(cmd)

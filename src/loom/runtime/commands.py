@@ -29,11 +29,19 @@ class ForwardCmd:
     submitted_at: float = 0.0
     kv_send: Any = None  # a KVSendSpec: ship this pass's KV to another engine, layer by layer
     kv_result: Any = None  # its KVTransferResult, set before the future resolves
+    # A pass ahead (``step-chain``): its one input token is the token ``ahead_of`` samples,
+    # filled in when that pass returns; until then it cannot ride a batch.
+    ahead_of: ForwardCmd | None = None
+    then: ForwardCmd | None = None  # the pass ahead waiting for this one's token
 
     @property
     def num_tokens(self) -> int:
         """Tokens this command puts through the engine when it next rides a batch."""
         return len(self.tokens)
+
+    def ready(self) -> bool:
+        """Its inputs are known (always, unless it is a pass ahead of a running pass)."""
+        return self.ahead_of is None or self.ahead_of.future.done
 
 
 @dataclass(eq=False)
@@ -114,6 +122,7 @@ class CommandQueue:
     head: int = 0  # index of the next command (a list with a moving head: cheap FIFO)
     inflight: int = 0  # forward commands submitted to the engine and not yet returned
     failed: bool = False  # an earlier command failed (reported by synchronize)
+    ahead: ForwardCmd | None = None  # the pass ahead ``step-chain`` queued, until settled
 
     def peek(self) -> Command | None:
         return self.cmds[self.head] if self.head < len(self.cmds) else None
@@ -131,6 +140,14 @@ class CommandQueue:
 
     def __len__(self) -> int:
         return len(self.cmds) - self.head
+
+    def withdraw(self, cmd: Command) -> bool:
+        """Take ``cmd`` out if it is still waiting in the queue; whether it was."""
+        for i in range(self.head, len(self.cmds)):
+            if self.cmds[i] is cmd:
+                del self.cmds[i]
+                return True
+        return False
 
 
 def head_tokens(q: CommandQueue) -> int:

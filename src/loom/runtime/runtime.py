@@ -838,6 +838,8 @@ class Runtime:
                     cmd.future.resolve(wasm_ffi.Err(f"forward pass failed: {result}"))
                 else:
                     cmd.future.resolve(wasm_ffi.Ok(forward_output(cmd.outputs, result[a:b])))
+                if cmd.then is not None:
+                    _fill_ahead(q, cmd, None if failed else result[a].token)
                 continue
             task = cmd.task
             if not inst.alive:
@@ -886,6 +888,21 @@ class Runtime:
                 )
                 if task.on_finish is not None:
                     task.on_finish(task)
+
+
+def _fill_ahead(q: CommandQueue, cmd: ForwardCmd, token: int | None) -> None:
+    """``cmd`` returned: the pass ahead of it gets its input, the token ``cmd`` sampled;
+    if ``cmd`` failed (no token), the pass ahead fails with it, never run."""
+    ahead = cmd.then
+    assert ahead is not None
+    cmd.then = None
+    if token is not None:
+        ahead.tokens = [token]
+        return
+    if q.ahead is ahead:
+        q.ahead = None
+    if q.withdraw(ahead):
+        ahead.future.resolve(wasm_ffi.Err("the pass before it failed"))
 
 
 def _shift(o: OutputSpec, base: int) -> OutputSpec:

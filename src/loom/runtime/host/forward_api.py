@@ -181,9 +181,87 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         inst = rt.caller(key)
         return PassWait(submit_step(inst, q, *args), inst, rt.waker(inst))
 
+    def step_chain(
+        key: int,
+        q: int,
+        tokens: list[int],
+        positions: list[int],
+        pages: list[int],
+        last: int,
+        s: Any,
+        next_pages: list[int],
+        next_last: int,
+    ) -> PassWait:
+        inst = rt.caller(key)
+        queue = rt.handles.get(inst.seq, q, CommandQueue)
+        spec = sampler_spec(s)
+        before = queue.ahead  # the pass to wait for when no tokens come
+        if tokens:
+            if before is not None:
+                raise HostCallError("step-chain: the queue has a pass ahead; settle it first")
+            if not positions:
+                raise HostCallError("step-chain: tokens without positions")
+            next_pos = positions[-1] + 1
+        else:
+            if before is None:
+                raise HostCallError("step-chain: no tokens and no pass ahead to wait for")
+            next_pos = before.positions[0] + 1
+        # The pass ahead is checked before anything is queued (a dummy token stands for
+        # the one it will get: every sampled token is in range).
+        inst.pages.check(next_pages)
+        ahead_fp = ForwardPassBuilder(queue, [0], [next_pos], next_pages, next_last)
+        ahead_out = [OutputSpec(0, spec)]
+        problem = _check(ahead_fp, ahead_out, rt)
+        if problem is not None:
+            raise HostCallError(f"step-chain: the pass ahead is invalid: {problem}")
+        if tokens:
+            inst.pages.check(pages)
+            fp = ForwardPassBuilder(queue, tokens, positions, pages, last)
+            fut, queued = queue_pass(rt, fp, [OutputSpec(len(tokens) - 1, spec)])
+            if queued is None:  # it cannot run: nothing goes ahead of it
+                return PassWait(fut, inst, rt.waker(inst))
+            source = queued
+        else:
+            assert before is not None
+            source = before
+        ahead = ForwardCmd(
+            [0], [next_pos], next_pages, next_last, None, ahead_out, HostFuture(), ahead_of=source
+        )
+        if source.future.done:  # the guest came back after its pass ahead had returned
+            out = source.future.value
+            if isinstance(out, Err):  # it failed: nothing can go ahead of it
+                queue.ahead = None
+                return PassWait(source.future, inst, rt.waker(inst))
+            ahead.tokens = [out.value[0][0]]
+        else:
+            source.then = ahead
+        queue.ahead = ahead
+        rt.enqueue(queue, ahead)
+        return PassWait(source.future, inst, rt.waker(inst))
+
+    def step_settle(key: int, q: int) -> PassWait | Settled:
+        inst = rt.caller(key)
+        queue = rt.handles.get(inst.seq, q, CommandQueue)
+        ahead, queue.ahead = queue.ahead, None
+        if ahead is None:
+            return Settled()
+        if queue.withdraw(ahead):  # not in a batch yet: dropped
+            if ahead.ahead_of is not None:
+                ahead.ahead_of.then = None
+            return Settled()
+        return PassWait(ahead.future, inst, rt.waker(inst))
+
     step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32, option(SAMPLER)]
     linker.add_func(NAME, "step", step_params, own("forward-result"), step)
     linker.add_func(NAME, "step-wait", step_params, result(U32, STRING), step_wait, is_async=True)
+    chain_params = [*step_params[:5], SAMPLER, list_of(U32), U32]
+    linker.add_func(
+        NAME, "step-chain", chain_params, result(U32, STRING), step_chain, is_async=True
+    )
+    linker.add_func(
+        NAME, "step-settle", [borrow("queue")], result(option(U32), STRING), step_settle,
+        is_async=True,
+    )  # fmt: skip
     fp_t = borrow("forward-pass")
     linker.add_func(NAME, "[constructor]forward-pass", [borrow("queue")], own("forward-pass"), new)
     linker.add_func(
@@ -235,19 +313,36 @@ class PassWait:
         return Ok(tokens[0] if tokens else 0)
 
 
+class Settled:
+    """``step-settle`` with nothing to wait for: no pass ahead, or one dropped unrun."""
+
+    __slots__ = ()
+
+    def ready(self) -> bool:
+        return True
+
+    def value(self) -> Ok:
+        return Ok(None)
+
+
 def submit_pass(rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]) -> HostFuture:
     """Queue a built pass on its queue; a pass that cannot run resolves with the reason
     at once (checked alone, so it never fails a shared batch)."""
+    return queue_pass(rt, fp, outputs)[0]
+
+
+def queue_pass(
+    rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]
+) -> tuple[HostFuture, ForwardCmd | None]:
+    """``submit_pass``, also giving the queued command (None when it cannot run)."""
     fut = HostFuture()
     problem = _check(fp, outputs, rt)
     if problem is not None:
         fut.resolve(Err(problem))
-    else:
-        cmd = ForwardCmd(
-            fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks, outputs, fut
-        )
-        rt.enqueue(fp.queue, cmd)
-    return fut
+        return fut, None
+    cmd = ForwardCmd(fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks, outputs, fut)
+    rt.enqueue(fp.queue, cmd)
+    return fut, cmd
 
 
 def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:

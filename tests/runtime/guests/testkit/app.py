@@ -67,6 +67,24 @@ class WitWorld(wit_world.WitWorld):
             steps = int(args[2])
             fused = {"step-decode": "step", "wait-decode": "wait"}.get(mode, "")
             messaging.send(json.dumps(greedy_decode(q, ps, prompt, steps, fused)))
+        elif mode == "chain-decode":
+            # Pipelined decode through `step-chain`, then `step-settle` of the last pass
+            # ahead: {"tokens": the `steps` tokens, "settled": its token or null}.
+            prompt = [int(x) for x in args[1].split(",")]
+            steps = int(args[2])
+            n = len(prompt)
+            pages = kv.allocate(q, (n + steps + ps - 1) // ps)  # the last pass ahead too
+            first = pages[: (n - 1) // ps + 1], (n - 1) % ps + 1
+            ahead = pages[: n // ps + 1], n % ps + 1
+            toks = [forward.step_chain(q, prompt, list(range(n)), *first, GREEDY, *ahead)]
+            for _ in range(steps - 1):
+                n += 1
+                ahead = pages[: n // ps + 1], n % ps + 1
+                toks.append(forward.step_chain(q, [], [], [], 0, GREEDY, *ahead))
+            settled = forward.step_settle(q)
+            messaging.send(json.dumps({"tokens": toks, "settled": settled}))
+        elif mode == "chain-nothing-ahead":
+            forward.step_chain(q, [], [], [], 0, GREEDY, kv.allocate(q, 1), 1)
         elif mode == "complete":
             # Text completion, one forward call per token: args = prompt text, max tokens.
             toks = greedy_decode(q, ps, list(m.encode(args[1])), int(args[2]))

@@ -14,6 +14,21 @@ async def steps(args):
     return json.dumps(out)
 
 
+async def interleaved(args):
+    """Decode steps with other uses of the context between them, each of which settles
+    the step queued ahead: a fill, a change of sampler (top-1: greedy again), and the
+    next step's own sampler switching back; the token ids."""
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    out = [await ctx.decode_step() for _ in range(3)]
+    ctx.fill_tokens([int(args[1])])
+    out += [await ctx.decode_step() for _ in range(3)]
+    out += [await ctx.decode_step(inferlet.TopK(1)) for _ in range(2)]
+    out += [await ctx.decode_step() for _ in range(2)]
+    ctx.release()
+    return json.dumps(out)
+
+
 async def fast(args):
     """Greedy completion on the host fast path: tokens and text."""
     ctx = inferlet.get_model().create_context()
@@ -245,6 +260,7 @@ SCENARIOS = {
     "net": net,
     "spec_tree": spec_tree,
     "steps": steps,
+    "interleaved": interleaved,
     "fast": fast,
     "forks": forks,
     "echo": echo,

@@ -80,6 +80,9 @@ class Context:
         self._after: list[Any] = after or []
         self._unchecked: list[Any] = []  # flushes not yet seen to succeed
         self._released = False
+        # The sampler of the queue's pass ahead (``step-chain``), if one is outstanding:
+        # it writes the last (pending) token at position ``written`` and samples the next.
+        self._ahead: Sampler | None = None
 
     # ----- filling -----
 
@@ -195,9 +198,19 @@ class Context:
         if self._after:
             await self._follow()
         sampler = sampler or _GREEDY
+        if self._ahead is not None and (self._ahead != sampler or not alone()):
+            # The pass ahead sampled with another sampler, or other tasks now run beside
+            # this one (the pipelined path sleeps in its host calls): settle it.
+            same = self._ahead == sampler
+            ahead = self._settle()
+            if ahead is not None and same:
+                self._wrote_pending()
+                self.tokens.append(ahead)
+                return ahead
         if alone() and len(self.tokens) - self.written == 1:
             # Nothing else to run meanwhile: sleep in the pass's own host call (one call
-            # per step instead of four: step, pollable, poll, get).
+            # per step instead of four: step, pollable, poll, get), with the next step
+            # queued ahead.
             token = self._decode_one(sampler)
         else:
             token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
@@ -207,16 +220,53 @@ class Context:
         return token
 
     def _decode_one(self, sampler: Sampler) -> int:
-        """The pass of ``_submit("token", sampler)`` for a single pending token, through
-        ``step-wait``: the sampled token. Written out rather than through ``_pass``: it
-        runs once per token of every Python decode loop, where each line costs about a
-        microsecond of interpreter time inside the sandbox."""
-        self._check_open()
+        """The pass of ``_submit("token", sampler)`` for a single pending token: the
+        sampled token. Pipelined through ``step-chain``: the call waits for this step's
+        pass (queued by the previous call as the pass ahead, or now) and queues the next
+        step's, so the engine runs it while this guest handles the token. Written out
+        rather than through ``_pass``: it runs once per token of every Python decode loop,
+        where each line costs about a microsecond of interpreter time in the sandbox."""
+        if self._released:
+            raise RuntimeError("this context was released")
         pos = self.written  # the pending token's index is its position
-        if pos >= self.model.max_model_len:
-            raise ValueError(
-                f"position {pos} is past the context length {self.model.max_model_len}"
-            )
+        max_len = self.model.max_model_len
+        if pos + 1 >= max_len:  # no room for a pass ahead
+            if self._ahead is not None:  # this step's pass is queued already
+                token = self._settle()
+                if token is not None:
+                    self._wrote_pending()
+                    return token
+            if pos >= max_len:
+                raise ValueError(f"position {pos} is past the context length {max_len}")
+            return self._decode_waiting(sampler, pos)
+        slots = len(self.slot_pos) + 1  # after this step's pass
+        ps = self.page_size
+        npages = -(-(slots + 1) // ps)  # after the pass ahead
+        if npages > len(self.pages):
+            self._grow(slots + 1)
+        next_pages = self.pages if npages == len(self.pages) else self.pages[:npages]
+        wit = _wit_sampler(sampler)
+        try:
+            if self._ahead is None:
+                n = -(-slots // ps)
+                token = forward.step_chain(
+                    self.queue, [self.tokens[pos]], [pos], self.pages[:n], (slots - 1) % ps + 1,
+                    wit, next_pages, slots % ps + 1,
+                )  # fmt: skip
+            else:
+                token = forward.step_chain(
+                    self.queue, [], [], [], 0, wit, next_pages, slots % ps + 1
+                )
+        except Err as e:
+            self._ahead = None  # a failed pass takes the pass ahead of it along
+            raise RuntimeError(str(e.value)) from None
+        self._ahead = sampler
+        self.slot_pos.append(pos)
+        self.written = pos + 1
+        return int(token)
+
+    def _decode_waiting(self, sampler: Sampler, pos: int) -> int:
+        """One pass for the single pending token through ``step-wait``, nothing ahead."""
         slots = len(self.slot_pos) + 1
         ps = self.page_size
         npages = -(-slots // ps)
@@ -232,6 +282,23 @@ class Context:
             ))  # fmt: skip
         except Err as e:
             raise RuntimeError(str(e.value)) from None
+
+    def _settle(self) -> int | None:
+        """Settle the pass ahead: dropped if it has not run (None), else the token it
+        sampled. Either way the pending token stays pending unless the caller takes the
+        token (``_wrote_pending``): a later pass writes its slot again, as it would have
+        without a pass ahead (after a mask, say, its KV may differ)."""
+        self._ahead = None
+        try:
+            token = forward.step_settle(self.queue)
+        except Err as e:
+            raise RuntimeError(str(e.value)) from None
+        return None if token is None else int(token)
+
+    def _wrote_pending(self) -> None:
+        """The single pending token is in the KV cache: the pass ahead wrote it."""
+        self.slot_pos.append(self.written)
+        self.written += 1
 
     async def next_distribution(self, k: int = 32) -> list[tuple[int, float]]:
         """The top-``k`` next-token distribution after the pending tokens (descending).
@@ -555,14 +622,21 @@ class Context:
         if self._released:
             return
         self._released = True
+        # A pass ahead still runs if it reached the engine: the pages are freed behind
+        # it on the queue, and nothing waits for it here.
+        self._ahead = None
         gone = self.model.refs.release(self.pages)
         if gone:
             kv.free(self.queue, gone)
         self.pages = []
 
     def _check_open(self) -> None:
+        """Every use of the context but a decode step passes here: it finds the pass
+        ahead settled (whether it wrote its token's KV decides where the next goes)."""
         if self._released:
             raise RuntimeError("this context was released")
+        if self._ahead is not None:
+            self._settle()
 
 
 async def decode_all(contexts: list[Context], sampler: Sampler | None = None) -> list[int]:
