@@ -10,7 +10,10 @@ to (a)'s: in bfloat16, greedy decoding of random weights meets near-ties, and a 
 thread count or batch composition can flip one (the tests check equality in float32).
 
 Time per output token = wall time of the run / tokens per request (what one request's
-reader sees); medians of ``--runs`` runs, interleaved across systems. Every request has
+reader sees). Each of (b), (c), (d) runs right after a run of (a) of its own, and its
+ratio is taken against that run: this machine's speed drifts by tens of percent within
+seconds, and a ratio of neighbours cancels most of it. The table gives medians of
+``--runs`` such ratios (and of the times: (a)'s over all its runs). Every request has
 its own prompt (see ``prompts``). The engine gets the same torch threads in every system:
 by default every core but one, the core the runtime thread (guests, host calls, batching)
 runs on, as it would beside a GPU; ``--engine-threads`` all cores makes the runtime
@@ -116,20 +119,25 @@ def main() -> None:
         c_program = rt.add_program(c_wasm)
         run_builtin(llm, 2, 4, -1)  # warm-up of both systems
         run_inferlet(rt, program, 2, 4, "steps", -1)
+        run_inferlet(rt, c_program, 2, 4, "", -1)
+        systems = (("b", program, "fast"), ("c", program, "steps"), ("d", c_program, ""))
         for n in levels:
             times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+            ratios: dict[str, list[float]] = {"b": [], "c": [], "d": []}
             same = {"b": 0, "c": 0, "d": 0}
             for r in range(args.runs):
-                wall, ref = run_builtin(llm, n, args.tokens, n * 1000 + r)
-                times["a"].append(wall / args.tokens)
-                want = ref
-                for key, prog, mode in (("b", program, "fast"), ("c", program, "steps"),
-                                        ("d", c_program, "")):  # fmt: skip
-                    wall, texts = run_inferlet(rt, prog, n, args.tokens, mode, n * 1000 + r)
+                for k, (key, prog, mode) in enumerate(systems):
+                    seed = n * 1000 + r * 10 + k  # new prompts for each pair
+                    wall_a, want = run_builtin(llm, n, args.tokens, seed)
+                    wall, texts = run_inferlet(rt, prog, n, args.tokens, mode, seed)
                     same[key] += sum(t == w for t, w in zip(texts, want, strict=True))
+                    times["a"].append(wall_a / args.tokens)
                     times[key].append(wall / args.tokens)
+                    ratios[key].append(wall / wall_a)
             row = {"concurrency": n, **{k: statistics.median(v) * 1e3 for k, v in times.items()},
+                   "ratio": {k: statistics.median(v) for k, v in ratios.items()},
                    "runs_ms": {k: [x * 1e3 for x in v] for k, v in times.items()},
+                   "runs_ratio": ratios,
                    "same_text": {k: v / (n * args.runs) for k, v in same.items()}}  # fmt: skip
             rows.append(row)
             print(f"  concurrency {n} done", file=sys.stderr)
@@ -137,13 +145,13 @@ def main() -> None:
         rt.close()
 
     print(f"\n{args.model} model ({args.dtype}), {args.tokens} new tokens, greedy; engine threads "
-          f"{threads} for every system; ms per output token (median of {args.runs}); ratio vs "
-          f"(a)\n")  # fmt: skip
+          f"{threads} for every system; ms per output token (median of {args.runs}); median "
+          f"ratio to the run of (a) just before\n")  # fmt: skip
     print(f"{'concurrent':>10} | {'(a) builtin':>11} | {'(b) fast path':>18} | "
           f"{'(c) decode_step':>18} | {'(d) C loop':>18}")  # fmt: skip
     print("-" * 88)
     for r in rows:
-        b, c, d = (r[k] / r["a"] for k in "bcd")
+        b, c, d = (r["ratio"][k] for k in "bcd")
         print(f"{r['concurrency']:>10} | {r['a']:>11.1f} | {r['b']:>9.1f} ({b:>5.2f}x) | "
               f"{r['c']:>9.1f} ({c:>5.2f}x) | {r['d']:>9.1f} ({d:>5.2f}x)")  # fmt: skip
     print("\nshare of completions equal to (a)'s: " + ", ".join(

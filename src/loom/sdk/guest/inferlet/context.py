@@ -207,39 +207,38 @@ class Context:
                 self._wrote_pending()
                 self.tokens.append(ahead)
                 return ahead
-        if alone() and len(self.tokens) - self.written == 1:
+        if alone() and self.written < len(self.tokens) < self.model.max_model_len:
             # Nothing else to run meanwhile: sleep in the pass's own host call (one call
             # per step instead of four: step, pollable, poll, get), with the next step
             # queued ahead.
-            token = self._decode_one(sampler)
+            token = self._decode_chained(sampler)
         else:
-            token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
+            if self._ahead is not None:  # at the context's end: no room for another
+                ahead = self._settle()
+                if ahead is not None:
+                    self._wrote_pending()
+                    self.tokens.append(ahead)
+                    return ahead
+            if alone() and len(self.tokens) - self.written == 1:
+                token = self._decode_waiting(sampler, self.written)
+            else:
+                token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
         if self._unchecked:
             self._check_flushes()
         self.tokens.append(token)
         return token
 
-    def _decode_one(self, sampler: Sampler) -> int:
-        """The pass of ``_submit("token", sampler)`` for a single pending token: the
-        sampled token. Pipelined through ``step-chain``: the call waits for this step's
-        pass (queued by the previous call as the pass ahead, or now) and queues the next
+    def _decode_chained(self, sampler: Sampler) -> int:
+        """The pass of ``_submit("token", sampler)`` over the pending tokens: the sampled
+        token. Pipelined through ``step-chain``: the call waits for this step's pass
+        (queued by the previous call as the pass ahead, or now) and queues the next
         step's, so the engine runs it while this guest handles the token. Written out
         rather than through ``_pass``: it runs once per token of every Python decode loop,
         where each line costs about a microsecond of interpreter time in the sandbox."""
         if self._released:
             raise RuntimeError("this context was released")
-        pos = self.written  # the pending token's index is its position
-        max_len = self.model.max_model_len
-        if pos + 1 >= max_len:  # no room for a pass ahead
-            if self._ahead is not None:  # this step's pass is queued already
-                token = self._settle()
-                if token is not None:
-                    self._wrote_pending()
-                    return token
-            if pos >= max_len:
-                raise ValueError(f"position {pos} is past the context length {max_len}")
-            return self._decode_waiting(sampler, pos)
-        slots = len(self.slot_pos) + 1  # after this step's pass
+        start, end = self.written, len(self.tokens)  # the pending tokens (one, or a prompt)
+        slots = len(self.slot_pos) + end - start  # after this step's pass
         ps = self.page_size
         npages = -(-(slots + 1) // ps)  # after the pass ahead
         if npages > len(self.pages):
@@ -248,12 +247,12 @@ class Context:
         wit = _wit_sampler(sampler)
         try:
             if self._ahead is None:
-                n = -(-slots // ps)
                 token = forward.step_chain(
-                    self.queue, [self.tokens[pos]], [pos], self.pages[:n], (slots - 1) % ps + 1,
+                    self.queue, self.tokens[start:], list(range(start, end)),
+                    self.pages[: -(-slots // ps)], (slots - 1) % ps + 1,
                     wit, next_pages, slots % ps + 1,
                 )  # fmt: skip
-            else:
+            else:  # one pending token, its pass queued ahead by the last call
                 token = forward.step_chain(
                     self.queue, [], [], [], 0, wit, next_pages, slots % ps + 1
                 )
@@ -261,12 +260,19 @@ class Context:
             self._ahead = None  # a failed pass takes the pass ahead of it along
             raise RuntimeError(str(e.value)) from None
         self._ahead = sampler
-        self.slot_pos.append(pos)
-        self.written = pos + 1
+        if end - start == 1:
+            self.slot_pos.append(start)
+        else:
+            self.slot_pos += range(start, end)
+        self.written = end
         return int(token)
 
     def _decode_waiting(self, sampler: Sampler, pos: int) -> int:
         """One pass for the single pending token through ``step-wait``, nothing ahead."""
+        if pos >= self.model.max_model_len:
+            raise ValueError(
+                f"position {pos} is past the context length {self.model.max_model_len}"
+            )
         slots = len(self.slot_pos) + 1
         ps = self.page_size
         npages = -(-slots // ps)
