@@ -62,6 +62,7 @@ def test_passes_ahead_fire_at_once_and_only_once_their_token_is_known() -> None:
     for q in ahead:
         cmd = q.peek()
         assert isinstance(cmd, ForwardCmd)
+        cmd.is_ahead = True
         cmd.ahead_of = ForwardCmd([1], [0], [0], 1, None, [], HostFuture())
         sources.append(cmd.ahead_of)
     assert b.ready_heads() == []

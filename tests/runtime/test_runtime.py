@@ -49,19 +49,63 @@ def test_fused_steps_decode_like_a_built_pass(rt: Any, testkit: str) -> None:
         assert json.loads(messages[0]) == json.loads(want[0])
 
 
+def _slow_engine(rt: Any, seconds: float) -> Any:
+    """Make the in-process worker's engine take ``seconds`` more per step (a larger
+    model's step, longer than a guest's turn); ``del engine.execute`` restores it."""
+    engine = rt.worker._runner.engine
+    execute = engine.execute
+
+    def slow_execute(batch: Any) -> Any:
+        time.sleep(seconds)
+        return execute(batch)
+
+    engine.execute = slow_execute
+    return engine
+
+
 def test_chained_steps_decode_like_waited_steps(rt: Any, testkit: str) -> None:
     # step-chain queues each step's pass before the guest sees the token it needs; the
     # tokens must be those of one waited pass per step, and the pass ahead left at the
-    # end, settled once it ran, has sampled the next one.
+    # end, settled once it ran, has sampled the next one. With a step longer than the
+    # guest's turn, every pass ahead is sent to the engine while the pass it follows
+    # still runs (the worker fills in its token): a "chained" batch per step.
     prompt = "5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21"  # crosses a page boundary
     free0 = free_pages(rt)
     want_result, want = run(rt, testkit, "wait-decode", prompt, "9")
     assert want_result.ok, want_result.error
-    result, messages = run(rt, testkit, "chain-decode", prompt, "8")
+    batches0, chained0 = rt.query(lambda: (rt.stats.batches, rt.stats.chained_batches))
+    engine = _slow_engine(rt, 0.03)
+    try:
+        result, messages = run(rt, testkit, "chain-decode", prompt, "8")
+    finally:
+        del engine.execute
+    batches, chained = rt.query(lambda: (rt.stats.batches, rt.stats.chained_batches))
     assert result.ok, result.error
     got = json.loads(messages[0])
     assert got["tokens"] == json.loads(want[0])[:8]
     assert got["settled"] == json.loads(want[0])[8]
+    # The prefill, then the 8 passes ahead (the last one settled), each sent early.
+    assert (batches - batches0, chained - chained0) == (9, 8)
+    assert free_pages(rt) == free0
+
+
+def test_chained_steps_of_many_guests_share_one_batch_per_step(rt: Any, testkit: str) -> None:
+    steps, n = 8, 6
+    prompts = [f"{5 + i},{6 + i},{7 + i}" for i in range(n)]
+    solo = [json.loads(run(rt, testkit, "wait-decode", p, str(steps))[1][0]) for p in prompts]
+    free0 = free_pages(rt)
+    engine = _slow_engine(rt, 0.03)
+    try:
+        before = rt.query(lambda: len(rt.stats.batch_sizes))
+        handles = [rt.launch(testkit, ["chain-decode", p, str(steps)]) for p in prompts]
+        assert all(h.wait(60).ok for h in handles)
+        sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
+    finally:
+        del engine.execute
+    assert [json.loads(h.recv(5))["tokens"] for h in handles] == solo
+    assert sum(sizes) == n * (steps + 1)  # each guest's prefill and 8 passes ahead
+    # One batch per step once the prefills are in (they may arrive in two batches).
+    assert len(sizes) <= steps + 3, sizes
     assert free_pages(rt) == free0
 
 
@@ -166,14 +210,7 @@ def test_guests_in_lockstep_share_one_batch_per_step(rt: Any, testkit: str) -> N
     steps, n = 10, 12
     prompts = [f"{5 + i},{6 + i},{7 + i}" for i in range(n)]
     solo = [json.loads(rt.launch(testkit, ["decode", p, str(steps)]).recv(30)) for p in prompts]
-    engine = rt.worker._runner.engine  # the in-process worker's engine
-    execute = engine.execute
-
-    def slow_execute(batch: Any) -> Any:
-        time.sleep(0.03)
-        return execute(batch)
-
-    engine.execute = slow_execute
+    engine = _slow_engine(rt, 0.03)
     try:
         before = rt.query(lambda: len(rt.stats.batch_sizes))
         handles = [rt.launch(testkit, ["decode", p, str(steps)]) for p in prompts]

@@ -119,7 +119,7 @@ def _is_ahead(q: CommandQueue) -> bool:
     """The head is a pass ahead: the guests' turns were taken while the last batch ran,
     so nothing is gained by holding the batch for them."""
     cmd = q.peek()
-    return isinstance(cmd, ForwardCmd) and cmd.ahead_of is not None
+    return isinstance(cmd, ForwardCmd) and cmd.is_ahead
 
 
 def _submitted(q: CommandQueue) -> float:
@@ -157,3 +157,11 @@ def take_forward_run(q: CommandQueue) -> list[ForwardCmd | GenerateCmd]:
         if isinstance(cmd, ForwardCmd):
             q.pop()
     return run
+
+
+def take_pass_ahead(q: CommandQueue) -> list[ForwardCmd | GenerateCmd]:
+    """Pop the pass ahead at the head of ``q`` for a batch sent before its token is
+    known (nothing behind it joins: it may read what it writes)."""
+    cmd = q.pop()
+    assert isinstance(cmd, ForwardCmd) and cmd.is_ahead
+    return [cmd]

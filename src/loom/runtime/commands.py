@@ -30,9 +30,13 @@ class ForwardCmd:
     kv_send: Any = None  # a KVSendSpec: ship this pass's KV to another engine, layer by layer
     kv_result: Any = None  # its KVTransferResult, set before the future resolves
     # A pass ahead (``step-chain``): its one input token is the token ``ahead_of`` samples,
-    # filled in when that pass returns; until then it cannot ride a batch.
+    # filled in when that pass returns (then the link is dropped); until then it cannot
+    # ride a batch, except one sent behind the batch that pass rides.
+    is_ahead: bool = False
     ahead_of: ForwardCmd | None = None
     then: ForwardCmd | None = None  # the pass ahead waiting for this one's token
+    flight: Any = None  # the batch it rides, once fired, until it returns
+    out_index: int = -1  # and the index of its (first) output in that batch's outputs
 
     @property
     def num_tokens(self) -> int:

@@ -133,6 +133,11 @@ class ExecuteOp:
     # With sends, the result is ``(result, list[KVTransferResult])``: each send's K/V go
     # out layer by layer during the step, and the step returns once receivers answered.
     kv_sends: list[KVSendSpec] = dataclasses.field(default_factory=list)
+    # Passes ahead sent before the batch they follow has returned: (index into
+    # ``batch.token_ids``, index into the previous ``ExecuteOp``'s results) — each such
+    # input is the token that output sampled. The worker fills them in, so the step runs
+    # without a round trip to the runtime; if that batch failed, this one fails too.
+    chain: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +304,7 @@ class _OpRunner:
         # runner): a generation chunk ends early for it.
         self.pending: Callable[[], bool] = lambda: False
         self.receiver: Any = None
+        self.last_results: list[OutputResult] | None = None  # of the last ExecuteOp
         # The same EOS set the engine's own output processor uses (tokenizer's, then the
         # model config's), keeping order for the runtime's benefit.
         eos = tuple(engine.tokenizer.eos_token_ids) + tuple(engine.model_config.eos_token_ids)
@@ -354,6 +360,9 @@ class _OpRunner:
         """Execute one op; raise ``RequestError`` for anything wrong with its arguments."""
         cache = self.engine.runner.cache
         if isinstance(op, ExecuteOp):
+            last, self.last_results = self.last_results, None  # a failure leaves None
+            if op.chain:
+                self._fill_chain(op, last)
             self._check_pages(op.fresh_pages)
             # Reset before validating: the runtime allocated these pages for this batch,
             # and whether or not the batch runs, a previous owner's slots must never be
@@ -412,10 +421,24 @@ class _OpRunner:
             return self._flush_sends(op.sends)
         raise TypeError(f"not a worker op: {type(op).__name__}")
 
+    def _fill_chain(self, op: ExecuteOp, last: list[OutputResult] | None) -> None:
+        if last is None:
+            raise RequestError("the batch these passes follow failed or did not run")
+        tokens = op.batch.token_ids
+        for i, j in op.chain:
+            if not (0 <= i < len(tokens) and 0 <= j < len(last)):
+                raise RequestError(f"chained input {i} <- output {j} is out of range")
+            tok = last[j].token
+            if tok is None:
+                raise RequestError(f"output {j} of the previous batch sampled no token")
+            tokens[i] = tok
+
     def _execute(self, op: ExecuteOp) -> object:
         # ``execute`` validates again (a few microseconds): the engine's only public
         # entry, so its checks stay in one place.
         results = self.engine.execute(op.batch)
+        # Generations continued past the step leave its tokens behind: nothing chains on.
+        self.last_results = None if op.plans else results
         if not op.plans:
             return results
         for plan in op.plans:

@@ -225,7 +225,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             assert before is not None
             source = before
         ahead = ForwardCmd(
-            [0], [next_pos], next_pages, next_last, None, ahead_out, HostFuture(), ahead_of=source
+            [0], [next_pos], next_pages, next_last, None, ahead_out, HostFuture(), is_ahead=True
         )
         if source.future.done:  # the guest came back after its pass ahead had returned
             out = source.future.value
@@ -234,6 +234,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
                 return PassWait(source.future, inst, rt.waker(inst))
             ahead.tokens = [out.value[0][0]]
         else:
+            ahead.ahead_of = source
             source.then = ahead
         queue.ahead = ahead
         rt.enqueue(queue, ahead)
@@ -248,6 +249,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         if queue.withdraw(ahead):  # not in a batch yet: dropped
             if ahead.ahead_of is not None:
                 ahead.ahead_of.then = None
+                ahead.ahead_of = None
             return Settled()
         return PassWait(ahead.future, inst, rt.waker(inst))
 
