@@ -394,6 +394,11 @@ class Runtime:
             if inst.blocked is not None and not inst.blocked.ready():
                 continue  # a spurious wake: still waiting
             self._resume(inst)
+            if inst.seq in self._mid_submission and inst.alive and inst.blocked is None:
+                # Its slice ended in the middle of submitting (an instance starting, or
+                # sibling forks): one more slice now, so its work is whole before a batch
+                # fires, instead of holding every batch until the pass comes back to it.
+                self._resume(inst)
             # A prefill arrived that outweighs what the rest of the pass is likely to add
             # (a decode token each): if the engine is free, fire now rather than after
             # every guest ran. Decode steps alone never fire mid-pass, else the woken
