@@ -103,7 +103,6 @@ class _Flight:
     kv_sends: bool = False  # the result comes as (result, transfer results)
     nudged: bool = False  # the worker was told to cut its generation chunk short
     forward_enqueued: int = 0  # the runtime's count of forward commands when it fired
-    after: bool = False  # sent while the batch before it ran (passes ahead)
 
 
 class Runtime:
@@ -762,7 +761,7 @@ class Runtime:
             outputs=outputs,
             masks=masks if any_mask else None,
         )
-        flight = _Flight(parts, kv_sends=bool(kv_sends), after=after is not None)
+        flight = _Flight(parts, kv_sends=bool(kv_sends))
         for _, _, cmd, _, _ in parts:
             if isinstance(cmd, ForwardCmd):
                 cmd.flight = flight
