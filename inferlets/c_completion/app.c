@@ -1,4 +1,5 @@
-/* Greedy text completion in C, one forward pass per token: args = prompt, max_tokens.
+/* Greedy text completion in C, one forward pass per token (pipelined: each step's pass is
+ * queued before the last token comes back): args = prompt, max_tokens.
  * Sends the completion text to the client.
  *
  *     loom build inferlets/c_completion/app.c
@@ -35,22 +36,23 @@ LOOM_EXPORT(run) int32_t run(void) {
     int32_t ps = loom_page_size(q);
     int32_t n = loom_encode(model, text, len, tokens, MAX_TOKENS);
     if (n < 1 || n + max_new > MAX_TOKENS) return fail("prompt empty or too long");
-    int32_t npages = (n + max_new + ps - 1) / ps;
+    int32_t npages = (n + max_new + ps) / ps; /* the last pass ahead writes one slot more */
     if (npages > MAX_PAGES) return fail("too many pages");
     loom_allocate(q, npages, pages);
 
-    /* Prefill the prompt (sampling the first token), then one token per pass. */
-    int32_t written = 0, pending = n;
+    /* Prefill the prompt (sampling the first token), then one token per pass. Each call
+     * also queues the next step's pass, fed the token this one samples, so the engine
+     * runs it while this loop goes round; later calls wait for that pass (n = 0). */
+    int32_t total = n; /* KV slots after the pass this call waits for */
     for (int32_t step = 0; step < max_new; step++) {
-        int32_t total = written + pending;
-        int32_t fut = loom_forward(q, tokens + written, pending, written, pages,
-                                   (total + ps - 1) / ps, (total - 1) % ps + 1, 0.0f, 0, 1.0f);
-        int32_t next = loom_wait(fut);
-        loom_drop(fut);
+        int32_t ahead = total + 1;
+        int32_t next = loom_step_chain(q, tokens, step == 0 ? n : 0, 0, pages,
+                                       step == 0 ? (total + ps - 1) / ps : 0,
+                                       (total - 1) % ps + 1, (ahead + ps - 1) / ps,
+                                       (ahead - 1) % ps + 1, 0.0f, 0, 1.0f);
         if (next < 0) return fail("forward pass failed");
-        written = total;
-        tokens[written] = (uint32_t)next;
-        pending = 1;
+        tokens[total] = (uint32_t)next;
+        total = ahead;
     }
     int32_t out = loom_decode(model, tokens + n, max_new, text, sizeof text);
     loom_send(text, out < (int32_t)sizeof text ? out : (int32_t)sizeof text);

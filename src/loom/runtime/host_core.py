@@ -16,7 +16,14 @@ from loom.engine.batch import OutputSpec
 from loom.runtime.commands import AllocateCmd, CommandQueue, FreeCmd
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import sampler_spec
-from loom.runtime.host.forward_api import ForwardPassBuilder, submit_pass
+from loom.runtime.host.forward_api import (
+    ForwardPassBuilder,
+    PassWait,
+    Settled,
+    chain_pass,
+    settle_ahead,
+    submit_pass,
+)
 from loom.runtime.wasm_ffi import CoreLinker, CoreMemory, Err, HostCallError, Ok
 
 if TYPE_CHECKING:
@@ -174,6 +181,45 @@ def register_core(linker: CoreLinker, rt: Runtime) -> None:
         waiter = _Waiter(result_of(key, f), inst_of(key))
         return waiter if not waiter.ready() else waiter.value()
 
+    class _Token:
+        """A ``step-chain`` or ``step-settle`` wait as an ``int32_t``: the sampled token,
+        -1 for none (a settled pass ahead that never ran), -2 when the pass failed."""
+
+        def __init__(self, wait: PassWait | Settled, inst: Any) -> None:
+            self.wait, self.inst = wait, inst
+
+        def ready(self) -> bool:
+            return self.wait.ready()
+
+        def value(self) -> int:
+            out = self.wait.value()
+            if isinstance(out, Err):
+                self.inst.native_error = str(out.value)
+                return -2
+            return -1 if out.value is None else int(out.value)
+
+    def step_chain(
+        key: int, mem: CoreMemory, q: int, toks: int, n: int, pos0: int, pages: int,
+        npages: int, last: int, next_npages: int, next_last: int, temperature: float,
+        top_k: int, top_p: float,
+    ) -> Any:  # fmt: skip
+        inst, queue = queue_of(key, q)
+        if not 0 <= n <= MAX_TOKENS_PER_CALL or not 0 < next_npages <= MAX_TOKENS_PER_CALL:
+            raise HostCallError("loom_step_chain: bad token or page count")
+        if not 0 <= npages <= next_npages:
+            raise HostCallError("loom_step_chain: npages must be in [0, next_npages]")
+        page_ids = mem.read_u32s(pages, next_npages)
+        spec = sampler_spec((temperature, top_k, top_p, 0.0, None))
+        wait = _Token(chain_pass(rt, inst, queue, mem.read_u32s(toks, n),
+                                 list(range(pos0, pos0 + n)), page_ids[:npages], last, spec,
+                                 page_ids, next_last), inst)  # fmt: skip
+        return wait if not wait.ready() else wait.value()
+
+    def step_settle(key: int, mem: CoreMemory, q: int) -> Any:
+        inst, queue = queue_of(key, q)
+        wait = _Token(settle_ahead(rt, inst, queue), inst)
+        return wait if not wait.ready() else wait.value()
+
     def dist(key: int, mem: CoreMemory, f: int, ids: int, probs: int, cap: int) -> int:
         res = result_of(key, f)
         out = res.fut.value if res.fut.done else None
@@ -206,6 +252,8 @@ def register_core(linker: CoreLinker, rt: Runtime) -> None:
         ("forward", "iiiiiiifif", "i", forward),
         ("forward_dist", "iiiiiiii", "i", forward_dist),
         ("wait", "i", "i", wait),
+        ("step_chain", "iiiiiiiiifif", "i", step_chain),
+        ("step_settle", "i", "i", step_settle),
         ("dist", "iiii", "i", dist),
         ("drop", "i", "", drop),
     ]

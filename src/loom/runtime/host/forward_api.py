@@ -195,63 +195,12 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         inst = rt.caller(key)
         queue = rt.handles.get(inst.seq, q, CommandQueue)
         spec = sampler_spec(s)
-        before = queue.ahead  # the pass to wait for when no tokens come
-        if tokens:
-            if before is not None:
-                raise HostCallError("step-chain: the queue has a pass ahead; settle it first")
-            if not positions:
-                raise HostCallError("step-chain: tokens without positions")
-            next_pos = positions[-1] + 1
-        else:
-            if before is None:
-                raise HostCallError("step-chain: no tokens and no pass ahead to wait for")
-            next_pos = before.positions[0] + 1
-        # The pass ahead is checked before anything is queued (a dummy token stands for
-        # the one it will get: every sampled token is in range).
-        inst.pages.check(next_pages)
-        ahead_fp = ForwardPassBuilder(queue, [0], [next_pos], next_pages, next_last)
-        ahead_out = [OutputSpec(0, spec)]
-        problem = _check(ahead_fp, ahead_out, rt)
-        if problem is not None:
-            raise HostCallError(f"step-chain: the pass ahead is invalid: {problem}")
-        if tokens:
-            inst.pages.check(pages)
-            fp = ForwardPassBuilder(queue, tokens, positions, pages, last)
-            fut, queued = queue_pass(rt, fp, [OutputSpec(len(tokens) - 1, spec)])
-            if queued is None:  # it cannot run: nothing goes ahead of it
-                return PassWait(fut, inst, rt.waker(inst))
-            source = queued
-        else:
-            assert before is not None
-            source = before
-        ahead = ForwardCmd(
-            [0], [next_pos], next_pages, next_last, None, ahead_out, HostFuture(), is_ahead=True
-        )
-        if source.future.done:  # the guest came back after its pass ahead had returned
-            out = source.future.value
-            if isinstance(out, Err):  # it failed: nothing can go ahead of it
-                queue.ahead = None
-                return PassWait(source.future, inst, rt.waker(inst))
-            ahead.tokens = [out.value[0][0]]
-        else:
-            ahead.ahead_of = source
-            source.then = ahead
-        queue.ahead = ahead
-        rt.enqueue(queue, ahead)
-        return PassWait(source.future, inst, rt.waker(inst))
+        return chain_pass(rt, inst, queue, tokens, positions, pages, last, spec, next_pages,
+                          next_last)  # fmt: skip
 
     def step_settle(key: int, q: int) -> PassWait | Settled:
         inst = rt.caller(key)
-        queue = rt.handles.get(inst.seq, q, CommandQueue)
-        ahead, queue.ahead = queue.ahead, None
-        if ahead is None:
-            return Settled()
-        if queue.withdraw(ahead):  # not in a batch yet: dropped
-            if ahead.ahead_of is not None:
-                ahead.ahead_of.then = None
-                ahead.ahead_of = None
-            return Settled()
-        return PassWait(ahead.future, inst, rt.waker(inst))
+        return settle_ahead(rt, inst, rt.handles.get(inst.seq, q, CommandQueue))
 
     step_params = [borrow("queue"), list_of(U32), list_of(U32), list_of(U32), U32, option(SAMPLER)]
     linker.add_func(NAME, "step", step_params, own("forward-result"), step)
@@ -313,6 +262,81 @@ class PassWait:
             return out
         tokens = out.value[0]
         return Ok(tokens[0] if tokens else 0)
+
+
+def chain_pass(
+    rt: Runtime,
+    inst: Instance,
+    queue: CommandQueue,
+    tokens: list[int],
+    positions: list[int],
+    pages: list[int],
+    last: int,
+    spec: SamplerSpec,
+    next_pages: list[int],
+    next_last: int,
+) -> PassWait:
+    """``step-chain``: queue the pass over ``tokens`` (none: the queue's pass ahead is
+    the one to wait for) and, ahead of it, the next step's pass, whose one input is the
+    token it samples; the wait for the former."""
+    before = queue.ahead  # the pass to wait for when no tokens come
+    if tokens:
+        if before is not None:
+            raise HostCallError("step-chain: the queue has a pass ahead; settle it first")
+        if len(positions) != len(tokens):
+            raise HostCallError("step-chain: one position per token")
+        next_pos = positions[-1] + 1
+    else:
+        if before is None:
+            raise HostCallError("step-chain: no tokens and no pass ahead to wait for")
+        next_pos = before.positions[0] + 1
+    # The pass ahead is checked before anything is queued (a dummy token stands for the
+    # one it will get: every sampled token is in range).
+    inst.pages.check(next_pages)
+    ahead_fp = ForwardPassBuilder(queue, [0], [next_pos], next_pages, next_last)
+    ahead_out = [OutputSpec(0, spec)]
+    problem = _check(ahead_fp, ahead_out, rt)
+    if problem is not None:
+        raise HostCallError(f"step-chain: the pass ahead is invalid: {problem}")
+    if tokens:
+        inst.pages.check(pages)
+        fp = ForwardPassBuilder(queue, tokens, positions, pages, last)
+        fut, queued = queue_pass(rt, fp, [OutputSpec(len(tokens) - 1, spec)])
+        if queued is None:  # it cannot run: nothing goes ahead of it
+            return PassWait(fut, inst, rt.waker(inst))
+        source = queued
+    else:
+        assert before is not None
+        source = before
+    ahead = ForwardCmd(
+        [0], [next_pos], next_pages, next_last, None, ahead_out, HostFuture(), is_ahead=True
+    )
+    if source.future.done:  # the guest came back after its pass ahead had returned
+        out = source.future.value
+        if isinstance(out, Err):  # it failed: nothing can go ahead of it
+            queue.ahead = None
+            return PassWait(source.future, inst, rt.waker(inst))
+        ahead.tokens = [out.value[0][0]]
+    else:
+        ahead.ahead_of = source
+        source.then = ahead
+    queue.ahead = ahead
+    rt.enqueue(queue, ahead)
+    return PassWait(source.future, inst, rt.waker(inst))
+
+
+def settle_ahead(rt: Runtime, inst: Instance, queue: CommandQueue) -> PassWait | Settled:
+    """``step-settle``: drop the queue's pass ahead if it has not reached the engine,
+    else the wait for it."""
+    ahead, queue.ahead = queue.ahead, None
+    if ahead is None:
+        return Settled()
+    if queue.withdraw(ahead):  # not in a batch yet: dropped
+        if ahead.ahead_of is not None:
+            ahead.ahead_of.then = None
+            ahead.ahead_of = None
+        return Settled()
+    return PassWait(ahead.future, inst, rt.waker(inst))
 
 
 class Settled:

@@ -52,6 +52,23 @@ LOOM_IMPORT(forward_dist) int32_t loom_forward_dist(int32_t queue, const uint32_
 /* Suspends until the pass is done: the sampled token (0 for a distribution pass), or -1
  * when the pass failed. */
 LOOM_IMPORT(wait) int32_t loom_wait(int32_t future);
+/* A pipelined decode step (the WIT's step-chain): runs the pass over n tokens at pos0..
+ * (pages[0..npages), last_page_len slots in the last) and, before sleeping, queues the
+ * next step's pass ahead of the caller: one input, the token this pass samples, at the
+ * next position over pages[0..next_npages) (next_last_page_len slots in the last). The
+ * engine runs it while the caller handles the token. With n == 0 the pass waited for is
+ * the queue's pass ahead (queued by the last call). Returns the sampled token, or -2
+ * when the pass failed. Settle a pass ahead before any other pass on the queue. */
+LOOM_IMPORT(step_chain) int32_t loom_step_chain(int32_t queue, const uint32_t *tokens,
+                                                int32_t n, int32_t pos0,
+                                                const uint32_t *pages, int32_t npages,
+                                                int32_t last_page_len, int32_t next_npages,
+                                                int32_t next_last_page_len,
+                                                float temperature, int32_t top_k,
+                                                float top_p);
+/* Drops the queue's pass ahead if it has not reached the engine (-1), else waits for it:
+ * its token (its input is then in the KV cache), or -2 when it failed. */
+LOOM_IMPORT(step_settle) int32_t loom_step_settle(int32_t queue);
 /* After loom_wait on a distribution pass: the top-k ids and probabilities. */
 LOOM_IMPORT(dist) int32_t loom_dist(int32_t future, uint32_t *ids, float *probs, int32_t cap);
 LOOM_IMPORT(drop) void loom_drop(int32_t handle);
