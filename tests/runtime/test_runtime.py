@@ -63,6 +63,22 @@ def _slow_engine(rt: Any, seconds: float) -> Any:
     return engine
 
 
+def _decode_together(
+    rt: Any, testkit: str, mode: str, prompts: list[str], steps: int
+) -> tuple[list[Any], list[int]]:
+    """Guests decoding together on an engine with a 30 ms step (longer than their
+    turns): their handles, and the sizes of the batches they rode."""
+    engine = _slow_engine(rt, 0.03)
+    try:
+        before = rt.query(lambda: len(rt.stats.batch_sizes))
+        handles = [rt.launch(testkit, [mode, p, str(steps)]) for p in prompts]
+        assert all(h.wait(60).ok for h in handles)
+        sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
+    finally:
+        del engine.execute
+    return handles, sizes
+
+
 def test_chained_steps_decode_like_waited_steps(rt: Any, testkit: str) -> None:
     # step-chain queues each step's pass before the guest sees the token it needs; the
     # tokens must be those of one waited pass per step, and the pass ahead left at the
@@ -94,14 +110,7 @@ def test_chained_steps_of_many_guests_share_one_batch_per_step(rt: Any, testkit:
     prompts = [f"{5 + i},{6 + i},{7 + i}" for i in range(n)]
     solo = [json.loads(run(rt, testkit, "wait-decode", p, str(steps))[1][0]) for p in prompts]
     free0 = free_pages(rt)
-    engine = _slow_engine(rt, 0.03)
-    try:
-        before = rt.query(lambda: len(rt.stats.batch_sizes))
-        handles = [rt.launch(testkit, ["chain-decode", p, str(steps)]) for p in prompts]
-        assert all(h.wait(60).ok for h in handles)
-        sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
-    finally:
-        del engine.execute
+    handles, sizes = _decode_together(rt, testkit, "chain-decode", prompts, steps)
     assert [json.loads(h.recv(5))["tokens"] for h in handles] == solo
     assert sum(sizes) == n * (steps + 1)  # each guest's prefill and 8 passes ahead
     # One batch per step once the prefills are in (they may arrive in two batches).
@@ -210,14 +219,7 @@ def test_guests_in_lockstep_share_one_batch_per_step(rt: Any, testkit: str) -> N
     steps, n = 10, 12
     prompts = [f"{5 + i},{6 + i},{7 + i}" for i in range(n)]
     solo = [json.loads(rt.launch(testkit, ["decode", p, str(steps)]).recv(30)) for p in prompts]
-    engine = _slow_engine(rt, 0.03)
-    try:
-        before = rt.query(lambda: len(rt.stats.batch_sizes))
-        handles = [rt.launch(testkit, ["decode", p, str(steps)]) for p in prompts]
-        assert all(h.wait(60).ok for h in handles)
-        sizes = rt.query(lambda: list(rt.stats.batch_sizes)[before:])
-    finally:
-        del engine.execute
+    handles, sizes = _decode_together(rt, testkit, "decode", prompts, steps)
     assert [json.loads(h.recv(5)) for h in handles] == solo
     assert sum(sizes) == n * steps
     # A guest its time slice cut short can miss a step's batch (it rides the next one),

@@ -290,7 +290,6 @@ class Runtime:
                 self._advance_queues()
                 wait_s = self._maybe_fire()
             if ran and self._batch_inflight:
-                self._advance_queues()
                 self._maybe_fire_ahead()
             if ran:
                 self.stats.loop_s += time.perf_counter() - t0
@@ -673,6 +672,7 @@ class Runtime:
             return
         if sum(1 for f in self._flight.values() if f is not None) != 1:
             return  # one batch queued behind the running one is enough
+        self._advance_queues()  # page allocations queued before the passes ahead
         ahead: list[CommandQueue] = []
         for q in self.batcher.queues:
             cmd = q.peek()

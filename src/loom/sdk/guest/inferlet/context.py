@@ -198,31 +198,25 @@ class Context:
         if self._after:
             await self._follow()
         sampler = sampler or _GREEDY
-        if self._ahead is not None and (self._ahead != sampler or not alone()):
-            # The pass ahead sampled with another sampler, or other tasks now run beside
-            # this one (the pipelined path sleeps in its host calls): settle it.
+        # Nothing else to run meanwhile: sleep in the pass's own host call (one call per
+        # step instead of four: step, pollable, poll, get), with the next step queued ahead.
+        chained = alone() and self.written < len(self.tokens) < self.model.max_model_len
+        if self._ahead is not None and (self._ahead != sampler or not chained):
+            # The pass ahead sampled with another sampler, other tasks now run beside this
+            # one (the pipelined path sleeps in its host calls), or the context is full:
+            # settle it; its token is this step's if it ran with this sampler.
             same = self._ahead == sampler
             ahead = self._settle()
             if ahead is not None and same:
                 self._wrote_pending()
                 self.tokens.append(ahead)
                 return ahead
-        if alone() and self.written < len(self.tokens) < self.model.max_model_len:
-            # Nothing else to run meanwhile: sleep in the pass's own host call (one call
-            # per step instead of four: step, pollable, poll, get), with the next step
-            # queued ahead.
+        if chained:
             token = self._decode_chained(sampler)
+        elif alone() and len(self.tokens) - self.written == 1:
+            token = self._decode_waiting(sampler, self.written)
         else:
-            if self._ahead is not None:  # at the context's end: no room for another
-                ahead = self._settle()
-                if ahead is not None:
-                    self._wrote_pending()
-                    self.tokens.append(ahead)
-                    return ahead
-            if alone() and len(self.tokens) - self.written == 1:
-                token = self._decode_waiting(sampler, self.written)
-            else:
-                token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
+            token = int(unwrap(await wait_for(self._submit("token", sampler))).tokens[0])
         if self._unchecked:
             self._check_flushes()
         self.tokens.append(token)
