@@ -9,6 +9,7 @@ wrongly would crash or leak there.
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import Any
 
 import pytest
@@ -167,3 +168,81 @@ def test_records_of_lists_start_from_a_template_of_empty_lists() -> None:
         b"c",
     ]
     ffi.wasmtime_component_val_delete(ctypes.byref(val))
+
+
+def test_values_with_fields_are_copied_from_templates_of_their_shape() -> None:
+    # A pass's outputs: option<result<record of lists, string>>. One encoder sees values
+    # of several shapes, in turns, and each decodes to itself (a template patched with
+    # another value's scalars, or of the wrong shape, would not).
+    out = record(("tokens", list_of(U32)), ("probs", list_of(F32)), ("ids", list_of(U32)))
+    t = option(result(out, STRING))
+    enc = wasm_codec.encoder(t, _no_resources)
+    dec = wasm_codec.decoder(t, _no_resources)
+    values = [
+        Ok(([7], [], [])),
+        Ok(([8], [], [])),
+        Ok(([1, 2, 3], [0.5, 0.25], [4, 5])),
+        Err("pass failed"),
+        None,
+        Ok(([], [], [])),
+        Ok(([9], [0.75], [6])),
+        Ok(([2**32 - 1, 0, 5], [1.5, -2.0], [0, 1])),
+    ]
+    val = ffi.wasmtime_component_val_t()
+    addr = ctypes.addressof(val)
+    for _ in range(3):
+        for value in values:
+            enc(0, value, addr)
+            got = dec(0, addr)
+            ffi.wasmtime_component_val_delete(ctypes.byref(val))
+            assert _as_result(got) == _as_result(value)
+    tuples = wasm_codec.encoder(list_of(tuple_of(U32, option(F32))), _no_resources)
+    for value in [[(1, None)], [(2, 0.5), (3, None)], [(4, None)], []]:
+        tuples(0, value, addr)
+        got = wasm_codec.decoder(list_of(tuple_of(U32, option(F32))), _no_resources)(0, addr)
+        ffi.wasmtime_component_val_delete(ctypes.byref(val))
+        assert got == value
+
+
+def test_templates_are_bounded_and_bad_values_still_fail() -> None:
+    t = record(("a", list_of(U32)), ("b", U32))
+    enc = wasm_codec.encoder(t, _no_resources)
+    n = wasm_codec.TEMPLATES_PER_ENCODER + 20  # past the cap values are built from scratch
+    for length in range(n):
+        decoded, _ = roundtrip_with(enc, t, (list(range(length)), length))
+        assert decoded == (list(range(length)), length)
+    val = ffi.wasmtime_component_val_t()
+    # A string where a u32 goes: an error, and the copied template is freed.
+    with pytest.raises((TypeError, struct.error)):
+        enc(0, (["x"], 1), ctypes.addressof(val))
+    with pytest.raises(wasm_codec.CodecError):
+        wasm_codec.encoder(result(t, STRING), _no_resources)(0, (1, 2), ctypes.addressof(val))
+
+
+def roundtrip_with(enc: Any, t: Ty, value: Any) -> tuple[Any, Any]:
+    val = ffi.wasmtime_component_val_t()
+    addr = ctypes.addressof(val)
+    enc(0, value, addr)
+    decoded = wasm_codec.decoder(t, _no_resources)(0, addr)
+    kind = val.kind
+    ffi.wasmtime_component_val_delete(ctypes.byref(val))
+    return decoded, kind
+
+
+def test_own_resources_reuse_one_host_object_per_encoder() -> None:
+    # With the pinned wasmtime the probe finds the rep inside a host object, so handing
+    # out a resource rewrites it instead of making and freeing one each time; every
+    # value must still carry its own rep (read back through wasmtime's conversion).
+    from loom.runtime.wasm_ffi import GuestStore, WasmEngine, own
+
+    assert wasm_codec.HOST_REP_OFFSET is not None
+    store = GuestStore(WasmEngine(), memory_limit=1 << 20)
+    ids = {"thing": 3}
+    enc = wasm_codec.encoder(own("thing"), ids.__getitem__)
+    dec = wasm_codec.decoder(own("thing"), ids.__getitem__)
+    vals = [ffi.wasmtime_component_val_t() for _ in range(3)]
+    for rep, val in zip([7, 123456, 2**32 - 1], vals, strict=True):
+        enc(store.key, rep, ctypes.addressof(val))
+    assert [dec(store.key, ctypes.addressof(v)) for v in vals] == [7, 123456, 2**32 - 1]
+    for val in vals:
+        ffi.wasmtime_component_val_delete(ctypes.byref(val))

@@ -40,11 +40,15 @@ _any_to_host = _P(_V, _V, _V, _V)(("wasmtime_component_resource_any_to_host", ff
 _host_rep = _P(c_uint32, _V)(("wasmtime_component_resource_host_rep", ffi.dll))
 _host_delete = _P(None, _V)(("wasmtime_component_resource_host_delete", ffi.dll))
 _host_new = _P(_V, c_bool, c_uint32, c_uint32)(("wasmtime_component_resource_host_new", ffi.dll))
+_host_type = _P(c_uint32, _V)(("wasmtime_component_resource_host_type", ffi.dll))
+_host_owned = _P(c_bool, _V)(("wasmtime_component_resource_host_owned", ffi.dll))
 _host_to_any = _P(_V, _V, _V, _V)(("wasmtime_component_resource_host_to_any", ffi.dll))
 _vallist_new = _P(None, _V, c_size_t)(("wasmtime_component_vallist_new_uninit", ffi.dll))
 _valrecord_new = _P(None, _V, c_size_t)(("wasmtime_component_valrecord_new_uninit", ffi.dll))
 _valtuple_new = _P(None, _V, c_size_t)(("wasmtime_component_valtuple_new_uninit", ffi.dll))
 _val_new = _P(_V, _V)(("wasmtime_component_val_new", ffi.dll))
+_val_clone = _P(None, _V, _V)(("wasmtime_component_val_clone", ffi.dll))
+_val_delete = _P(None, _V)(("wasmtime_component_val_delete", ffi.dll))
 _byte_vec_new = _P(None, _V, c_size_t, ctypes.c_char_p)(("wasm_byte_vec_new", ffi.dll))
 error_new = _P(_V, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
 
@@ -106,6 +110,12 @@ class Err:
 
 class CodecError(Exception):
     """A value could not be converted (a bad resource handle, a wrong Python value)."""
+
+
+def resource_error(err: int, what: str) -> None:
+    """Free the wasmtime error of a failed resource conversion and raise in its place."""
+    ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+    raise CodecError(what)
 
 
 def _empty_list_value() -> bytes:
@@ -269,8 +279,7 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
         def dec_resource(ctx: int, a: int) -> int:
             err = _any_to_host(ctx, _ptr_at(a + PAYLOAD).value, host_ref)
             if err:
-                ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-                raise CodecError("not a resource of this host")
+                resource_error(err, "not a resource of this host")
             rep = int(_host_rep(host))
             _host_delete(host)
             return rep
@@ -279,8 +288,179 @@ def decoder(t: Any, resource_ids: Callable[[str], int]) -> Decoder:
     raise ValueError(f"no decoder for {t}")
 
 
+def _scalar_filler(elem: Any) -> Callable[[Any, int], None]:
+    """Writes a non-empty list of scalars (kind byte + payload each) over an element array
+    of ``len(xs)`` values at ``data``: one copy, built in one buffer."""
+    kind, fmt, code = _SCALARS[elem.kind]
+    width = array(code).itemsize
+    first, stride = PAYLOAD // width, VAL_SIZE // width
+    one = struct.Struct("<B7x" + fmt)
+
+    def fill(xs: Any, data: int) -> None:
+        n = len(xs)
+        if n == 1:
+            ctypes.memmove(data, one.pack(kind, xs[0]), one.size)
+            return
+        buf = bytearray(n * VAL_SIZE)
+        buf[0::VAL_SIZE] = bytes((kind,)) * n
+        memoryview(buf).cast(code)[first::stride] = array(code, xs)  # type: ignore[call-overload]
+        ctypes.memmove(data, bytes(buf), len(buf))
+
+    return fill
+
+
 def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
-    """A function writing one value of type ``t`` into a value the callee will own."""
+    """A function writing one value of type ``t`` into a value the callee will own.
+
+    Values with records or tuples inside (a pass's outputs, say) are copied from a
+    template of the same shape with one C call, and only their scalars are written:
+    building one from scratch costs a C call per record field name and per list."""
+    plain = _plain_encoder(t, resource_ids)
+    shaper = _shaper(t) if _has_fields(t) else None
+    return plain if shaper is None else _templated(plain, *shaper)
+
+
+TEMPLATES_PER_ENCODER = 64  # shapes kept per encoder; values of other shapes are built
+
+
+class _NotShaped(Exception):
+    """A value the template path does not take (an error string, a wrong type)."""
+
+
+Shape = Callable[[Any], Any]  # value -> hashable shape (list lengths, option/result cases)
+Patch = Callable[[Any, int], None]  # (value, address of a copy of its shape's template)
+
+
+def _has_fields(t: Any) -> bool:
+    return t.kind in ("record", "tuple") or any(_has_fields(x) for x in _children(t))
+
+
+def _children(t: Any) -> list[Any]:
+    """The value types directly inside ``t``."""
+    if t.kind == "record":
+        return [x for _, x in t.args]
+    if t.kind in ("list", "option", "tuple", "result"):
+        return [x for x in t.args if x is not None]
+    return []
+
+
+def _shaper(t: Any) -> tuple[Shape, Patch] | None:
+    """How to read the shape of a value of type ``t`` (what decides its C layout) and
+    write its scalars into a copy of a template of that shape; None where ``t`` holds
+    strings, enums or resources (no template can stand for those)."""
+    k = t.kind
+    if k in _SCALARS:
+        at = _CTYPES[k].from_address
+
+        def patch_scalar(x: Any, a: int) -> None:
+            at(a + PAYLOAD).value = x
+
+        return _shape_scalar, patch_scalar
+    if k == "list":
+        if t.args[0].kind not in _SCALARS:
+            return None
+        fill = _scalar_filler(t.args[0])
+
+        def patch_list(xs: Any, a: int) -> None:
+            if len(xs):
+                fill(xs, _ptr_at(a + PAYLOAD + 8).value)
+
+        return len, patch_list
+    if k in ("record", "tuple"):
+        kids = [_shaper(x) for x in _children(t)]
+        if any(kid is None for kid in kids):
+            return None
+        step, off = (ENTRY_SIZE, ENTRY_VAL) if k == "record" else (VAL_SIZE, 0)
+        shapes = [kid[0] for kid in kids if kid is not None]
+        fields = [(i * step + off, kid[1]) for i, kid in enumerate(kids) if kid is not None]
+        arity = len(fields)
+        only_lists = all(s is len for s in shapes)
+
+        def shape_fields(xs: Any) -> Any:
+            if len(xs) != arity:
+                raise _NotShaped
+            if only_lists:
+                return tuple(map(len, xs))
+            return tuple(s(x) for s, x in zip(shapes, xs, strict=True))
+
+        def patch_fields(xs: Any, a: int) -> None:
+            data = _ptr_at(a + PAYLOAD + 8).value
+            for (at, p), x in zip(fields, xs, strict=True):
+                p(x, data + at)
+
+        return shape_fields, patch_fields
+    if k == "option":
+        inner = _shaper(t.args[0])
+        if inner is None:
+            return None
+        shape_in, patch_in = inner
+
+        def shape_option(x: Any) -> Any:
+            return None if x is None else (shape_in(x),)
+
+        def patch_option(x: Any, a: int) -> None:
+            if x is not None:
+                patch_in(x, _ptr_at(a + PAYLOAD).value)
+
+        return shape_option, patch_option
+    if k == "result":
+        sides = [_shaper(x) if x is not None else None for x in t.args]
+        takes = [x is None or side is not None for x, side in zip(t.args, sides, strict=True)]
+        if not any(takes):
+            return None
+        ok_side, err_side = sides
+
+        def shape_result(x: Any) -> Any:
+            is_ok = type(x) is Ok
+            if not is_ok and type(x) is not Err:
+                raise _NotShaped
+            if not takes[0 if is_ok else 1]:
+                raise _NotShaped
+            side = ok_side if is_ok else err_side
+            return (is_ok, side[0](x.value) if side is not None else None)
+
+        def patch_result(x: Any, a: int) -> None:
+            side = ok_side if type(x) is Ok else err_side
+            if side is not None:
+                side[1](x.value, _ptr_at(a + PAYLOAD + 8).value)
+
+        return shape_result, patch_result
+    return None
+
+
+def _shape_scalar(x: Any) -> int:
+    return 0
+
+
+def _templated(plain: Encoder, shape: Shape, patch: Patch) -> Encoder:
+    templates: dict[Any, tuple[Any, int]] = {}  # shape -> (buffer kept alive, its address)
+
+    def enc_templated(ctx: int, x: Any, a: int) -> None:
+        try:
+            key = shape(x)
+        except (_NotShaped, TypeError):
+            plain(ctx, x, a)  # builds it, or raises the plain encoder's error
+            return
+        tpl = templates.get(key)
+        if tpl is None:
+            if len(templates) >= TEMPLATES_PER_ENCODER:
+                plain(ctx, x, a)
+                return
+            buf = ctypes.create_string_buffer(VAL_SIZE)
+            plain(ctx, x, ctypes.addressof(buf))  # owned by the encoder from now on
+            tpl = templates[key] = (buf, ctypes.addressof(buf))
+        _val_clone(tpl[1], a)
+        try:
+            patch(x, a)
+        except BaseException:
+            _val_delete(a)
+            raise
+
+    return enc_templated
+
+
+def _plain_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
+    """``encoder`` building every value from scratch."""
     k = t.kind
     if k in _SCALARS:
         kind, fmt, _ = _SCALARS[k]
@@ -302,29 +482,19 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
     if k == "list":
         (elem,) = t.args
         if elem.kind in _SCALARS:
-            kind, fmt, code = _SCALARS[elem.kind]
-            width = array(code).itemsize
-            first, stride = PAYLOAD // width, VAL_SIZE // width
-            one = struct.Struct("<B7x" + fmt)
+            fill = _scalar_filler(elem)
 
             def enc_scalars(ctx: int, xs: Any, a: int) -> None:
-                # Build every element (kind byte + payload) in one buffer, copy it once.
                 n = len(xs)
                 if n == 0:
                     ctypes.memmove(a, _EMPTY_LIST, 24)
                     return
                 _u8_at(a).value = K_LIST
                 _vallist_new(a + PAYLOAD, n)
-                if n == 1:
-                    ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, one.pack(kind, xs[0]), one.size)
-                    return
-                buf = bytearray(n * VAL_SIZE)
-                buf[0::VAL_SIZE] = bytes((kind,)) * n
-                memoryview(buf).cast(code)[first::stride] = array(code, xs)  # type: ignore[call-overload]
-                ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, bytes(buf), len(buf))
+                fill(xs, _ptr_at(a + PAYLOAD + 8).value)
 
             return enc_scalars
-        eenc = encoder(elem, resource_ids)
+        eenc = _plain_encoder(elem, resource_ids)
 
         def enc_list(ctx: int, xs: Any, a: int) -> None:
             n = len(xs)
@@ -339,7 +509,7 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
 
         return enc_list
     if k == "option":
-        inner = encoder(t.args[0], resource_ids)
+        inner = _plain_encoder(t.args[0], resource_ids)
         scratch = _Scratch()  # one per codec node, so nested options never share one
 
         def enc_option(ctx: int, x: Any, a: int) -> None:
@@ -355,7 +525,7 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
         return _list_record_encoder(t, resource_ids)
     if k in ("tuple", "record"):
         is_record = k == "record"
-        encs = [encoder(x[1] if is_record else x, resource_ids) for x in t.args]
+        encs = [_plain_encoder(x[1] if is_record else x, resource_ids) for x in t.args]
         names = [x[0].encode() for x in t.args] if is_record else []
         new = _valrecord_new if is_record else _valtuple_new
         step, off = (ENTRY_SIZE, ENTRY_VAL) if is_record else (VAL_SIZE, 0)
@@ -375,8 +545,8 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
         return enc_fields
     if k == "result":
         ok_t, err_t = t.args
-        ok_enc = encoder(ok_t, resource_ids) if ok_t is not None else None
-        err_enc = encoder(err_t, resource_ids) if err_t is not None else None
+        ok_enc = _plain_encoder(ok_t, resource_ids) if ok_t is not None else None
+        err_enc = _plain_encoder(err_t, resource_ids) if err_t is not None else None
         scratch = _Scratch()
 
         def enc_result(ctx: int, x: Any, a: int) -> None:
@@ -406,24 +576,66 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
         anyp = c_void_p()
         any_ref = byref(anyp)
 
+        if HOST_REP_OFFSET is not None:
+            # One host object per encoder, its rep rewritten per value: wasmtime copies
+            # rep and type out of it (``host_to_any`` takes it by const pointer).
+            host = _host_new(True, 0, type_id)
+            rep_at = _u32_at(host + HOST_REP_OFFSET)
+
+            def enc_own_reused(ctx: int, rep: int, a: int) -> None:
+                rep_at.value = rep
+                err = _host_to_any(ctx, host, any_ref)
+                if err:
+                    resource_error(err, "could not hand a resource to the guest")
+                ctypes.memmove(a, _KIND_PTR.pack(K_RESOURCE, anyp.value or 0), 16)
+
+            return enc_own_reused
+
         def enc_own(ctx: int, rep: int, a: int) -> None:
             host = _host_new(True, rep, type_id)
             err = _host_to_any(ctx, host, any_ref)
             _host_delete(host)
             if err:
-                ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-                raise CodecError("could not hand a resource to the guest")
+                resource_error(err, "could not hand a resource to the guest")
             ctypes.memmove(a, _KIND_PTR.pack(K_RESOURCE, anyp.value or 0), 16)
 
         return enc_own
     raise ValueError(f"no encoder for {t}")
 
 
+def _host_rep_offset() -> int | None:
+    """Where a ``wasmtime_component_resource_host_t`` keeps its rep, found by probing one
+    (never assumed), or None if rewriting it does not show through wasmtime's own
+    accessors. Handing a resource to a guest is then one C call instead of three (make
+    a host object, convert it, free it): every forward pass hands out two."""
+    probe = _host_new(True, 0x5EED1234, 0x7E57)
+    try:
+        raw = ctypes.string_at(probe, 16)  # 50.0.1: state (8 bytes), rep, type
+        at = raw.find(struct.pack("<I", 0x5EED1234))
+        if at < 0 or at % 4:
+            return None
+        _u32_at(probe + at).value = 0x0BADF00D
+        if _host_rep(probe) != 0x0BADF00D or _host_type(probe) != 0x7E57:
+            return None
+        return at if _host_owned(probe) else None
+    finally:
+        _host_delete(probe)
+
+
+HOST_REP_OFFSET = _host_rep_offset()
+
+# For the generated host-function callbacks (``wasm_trampoline``).
+any_to_host, host_to_any, host_rep = _any_to_host, _host_to_any, _host_rep
+host_new, host_delete = _host_new, _host_delete
+KIND_PTR = _KIND_PTR
+SCALAR_CTYPES = _CTYPES
+
+
 def _list_record_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
     """A record of scalar lists (a pass's ``forward-output``): every field starts as an
     empty list in one copy of a template; then only names and non-empty lists cost calls."""
     names = [n.encode() for n, _ in t.args]
-    encs = [encoder(x, resource_ids) for _, x in t.args]
+    encs = [_plain_encoder(x, resource_ids) for _, x in t.args]
     # Entry: name (16 bytes, written below), then the value: an empty list.
     template = b"".join(bytes(16) + _EMPTY_LIST + bytes(VAL_SIZE - len(_EMPTY_LIST)) for _ in names)
     fields = [(i * ENTRY_SIZE, names[i], enc) for i, enc in enumerate(encs)]

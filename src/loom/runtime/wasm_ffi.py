@@ -34,7 +34,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from wasmtime.component import ResourceType as _ResourceType
 
-from loom.runtime import wasm_codec
+from loom.runtime import wasm_codec, wasm_trampoline
 from loom.runtime.wasm_codec import Err as Err  # re-exported for the host API
 from loom.runtime.wasm_codec import Ok as Ok
 
@@ -188,31 +188,6 @@ def context_key(ctx: Any) -> ContextKey:
 _VAL = wasm_codec.VAL_SIZE
 
 
-@dataclass
-class _HostFunc:
-    name: str
-    invoke: Callable[[int, int], Any]  # (context, address of the argument values) -> result
-    encoder: wasm_codec.Encoder | None
-
-
-def _invoker(fn: Callable[..., Any], decs: list[wasm_codec.Decoder]) -> Callable[[int, int], Any]:
-    """Decode the arguments and call ``fn``; unrolled for the common arities (every guest
-    call runs this, and a generic loop costs a frame and a list)."""
-    v = _VAL
-    if len(decs) == 0:
-        return lambda ctx, args: fn(ctx)
-    if len(decs) == 1:
-        (d0,) = decs
-        return lambda ctx, args: fn(ctx, d0(ctx, args))
-    if len(decs) == 2:
-        d0, d1 = decs
-        return lambda ctx, args: fn(ctx, d0(ctx, args), d1(ctx, args + v))
-    if len(decs) == 3:
-        d0, d1, d2 = decs
-        return lambda ctx, args: fn(ctx, d0(ctx, args), d1(ctx, args + v), d2(ctx, args + 2 * v))
-    return lambda ctx, args: fn(ctx, *[d(ctx, args + i * v) for i, d in enumerate(decs)])
-
-
 class HostCallError(Exception):
     """Raised by a host function to end the calling guest with this message."""
 
@@ -221,9 +196,9 @@ class HostCallError(Exception):
 # host's own message rather than wasmtime's wrapper text.
 LAST_HOST_ERROR: dict[ContextKey, str] = {}
 
-_SYNC_FUNCS: list[_HostFunc] = []
-_ASYNC_FUNCS: list[_HostFunc] = []
-_PENDING: dict[int, tuple[Pending, _HostFunc, int, int]] = {}
+# Parked async calls by continuation key: (pending, result encoder, context, result address).
+_PENDING: dict[int, tuple[Pending, wasm_codec.Encoder | None, int, int]] = {}
+_CALLBACKS: list[Any] = []  # every generated callback stays alive with the process
 _pending_ids = iter(range(1, 1 << 62))
 _DTORS: list[Callable[[ContextKey, int], None]] = []
 _ptr_at = ctypes.c_size_t.from_address
@@ -235,11 +210,22 @@ def _fail(ctx: int, message: str) -> int:
     return wasm_codec.error_new(message.encode()) or 0
 
 
-def _error_message(hf: _HostFunc, e: Exception) -> str:
+def _error_message(name: str, e: Exception) -> str:
     if isinstance(e, HostCallError):
         return str(e)
     # A host bug must not unwind through wasmtime's frames: it ends the guest instead.
-    return f"host error in {hf.name}: {type(e).__name__}: {e}"
+    return f"host error in {name}: {type(e).__name__}: {e}"
+
+
+def _sync_error(ctx: int, name: str, e: Exception) -> int:
+    return _fail(ctx, _error_message(name, e))
+
+
+def _async_error(ctx: int, name: str, e: Exception, err_ret: int, cont: int) -> None:
+    msg = _error_message(name, e)
+    LAST_HOST_ERROR[ctx] = msg
+    _ptr_at(err_ret).value = wasm_codec.error_new(msg.encode()) or 0
+    _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
 
 
 class HostCallStats:
@@ -253,35 +239,6 @@ class HostCallStats:
         cls.calls, cls.seconds = 0, 0.0
 
 
-# The callbacks take every pointer as a plain address (``void*``): ctypes then hands
-# Python ints instead of building a pointer object per argument, and the codecs work on
-# addresses. The store context address doubles as the calling instance's key.
-_SYNC_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_size_t, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p,
-    ctypes.c_size_t,
-)  # fmt: skip
-_ASYNC_CALLBACK = ctypes.CFUNCTYPE(
-    None, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p, ctypes.c_size_t,
-    c_void_p, c_void_p,
-)  # fmt: skip
-
-
-@_SYNC_CALLBACK
-def _sync_trampoline(env: int, ctx: int, ty: int, args: int, nargs: int, res: int, n: int) -> int:
-    t0 = perf_counter()
-    hf = _SYNC_FUNCS[env or 0]
-    try:
-        out = hf.invoke(ctx, args)
-        if hf.encoder is not None:
-            hf.encoder(ctx, out, res)
-        return 0
-    except Exception as e:
-        return _fail(ctx, _error_message(hf, e))
-    finally:
-        HostCallStats.calls += 1
-        HostCallStats.seconds += perf_counter() - t0
-
-
 @ffi.wasmtime_func_async_continuation_callback_t
 def _continuation(env: Any) -> bool:
     key = env or 0
@@ -289,13 +246,13 @@ def _continuation(env: Any) -> bool:
     if entry is None:
         return True
     t0 = perf_counter()
-    pending, hf, ctx, res = entry
+    pending, encoder, ctx, res = entry
     if not pending.ready():
         HostCallStats.seconds += perf_counter() - t0
         return False
     del _PENDING[key]
-    if hf.encoder is not None:
-        hf.encoder(ctx, pending.value(), res)
+    if encoder is not None:
+        encoder(ctx, pending.value(), res)
     HostCallStats.seconds += perf_counter() - t0
     return True
 
@@ -328,30 +285,6 @@ def _set_continuation(cont: int, fn: int, env: int, finalizer: int) -> None:
 
 _CONTINUATION_FN = _fn_address(_continuation)
 _CONTINUATION_FINALIZER_FN = _fn_address(_continuation_finalizer)
-
-
-@_ASYNC_CALLBACK
-def _async_trampoline(
-    env: int, ctx: int, ty: int, args: int, nargs: int, res: int, n: int, err_ret: int, cont: int
-) -> None:
-    t0 = perf_counter()
-    hf = _ASYNC_FUNCS[env or 0]
-    try:
-        pending = hf.invoke(ctx, args)
-    except Exception as e:
-        msg = _error_message(hf, e)
-        LAST_HOST_ERROR[ctx] = msg
-        _ptr_at(err_ret).value = wasm_codec.error_new(msg.encode()) or 0
-        _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
-        return
-    key = next(_pending_ids)
-    _PENDING[key] = (pending, hf, ctx, res)
-    # wasmtime_async_continuation_t: callback, env, finalizer (three pointers).
-    _ptr_at(cont).value = _CONTINUATION_FN
-    _ptr_at(cont + 8).value = key
-    _ptr_at(cont + 16).value = _CONTINUATION_FINALIZER_FN
-    HostCallStats.calls += 1
-    HostCallStats.seconds += perf_counter() - t0
 
 
 @ctypes.CFUNCTYPE(ctypes.c_size_t, c_void_p, c_void_p, ctypes.c_uint32)
@@ -390,7 +323,7 @@ class ComponentLinker:
         self.engine = engine
         self.linker = Linker(engine.engine)
         self.resources = ResourceRegistry()
-        self._funcs: dict[str, list[tuple[str, int, bool]]] = {}
+        self._funcs: dict[str, list[tuple[str, Any, bool]]] = {}
         self._resources: dict[str, list[tuple[str, int]]] = {}
         self._built = False
 
@@ -405,16 +338,19 @@ class ComponentLinker:
         is_async: bool = False,
     ) -> None:
         """Register ``fn(context_key, *args)``; an async one returns a ``Pending``."""
-        hf = _HostFunc(
-            f"{interface}#{name}",
-            _invoker(fn, [wasm_codec.decoder(p, self.resources.id) for p in params]),
-            wasm_codec.encoder(result, self.resources.id) if result is not None else None,
-        )
-        table = _ASYNC_FUNCS if is_async else _SYNC_FUNCS
-        if not table:
-            table.append(hf)  # index 0 is never used: env 0 arrives as None
-        table.append(hf)
-        self._funcs.setdefault(interface, []).append((name, len(table) - 1, is_async))
+        full = f"{interface}#{name}"
+        ids = self.resources.id
+        if is_async:
+            callback = wasm_trampoline.async_trampoline(
+                full, fn, params, result, ids, _async_error, _PENDING, _pending_ids,
+                (_CONTINUATION_FN, _CONTINUATION_FINALIZER_FN), HostCallStats,
+            )  # fmt: skip
+        else:
+            callback = wasm_trampoline.sync_trampoline(
+                full, fn, params, result, ids, _sync_error, HostCallStats
+            )
+        _CALLBACKS.append(callback)
+        self._funcs.setdefault(interface, []).append((name, callback, is_async))
 
     def add_resource(
         self, interface: str, name: str, dtor: Callable[[ContextKey, int], None]
@@ -441,11 +377,10 @@ class ComponentLinker:
                             _fn_address(_dtor_trampoline), idx, _NO_FINALIZER_FN,
                         )  # fmt: skip
                         _raise_error(err, f"define resource {rname}")
-                    for fname, idx, is_async in self._funcs.get(iface, []):
+                    for fname, callback, is_async in self._funcs.get(iface, []):
                         b = fname.encode()
                         add = _add_func_async if is_async else _add_func
-                        tramp = _async_trampoline if is_async else _sync_trampoline
-                        err = add(ip, b, len(b), _fn_address(tramp), idx, _NO_FINALIZER_FN)
+                        err = add(ip, b, len(b), _fn_address(callback), 0, _NO_FINALIZER_FN)
                         _raise_error(err, f"define {iface}#{fname}")
 
 
