@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from loom.runtime.generate_task import GenerateTask
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ForwardCmd:
     tokens: list[int]
     positions: list[int]

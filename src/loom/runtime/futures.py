@@ -94,7 +94,13 @@ class PollWait:
                 f.waiters.append(wake)
 
     def ready(self) -> bool:
-        return any(f.done for f in self.futures)
+        futures = self.futures
+        if len(futures) == 1:  # the common wait: one pass's result
+            return bool(futures[0].done)
+        return any(f.done for f in futures)
 
     def value(self) -> list[int]:
-        return [i for i, f in enumerate(self.futures) if f.done]
+        futures = self.futures
+        if len(futures) == 1:
+            return [0] if futures[0].done else []
+        return [i for i, f in enumerate(futures) if f.done]

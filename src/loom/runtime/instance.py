@@ -102,3 +102,4 @@ class Instance:
     submitted: bool = False  # queued forward work during its current time slice
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)
     job: Any = None  # a host-driven completion (no guest code) when set
+    wake: Callable[[], None] | None = None  # puts it on the run queue (made once)

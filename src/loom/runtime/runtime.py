@@ -377,7 +377,12 @@ class Runtime:
             self._runq.append(inst)
 
     def waker(self, inst: Instance) -> Callable[[], None]:
-        return lambda: self._make_runnable(inst)
+        """A callable putting ``inst`` on the run queue (one per instance: every wait of
+        every forward pass needs one)."""
+        wake = inst.wake
+        if wake is None:
+            wake = inst.wake = lambda: self._make_runnable(inst)
+        return wake
 
     def _run_guests(self) -> bool:
         n = len(self._runq)

@@ -316,8 +316,9 @@ def encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
     template of the same shape with one C call, and only their scalars are written:
     building one from scratch costs a C call per record field name and per list."""
     plain = _plain_encoder(t, resource_ids)
-    shaper = _shaper(t) if _has_fields(t) else None
-    return plain if shaper is None else _templated(plain, *shaper)
+    if not _has_fields(t):
+        return plain
+    return _templated(t, plain) or plain
 
 
 TEMPLATES_PER_ENCODER = 64  # shapes kept per encoder; values of other shapes are built
@@ -327,8 +328,8 @@ class _NotShaped(Exception):
     """A value the template path does not take (an error string, a wrong type)."""
 
 
-Shape = Callable[[Any], Any]  # value -> hashable shape (list lengths, option/result cases)
-Patch = Callable[[Any, int], None]  # (value, address of a copy of its shape's template)
+def _not_shaped() -> Any:
+    raise _NotShaped
 
 
 def _has_fields(t: Any) -> bool:
@@ -344,119 +345,153 @@ def _children(t: Any) -> list[Any]:
     return []
 
 
-def _shaper(t: Any) -> tuple[Shape, Patch] | None:
-    """How to read the shape of a value of type ``t`` (what decides its C layout) and
-    write its scalars into a copy of a template of that shape; None where ``t`` holds
-    strings, enums or resources (no template can stand for those)."""
-    k = t.kind
-    if k in _SCALARS:
-        at = _CTYPES[k].from_address
+class _ShapeSource:
+    """Source text of a templated encoder: an expression for a value's shape (what
+    decides its C layout: list lengths, option and result cases) and statements writing
+    its scalars into a copy of the template of that shape. One generated function per
+    encoder: the encoder runs right after a guest, with cold caches, where every Python
+    function entered costs about a microsecond."""
 
-        def patch_scalar(x: Any, a: int) -> None:
-            at(a + PAYLOAD).value = x
+    def __init__(self) -> None:
+        self.ns: dict[str, Any] = {"_ptr_at": _ptr_at, "_Ok": Ok, "_Err": Err,
+                                   "_not_shaped": _not_shaped}  # fmt: skip
+        self._n = 0
 
-        return _shape_scalar, patch_scalar
-    if k == "list":
-        if t.args[0].kind not in _SCALARS:
-            return None
-        fill = _scalar_filler(t.args[0])
+    def name(self, prefix: str, value: Any = None) -> str:
+        self._n += 1
+        name = f"{prefix}{self._n}"
+        if value is not None:
+            self.ns[name] = value
+        return name
 
-        def patch_list(xs: Any, a: int) -> None:
-            if len(xs):
-                fill(xs, _ptr_at(a + PAYLOAD + 8).value)
+    def node(self, t: Any, v: str) -> tuple[str, Callable[[str], list[str]]] | None:
+        """(shape expression of the value ``v``, statements patching it at an address
+        expression), or None where ``t`` holds strings, enums or resources."""
+        k = t.kind
+        if k in _SCALARS:
+            at = self.name("_at", _CTYPES[k].from_address)
+            return "0", lambda a: [f"{at}({a} + {PAYLOAD}).value = {v}"]
+        if k == "list":
+            if t.args[0].kind not in _SCALARS:
+                return None
+            fill = self.name("_fill", _scalar_filler(t.args[0]))
+            one = self.name("_at", _CTYPES[t.args[0].kind].from_address)
+            return f"len({v})", lambda a: [
+                f"if len({v}) == 1:  # the template holds the kind byte",
+                f"    {one}(_ptr_at({a} + {PAYLOAD + 8}).value + {PAYLOAD}).value = {v}[0]",
+                f"elif {v}:",
+                f"    {fill}({v}, _ptr_at({a} + {PAYLOAD + 8}).value)",
+            ]
+        if k in ("record", "tuple"):
+            return self._fields(t, v)
+        if k == "option":
+            inner = self.node(t.args[0], v)
+            if inner is None:
+                return None
+            shape_in, patch_in = inner
+            o = self.name("o")
+            return f"(None if {v} is None else ({shape_in},))", lambda a: [
+                f"if {v} is not None:",
+                f"    {o} = _ptr_at({a} + {PAYLOAD}).value",
+                *(f"    {line}" for line in patch_in(o)),
+            ]
+        if k == "result":
+            return self._result(t, v)
+        return None
 
-        return len, patch_list
-    if k in ("record", "tuple"):
-        kids = [_shaper(x) for x in _children(t)]
+    def _fields(self, t: Any, v: str) -> tuple[str, Callable[[str], list[str]]] | None:
+        types = _children(t)
+        step, off = (ENTRY_SIZE, ENTRY_VAL) if t.kind == "record" else (VAL_SIZE, 0)
+        kids = [self.node(x, f"{v}[{i}]") for i, x in enumerate(types)]
         if any(kid is None for kid in kids):
             return None
-        step, off = (ENTRY_SIZE, ENTRY_VAL) if k == "record" else (VAL_SIZE, 0)
-        shapes = [kid[0] for kid in kids if kid is not None]
-        fields = [(i * step + off, kid[1]) for i, kid in enumerate(kids) if kid is not None]
-        arity = len(fields)
-        only_lists = all(s is len for s in shapes)
+        n = len(types)
+        if all(x.kind == "list" for x in types):
+            shape = f"(tuple(map(len, {v})) if len({v}) == {n} else _not_shaped())"
+        else:
+            parts = "".join(f"{kid[0]}, " for kid in kids if kid is not None)
+            shape = f"(({parts}) if len({v}) == {n} else _not_shaped())"
+        d = self.name("d")
 
-        def shape_fields(xs: Any) -> Any:
-            if len(xs) != arity:
-                raise _NotShaped
-            if only_lists:
-                return tuple(map(len, xs))
-            return tuple(s(x) for s, x in zip(shapes, xs, strict=True))
+        def patch(a: str) -> list[str]:
+            lines = [f"{d} = _ptr_at({a} + {PAYLOAD + 8}).value"]
+            for i, kid in enumerate(kids):
+                assert kid is not None
+                lines += kid[1](f"{d} + {i * step + off}")
+            return lines
 
-        def patch_fields(xs: Any, a: int) -> None:
-            data = _ptr_at(a + PAYLOAD + 8).value
-            for (at, p), x in zip(fields, xs, strict=True):
-                p(x, data + at)
+        return shape, patch
 
-        return shape_fields, patch_fields
-    if k == "option":
-        inner = _shaper(t.args[0])
-        if inner is None:
-            return None
-        shape_in, patch_in = inner
-
-        def shape_option(x: Any) -> Any:
-            return None if x is None else (shape_in(x),)
-
-        def patch_option(x: Any, a: int) -> None:
-            if x is not None:
-                patch_in(x, _ptr_at(a + PAYLOAD).value)
-
-        return shape_option, patch_option
-    if k == "result":
-        sides = [_shaper(x) if x is not None else None for x in t.args]
+    def _result(self, t: Any, v: str) -> tuple[str, Callable[[str], list[str]]] | None:
+        sides = [self.node(x, f"{v}.value") if x is not None else None for x in t.args]
         takes = [x is None or side is not None for x, side in zip(t.args, sides, strict=True)]
         if not any(takes):
             return None
-        ok_side, err_side = sides
+        shapes = [
+            (side[0] if side is not None else "None") if ok else "_not_shaped()"
+            for side, ok in zip(sides, takes, strict=True)
+        ]
+        shape = (
+            f"((True, {shapes[0]}) if type({v}) is _Ok else (False, {shapes[1]}) "
+            f"if type({v}) is _Err else _not_shaped())"
+        )
+        r = self.name("r")
 
-        def shape_result(x: Any) -> Any:
-            is_ok = type(x) is Ok
-            if not is_ok and type(x) is not Err:
-                raise _NotShaped
-            if not takes[0 if is_ok else 1]:
-                raise _NotShaped
-            side = ok_side if is_ok else err_side
-            return (is_ok, side[0](x.value) if side is not None else None)
+        def patch(a: str) -> list[str]:
+            lines = []
+            for case, side in zip(("_Ok", "_Err"), sides, strict=True):
+                if side is not None:
+                    lines += [
+                        f"if type({v}) is {case}:",
+                        f"    {r} = _ptr_at({a} + {PAYLOAD + 8}).value",
+                        *(f"    {line}" for line in side[1](r)),
+                    ]
+            return lines
 
-        def patch_result(x: Any, a: int) -> None:
-            side = ok_side if type(x) is Ok else err_side
-            if side is not None:
-                side[1](x.value, _ptr_at(a + PAYLOAD + 8).value)
-
-        return shape_result, patch_result
-    return None
+        return shape, patch
 
 
-def _shape_scalar(x: Any) -> int:
-    return 0
-
-
-def _templated(plain: Encoder, shape: Shape, patch: Patch) -> Encoder:
+def _templated(t: Any, plain: Encoder) -> Encoder | None:
+    src = _ShapeSource()
+    node = src.node(t, "x")
+    if node is None:
+        return None
+    shape, patch = node
     templates: dict[Any, tuple[Any, int]] = {}  # shape -> (buffer kept alive, its address)
 
-    def enc_templated(ctx: int, x: Any, a: int) -> None:
-        try:
-            key = shape(x)
-        except (_NotShaped, TypeError):
-            plain(ctx, x, a)  # builds it, or raises the plain encoder's error
-            return
-        tpl = templates.get(key)
-        if tpl is None:
-            if len(templates) >= TEMPLATES_PER_ENCODER:
-                plain(ctx, x, a)
-                return
-            buf = ctypes.create_string_buffer(VAL_SIZE)
-            plain(ctx, x, ctypes.addressof(buf))  # owned by the encoder from now on
-            tpl = templates[key] = (buf, ctypes.addressof(buf))
-        _val_clone(tpl[1], a)
-        try:
-            patch(x, a)
-        except BaseException:
-            _val_delete(a)
-            raise
+    def new_template(ctx: int, x: Any, key: Any) -> int:
+        """The template for ``x``'s shape, built from ``x``; 0 once the cap is reached."""
+        if len(templates) >= TEMPLATES_PER_ENCODER:
+            return 0
+        buf = ctypes.create_string_buffer(VAL_SIZE)
+        plain(ctx, x, ctypes.addressof(buf))  # owned by the encoder from now on
+        templates[key] = (buf, ctypes.addressof(buf))
+        return ctypes.addressof(buf)
 
-    return enc_templated
+    src.ns.update(_plain=plain, _templates=templates, _new_template=new_template,
+                  _clone=_val_clone, _delete=_val_delete, _NotShaped=_NotShaped)  # fmt: skip
+    lines = [
+        "def enc_templated(ctx, x, a):",
+        "    try:",
+        f"        key = {shape}",
+        "    except (_NotShaped, TypeError):",
+        "        _plain(ctx, x, a)  # builds it, or raises the plain encoder's error",
+        "        return",
+        "    tpl = _templates.get(key)",
+        "    tpl = tpl[1] if tpl is not None else _new_template(ctx, x, key)",
+        "    if not tpl:",
+        "        _plain(ctx, x, a)",
+        "        return",
+        "    _clone(tpl, a)",
+        "    try:",
+        *(f"        {line}" for line in patch("a")),
+        "    except BaseException:",
+        "        _delete(a)",
+        "        raise",
+    ]
+    exec(compile("\n".join(lines), f"<encoder of {t.kind}>", "exec"), src.ns)
+    enc: Encoder = src.ns["enc_templated"]
+    return enc
 
 
 def _plain_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:

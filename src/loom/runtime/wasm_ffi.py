@@ -202,7 +202,13 @@ _CALLBACKS: list[Any] = []  # every generated callback stays alive with the proc
 _pending_ids = iter(range(1, 1 << 62))
 _DTORS: list[Callable[[ContextKey, int], None]] = []
 _ptr_at = ctypes.c_size_t.from_address
-_set_epoch_deadline = ffi.wasmtime_context_set_epoch_deadline
+# Called around every guest resume: bound straight to the C functions on plain addresses
+# (wasmtime-py's wrappers add a Python frame and pointer type checks). The poll releases
+# the GIL while the guest runs, as wasmtime-py's binding does.
+_set_epoch_deadline = ctypes.PYFUNCTYPE(None, c_void_p, ctypes.c_uint64)(
+    ("wasmtime_context_set_epoch_deadline", ffi.dll)
+)
+_future_poll = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)(("wasmtime_call_future_poll", ffi.dll))
 
 
 def _fail(ctx: int, message: str) -> int:
@@ -404,7 +410,7 @@ class GuestStore:
         that waited, or sat in the run queue, past a tick finds its deadline gone and would
         yield at its first instruction: a wasted turn, and (measured) the decode steps of a
         batch's guests then missed the batch they were woken for."""
-        _set_epoch_deadline(self.ctx, self._slice_ticks)
+        _set_epoch_deadline(self.key, self._slice_ticks)
 
     def close(self) -> None:
         LAST_HOST_ERROR.pop(self.key, None)
@@ -417,6 +423,7 @@ class CallFuture:
         self, raw: Any, keep: tuple[Any, ...], results: Any, err: Any, trap: Any = None
     ) -> None:
         self._raw = raw
+        self._addr = ctypes.cast(raw, c_void_p).value
         self._keep = keep  # ctypes buffers the C side writes into until completion
         self.results = results
         self._err = err
@@ -427,7 +434,7 @@ class CallFuture:
         """Run the guest until it finishes (True) or suspends (False)."""
         if self.done:
             return True
-        if ffi.wasmtime_call_future_poll(self._raw):
+        if _future_poll(self._addr):
             self.done = True
             ffi.wasmtime_call_future_delete(self._raw)
             self._raw = None
