@@ -156,9 +156,16 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         fp.executed = True
         outs = fp.outputs
         items = sorted(outs.items()) if len(outs) > 1 else outs.items()
-        outputs = [OutputSpec(i, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
-                   for i, o in items]  # fmt: skip
-        return rt.handles.add(inst.seq, queue_pass(rt, fp, outputs)[0])
+        outputs = [_output_spec(i, o) for i, o in items]
+        fut = HostFuture()
+        problem = _check(fp, outputs, rt)
+        if problem is not None:
+            fut.resolve(Err(problem))
+        else:
+            cmd = ForwardCmd(fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks,
+                             outputs, fut)  # fmt: skip
+            rt.enqueue_pass(inst, fp.queue, cmd)
+        return rt.handles.add(inst.seq, fut)
 
     def submit_step(
         inst: Instance,
@@ -373,6 +380,23 @@ def queue_pass(
     return fut, cmd
 
 
+_SPECS: dict[tuple[int, SamplerSpec | None, int, int | None], OutputSpec] = {}
+
+
+def _output_spec(index: int, o: _Out) -> OutputSpec:
+    """The engine's spec of one output; specs without a logit mask are shared (they are
+    immutable, and a decode loop asks for the same one every step)."""
+    if o.logit_mask is not None:
+        return OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
+    key = (index, o.sampler, o.top_k_dist, o.logprobs)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= 4096:
+            _SPECS.clear()
+        spec = _SPECS[key] = OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs)
+    return spec
+
+
 def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:
     """Why this pass cannot run, checked alone so it never fails a shared batch.
 
@@ -381,6 +405,17 @@ def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> st
     ~10 µs. ``tests/runtime/test_forward_check.py`` holds the two to the same verdicts.
     """
     n = len(fp.tokens)
+    if (  # a decode step that passes every rule below (the rules name what fails)
+        n == 1
+        and fp.masks is None
+        and fp.pages
+        and len(fp.positions) == 1
+        and 0 <= fp.tokens[0] < rt.vocab_size
+        and 0 <= fp.positions[0] < rt.max_model_len
+        and 1 <= fp.last_page_len <= rt.page_size
+        and all(out.index == 0 and out.logit_mask is None for out in outputs)
+    ):
+        return None
     if not n:
         return "the forward pass has no input tokens"
     if not fp.pages:
