@@ -77,7 +77,7 @@ class InstanceHandle:
         return self._done.is_set()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Instance:
     seq: int  # launch order (kill-newest picks the highest)
     id: str

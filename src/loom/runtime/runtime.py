@@ -72,7 +72,7 @@ from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, Wa
 VERSION = "0.1.0"
 
 
-@dataclass
+@dataclass(slots=True)
 class RuntimeStats:
     """Counters for benchmarks and tests (read them from any thread; approximate)."""
 

@@ -56,6 +56,17 @@ def _argument_lines(
                 f"a{i} = _host_rep(_host)",
                 "_host_delete(_host)",
             ]
+        elif p.kind == "list" and p.args[0].kind in ("u32", "s32", "u64", "s64"):
+            # The decode step's lists hold one element: read it in place.
+            ns[f"_dec{i}"] = wasm_codec.decoder(p, resource_ids)
+            ns[f"_at{i}"] = wasm_codec.SCALAR_CTYPES[p.args[0].kind].from_address
+            lines += [
+                f"n = _ptr_at(args + {at + PAYLOAD}).value",
+                "if n == 1:",
+                f"    a{i} = [_at{i}(_ptr_at(args + {at + PAYLOAD + 8}).value + {PAYLOAD}).value]",
+                "else:",
+                f"    a{i} = _dec{i}(ctx, args + {at}) if n else []",
+            ]
         else:
             ns[f"_dec{i}"] = wasm_codec.decoder(p, resource_ids)
             lines.append(f"a{i} = _dec{i}(ctx, args + {at})")
