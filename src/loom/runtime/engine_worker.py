@@ -33,6 +33,7 @@ import os
 import pickle
 import queue
 import signal
+import struct
 import sys
 import threading
 import traceback
@@ -748,9 +749,11 @@ class InProcessWorker(_WorkerBase):
 
 # ===== in a child process =====
 
-# Parent -> child: pickled ``(kind, id, payload)``; an op travels as its own pickle inside,
-# so an op the child cannot unpickle still fails as that op instead of losing its id.
-_OP, _STATS, _CLOSE = "op", "stats", "close"
+# Parent -> child: a header (kind byte, id) and the payload; an op travels as its own
+# pickle, so an op the child cannot unpickle still fails as that op instead of losing its
+# id. (A pickled ``(kind, id, payload)`` tuple cost a second pickling and a copy per op.)
+_OP, _STATS, _CLOSE = b"o", b"s", b"c"
+_HEADER = struct.Struct("<cQ")
 
 
 @dataclass
@@ -809,6 +812,7 @@ class SubprocessWorker(_WorkerBase):
         ops_r.close()
         res_w.close()
         self._ops_w, self._res_r = ops_w, res_r
+        self._pickler = _WirePickler()  # used under the send lock
         try:
             self.info = self._await_ready()
         except BaseException:
@@ -842,20 +846,20 @@ class SubprocessWorker(_WorkerBase):
 
     def _transmit_op(self, op_id: int, op: WorkerOp) -> BaseException | None:
         try:
-            payload = _dumps(op)
+            payload = self._pickler.dumps(op)
         except Exception as e:
             return e  # nothing was sent: the op fails on its own, the worker carries on
-        self._send((_OP, op_id, payload))
+        self._send(_OP, op_id, payload)
         return None
 
     def _transmit_stats(self, req_id: int) -> None:
-        self._send((_STATS, req_id, b""))
+        self._send(_STATS, req_id, b"")
 
-    def _send(self, msg: tuple[str, int, bytes]) -> None:
+    def _send(self, kind: bytes, ident: int, payload: bytes) -> None:
         # OSError: the child is gone. The reader thread sees the results pipe close and
         # fails every pending op and stats request, this one included.
         with contextlib.suppress(OSError):
-            self._ops_w.send_bytes(pickle.dumps(msg, protocol=_PICKLE))
+            self._ops_w.send_bytes(_HEADER.pack(kind, ident) + payload)
 
     def _read_results(self) -> None:
         """Reader thread: results -> ``_done`` (then ``on_ready``) until the child exits."""
@@ -902,7 +906,7 @@ class SubprocessWorker(_WorkerBase):
             self._closed = True
             # The child runs the ops already sent, then exits (OSError: it is already dead).
             with contextlib.suppress(OSError):
-                self._ops_w.send_bytes(pickle.dumps((_CLOSE, 0, b""), protocol=_PICKLE))
+                self._ops_w.send_bytes(_HEADER.pack(_CLOSE, 0))
         self._stop_process(timeout=_CLOSE_TIMEOUT_S)
         if threading.current_thread() is not self._reader:  # close() from on_ready
             self._reader.join()
@@ -944,11 +948,26 @@ _WIRE_REDUCERS: dict[type, Callable[[Any], Any]] = {
 
 def _dumps(obj: object) -> bytes:
     """Pickle what crosses the pipes (plain ``pickle.loads`` reads it back)."""
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, protocol=_PICKLE)
-    pickler.dispatch_table = _WIRE_REDUCERS
-    pickler.dump(obj)
-    return buf.getvalue()
+    return _WirePickler().dumps(obj)
+
+
+class _WirePickler:
+    """``_dumps`` with one pickler kept for a sender's every message (a new pickler and
+    buffer per op showed up in the per-step cost of a single decode step). Not
+    thread-safe: one per sender, used under its send lock."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buf, protocol=_PICKLE)
+        self._pickler.dispatch_table = _WIRE_REDUCERS
+
+    def dumps(self, obj: object) -> bytes:
+        buf = self._buf
+        buf.seek(0)
+        buf.truncate()
+        self._pickler.clear_memo()  # each message stands alone
+        self._pickler.dump(obj)
+        return buf.getvalue()
 
 
 def _describe_exit(code: int | None) -> str:
@@ -1013,30 +1032,37 @@ def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:
     A reader thread moves messages from the pipe into a queue as they come, so the pipe
     never fills while a long op runs and the parent's ``submit`` never waits on the engine.
     """
-    inbox: queue.SimpleQueue[tuple[str, int, bytes]] = queue.SimpleQueue()
+    inbox: queue.SimpleQueue[tuple[bytes, int, memoryview]] = queue.SimpleQueue()
 
     def read_ops() -> None:
         while True:
             try:
-                msg: tuple[str, int, bytes] = pickle.loads(ops_r.recv_bytes())
+                data = memoryview(ops_r.recv_bytes())
+                kind, ident = _HEADER.unpack_from(data)
+                msg = (kind, ident, data[_HEADER.size :])
             except (EOFError, OSError):
-                msg = (_CLOSE, 0, b"")  # the parent is gone
+                msg = (_CLOSE, 0, memoryview(b""))  # the parent is gone
             inbox.put(msg)
             if msg[0] == _CLOSE:
                 return
 
     threading.Thread(target=read_ops, name="loom-engine-worker-ops", daemon=True).start()
     runner.pending = lambda: not inbox.empty()
+    replies = _WirePickler()
     while True:
         kind, ident, payload = inbox.get()
         if kind == _CLOSE:
             return
         if kind == _STATS:
-            res_w.send_bytes(_dumps(_StatsReply(ident, runner.stats())))
+            res_w.send_bytes(replies.dumps(_StatsReply(ident, runner.stats())))
             continue
         tb: str | None = None
         try:
             result: object = runner.run(pickle.loads(payload))
         except Exception as e:
             result, tb = _portable(e), traceback.format_exc()
-        res_w.send_bytes(_dumps(_OpDone(ident, result, tb)))
+        try:
+            reply = replies.dumps(_OpDone(ident, result, tb))
+        except Exception as e:  # a result that cannot cross (it never should): its error
+            reply = _dumps(_OpDone(ident, _portable(e), traceback.format_exc()))
+        res_w.send_bytes(reply)

@@ -986,8 +986,23 @@ def _fill_ahead(q: CommandQueue, cmd: ForwardCmd, token: int | None) -> None:
 
 
 def _shift(o: OutputSpec, base: int) -> OutputSpec:
-    # The constructor directly: dataclasses.replace costs several µs per output.
-    return OutputSpec(o.index + base, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
+    """``o`` at row ``base`` of a batch. Specs without a logit mask are shared by every
+    pass that asks the same (``forward_api``), so their shifted copies are kept too: a
+    frozen dataclass costs a few µs to build, for every output of every batch."""
+    if o.logit_mask is not None:
+        return OutputSpec(o.index + base, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
+    key = (id(o), base)
+    hit = _SHIFTED.get(key)
+    if hit is not None:
+        return hit[1]
+    if len(_SHIFTED) >= 1 << 16:
+        _SHIFTED.clear()
+    shifted = OutputSpec(o.index + base, o.sampler, o.top_k_dist, o.logprobs)
+    _SHIFTED[key] = (o, shifted)  # holds ``o``: its id stays its own while the entry lives
+    return shifted
+
+
+_SHIFTED: dict[tuple[int, int], tuple[OutputSpec, OutputSpec]] = {}
 
 
 def _trap_summary(err: str) -> str:

@@ -380,15 +380,17 @@ def queue_pass(
     return fut, cmd
 
 
-_SPECS: dict[tuple[int, SamplerSpec | None, int, int | None], OutputSpec] = {}
+_SPECS: dict[tuple[int, int, int, int | None], OutputSpec] = {}
 
 
 def _output_spec(index: int, o: _Out) -> OutputSpec:
     """The engine's spec of one output; specs without a logit mask are shared (they are
-    immutable, and a decode loop asks for the same one every step)."""
+    immutable, and a decode loop asks for the same one every step). Keyed by the
+    sampler's id (hashing a dataclass runs Python code): the spec in the entry holds the
+    sampler, so the id stays its own while the entry lives."""
     if o.logit_mask is not None:
         return OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
-    key = (index, o.sampler, o.top_k_dist, o.logprobs)
+    key = (index, id(o.sampler), o.top_k_dist, o.logprobs)
     spec = _SPECS.get(key)
     if spec is None:
         if len(_SPECS) >= 4096:
