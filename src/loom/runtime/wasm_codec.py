@@ -164,11 +164,18 @@ def _flat_record_decoder(fields: list[Any]) -> Decoder:
             options.append((i, _CTYPES[t.args[0].kind]))
     layout = struct.Struct(fmt)
 
+    one = options[0] if len(options) == 1 else None
+
     def dec_flat_record(ctx: int, a: int) -> tuple[Any, ...]:
-        _, data = _pair(a)
+        data = _ptr_at(a + PAYLOAD + 8).value
         vals = layout.unpack(ctypes.string_at(data, layout.size))
         if not options:
             return vals
+        if one is not None:  # a sampler: its seed
+            i, ctype = one
+            p = vals[i]
+            return (*vals[:i], ctype.from_address(p + PAYLOAD).value if p else None,
+                    *vals[i + 1 :])  # fmt: skip
         out = list(vals)
         for i, ctype in options:
             p = out[i]
@@ -518,6 +525,8 @@ def _plain_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
         (elem,) = t.args
         if elem.kind in _SCALARS:
             fill = _scalar_filler(elem)
+            kind, fmt, _ = _SCALARS[elem.kind]
+            one = struct.Struct("<B7x" + fmt)  # one element: kind byte and payload
 
             def enc_scalars(ctx: int, xs: Any, a: int) -> None:
                 n = len(xs)
@@ -526,6 +535,9 @@ def _plain_encoder(t: Any, resource_ids: Callable[[str], int]) -> Encoder:
                     return
                 _u8_at(a).value = K_LIST
                 _vallist_new(a + PAYLOAD, n)
+                if n == 1:  # a poll's one ready index, say
+                    ctypes.memmove(_ptr_at(a + PAYLOAD + 8).value, one.pack(kind, xs[0]), one.size)
+                    return
                 fill(xs, _ptr_at(a + PAYLOAD + 8).value)
 
             return enc_scalars

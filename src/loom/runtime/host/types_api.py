@@ -18,12 +18,17 @@ if TYPE_CHECKING:
     from loom.runtime.runtime import Runtime
 
 NAME = iface("types")
+_WAITABLE = (HostFuture, Stream)
 
 
 def register(linker: ComponentLinker, rt: Runtime) -> None:
     def wait_on(key: int, ids: list[int]) -> PollWait:
         inst = rt.caller(key)
-        futures = [rt.handles.get(inst.seq, i, (HostFuture, Stream)) for i in ids]
+        get, seq = rt.handles.get, inst.seq
+        if len(ids) == 1:  # the common wait: one pass's result
+            futures = [get(seq, ids[0], _WAITABLE)]
+        else:
+            futures = [get(seq, i, _WAITABLE) for i in ids]
         pw = PollWait(futures, rt.waker(inst))
         inst.blocked = pw
         return pw
