@@ -7,7 +7,11 @@ Two guests:
 - python: the componentize-py test inferlet making 50 real forward calls on the tiny model
   through the full runtime. Host overhead = time inside host functions + loop bookkeeping
   outside the guests, per host call (guest interpreter time and engine time excluded).
-Also: spawn latency of a cached Python inferlet (launch -> instantiated, median).
+Also: spawn latency of a cached Python inferlet (launch -> instantiated, median), and
+the machine's speed at the time: a bare fiber round trip (the core guest against a
+~15-line callback and nothing else, the experiment behind the reference's 3.6 µs per call
+at 100 instances), measured before each row. This machine's speed drifts by up to 2x
+within minutes; that column says how fast it was when a row ran.
 
     python benchmarks/runtime_overhead.py [--instances 1,10,100,1000] [--calls 50]
         [--worker process|thread] [--repeats 3]
@@ -16,6 +20,8 @@ Also: spawn latency of a cached Python inferlet (launch -> instantiated, median)
 from __future__ import annotations
 
 import argparse
+import ctypes
+import itertools
 import json
 import statistics
 import sys
@@ -55,6 +61,87 @@ class _Slot:
     def value(self) -> int:
         assert self.val is not None
         return self.val
+
+
+def bare_fiber(n_instances: int = 100, calls: int = 200) -> float:
+    """µs per call of the core guest against a bare async callback: the floor of a
+    fiber round trip on this machine, with no runtime around it (calibration)."""
+    from ctypes import POINTER, byref, c_size_t, c_void_p
+
+    from wasmtime import _ffi as ffi
+
+    ptr_at = c_size_t.from_address
+    waiting: list[int] = []
+    ready: set[int] = set()
+    keys = itertools.count(1)
+
+    @ffi.wasmtime_func_async_continuation_callback_t
+    def cont(env: Any) -> bool:
+        if (env or 0) in ready:
+            ready.discard(env)
+            return True
+        return False
+
+    @ctypes.CFUNCTYPE(None, c_void_p)
+    def no_finalizer(env: Any) -> None:
+        return None
+
+    cont_fn = ctypes.cast(cont, c_void_p).value
+    fin_fn = ctypes.cast(no_finalizer, c_void_p).value
+    i32_at = ctypes.c_int32.from_address
+
+    @ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p,
+                      ctypes.c_size_t, c_void_p, c_void_p)  # fmt: skip
+    def forward(env: Any, caller: Any, args: int, n: int, res: int, nr: int, trap: Any,
+                c: int) -> None:  # fmt: skip
+        i32_at(res + 8).value = i32_at(args + 8).value + 1
+        key = next(keys)
+        waiting.append(key)
+        ptr_at(c).value = cont_fn
+        ptr_at(c + 8).value = key
+        ptr_at(c + 16).value = fin_fn
+
+    define = ctypes.PYFUNCTYPE(
+        c_void_p, c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+        ctypes.c_size_t, c_void_p, c_void_p, c_void_p, c_void_p,
+    )(("wasmtime_linker_define_async_func", ffi.dll))  # fmt: skip
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    ftype = wasmtime.FuncType([wasmtime.ValType.i32()], [wasmtime.ValType.i32()])
+    fwd = ctypes.cast(forward, c_void_p).value
+    define(linker.ptr(), b"host", 4, b"forward", 7, ftype.ptr(), fwd, 0, fin_fn)
+    module = wasmtime.Module(engine, CORE_WAT)
+    keep, futures = [], []
+    for _ in range(n_instances):
+        store = wasmtime.Store(engine)
+        inst = ffi.wasmtime_instance_t()
+        trap, err = POINTER(ffi.wasm_trap_t)(), POINTER(ffi.wasmtime_error_t)()
+        fut = ffi.wasmtime_linker_instantiate_async(
+            linker.ptr(), store._context(), module.ptr(), byref(inst), byref(trap), byref(err)
+        )
+        while not ffi.wasmtime_call_future_poll(fut):
+            pass
+        ffi.wasmtime_call_future_delete(fut)
+        item = ffi.wasmtime_extern_t()
+        ffi.wasmtime_instance_export_get(store._context(), byref(inst), b"run", 3, byref(item))
+        argv = (ffi.wasmtime_val_t * 1)()
+        argv[0].kind, argv[0].of.i32 = ffi.WASMTIME_I32, calls
+        results = (ffi.wasmtime_val_t * 1)()
+        futures.append(ffi.wasmtime_func_call_async(
+            store._context(), byref(item.of.func), argv, 1, results, 1, byref(trap), byref(err)
+        ))  # fmt: skip
+        keep.append((store, argv, results, trap, err, item))
+    poll = ffi.wasmtime_call_future_poll
+    t0 = time.perf_counter()
+    live = futures
+    while live:
+        live = [f for f in live if not poll(f)]
+        ready.update(waiting)  # one "engine step" answers every waiting call
+        waiting.clear()
+    wall = time.perf_counter() - t0
+    for f in futures:
+        ffi.wasmtime_call_future_delete(f)
+    return wall / (n_instances * calls) * 1e6
 
 
 def core_guest(n_instances: int, calls: int) -> float:
@@ -154,14 +241,14 @@ def main() -> None:
     try:
         python_guest(rt, program, 2, 3)  # warm up the engine and the first instantiation
         for n in counts:
+            bare_us = statistics.median(bare_fiber() for _ in range(3))
             # Medians of --repeats runs: the machine's speed drifts by tens of percent.
             core_us = statistics.median(core_guest(n, args.calls) for _ in range(args.repeats))
             runs = [python_guest(rt, program, n, args.calls) for _ in range(args.repeats)]
             py = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             per_run = [r["host_us_per_call"] for r in runs]
-            rows.append(
-                {"instances": n, "core_us_per_call": core_us, **py, "host_us_runs": per_run}
-            )
+            rows.append({"instances": n, "bare_fiber_us": bare_us, "core_us_per_call": core_us,
+                         **py, "host_us_runs": per_run})  # fmt: skip
             print(f"  {n} instances done", file=sys.stderr)
         waited = [python_guest(rt, program, 100, args.calls, "wait-decode") for _ in range(3)]
         step_wait = {k: statistics.median(r[k] for r in waited) for k in waited[0]}
@@ -175,14 +262,15 @@ def main() -> None:
     base = rows[0]["host_us_per_call"] if rows else 0.0
     ten = next((r for r in rows if r["instances"] == 10), rows[0])
     print()
-    print(f"{'instances':>9} | {'core µs/call':>12} | {'py host µs/call':>15} | {'vs 10':>6} | "
-          f"{'calls/fwd':>9} | {'host µs/fwd':>11} | {'guest µs/fwd':>12} | {'batch':>6} | "
-          f"{'wall s':>7}")  # fmt: skip
-    print("-" * 110)
+    print(f"{'instances':>9} | {'bare µs':>7} | {'core µs/call':>12} | {'py host µs/call':>15} | "
+          f"{'vs 10':>6} | {'calls/fwd':>9} | {'host µs/fwd':>11} | {'guest µs/fwd':>12} | "
+          f"{'batch':>6} | {'wall s':>7}")  # fmt: skip
+    print("-" * 120)
     for r in rows:
         ratio = r["host_us_per_call"] / ten["host_us_per_call"]
         print(
-            f"{r['instances']:>9} | {r['core_us_per_call']:>12.2f} | {r['host_us_per_call']:>15.2f}"
+            f"{r['instances']:>9} | {r['bare_fiber_us']:>7.2f} | {r['core_us_per_call']:>12.2f}"
+            f" | {r['host_us_per_call']:>15.2f}"
             f" | {ratio:>5.2f}x | {r['host_calls_per_forward']:>9.1f} | "
             f"{r['host_us_per_forward']:>11.0f} | {r['guest_us_per_forward']:>12.0f} | "
             f"{r['mean_batch']:>6.1f} | {r['wall_s']:>7.2f}"
@@ -195,6 +283,8 @@ def main() -> None:
     spawn_ms = statistics.median(spawn) if spawn else float("nan")
     print(f"\ncached Python inferlet spawn (launch -> instantiated), median of {len(spawn)}: "
           f"{spawn_ms:.2f} ms")  # fmt: skip
+    print("bare: a fiber round trip with no runtime (the reference machine: 3.6 µs), measured "
+          "before each row")  # fmt: skip
     print("targets: Python-guest host overhead <= 20 µs/call; 1000 vs 10 instances <= 2x; "
           "cached spawn <= 2 ms")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
