@@ -45,6 +45,12 @@ FORWARD_OUTPUT = record(
 
 def forward_output(specs: list[OutputSpec], results: list[OutputResult]) -> tuple[list[Any], ...]:
     """The WIT ``forward-output`` of one pass: its results grouped by kind of request."""
+    if len(specs) == 1 and specs[0].logprobs is None and not specs[0].top_k_dist:
+        # A decode step: at most a sampled token.
+        if specs[0].sampler is None:
+            return [], [], [], [], [], []
+        token = results[0].token
+        return [token if token is not None else 0], [], [], [], [], []
     tokens: list[int] = []
     logprobs: list[float] = []
     top_ids: list[int] = []
