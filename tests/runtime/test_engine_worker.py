@@ -256,3 +256,28 @@ def test_other_startup_failures_become_model_load_errors(tiny_dir: Path, mode: M
     bad = EngineConfig(model=str(tiny_dir), dtype="int3")  # the loader raises ValueError
     with pytest.raises(ModelLoadError, match="failed to start: ValueError: unknown dtype"):
         start_worker(bad, mode=mode)
+
+
+def test_compact_execute_ops_cross_the_pipe_unchanged() -> None:
+    # A decode step's op crosses as plain tuples; everything it carries must come back:
+    # masks, logit masks, seeds, several samplers (shared ones stay equal), passes ahead.
+    from loom.runtime.engine_worker import _decode_execute, _encode_execute
+
+    greedy, hot = SamplerSpec(), SamplerSpec(temperature=0.8, top_k=40, top_p=0.9, seed=7)
+    batch = ForwardBatch(
+        token_ids=[5, 6, 7],
+        positions=[3, 4, 9],
+        seq_indptr=[0, 2, 3],
+        page_tables=[[4, 1], [9]],
+        last_page_lens=[3, 10],
+        outputs=[
+            OutputSpec(1, greedy, top_k_dist=3),
+            OutputSpec(2, hot, logprobs=2, logit_mask=[10, 5, 240]),
+            OutputSpec(0, None, top_k_dist=5),
+        ],
+        masks=[[[4], [5]], None],
+    )
+    op = ExecuteOp(batch, fresh_pages=[9], chain=[(2, 0)])
+    back = _decode_execute(_encode_execute(op))
+    assert back == op
+    assert back.batch.outputs[1].sampler == hot and back.batch.outputs[1].sampler.seed == 7

@@ -753,6 +753,7 @@ class InProcessWorker(_WorkerBase):
 # pickle, so an op the child cannot unpickle still fails as that op instead of losing its
 # id. (A pickled ``(kind, id, payload)`` tuple cost a second pickling and a copy per op.)
 _OP, _STATS, _CLOSE = b"o", b"s", b"c"
+_EXECUTE = b"x"  # an ExecuteOp without plans or sends, in the compact form below
 _HEADER = struct.Struct("<cQ")
 
 
@@ -846,10 +847,13 @@ class SubprocessWorker(_WorkerBase):
 
     def _transmit_op(self, op_id: int, op: WorkerOp) -> BaseException | None:
         try:
-            payload = self._pickler.dumps(op)
+            if isinstance(op, ExecuteOp) and not op.plans and not op.kv_sends:
+                kind, payload = _EXECUTE, _encode_execute(op)
+            else:
+                kind, payload = _OP, self._pickler.dumps(op)
         except Exception as e:
             return e  # nothing was sent: the op fails on its own, the worker carries on
-        self._send(_OP, op_id, payload)
+        self._send(kind, op_id, payload)
         return None
 
     def _transmit_stats(self, req_id: int) -> None:
@@ -970,6 +974,40 @@ class _WirePickler:
         return buf.getvalue()
 
 
+_OUTPUT_FIELDS = operator.attrgetter("index", "sampler", "top_k_dist", "logprobs", "logit_mask")
+_SAMPLER_FIELDS = operator.attrgetter("temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def _encode_execute(op: ExecuteOp) -> bytes:
+    """A decode step's op as plain tuples and lists, pickled by C alone: the dataclass
+    reducers cost a Python call per object, ~4x the time for a one-sequence op, and this
+    is paid on the runtime thread for every batch."""
+    b = op.batch
+    outputs = [(i, None if s is None else _SAMPLER_FIELDS(s), k, lp, mask)
+               for i, s, k, lp, mask in map(_OUTPUT_FIELDS, b.outputs)]  # fmt: skip
+    wire = (b.token_ids, b.positions, b.seq_indptr, b.page_tables, b.last_page_lens, outputs,
+            b.masks, op.fresh_pages, op.chain)  # fmt: skip
+    return pickle.dumps(wire, protocol=_PICKLE)
+
+
+def _decode_execute(payload: bytes | memoryview) -> ExecuteOp:
+    """The ``ExecuteOp`` that ``_encode_execute`` wrote (in the worker)."""
+    tokens, positions, indptr, tables, lasts, wire_outputs, masks, fresh, chain = pickle.loads(
+        payload
+    )
+    samplers: dict[tuple[Any, ...], SamplerSpec] = {}
+    outputs = []
+    for i, s, k, lp, mask in wire_outputs:
+        sampler = None
+        if s is not None:
+            sampler = samplers.get(s)
+            if sampler is None:
+                sampler = samplers[s] = SamplerSpec(*s)
+        outputs.append(OutputSpec(i, sampler, k, lp, mask))
+    batch = ForwardBatch(tokens, positions, indptr, tables, lasts, outputs, masks)
+    return ExecuteOp(batch, fresh, [], [], chain)
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "exit status unknown"
@@ -1058,7 +1096,8 @@ def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:
             continue
         tb: str | None = None
         try:
-            result: object = runner.run(pickle.loads(payload))
+            op = _decode_execute(payload) if kind == _EXECUTE else pickle.loads(payload)
+            result: object = runner.run(op)
         except Exception as e:
             result, tb = _portable(e), traceback.format_exc()
         try:
