@@ -10,11 +10,12 @@ Two guests:
 Also: spawn latency of a cached Python inferlet (launch -> instantiated, median), and
 the machine's speed at the time: a bare fiber round trip (the core guest against a
 ~15-line callback and nothing else, the experiment behind the reference's 3.6 µs per call
-at 100 instances), measured before each row. This machine's speed drifts by up to 2x
-within minutes; that column says how fast it was when a row ran.
+at 100 instances), measured next to each row. This machine's speed drifts by up to 2x
+within minutes: each round runs every instance count once, rows report medians over the
+rounds, and the bare column says how fast the machine was meanwhile.
 
     python benchmarks/runtime_overhead.py [--instances 1,10,100,1000] [--calls 50]
-        [--worker process|thread] [--repeats 3]
+        [--worker process|thread] [--repeats 3]  (rounds; rows are medians over them)
 """
 
 from __future__ import annotations
@@ -240,16 +241,22 @@ def main() -> None:
     rows = []
     try:
         python_guest(rt, program, 2, 3)  # warm up the engine and the first instantiation
+        # Rounds over every instance count, medians per count: the machine's speed drifts
+        # by tens of percent within minutes, and a drift then reaches every row alike.
+        bare: dict[int, list[float]] = {n: [] for n in counts}
+        core: dict[int, list[float]] = {n: [] for n in counts}
+        runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+        for k in range(args.repeats):
+            for n in counts:
+                bare[n].append(bare_fiber())
+                core[n].append(core_guest(n, args.calls))
+                runs[n].append(python_guest(rt, program, n, args.calls))
+            print(f"  round {k + 1} of {args.repeats} done", file=sys.stderr)
         for n in counts:
-            bare_us = statistics.median(bare_fiber() for _ in range(3))
-            # Medians of --repeats runs: the machine's speed drifts by tens of percent.
-            core_us = statistics.median(core_guest(n, args.calls) for _ in range(args.repeats))
-            runs = [python_guest(rt, program, n, args.calls) for _ in range(args.repeats)]
-            py = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            per_run = [r["host_us_per_call"] for r in runs]
-            rows.append({"instances": n, "bare_fiber_us": bare_us, "core_us_per_call": core_us,
-                         **py, "host_us_runs": per_run})  # fmt: skip
-            print(f"  {n} instances done", file=sys.stderr)
+            py = {key: statistics.median(r[key] for r in runs[n]) for key in runs[n][0]}
+            rows.append({"instances": n, "bare_fiber_us": statistics.median(bare[n]),
+                         "core_us_per_call": statistics.median(core[n]), **py,
+                         "host_us_runs": [r["host_us_per_call"] for r in runs[n]]})  # fmt: skip
         waited = [python_guest(rt, program, 100, args.calls, "wait-decode") for _ in range(3)]
         step_wait = {k: statistics.median(r[k] for r in waited) for k in waited[0]}
         spawn = []
@@ -284,7 +291,7 @@ def main() -> None:
     print(f"\ncached Python inferlet spawn (launch -> instantiated), median of {len(spawn)}: "
           f"{spawn_ms:.2f} ms")  # fmt: skip
     print("bare: a fiber round trip with no runtime (the reference machine: 3.6 µs), measured "
-          "before each row")  # fmt: skip
+          "next to each row")  # fmt: skip
     print("targets: Python-guest host overhead <= 20 µs/call; 1000 vs 10 instances <= 2x; "
           "cached spawn <= 2 ms")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
