@@ -33,6 +33,7 @@ At most one batch is in flight: the engine runs one step at a time.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from loom.runtime.commands import (
@@ -43,6 +44,8 @@ from loom.runtime.commands import (
     head_tokens,
 )
 from loom.runtime.limits import RuntimeConfig
+
+_PRIORITY = operator.attrgetter("priority")
 
 
 @dataclass
@@ -64,13 +67,20 @@ class Batcher:
 
     def ready_heads(self) -> list[CommandQueue]:
         """Queues whose head is a forward-kind command, in firing order."""
-        heads = [
-            q
-            for q in self.queues
-            if isinstance(cmd := q.peek(), GenerateCmd)
-            or (isinstance(cmd, ForwardCmd) and cmd.ready())
-        ]
-        heads.sort(key=lambda q: -q.priority)  # stable: equal priorities keep their age order
+        heads = []
+        for q in self.queues:  # every queue, a few times a turn: no method call per queue
+            cmds, head = q.cmds, q.head
+            if head >= len(cmds):
+                continue
+            cmd = cmds[head]
+            if type(cmd) is ForwardCmd:
+                src = cmd.ahead_of  # a pass ahead is ready once its source returned
+                if src is None or src.future.done:
+                    heads.append(q)
+            elif isinstance(cmd, GenerateCmd) or (isinstance(cmd, ForwardCmd) and cmd.ready()):
+                heads.append(q)
+        # Stable, also reversed: equal priorities keep their age order.
+        heads.sort(key=_PRIORITY, reverse=True)
         return heads
 
     def decide(

@@ -574,10 +574,15 @@ class Runtime:
     # ===== eager commands =====
 
     def _advance_queues(self) -> None:
+        # Every turn looks at every queue (twice): a decode loop's queue holds a forward
+        # command or nothing, seen here without a method call per queue.
         for q in self.batcher.queues:
             while True:
-                cmd = q.peek()
-                if cmd is None or isinstance(cmd, (ForwardCmd, GenerateCmd)):
+                cmds, head = q.cmds, q.head
+                if head >= len(cmds):
+                    break
+                cmd = cmds[head]
+                if type(cmd) is ForwardCmd or isinstance(cmd, (ForwardCmd, GenerateCmd)):
                     break
                 inst = self._owner(q)
                 if inst is None:
