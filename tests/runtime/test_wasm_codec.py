@@ -229,13 +229,19 @@ def roundtrip_with(enc: Any, t: Ty, value: Any) -> tuple[Any, Any]:
     return decoded, kind
 
 
-def test_own_resources_reuse_one_host_object_per_encoder() -> None:
+@pytest.mark.parametrize("reuse", [True, False])
+def test_own_resources_reuse_one_host_object_per_encoder(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # With the pinned wasmtime the probe finds the rep inside a host object, so handing
     # out a resource rewrites it instead of making and freeing one each time; every
     # value must still carry its own rep (read back through wasmtime's conversion).
+    # Without the probe's confirmation (another wasmtime) each value gets its own object.
     from loom.runtime.wasm_ffi import GuestStore, WasmEngine, own
 
     assert wasm_codec.HOST_REP_OFFSET is not None
+    if not reuse:
+        monkeypatch.setattr(wasm_codec, "HOST_REP_OFFSET", None)
     store = GuestStore(WasmEngine(), memory_limit=1 << 20)
     ids = {"thing": 3}
     enc = wasm_codec.encoder(own("thing"), ids.__getitem__)
