@@ -7,8 +7,9 @@ object touched then costs about a microsecond. A shared trampoline that looks th
 function up, calls an argument-decoding closure, one decoder per argument, the function
 and an encoder entered five to seven Python functions per call. Here the callback of each
 host function is generated from its signature (``exec`` of a short source, the way
-``dataclasses`` builds methods): scalar and resource arguments are read inline, other
-arguments call their decoder, and a resource result is written inline.
+``dataclasses`` builds methods): scalar and resource arguments, and integer lists of one
+element (a decode step's token and position), are read inline, other arguments call their
+decoder, and a resource result is written inline.
 
 Resource arguments (``borrow``/``own``) are converted with wasmtime's
 ``resource_any_to_host``; an ``own`` result reuses one host object per function with its
