@@ -549,7 +549,9 @@ class Runtime:
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             self._forward_enqueued += 1
-            self._largest_since_fire = max(self._largest_since_fire, cmd.num_tokens)
+            n = cmd.num_tokens
+            if n > self._largest_since_fire:
+                self._largest_since_fire = n
             cmd.submitted_at = time.perf_counter()
             owner = self.by_seq.get(q.owner)
             if owner is not None:
@@ -557,18 +559,6 @@ class Runtime:
         q.push(cmd)
         # Host functions run on this (the loop's) thread: a flag the loop reads before it
         # sleeps is enough, and costs nothing next to an Event.
-        self._poked = True
-
-    def enqueue_pass(self, inst: Instance, q: CommandQueue, cmd: ForwardCmd) -> None:
-        """``enqueue`` for a forward pass of ``inst`` on a queue of its own (the hot path
-        of every forward call)."""
-        self._forward_enqueued += 1
-        n = len(cmd.tokens)
-        if n > self._largest_since_fire:
-            self._largest_since_fire = n
-        cmd.submitted_at = time.perf_counter()
-        inst.submitted = True
-        q.push(cmd)
         self._poked = True
 
     # ===== eager commands =====

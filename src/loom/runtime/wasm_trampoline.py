@@ -74,13 +74,10 @@ def _argument_lines(
     return lines
 
 
-def _result_lines(
-    result: Any, resource_ids: Callable[[str], int], ns: dict[str, Any]
-) -> tuple[list[str], wasm_codec.Encoder | None]:
-    """Statements writing ``out`` to ``res``, and the encoder they stand for."""
+def _result_lines(result: Any, resource_ids: Callable[[str], int], ns: dict[str, Any]) -> list[str]:
+    """Statements writing ``out`` to ``res``."""
     if result is None:
-        return [], None
-    enc = wasm_codec.encoder(result, resource_ids)
+        return []
     if result.kind == "own" and wasm_codec.HOST_REP_OFFSET is not None:
         host = wasm_codec.host_new(True, 0, resource_ids(result.args[0]))
         ns["_own_rep"] = ctypes.c_uint32.from_address(host + wasm_codec.HOST_REP_OFFSET)
@@ -91,9 +88,14 @@ def _result_lines(
             "if err:",
             "    _resource_error(err, 'could not hand a resource to the guest')",
             "_memmove(res, _pack_resource(_K_RESOURCE, _any.value or 0), 16)",
-        ], enc
-    ns["_enc"] = enc
-    return ["_enc(ctx, out, res)"], enc
+        ]
+    ns["_enc"] = wasm_codec.encoder(result, resource_ids)
+    return ["_enc(ctx, out, res)"]
+
+
+def _call_args(n: int) -> str:
+    """The host function's arguments in the generated call: the context, then ``a<i>``."""
+    return ", ".join(["ctx"] + [f"a{i}" for i in range(n)])
 
 
 def _namespace() -> dict[str, Any]:
@@ -112,6 +114,7 @@ def _namespace() -> dict[str, Any]:
         "_memmove": ctypes.memmove,
         "_pack_resource": wasm_codec.KIND_PTR.pack,
         "_K_RESOURCE": wasm_codec.K_RESOURCE,
+        "_perf": perf_counter,
     }
 
 
@@ -136,10 +139,9 @@ def sync_trampoline(
     ``stats``."""
     ns = _namespace()
     ns.update(_fn=fn, _name=name, _on_error=on_error, _stats=stats)
-    ns["_perf"] = perf_counter
     body = _argument_lines(params, resource_ids, ns)
-    args = ", ".join(["ctx"] + [f"a{i}" for i in range(len(params))])
-    out_lines, _ = _result_lines(result, resource_ids, ns)
+    args = _call_args(len(params))
+    out_lines = _result_lines(result, resource_ids, ns)
     body.append(f"out = _fn({args})" if out_lines else f"_fn({args})")
     body += out_lines
     src = "\n".join(
@@ -179,9 +181,8 @@ def async_trampoline(
     ns = _namespace()
     ns.update(_fn=fn, _name=name, _on_error=on_error, _parked=parked, _keys=keys,
               _cont_fn=continuation[0], _cont_fin=continuation[1], _stats=stats)  # fmt: skip
-    ns["_perf"] = perf_counter
     body = _argument_lines(params, resource_ids, ns)
-    args = ", ".join(["ctx"] + [f"a{i}" for i in range(len(params))])
+    args = _call_args(len(params))
     body.append(f"pending = _fn({args})")
     ns["_enc"] = wasm_codec.encoder(result, resource_ids) if result is not None else None
     src = "\n".join(

@@ -163,15 +163,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         outs = fp.outputs
         items = sorted(outs.items()) if len(outs) > 1 else outs.items()
         outputs = [_output_spec(i, o) for i, o in items]
-        fut = HostFuture()
-        problem = _check(fp, outputs, rt)
-        if problem is not None:
-            fut.resolve(Err(problem))
-        else:
-            cmd = ForwardCmd(fp.tokens, fp.positions, fp.pages, fp.last_page_len, fp.masks,
-                             outputs, fut)  # fmt: skip
-            rt.enqueue_pass(inst, fp.queue, cmd)
-        return rt.handles.add(inst.seq, fut)
+        return rt.handles.add(inst.seq, queue_pass(rt, fp, outputs)[0])
 
     def submit_step(
         inst: Instance,
