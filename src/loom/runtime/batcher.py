@@ -73,11 +73,11 @@ class Batcher:
             if head >= len(cmds):
                 continue
             cmd = cmds[head]
-            if type(cmd) is ForwardCmd:
-                src = cmd.ahead_of  # a pass ahead is ready once its source returned
+            if isinstance(cmd, ForwardCmd):
+                src = cmd.ahead_of  # ``cmd.ready()``: a pass ahead once its source returned
                 if src is None or src.future.done:
                     heads.append(q)
-            elif isinstance(cmd, GenerateCmd) or (isinstance(cmd, ForwardCmd) and cmd.ready()):
+            elif isinstance(cmd, GenerateCmd):
                 heads.append(q)
         # Stable, also reversed: equal priorities keep their age order.
         heads.sort(key=_PRIORITY, reverse=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loom.config import EngineConfig
-from loom.engine.batch import ForwardBatch, OutputSpec
+from loom.engine.batch import ForwardBatch
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.models.config import ModelConfig
@@ -60,7 +60,7 @@ from loom.runtime.engine_worker import (
 )
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.histogram import BATCH_SIZES, STEP_SECONDS, Histogram
-from loom.runtime.host.forward_api import forward_output
+from loom.runtime.host.forward_api import forward_output, output_spec
 from loom.runtime.host_core import register_core
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.limits import RuntimeConfig
@@ -572,7 +572,7 @@ class Runtime:
                 if head >= len(cmds):
                     break
                 cmd = cmds[head]
-                if type(cmd) is ForwardCmd or isinstance(cmd, (ForwardCmd, GenerateCmd)):
+                if isinstance(cmd, (ForwardCmd, GenerateCmd)):
                     break
                 inst = self._owner(q)
                 if inst is None:
@@ -752,7 +752,7 @@ class Runtime:
                 masks.append(rows)
                 any_mask = any_mask or rows is not None
                 for o in outs:
-                    outputs.append(_shift(o, base))
+                    outputs.append(output_spec(o.index + base, o))
                 parts.append((inst, q, cmd, out_start, len(outputs)))
                 if isinstance(cmd, ForwardCmd):
                     q.inflight += 1
@@ -978,26 +978,6 @@ def _fill_ahead(q: CommandQueue, cmd: ForwardCmd, token: int | None) -> None:
         q.ahead = None
     if q.withdraw(ahead):
         ahead.future.resolve(wasm_ffi.Err("the pass before it failed"))
-
-
-def _shift(o: OutputSpec, base: int) -> OutputSpec:
-    """``o`` at row ``base`` of a batch. Specs without a logit mask are shared by every
-    pass that asks the same (``forward_api``), so their shifted copies are kept too: a
-    frozen dataclass costs a few µs to build, for every output of every batch."""
-    if o.logit_mask is not None:
-        return OutputSpec(o.index + base, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
-    key = (id(o), base)
-    hit = _SHIFTED.get(key)
-    if hit is not None:
-        return hit[1]
-    if len(_SHIFTED) >= 1 << 16:
-        _SHIFTED.clear()
-    shifted = OutputSpec(o.index + base, o.sampler, o.top_k_dist, o.logprobs)
-    _SHIFTED[key] = (o, shifted)  # holds ``o``: its id stays its own while the entry lives
-    return shifted
-
-
-_SHIFTED: dict[tuple[int, int], tuple[OutputSpec, OutputSpec]] = {}
 
 
 def _trap_summary(err: str) -> str:

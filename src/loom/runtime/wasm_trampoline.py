@@ -93,14 +93,20 @@ def _result_lines(result: Any, resource_ids: Callable[[str], int], ns: dict[str,
     return ["_enc(ctx, out, res)"]
 
 
-def _call_args(n: int) -> str:
-    """The host function's arguments in the generated call: the context, then ``a<i>``."""
-    return ", ".join(["ctx"] + [f"a{i}" for i in range(n)])
+def _decode_and_call(
+    params: Sequence[Any], resource_ids: Callable[[str], int], ns: dict[str, Any], target: str
+) -> list[str]:
+    """Lines decoding the arguments into ``a<i>``, then ``<target>_fn(ctx, a0, ...)``."""
+    body = _argument_lines(params, resource_ids, ns)
+    args = ", ".join(["ctx"] + [f"a{i}" for i in range(len(params))])
+    body.append(f"{target}_fn({args})")
+    return body
 
 
-def _namespace() -> dict[str, Any]:
+def _namespace(**bound: Any) -> dict[str, Any]:
+    """The generated function's globals: the shared helpers and ``bound``."""
     host, anyp = c_void_p(), c_void_p()
-    return {
+    return bound | {
         "_ptr_at": ctypes.c_size_t.from_address,
         "_to_host": wasm_codec.any_to_host,
         "_to_any": wasm_codec.host_to_any,
@@ -137,12 +143,9 @@ def sync_trampoline(
     arguments, calls ``fn(context, *args)``, writes its result. A raised exception
     becomes the returned error (``on_error(ctx, name, e)``). Counts calls and time in
     ``stats``."""
-    ns = _namespace()
-    ns.update(_fn=fn, _name=name, _on_error=on_error, _stats=stats)
-    body = _argument_lines(params, resource_ids, ns)
-    args = _call_args(len(params))
+    ns = _namespace(_fn=fn, _name=name, _on_error=on_error, _stats=stats)
     out_lines = _result_lines(result, resource_ids, ns)
-    body.append(f"out = _fn({args})" if out_lines else f"_fn({args})")
+    body = _decode_and_call(params, resource_ids, ns, "out = " if out_lines else "")
     body += out_lines
     src = "\n".join(
         [
@@ -178,13 +181,11 @@ def async_trampoline(
     context and the result address; the guest's continuation is ``continuation``
     (callback and finalizer addresses) with that key. A raised exception ends the guest
     (``on_error(ctx, name, e, err_ret, cont)``)."""
-    ns = _namespace()
-    ns.update(_fn=fn, _name=name, _on_error=on_error, _parked=parked, _keys=keys,
-              _cont_fn=continuation[0], _cont_fin=continuation[1], _stats=stats)  # fmt: skip
-    body = _argument_lines(params, resource_ids, ns)
-    args = _call_args(len(params))
-    body.append(f"pending = _fn({args})")
-    ns["_enc"] = wasm_codec.encoder(result, resource_ids) if result is not None else None
+    enc = None if result is None else wasm_codec.encoder(result, resource_ids)
+    ns = _namespace(_fn=fn, _name=name, _on_error=on_error, _parked=parked, _keys=keys,
+                    _cont_fn=continuation[0], _cont_fin=continuation[1], _stats=stats,
+                    _enc=enc)  # fmt: skip
+    body = _decode_and_call(params, resource_ids, ns, "pending = ")
     src = "\n".join(
         [
             "def trampoline(env, ctx, ty, args, nargs, res, nres, err_ret, cont):",

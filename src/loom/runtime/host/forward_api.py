@@ -162,7 +162,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         fp.executed = True
         outs = fp.outputs
         items = sorted(outs.items()) if len(outs) > 1 else outs.items()
-        outputs = [_output_spec(i, o) for i, o in items]
+        outputs = [output_spec(i, o) for i, o in items]
         return rt.handles.add(inst.seq, queue_pass(rt, fp, outputs)[0])
 
     def submit_step(
@@ -381,17 +381,19 @@ def queue_pass(
 _SPECS: dict[tuple[int, int, int, int | None], OutputSpec] = {}
 
 
-def _output_spec(index: int, o: _Out) -> OutputSpec:
-    """The engine's spec of one output; specs without a logit mask are shared (they are
-    immutable, and a decode loop asks for the same one every step). Keyed by the
-    sampler's id (hashing a dataclass runs Python code): the spec in the entry holds the
-    sampler, so the id stays its own while the entry lives."""
+def output_spec(index: int, o: _Out | OutputSpec) -> OutputSpec:
+    """The engine's spec of output ``o`` at row ``index`` (of a pass, or of a batch when
+    the runtime shifts a pass's specs into it). Specs without a logit mask are shared:
+    they are immutable, a decode loop asks for the same one every step, and a frozen
+    dataclass costs a few µs to build. Keyed by the sampler's id (hashing a dataclass
+    runs Python code): the spec in the entry holds the sampler, so the id stays its own
+    while the entry lives."""
     if o.logit_mask is not None:
         return OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
     key = (index, id(o.sampler), o.top_k_dist, o.logprobs)
     spec = _SPECS.get(key)
     if spec is None:
-        if len(_SPECS) >= 4096:
+        if len(_SPECS) >= 1 << 16:  # rows of the largest batches, per distinct sampler
             _SPECS.clear()
         spec = _SPECS[key] = OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs)
     return spec
