@@ -281,3 +281,27 @@ def test_compact_execute_ops_cross_the_pipe_unchanged() -> None:
     back = _decode_execute(_encode_execute(op))
     assert back == op
     assert back.batch.outputs[1].sampler == hot and back.batch.outputs[1].sampler.seed == 7
+
+
+@pytest.mark.parametrize("size", [0, 200, (1 << 16) - 1, 1 << 16, 300_000])
+def test_ops_are_framed_as_send_bytes_frames_them(size: int) -> None:
+    # Small ops are framed by hand and written with one system call; the worker reads
+    # every op with ``recv_bytes``, so both paths must give it header + payload intact.
+    import multiprocessing
+
+    from loom.runtime.engine_worker import _HEADER, _write_message
+
+    r, w = multiprocessing.Pipe(duplex=False)
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    got: list[bytes] = []
+    # A reader thread: a frame larger than the pipe's buffer blocks until it is read.
+    reader = threading.Thread(target=lambda: got.extend([r.recv_bytes(), r.recv_bytes()]))
+    reader.start()
+    try:
+        _write_message(w, w.fileno(), b"x", 12345, payload)
+        _write_message(w, w.fileno(), b"s", 2**63, b"")  # the next frame starts cleanly
+    finally:
+        reader.join(TIMEOUT_S)
+        r.close()
+        w.close()
+    assert got == [_HEADER.pack(b"x", 12345) + payload, _HEADER.pack(b"s", 2**63)]

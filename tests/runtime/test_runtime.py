@@ -454,3 +454,21 @@ def test_generation_chunks_in_the_worker_equal_step_by_step(rt: Any, testkit: st
     assert chunked == plain
     assert chunked_batches < plain_batches
     assert free_pages(rt) == free0
+
+
+def test_a_lone_decode_loop_costs_one_loop_turn_per_step(rt: Any, testkit: str) -> None:
+    # A turn that finds nothing to do still looks at the inbox, the engine and every
+    # queue: a guest's pokes are answered where its pass is fired, not by a second turn
+    # before the loop sleeps.
+    steps = 30
+    before = rt.query(lambda: (rt.stats.turns, rt.stats.batches))
+    result, _ = run(rt, testkit, "decode", "5,6,7", str(steps))
+    assert result.ok, result.error
+    turns, batches = (
+        b - a
+        for a, b in zip(before, rt.query(lambda: (rt.stats.turns, rt.stats.batches)), strict=True)
+    )
+    assert batches == steps  # the prompt, then a pass per token after the first
+    # Measured: 34 turns for 30 steps (starting, ending); two turns per step gave 64. The
+    # slack is for preemptions on a loaded machine.
+    assert turns <= batches + batches // 2, (turns, batches)

@@ -82,6 +82,7 @@ class RuntimeStats:
     guest_polls: int = 0
     poll_s: float = 0.0  # time inside guest fibers (guest work + host calls it made)
     loop_s: float = 0.0  # time of loop turns that did work
+    turns: int = 0  # loop turns (each looks at the inbox, the engine and every queue)
     spawned: int = 0
     spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     continued_tokens: int = 0  # tokens the worker generated on its own (generate chunks)
@@ -274,8 +275,11 @@ class Runtime:
     def _loop(self) -> None:
         while not self._stop:
             t0 = time.perf_counter()
+            self.stats.turns += 1
             # Clear before looking at any state: a wake-up posted from now on is not lost.
-            self._wake.clear()
+            # (Most turns find it clear; ``clear`` itself runs three Python functions.)
+            if self._wake.is_set():
+                self._wake.clear()
             self._poked = False
             self._process_inbox()
             if self.microserving.reservations:
@@ -566,6 +570,11 @@ class Runtime:
     def _advance_queues(self) -> None:
         # Every turn looks at every queue (twice): a decode loop's queue holds a forward
         # command or nothing, seen here without a method call per queue.
+        # What host functions enqueued so far is looked at now, and forward work right
+        # after (fired, left to a batch in flight, or held by the policy with a timeout):
+        # the loop needs no turn more for it before it sleeps (``_fire`` asks for one when
+        # commands wait behind the passes it took).
+        self._poked = False
         for q in self.batcher.queues:
             while True:
                 cmds, head = q.cmds, q.head
@@ -656,6 +665,8 @@ class Runtime:
                 self._mid_submission.clear()
             return None
         heads = self.batcher.ready_heads()
+        if not heads:  # (what ``decide`` answers then, without asking it)
+            return None
         decision = self.batcher.decide(
             self._batch_inflight,
             heads,
@@ -764,6 +775,9 @@ class Runtime:
                         chain.append((base, src.out_index))
         if not parts:
             return
+        for q in taken_heads:
+            if q.head < len(q.cmds):
+                self._poked = True  # what follows the fired passes may run now: a turn more
         batch = ForwardBatch(
             token_ids=tokens,
             positions=positions,
