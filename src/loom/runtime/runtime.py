@@ -693,7 +693,8 @@ class Runtime:
         last = self._last_flight
         if last is None or last.plans or last.kv_sends:
             return
-        if sum(1 for f in self._flight.values() if f is not None) != 1:
+        # (``_flight`` also holds page ops, as None: rarely, so count only then.)
+        if len(self._flight) != 1 and sum(f is not None for f in self._flight.values()) != 1:
             return  # one batch queued behind the running one is enough
         self._advance_queues()  # page allocations queued before the passes ahead
         ahead: list[CommandQueue] = []
@@ -724,6 +725,7 @@ class Runtime:
         kv_sends: list[Any] = []
         chain: list[tuple[int, int]] = []
         taken_heads: list[CommandQueue] = []
+        only_generations = True  # every part a host-driven generation (chunks may follow)
         max_tokens = self.config.max_batch_tokens
         for q in heads:
             inst = self._owner(q)
@@ -766,6 +768,7 @@ class Runtime:
                     outputs.append(output_spec(o.index + base, o))
                 parts.append((inst, q, cmd, out_start, len(outputs)))
                 if isinstance(cmd, ForwardCmd):
+                    only_generations = False
                     q.inflight += 1
                     if cmd.kv_send is not None:
                         kv_sends.append(cmd.kv_send)
@@ -792,7 +795,13 @@ class Runtime:
             if isinstance(cmd, ForwardCmd):
                 cmd.flight = flight
         plans: list[GenPlan] = []
-        if after is None and len(taken_heads) == len(heads) and not self._runq and not self._inbox:
+        if (
+            only_generations
+            and after is None
+            and len(taken_heads) == len(heads)
+            and not self._runq
+            and not self._inbox
+        ):
             plans = self._plan_generations(flight)
         op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends, chain)
         op_id = self.worker.submit(op)
@@ -824,12 +833,12 @@ class Runtime:
             self.submit_op(NudgeOp(), lambda _: None)
 
     def _plan_generations(self, flight: _Flight) -> list[GenPlan]:
-        """When a batch holds only host-driven generations and nothing else can arrive
-        before it returns, let the worker go on with them for up to ``generate_chunk``
-        tokens (no round trip per token). Pages for those tokens are taken now, only if
-        free; a generation that stops early gives the spare ones back."""
+        """When a batch holds only host-driven generations (the caller checks) and nothing
+        else can arrive before it returns, let the worker go on with them for up to
+        ``generate_chunk`` tokens (no round trip per token). Pages for those tokens are
+        taken now, only if free; a generation that stops early gives the spare ones back."""
         chunk = self.config.generate_chunk
-        if chunk <= 0 or not all(isinstance(c, GenerateCmd) for _, _, c, _, _ in flight.parts):
+        if chunk <= 0:
             return []
         # A generation's first token goes out at once (time to first token); the chunks
         # only speed up the tokens after it.
@@ -883,7 +892,7 @@ class Runtime:
             if flight is None:  # a page op (copy/mask): its ids were checked when queued
                 continue
             now = time.perf_counter()
-            followers = [f for f in self._flight.values() if f is not None]
+            followers = [f for f in self._flight.values() if f is not None] if self._flight else []
             self._batch_inflight = bool(followers)
             if self._chunk_flight is flight:
                 self._chunk_flight = None
