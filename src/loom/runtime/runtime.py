@@ -280,8 +280,7 @@ class Runtime:
             # (Most turns find it clear; ``clear`` itself runs three Python functions.)
             if self._wake.is_set():
                 self._wake.clear()
-            self._poked = False
-            self._process_inbox()
+            self._process_inbox()  # (``_advance_queues`` below answers any poke)
             if self.microserving.reservations:
                 self.microserving.expire(time.monotonic())
             self._drain_engine()
@@ -736,6 +735,8 @@ class Runtime:
             # A pass ahead of a running pass goes alone (its token is not known here).
             taken = take_pass_ahead(q) if after is not None else take_forward_run(q)
             taken_heads.append(q)
+            if q.head < len(q.cmds):
+                self._poked = True  # what follows the passes taken may run now: a turn more
             for cmd in taken:
                 try:
                     if isinstance(cmd, GenerateCmd):
@@ -778,9 +779,6 @@ class Runtime:
                         chain.append((base, src.out_index))
         if not parts:
             return
-        for q in taken_heads:
-            if q.head < len(q.cmds):
-                self._poked = True  # what follows the fired passes may run now: a turn more
         batch = ForwardBatch(
             token_ids=tokens,
             positions=positions,
