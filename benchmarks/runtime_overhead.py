@@ -16,6 +16,7 @@ rounds, and the bare column says how fast the machine was meanwhile.
 
     python benchmarks/runtime_overhead.py [--instances 1,10,100,1000] [--calls 50]
         [--worker process|thread] [--repeats 3]  (rounds; rows are medians over them)
+        [--no-pin-cpus]  (leave the runtime thread and the engine to the scheduler)
 """
 
 from __future__ import annotations
@@ -221,6 +222,10 @@ def main() -> None:
         help="engine worker mode (process: the server's default)",
     )  # fmt: skip
     ap.add_argument(
+        "--pin-cpus", action=argparse.BooleanOptionalAction, default=True,
+        help="runtime thread on one core, the engine on the others (the server's default)",
+    )  # fmt: skip
+    ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime_overhead.json"
     )
     args = ap.parse_args()
@@ -240,6 +245,7 @@ def main() -> None:
         RuntimeConfig(page_wait_timeout_s=600),
         worker_mode=args.worker,
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
+        pin_cpus=args.pin_cpus,
     )
     program = rt.add_program(wasm)
     rows = []

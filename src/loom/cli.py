@@ -158,6 +158,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--worker", choices=["process", "thread"], help="engine placement")
     serve.add_argument("--engine-threads", type=int)
+    serve.add_argument(
+        "--pin-cpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="runtime thread on one core, the engine worker on the others (default on)",
+    )
     serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
     serve.add_argument("--out-of-pages", choices=["wait", "kill-newest"])
     serve.add_argument("--max-instances", type=int)

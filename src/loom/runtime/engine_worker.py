@@ -46,6 +46,7 @@ from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
 from loom.errors import LoomError, ModelLoadError, RequestError
 from loom.models import resolve_model_dir
+from loom.runtime.cpu_placement import UNPINNED, CpuPlacement, pin_current_thread
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -258,6 +259,7 @@ def start_worker(
     mode: Literal["process", "thread"] = "process",
     on_ready: Callable[[], None] | None = None,
     threads: int | None = None,
+    placement: CpuPlacement = UNPINNED,
 ) -> EngineWorker:
     """Load the engine described by ``config`` in a child process or a background thread.
 
@@ -266,9 +268,11 @@ def start_worker(
     to ``drain()``; keep it short (setting a ``threading.Event`` is the intended use), and
     never call ``stats()`` from it: that thread is the one that would deliver the answer.
     ``threads`` sets the child's torch intra-op threads (process mode; None: torch's default).
+    ``placement`` (process mode): the child runs on its ``engine`` cores, the reader thread
+    that takes its results on the ``runtime`` core.
     """
     if mode == "process":
-        return SubprocessWorker(config, on_ready, threads=threads)
+        return SubprocessWorker(config, on_ready, threads=threads, placement=placement)
     if mode == "thread":
         return InProcessWorker(config, on_ready)
     raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
@@ -794,6 +798,7 @@ class SubprocessWorker(_WorkerBase):
         on_ready: Callable[[], None] | None = None,
         *,
         threads: int | None = None,
+        placement: CpuPlacement = UNPINNED,
     ) -> None:
         super().__init__(on_ready)
         if threads is not None and threads < 1:
@@ -804,7 +809,7 @@ class SubprocessWorker(_WorkerBase):
         # daemon: if the runtime exits without close(), multiprocessing still ends the child.
         self._process = ctx.Process(
             target=_child_main,
-            args=(config, ops_r, res_w, threads),
+            args=(config, ops_r, res_w, threads, placement.engine),
             name="loom-engine-worker",
             daemon=True,
         )
@@ -827,7 +832,10 @@ class SubprocessWorker(_WorkerBase):
             res_r.close()
             raise
         self._reader = threading.Thread(
-            target=self._read_results, name="loom-engine-worker-reader", daemon=True
+            target=self._read_results,
+            args=(None if placement.runtime is None else {placement.runtime},),
+            name="loom-engine-worker-reader",
+            daemon=True,
         )
         self._reader.start()
 
@@ -873,8 +881,10 @@ class SubprocessWorker(_WorkerBase):
         except OSError:
             pass
 
-    def _read_results(self) -> None:
-        """Reader thread: results -> ``_done`` (then ``on_ready``) until the child exits."""
+    def _read_results(self, cores: set[int] | None) -> None:
+        """Reader thread: results -> ``_done`` (then ``on_ready``) until the child exits.
+        ``cores``: where it runs (the runtime thread's core, which takes the results next)."""
+        pin_current_thread(cores)
         reason: str | None = None
         try:
             while True:
@@ -1055,9 +1065,15 @@ def _portable(e: BaseException) -> BaseException:
 
 
 def _child_main(
-    config: EngineConfig, ops_r: Connection, res_w: Connection, threads: int | None = None
+    config: EngineConfig,
+    ops_r: Connection,
+    res_w: Connection,
+    threads: int | None = None,
+    cores: frozenset[int] | None = None,
 ) -> None:
-    """The child process: load the engine, then serve ops until told to stop."""
+    """The child process: load the engine, then serve ops until told to stop. ``cores``:
+    where it runs (set first, so that torch's threads start there)."""
+    pin_current_thread(cores)
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm's default lock (the loader's progress bar) is a multiprocessing lock, whose

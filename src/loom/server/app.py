@@ -72,10 +72,11 @@ def start_state(settings: ServeSettings, log: Any = None) -> ServerState:
         settings.runtime_config(),
         worker_mode=settings.worker,  # type: ignore[arg-type]
         engine_threads=settings.engine_threads,
+        pin_cpus=settings.pin_cpus,
     )
     say(f"loom: model ready in {time.perf_counter() - t0:.1f} s: {runtime.model_name}, "
         f"{runtime.pool.num_pages} KV pages of {runtime.page_size} tokens, "
-        f"context {runtime.max_model_len}")  # fmt: skip
+        f"context {runtime.max_model_len}; {runtime.placement.describe()}")  # fmt: skip
     return ServerState(runtime, settings, runtime.model_name)
 
 

@@ -34,6 +34,9 @@ class ServeSettings:
     prefix_cache: bool = True
     worker: str = "process"  # the engine in its own process, or "thread" (tests, debugging)
     engine_threads: int | None = None  # torch threads of a process worker
+    # A process worker on two cores or more: the runtime thread on the first of this
+    # process's cores, the engine on the others (off: both left to the scheduler).
+    pin_cpus: bool = True
 
     # The runtime.
     batch_policy: str = "adaptive"
