@@ -5,8 +5,9 @@ forward passes. Left to the scheduler, the runtime thread wakes after each engin
 whichever core is free, often the one the engine just filled with its own data, and its
 guests and host calls then run from cold caches. Kept on a core of its own (with the
 worker's reader thread, whose results it takes next), its working set stays warm there:
-on the 2-core test machine, host time per call fell by about 8% at 1, 10 and 100
-instances, and guest time per forward with it (ARCHITECTURE.md, Measured).
+on the 2-core test machine, host time per call fell by 11% at one instance and by 1-5%
+at 10 and 100; at 1000, where the runtime thread is never idle, it came out between 6%
+slower and 16% faster (ARCHITECTURE.md, Measured).
 
 Pinning splits the cores this process may use (``os.sched_getaffinity``): the first one
 for the runtime, the others for the engine. With fewer than two there is nothing to split
@@ -68,10 +69,10 @@ def pin_current_thread(cores: Iterable[int] | None) -> None:
 
 def _ranges(cores: Iterable[int]) -> str:
     """``{1, 2, 3, 5}`` -> ``"1-3,5"``."""
-    out: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive cores
     for c in sorted(cores):
-        if out and out[-1].split("-")[-1] == str(c - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
         else:
-            out.append(str(c))
-    return ",".join(out)
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
