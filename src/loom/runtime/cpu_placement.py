@@ -31,6 +31,11 @@ class CpuPlacement:
     runtime: int | None = None
     engine: frozenset[int] | None = None
 
+    @property
+    def runtime_cores(self) -> frozenset[int] | None:
+        """``runtime`` as the core set ``pin_current_thread`` takes."""
+        return None if self.runtime is None else frozenset((self.runtime,))
+
     def describe(self) -> str:
         if self.runtime is None or self.engine is None:
             return "cores not pinned"

@@ -833,7 +833,7 @@ class SubprocessWorker(_WorkerBase):
             raise
         self._reader = threading.Thread(
             target=self._read_results,
-            args=(None if placement.runtime is None else {placement.runtime},),
+            args=(placement.runtime_cores,),
             name="loom-engine-worker-reader",
             daemon=True,
         )
@@ -881,7 +881,7 @@ class SubprocessWorker(_WorkerBase):
         except OSError:
             pass
 
-    def _read_results(self, cores: set[int] | None) -> None:
+    def _read_results(self, cores: frozenset[int] | None) -> None:
         """Reader thread: results -> ``_done`` (then ``on_ready``) until the child exits.
         ``cores``: where it runs (the runtime thread's core, which takes the results next)."""
         pin_current_thread(cores)

@@ -283,8 +283,7 @@ class Runtime:
     # ===== the loop =====
 
     def _loop(self) -> None:
-        if self.placement.runtime is not None:
-            pin_current_thread({self.placement.runtime})
+        pin_current_thread(self.placement.runtime_cores)
         while not self._stop:
             t0 = time.perf_counter()
             self.stats.turns += 1
