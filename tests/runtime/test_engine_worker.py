@@ -64,9 +64,9 @@ class Driver:
         return self.wait([self.worker.submit(op) for op in ops])
 
 
-def start(config: EngineConfig, mode: Mode) -> Driver:
+def start(config: EngineConfig, mode: Mode, idle_spin_s: float | None = None) -> Driver:
     ready = threading.Event()
-    worker = start_worker(config, mode=mode, on_ready=ready.set)
+    worker = start_worker(config, mode=mode, on_ready=ready.set, idle_spin_s=idle_spin_s)
     return Driver(worker, ready)
 
 
@@ -80,9 +80,12 @@ def engine(config: EngineConfig) -> Engine:
     return Engine(config)
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
+@pytest.fixture(scope="module", params=["thread", "process", "spinning"])
 def driver(request: pytest.FixtureRequest, config: EngineConfig) -> Iterator[Driver]:
-    d = start(config, request.param)
+    if request.param == "spinning":  # a process worker that polls 50 ms for each next op
+        d = start(config, "process", idle_spin_s=0.05)
+    else:
+        d = start(config, request.param)
     yield d
     d.worker.close()
 

@@ -47,6 +47,7 @@ from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpe
 from loom.errors import LoomError, ModelLoadError, RequestError
 from loom.models import resolve_model_dir
 from loom.runtime.cpu_placement import UNPINNED, CpuPlacement, pin_current_thread
+from loom.runtime.pipe_reader import SpinningPipeReader
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -59,6 +60,10 @@ logger = logging.getLogger(__name__)
 _PICKLE = pickle.HIGHEST_PROTOCOL
 # How long close() lets the child finish its queued ops before terminating it.
 _CLOSE_TIMEOUT_S = 10.0
+# How long a process worker with cores of its own polls for its next op after each one:
+# longer than the runtime's turn between batches at up to ~10 instances (0.1-1 ms on the
+# 2-core test machine), short enough that an idle server's engine core goes quiet at once.
+IDLE_SPIN_S = 0.002
 
 
 # ===== the contract =====
@@ -260,6 +265,7 @@ def start_worker(
     on_ready: Callable[[], None] | None = None,
     threads: int | None = None,
     placement: CpuPlacement = UNPINNED,
+    idle_spin_s: float | None = None,
 ) -> EngineWorker:
     """Load the engine described by ``config`` in a child process or a background thread.
 
@@ -270,9 +276,13 @@ def start_worker(
     ``threads`` sets the child's torch intra-op threads (process mode; None: torch's default).
     ``placement`` (process mode): the child runs on its ``engine`` cores, the reader thread
     that takes its results on the ``runtime`` core.
+    ``idle_spin_s`` (process mode): how long the child polls its ops pipe after each op
+    instead of sleeping (``SubprocessWorker``).
     """
     if mode == "process":
-        return SubprocessWorker(config, on_ready, threads=threads, placement=placement)
+        return SubprocessWorker(
+            config, on_ready, threads=threads, placement=placement, idle_spin_s=idle_spin_s
+        )
     if mode == "thread":
         return InProcessWorker(config, on_ready)
     raise ValueError(f"mode must be 'process' or 'thread', got {mode!r}")
@@ -790,7 +800,14 @@ class _StatsReply:
 
 
 class SubprocessWorker(_WorkerBase):
-    """Runs the engine in a "spawn" child process; a reader thread here collects results."""
+    """Runs the engine in a "spawn" child process; a reader thread here collects results.
+
+    ``idle_spin_s``: after each op, while it waits for the next, the child polls its ops
+    pipe for this long instead of sleeping, so that sending it a batch does not pay for
+    waking it (``pipe_reader``). By default ``IDLE_SPIN_S`` when ``placement`` gives the
+    engine cores of its own, else 0: a polling child on a core the runtime thread uses
+    would take that thread's time.
+    """
 
     def __init__(
         self,
@@ -799,17 +816,23 @@ class SubprocessWorker(_WorkerBase):
         *,
         threads: int | None = None,
         placement: CpuPlacement = UNPINNED,
+        idle_spin_s: float | None = None,
     ) -> None:
         super().__init__(on_ready)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if idle_spin_s is None:
+            idle_spin_s = IDLE_SPIN_S if placement.engine else 0.0
+        if idle_spin_s < 0:
+            raise ValueError(f"idle_spin_s must be >= 0, got {idle_spin_s}")
+        self.idle_spin_s = idle_spin_s
         ctx = multiprocessing.get_context("spawn")
         ops_r, ops_w = ctx.Pipe(duplex=False)
         res_r, res_w = ctx.Pipe(duplex=False)
         # daemon: if the runtime exits without close(), multiprocessing still ends the child.
         self._process = ctx.Process(
             target=_child_main,
-            args=(config, ops_r, res_w, threads, placement.engine),
+            args=(config, ops_r, res_w, threads, placement.engine, idle_spin_s),
             name="loom-engine-worker",
             daemon=True,
         )
@@ -1070,6 +1093,7 @@ def _child_main(
     res_w: Connection,
     threads: int | None = None,
     cores: frozenset[int] | None = None,
+    idle_spin_s: float = 0.0,
 ) -> None:
     """The child process: load the engine, then serve ops until told to stop. ``cores``:
     where it runs (set first, so that torch's threads start there)."""
@@ -1092,7 +1116,7 @@ def _child_main(
             res_w.send_bytes(_dumps(_StartupFailed(_portable(e), traceback.format_exc())))
         else:
             res_w.send_bytes(_dumps(_Ready(runner.info)))
-            _serve(runner, ops_r, res_w)
+            _serve(runner, ops_r, res_w, idle_spin_s)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody to answer
     # Skip the interpreter's teardown: tearing torch down takes ~0.7 s, which close()
@@ -1102,30 +1126,29 @@ def _child_main(
     os._exit(0)
 
 
-def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection) -> None:
+def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection, idle_spin_s: float) -> None:
     """Run ops and answer stats requests in arrival order until a close message (or EOF).
 
     A reader thread moves messages from the pipe into a queue as they come, so the pipe
     never fills while a long op runs and the parent's ``submit`` never waits on the engine.
+    While this thread waits for work, the reader polls for ``idle_spin_s`` first.
     """
     inbox: queue.SimpleQueue[tuple[bytes, int, memoryview]] = queue.SimpleQueue()
 
-    def read_ops() -> None:
-        while True:
-            try:
-                data = memoryview(ops_r.recv_bytes())
-                kind, ident = _HEADER.unpack_from(data)
-                msg = (kind, ident, data[_HEADER.size :])
-            except (EOFError, OSError):
-                msg = (_CLOSE, 0, memoryview(b""))  # the parent is gone
-            inbox.put(msg)
-            if msg[0] == _CLOSE:
-                return
+    def deliver(data: bytes | None) -> None:
+        if data is None:  # the parent is gone (or closed its end)
+            inbox.put((_CLOSE, 0, memoryview(b"")))
+            return
+        kind, ident = _HEADER.unpack_from(data)
+        inbox.put((kind, ident, memoryview(data)[_HEADER.size :]))
 
-    threading.Thread(target=read_ops, name="loom-engine-worker-ops", daemon=True).start()
+    reader = SpinningPipeReader(ops_r.fileno(), deliver, idle_spin_s)
+    threading.Thread(target=reader.run, name="loom-engine-worker-ops", daemon=True).start()
     runner.pending = lambda: not inbox.empty()
     replies = _WirePickler()
     while True:
+        if inbox.empty():
+            reader.idle()
         kind, ident, payload = inbox.get()
         if kind == _CLOSE:
             return

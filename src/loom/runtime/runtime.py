@@ -1035,6 +1035,7 @@ def start_runtime(
     cache_dir: Path | None = None,
     engine_threads: int | None = None,
     pin_cpus: bool = True,
+    engine_idle_spin_s: float | None = None,
 ) -> Runtime:
     """Start an engine worker and a runtime driving it (call ``stop`` and ``close_worker``).
 
@@ -1044,6 +1045,8 @@ def start_runtime(
     from 30–36 µs to ~25 µs and guest time per forward by a quarter with 1 engine thread).
     ``pin_cpus`` (process worker, two cores or more): keep the runtime thread on the first
     of this process's cores and the engine on the others (``cpu_placement``).
+    ``engine_idle_spin_s``: how long a process worker polls for its next op after each one
+    (None: ``engine_worker.IDLE_SPIN_S`` when pinned, else 0).
     """
     placement = UNPINNED
     if worker_mode == "process":
@@ -1059,6 +1062,7 @@ def start_runtime(
         on_ready=wake.set,
         threads=engine_threads,
         placement=placement,
+        idle_spin_s=engine_idle_spin_s,
     )
     rt = Runtime(worker, config, cache_dir=cache_dir, wake=wake, placement=placement)
     return rt.start()
