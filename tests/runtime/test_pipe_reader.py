@@ -88,7 +88,12 @@ def test_messages_arrive_whole_and_in_order_then_the_end(
     sizes = [0, 7, 200_000, 3, 65_536]
     messages = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     send = multiprocessing.connection.Connection(os.dup(r.w), readable=False)
-    writer = threading.Thread(target=lambda: [send.send_bytes(m) for m in messages[:3]])
+
+    def write() -> None:
+        for m in messages[:3]:
+            send.send_bytes(m)
+
+    writer = threading.Thread(target=write)
     writer.start()
     writer.join(TIMEOUT_S)
     os.write(r.w, b"".join(struct.pack("!i", len(m)) + m for m in messages[3:]))
