@@ -12,7 +12,7 @@ Two parts, in one run:
    host time per call side by side (``side_by_side.py``).
 
     python benchmarks/engine_idle_spin.py [--instances 1,10,100] [--rounds 12]
-        [--pipe-rounds 6] [--pipe-writes 1000]
+        [--mode decode|wait-decode] [--pipe-rounds 6] [--pipe-writes 1000]
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def main() -> None:
     ap.add_argument("--instances", default="1,10,100")
     ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument(
+        "--mode", choices=("decode", "wait-decode"), default="decode",
+        help="guests build each pass call by call, or make it with forward.step-wait",
+    )  # fmt: skip
     ap.add_argument("--pipe-rounds", type=int, default=6)
     ap.add_argument("--pipe-writes", type=int, default=1000)
     ap.add_argument(
@@ -122,8 +126,13 @@ def main() -> None:
         "polling": {"engine_idle_spin_s": IDLE_SPIN_S},
     }
     counts = [int(x) for x in args.instances.split(",")]
-    rows, _ = compare(sides, counts, args.calls, args.rounds)
-    extra = {"pipe_write_us": pipe_us, "pipe_write_runs": pipe, "idle_spin_s": IDLE_SPIN_S}
+    rows, _ = compare(sides, counts, args.calls, args.rounds, args.mode)
+    extra = {
+        "mode": args.mode,
+        "pipe_write_us": pipe_us,
+        "pipe_write_runs": pipe,
+        "idle_spin_s": IDLE_SPIN_S,
+    }
     report(rows, list(sides), ("sleep", "poll"), args.rounds, args.out, extra)
 
 

@@ -24,10 +24,15 @@ KEYS = ("host_us_per_call", "in_fns_us_per_call", "loop_us_per_batch", "guest_us
 
 
 def compare(
-    sides: dict[str, dict[str, Any]], counts: list[int], calls: int, rounds: int
+    sides: dict[str, dict[str, Any]],
+    counts: list[int],
+    calls: int,
+    rounds: int,
+    mode: str = "decode",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run both ``sides`` (name -> ``start_runtime`` keyword arguments; the first is the
-    baseline) alternately; return a row per instance count and the runtimes' placements."""
+    baseline) alternately; return a row per instance count and the runtimes' placements.
+    ``mode``: how the guests make their passes (``runtime_overhead.python_guest``)."""
     from loom.config import EngineConfig
     from loom.models.tiny import ensure_tiny_model
     from loom.runtime.limits import RuntimeConfig
@@ -59,7 +64,7 @@ def compare(
             for n in counts:
                 for side in order:
                     rt, program = runtimes[side]
-                    runs[side, n].append(python_guest(rt, program, n, calls))
+                    runs[side, n].append(python_guest(rt, program, n, calls, mode))
             print(f"  round {k + 1} of {rounds} done", file=sys.stderr)
         placements = {side: rt.placement.describe() for side, (rt, _) in runtimes.items()}
     finally:

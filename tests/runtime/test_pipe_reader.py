@@ -129,6 +129,26 @@ def test_polls_only_from_idle_until_the_next_message(
     assert eventually(lambda: r.reader.sleeping)  # busy consumer: the reader sleeps
 
 
+def test_no_window_after_a_wait_that_outlasted_one(
+    reading: Callable[[float], Reading],
+) -> None:
+    r = reading(0.5)
+    r.reader.idle()
+    assert eventually(lambda: not r.reader.sleeping)
+    time.sleep(0.8)  # the window ends; the message comes later
+    os.write(r.w, struct.pack("!i", 1) + b"a")
+    assert r.wait_for(1) == [b"a"]
+    assert eventually(lambda: r.reader.sleeping)
+    r.reader.idle()  # the last wait was longer than a window: no polling now
+    for _ in range(20):
+        time.sleep(0.005)
+        assert r.reader.sleeping
+    os.write(r.w, struct.pack("!i", 1) + b"b")  # a short wait this time ...
+    assert r.wait_for(2) == [b"a", b"b"]
+    r.reader.idle()  # ... so the next one polls again
+    assert eventually(lambda: not r.reader.sleeping)
+
+
 def test_no_window_no_polling(reading: Callable[[float], Reading]) -> None:
     r = reading(0.0)
     r.reader.idle()

@@ -5,7 +5,9 @@ test machine ~6-7 µs per write against a blocked reader in another process on t
 core, ~1 µs against one that polls (`benchmarks/engine_idle_spin.py`). The runtime thread pays
 that on every batch it sends, so while the engine waits for its next op, this reader
 polls the pipe for a short window instead of sleeping; once a message arrives (the
-engine has work) or the window ends, it sleeps in ``poll`` again and costs nothing.
+engine has work) or the window ends, it sleeps in ``poll`` again and costs nothing. The
+window opens only when the last wait for work fitted in it: with many guests the runtime's
+turn between batches takes longer (~10 ms at 100 instances), and polling would be wasted.
 
 The frames are those of ``multiprocessing.connection.Connection.send_bytes``: a 4-byte
 big-endian length, or -1 and an 8-byte length for messages of 2 GiB or more.
@@ -30,7 +32,8 @@ class SpinningPipeReader:
     to ``deliver`` as bytes, then ``None`` once the writer is gone.
 
     ``idle()`` (from the consuming thread, when it is about to wait for a message) starts
-    a window of ``spin_s`` seconds in which the reader polls instead of sleeping. The
+    a window of ``spin_s`` seconds in which the reader polls instead of sleeping, unless
+    the previous wait (from ``idle()`` to the next message) took longer than that. The
     window ends at the next message: the consumer is busy then, and a spinning reader
     would take the core from it.
     """
@@ -41,6 +44,8 @@ class SpinningPipeReader:
         self._spin_s = spin_s
         self._spin_until = 0.0  # perf_counter time; 0 when not spinning
         self._sleeping = False  # the reader is (about to be) blocked in poll
+        self._idle_at = 0.0  # when the consumer last went idle; 0 once a message came
+        self._last_wait_s = 0.0  # from idle() to the next message, the last time
         # ``idle()`` writes a byte here to wake a sleeping reader, which then spins.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(fd, False)
@@ -56,7 +61,10 @@ class SpinningPipeReader:
         """The consumer waits for work: spin for the next ``spin_s`` seconds."""
         if self._spin_s <= 0:
             return
-        self._spin_until = time.perf_counter() + self._spin_s
+        self._idle_at = now = time.perf_counter()
+        if self._last_wait_s > self._spin_s:
+            return  # the last wait outlasted a window: this one likely will too
+        self._spin_until = now + self._spin_s
         # Set before reading ``_sleeping``; the reader sets ``_sleeping`` before reading
         # ``_spin_until``: one of the two sees the other's write, so a reader about to
         # sleep is either woken here or does not sleep.
@@ -111,6 +119,9 @@ class SpinningPipeReader:
             if len(buf) < end:
                 break
             self._spin_until = 0.0  # the consumer has work now (set before it can idle)
+            if self._idle_at:
+                self._last_wait_s = time.perf_counter() - self._idle_at
+                self._idle_at = 0.0
             with memoryview(buf) as view:  # one copy of the message, not two
                 message = bytes(view[start + head : end])
             self._deliver(message)
