@@ -162,7 +162,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--pin-cpus",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="runtime thread on one core, the engine worker on the others (default on)",
+        help="runtime thread on one core, the engine worker on the others, polling for its "
+        "next batch for up to 2 ms after each (default on)",
     )
     serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
     serve.add_argument("--out-of-pages", choices=["wait", "kill-newest"])

@@ -35,7 +35,8 @@ class ServeSettings:
     worker: str = "process"  # the engine in its own process, or "thread" (tests, debugging)
     engine_threads: int | None = None  # torch threads of a process worker
     # A process worker on two cores or more: the runtime thread on the first of this
-    # process's cores, the engine on the others (off: both left to the scheduler).
+    # process's cores, the engine on the others, where it polls for its next op for up to
+    # 2 ms after each one (off: both left to the scheduler, and the engine sleeps at once).
     pin_cpus: bool = True
 
     # The runtime.
