@@ -51,6 +51,8 @@ class Reading:
     def close(self) -> None:
         os.close(self.w)
         self.thread.join(TIMEOUT_S)
+        assert not self.thread.is_alive()
+        self.reader.close()
         os.close(self._r)
 
 

@@ -1,9 +1,10 @@
 """The engine worker's side of the ops pipe: framed messages in, spinning while idle.
 
 Writing to a pipe whose reader sleeps costs the writer the reader's wake-up: on the 2-vCPU
-test machine ~6-7 µs per write against a blocked reader in another process on the other
-core, ~1 µs against one that polls (`benchmarks/engine_idle_spin.py`). The runtime thread pays
-that on every batch it sends, so while the engine waits for its next op, this reader
+test machine 7.7 µs per write against a reader sleeping in another process on the other
+core, 1.7 µs against one that polls (`benchmarks/engine_idle_spin.py`); inside the
+runtime's loop, 12-15 µs vs ~1.5. The runtime thread pays that on every batch it sends,
+so while the engine waits for its next op, this reader
 polls the pipe for a short window instead of sleeping; once a message arrives (the
 engine has work) or the window ends, it sleeps in ``poll`` again and costs nothing. The
 window opens only when the last wait for work fitted in it: with many guests the runtime's
@@ -97,10 +98,14 @@ class SpinningPipeReader:
                 self._deliver_complete()
         except OSError:
             pass  # the pipe is gone: as at its end
-        finally:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        self._sleeping = False
         self._deliver(None)
+
+    def close(self) -> None:
+        """Close the wake-up pipe, once ``run`` has returned (``idle()`` may write to it
+        until then)."""
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _deliver_complete(self) -> None:
         buf = self._buf
