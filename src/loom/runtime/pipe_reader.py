@@ -4,11 +4,11 @@ Writing to a pipe whose reader sleeps costs the writer the reader's wake-up: on 
 test machine 7.7 µs per write against a reader sleeping in another process on the other
 core, 1.7 µs against one that polls (`benchmarks/engine_idle_spin.py`); inside the
 runtime's loop, 12-15 µs vs ~1.5. The runtime thread pays that on every batch it sends,
-so while the engine waits for its next op, this reader
-polls the pipe for a short window instead of sleeping; once a message arrives (the
-engine has work) or the window ends, it sleeps in ``poll`` again and costs nothing. The
-window opens only when the last wait for work fitted in it: with many guests the runtime's
-turn between batches takes longer (~10 ms at 100 instances), and polling would be wasted.
+so while the engine waits for its next op, this reader polls the pipe for a short window
+instead of sleeping; once a message arrives (the engine has work) or the window ends, it
+sleeps in ``poll`` again and costs nothing. The window opens only when the last wait for
+work fitted in it: with many guests the runtime's turn between batches takes longer
+(~10 ms at 100 instances), and polling would be wasted.
 
 The frames are those of ``multiprocessing.connection.Connection.send_bytes``: a 4-byte
 big-endian length, or -1 and an 8-byte length for messages of 2 GiB or more.
