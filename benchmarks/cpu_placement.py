@@ -20,23 +20,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
+    from side_by_side import add_arguments, compare, instance_counts, report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--instances", default="1,10,100")
-    ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_placement.json"
-    )
+    add_arguments(ap, "cpu_placement")
     args = ap.parse_args()
 
     from loom.runtime.cpu_placement import allowed_cpus
-    from side_by_side import compare, report
 
     if len(allowed_cpus()) < 2:
         sys.exit("cpu_placement: needs two cores or more (pinning has nothing to split)")
     sides = {"unpinned": {"pin_cpus": False}, "pinned": {"pin_cpus": True}}
-    counts = [int(x) for x in args.instances.split(",")]
-    rows, _ = compare(sides, counts, args.calls, args.rounds)
+    rows, _ = compare(sides, instance_counts(args), args.calls, args.rounds)
     report(rows, list(sides), ("unpin", "pin"), args.rounds, args.out)
 
 

@@ -85,24 +85,20 @@ def write_us(spin_s: float, writes: int, cores: list[int]) -> float:
 
 
 def main() -> None:
+    from side_by_side import add_arguments, compare, instance_counts, report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--instances", default="1,10,100")
-    ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
-    ap.add_argument("--rounds", type=int, default=12)
+    add_arguments(ap, "engine_idle_spin")
     ap.add_argument(
         "--mode", choices=("decode", "wait-decode"), default="decode",
         help="guests build each pass call by call, or make it with forward.step-wait",
     )  # fmt: skip
     ap.add_argument("--pipe-rounds", type=int, default=6)
     ap.add_argument("--pipe-writes", type=int, default=1000)
-    ap.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine_idle_spin.json"
-    )
     args = ap.parse_args()
 
     from loom.runtime.cpu_placement import allowed_cpus
     from loom.runtime.engine_worker import IDLE_SPIN_S
-    from side_by_side import compare, report
 
     cores = sorted(allowed_cpus())
     if len(cores) < 2:
@@ -125,8 +121,7 @@ def main() -> None:
         "sleeping": {"engine_idle_spin_s": 0.0},
         "polling": {"engine_idle_spin_s": IDLE_SPIN_S},
     }
-    counts = [int(x) for x in args.instances.split(",")]
-    rows, _ = compare(sides, counts, args.calls, args.rounds, args.mode)
+    rows, _ = compare(sides, instance_counts(args), args.calls, args.rounds, args.mode)
     extra = {
         "mode": args.mode,
         "pipe_write_us": pipe_us,

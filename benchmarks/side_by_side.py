@@ -9,6 +9,7 @@ the ratio is the second side's host time over the first's per round, then its me
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -21,6 +22,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 KEYS = ("host_us_per_call", "in_fns_us_per_call", "loop_us_per_batch", "guest_us_per_forward",
         "wall_s")  # fmt: skip
+
+
+def add_arguments(ap: argparse.ArgumentParser, name: str) -> None:
+    """The options every side-by-side benchmark takes; JSON to ``results/<name>.json``."""
+    ap.add_argument("--instances", default="1,10,100", help="instance counts, comma-separated")
+    ap.add_argument("--calls", type=int, default=50, help="forward calls per instance")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.json")
+
+
+def instance_counts(args: argparse.Namespace) -> list[int]:
+    return [int(x) for x in args.instances.split(",")]
 
 
 def compare(

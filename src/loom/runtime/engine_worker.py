@@ -47,7 +47,7 @@ from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpe
 from loom.errors import LoomError, ModelLoadError, RequestError
 from loom.models import resolve_model_dir
 from loom.runtime.cpu_placement import UNPINNED, CpuPlacement, pin_current_thread
-from loom.runtime.pipe_reader import SpinningPipeReader
+from loom.runtime.pipe_reader import FRAME_LENGTH, SpinningPipeReader
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -769,9 +769,7 @@ class InProcessWorker(_WorkerBase):
 _OP, _STATS, _CLOSE = b"o", b"s", b"c"
 _EXECUTE = b"x"  # an ExecuteOp without plans or sends, in the compact form below
 _HEADER = struct.Struct("<cQ")
-# multiprocessing's framing of a message under 2 GiB: its length, big-endian (what
-# ``Connection.send_bytes`` writes before it).
-_LENGTH = struct.Struct("!i")
+# Messages under this size are framed here (``FRAME_LENGTH``) and written in one call.
 _SMALL_MESSAGE = 1 << 16
 
 
@@ -977,7 +975,7 @@ def _write_message(conn: Connection, fd: int, kind: bytes, ident: int, payload: 
     if len(payload) >= _SMALL_MESSAGE:
         conn.send_bytes(_HEADER.pack(kind, ident) + payload)
         return
-    msg = _LENGTH.pack(_HEADER.size + len(payload)) + _HEADER.pack(kind, ident) + payload
+    msg = FRAME_LENGTH.pack(_HEADER.size + len(payload)) + _HEADER.pack(kind, ident) + payload
     sent = os.write(fd, msg)
     while sent < len(msg):  # a blocking pipe takes it all, barring signals
         sent += os.write(fd, msg[sent:])

@@ -23,7 +23,9 @@ import struct
 import time
 from collections.abc import Callable
 
-_LENGTH = struct.Struct("!i")
+# A frame of a message under 2 GiB starts with its length, big-endian (what
+# ``Connection.send_bytes`` writes before it; the worker's writer frames small ops itself).
+FRAME_LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
 _READ_SIZE = 1 << 16  # a pipe's default capacity
 
@@ -111,15 +113,15 @@ class SpinningPipeReader:
         buf = self._buf
         start = 0
         while True:
-            head = _LENGTH.size
+            head = FRAME_LENGTH.size
             if len(buf) - start < head:
                 break
-            (size,) = _LENGTH.unpack_from(buf, start)
+            (size,) = FRAME_LENGTH.unpack_from(buf, start)
             if size == -1:
                 head += _LONG_LENGTH.size
                 if len(buf) - start < head:
                     break
-                (size,) = _LONG_LENGTH.unpack_from(buf, start + _LENGTH.size)
+                (size,) = _LONG_LENGTH.unpack_from(buf, start + FRAME_LENGTH.size)
             end = start + head + size
             if len(buf) < end:
                 break
