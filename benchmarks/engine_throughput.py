@@ -27,6 +27,16 @@ from typing import Any
 import torch
 
 MODELS: dict[str, dict[str, Any]] = {
+    # ~0.1M: one narrow layer. For the constant-step-time engine mode, where the real
+    # compute of a pass of 128 sequences must stay well inside the padded step.
+    "micro": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    ),
     # ~1.2M parameters: the embedded default's shape.
     "tiny": {},
     # ~41.6M: hidden 512, 8 layers, vocab 32000, tied embeddings.

@@ -17,9 +17,15 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences running at once
     max_model_len: int | None = None  # context length; None = the model's maximum
     enable_prefix_caching: bool = True
+    # Benchmarks only: pad every forward pass to this wall time (0: off), whatever its
+    # size, the way a launch-bound GPU step behaves; passes and idle gaps then cost here
+    # what they would cost there.
+    step_time_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or (self.num_pages is not None and self.num_pages <= 0):
             raise ValueError("page_size and num_pages must be positive")
         if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0 <= self.step_time_ms < 60_000:
+            raise ValueError(f"step_time_ms must be in [0, 60000), got {self.step_time_ms}")

@@ -35,6 +35,9 @@ class Request:
     num_inserted_pages: int = 0  # full pages already offered to the prefix cache
     num_preemptions: int = 0
     detokenizer: Any = None  # IncrementalDetokenizer while running
+    # perf_counter times of the first and the latest sampled token (time per output token)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +70,8 @@ class RequestOutput:
     logprobs: list[float] | None = None  # of each chosen token, when asked
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    first_token_at: float | None = None  # perf_counter time of the first sampled token
+    last_token_at: float | None = None  # ...and of the last
 
     @classmethod
     def of(cls, req: Request) -> RequestOutput:
@@ -83,4 +88,6 @@ class RequestOutput:
             if want and req.params.logprobs
             else None,
             num_cached_tokens=req.num_cached_tokens,
+            first_token_at=req.first_token_at,
+            last_token_at=req.last_token_at,
         )

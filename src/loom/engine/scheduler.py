@@ -11,6 +11,7 @@ cheap when its pages are still cached).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -172,6 +173,7 @@ class Scheduler:
     def update(self, out: SchedulerOutput, results: list[OutputResult]) -> None:
         """Apply one step's results to its requests."""
         it = iter(results)
+        now = time.perf_counter()
         for s in out.seqs:
             req = s.request
             if req.is_finished:  # aborted while the step ran
@@ -179,6 +181,9 @@ class Scheduler:
             req.num_computed += s.num_new
             self._cache_full_pages(req)
             if s.samples:
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                req.last_token_at = now
                 reason = self.outputs.append(req, next(it))
                 if reason is not None:
                     self._finish(req, reason)

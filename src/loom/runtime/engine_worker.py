@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import dataclasses
+import functools
 import io
 import itertools
 import logging
@@ -101,6 +102,18 @@ class GenPlan:
     stop_tokens: frozenset[int]
     max_steps: int
     logit_mask: list[int] | None
+
+
+@dataclass
+class ChunkStep:
+    """Progress of an ``ExecuteOp`` with plans, drained like a result but before it (the
+    op stays pending): step 0 carries the batch's own ``results``; step k > 0 the token
+    each plan sampled in its k-th continued step (None: that plan had stopped). The
+    final result still carries everything, so a reader may ignore these."""
+
+    step: int
+    results: list[OutputResult] | None
+    tokens: list[int | None] | None
 
 
 @dataclass
@@ -230,6 +243,7 @@ class EngineStatsSnapshot:
     num_tokens: int
     num_outputs: int
     recent_batches: list[tuple[int, int]]  # (sequences, tokens) per batch, newest last
+    busy_s: float = 0.0  # wall time inside passes
 
 
 class EngineWorker(Protocol):
@@ -243,7 +257,8 @@ class EngineWorker(Protocol):
 
     def drain(self) -> list[tuple[int, object | BaseException]]:
         """Take the finished ops as ``(op id, result or the exception it raised)``, in
-        completion order. Never blocks. Ops run in submission order, so their results come
+        completion order (an op with plans first yields ``ChunkStep`` progress, one per
+        step). Never blocks. Ops run in submission order, so their results come
         in that order; an op that never reaches the engine (unpicklable, or the worker is
         closed or dead) resolves at once, possibly ahead of earlier ops still running."""
         ...
@@ -318,6 +333,9 @@ class _OpRunner:
         # Whether an op waits behind the current one (set by the worker that owns this
         # runner): a generation chunk ends early for it.
         self.pending: Callable[[], bool] = lambda: False
+        # Hands each step of a generation chunk to the runtime as it is made (set by the
+        # worker that owns this runner), so tokens stream out in the pass that made them.
+        self.progress: Callable[[ChunkStep], None] = lambda step: None
         self.receiver: Any = None
         self.last_results: list[OutputResult] | None = None  # of the last ExecuteOp
         # The same EOS set the engine's own output processor uses (tokenizer's, then the
@@ -357,15 +375,18 @@ class _OpRunner:
             batch = ForwardBatch(toks, pos, list(range(len(active) + 1)), tables, lasts, outs)
             step = self.engine.execute(batch)
             still = []
+            made: list[int | None] = [None] * len(plans)
             for j, i in enumerate(active):
                 tok = step[j].token
                 assert tok is not None
                 out[i].append(tok)
                 last[i] = tok
+                made[i] = tok
                 p = plans[i]
                 room = (len(p.pages) * ps) - (p.kv_len + len(out[i]) + 1)
                 if tok not in p.stop_tokens and len(out[i]) < p.max_steps and room >= 0:
                     still.append(i)
+            self.progress(ChunkStep(len(out[active[0]]), None, made))
             active = still
             if active and self.pending():
                 break  # new work is waiting: hand back what was made, the runtime goes on
@@ -458,6 +479,7 @@ class _OpRunner:
             return results
         for plan in op.plans:
             self._check_pages(plan.pages)
+        self.progress(ChunkStep(0, results, None))
         return results, self._continue(results, op.plans)
 
     def _execute_sending(self, op: ExecuteOp) -> object:
@@ -537,6 +559,7 @@ class _OpRunner:
             num_tokens=s.num_tokens,
             num_outputs=s.num_outputs,
             recent_batches=list(s.recent_batches),
+            busy_s=s.busy_s,
         )
 
 
@@ -641,10 +664,14 @@ class _WorkerBase:
         with self._lock:
             for op_id, result in results:
                 if op_id in self._pending:  # else already failed by _fail
-                    del self._pending[op_id]
+                    if not isinstance(result, ChunkStep):  # progress: still running
+                        del self._pending[op_id]
                     self._done.append((op_id, result))
         if results:
             self._notify()
+
+    def _progress(self, op_id: int, step: ChunkStep) -> None:
+        self._complete([(op_id, step)])
 
     def _stats_reply(self, req_id: int, snapshot: EngineStatsSnapshot) -> None:
         with self._lock:
@@ -733,6 +760,7 @@ class InProcessWorker(_WorkerBase):
                 if isinstance(item, _ThreadStats):
                     self._stats_reply(item.req_id, runner.stats())
                     continue
+                runner.progress = functools.partial(self._progress, item.op_id)
                 try:
                     result: object = runner.run(item.op)
                 except Exception as e:
@@ -998,7 +1026,15 @@ _WIRE_REDUCERS: dict[type, Callable[[Any], Any]] = {
     **copyreg.dispatch_table,
     **{
         cls: _positional_reducer(cls)
-        for cls in (ForwardBatch, OutputSpec, SamplerSpec, OutputResult, ExecuteOp, GenPlan)
+        for cls in (
+            ForwardBatch,
+            OutputSpec,
+            SamplerSpec,
+            OutputResult,
+            ExecuteOp,
+            GenPlan,
+            ChunkStep,
+        )
     },
 }
 
@@ -1124,6 +1160,10 @@ def _child_main(
     os._exit(0)
 
 
+def _send_progress(res_w: Connection, replies: _WirePickler, op_id: int, step: ChunkStep) -> None:
+    res_w.send_bytes(replies.dumps(_OpDone(op_id, step, None)))
+
+
 def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection, idle_spin_s: float) -> None:
     """Run ops and answer stats requests in arrival order until a close message (or EOF).
 
@@ -1154,6 +1194,7 @@ def _serve(runner: _OpRunner, ops_r: Connection, res_w: Connection, idle_spin_s:
             res_w.send_bytes(replies.dumps(_StatsReply(ident, runner.stats())))
             continue
         tb: str | None = None
+        runner.progress = functools.partial(_send_progress, res_w, replies, ident)
         try:
             op = _decode_execute(payload) if kind == _EXECUTE else pickle.loads(payload)
             result: object = runner.run(op)

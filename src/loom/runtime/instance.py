@@ -46,6 +46,11 @@ class InstanceHandle:
         self.result: InstanceResult | None = None
         self.launched_at = time.perf_counter()
         self.finished_at: float | None = None  # perf_counter time the result was set
+        # When the engine first and last sampled a token (or returned a pass's outputs)
+        # for it, and how many times: time per output token, as a reader would see it.
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.sampled = 0
         self._done = threading.Event()
 
     def send(self, message: str) -> None:
@@ -64,6 +69,13 @@ class InstanceHandle:
             raise TimeoutError(f"instance {self.id} still running after {timeout}s")
         assert self.result is not None
         return self.result
+
+    def _note_tokens(self, now: float, n: int) -> None:
+        """Runtime thread: ``n`` tokens (or outputs) for it came back at ``now``."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.sampled += n
 
     def _finish(self, result: InstanceResult) -> None:
         self.finished_at = time.perf_counter()

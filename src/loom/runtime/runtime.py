@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ from loom.runtime.cpu_placement import (
     plan,
 )
 from loom.runtime.engine_worker import (
+    ChunkStep,
     CopySlotsOp,
     EngineWorker,
     ExecuteOp,
@@ -97,6 +98,13 @@ class RuntimeStats:
     nudges: int = 0  # generation chunks the worker was asked to cut short
     chained_batches: int = 0  # batches of passes ahead sent while the one before ran
     sampled_tokens: int = 0  # tokens sampled for inferlets and completions
+    # What the engine did, as a GPU would feel it: passes (a generation chunk's steps
+    # included), the sequences in them, and the engine's idle time between a pass's
+    # result and the next pass while work was ready (guests to run or commands queued).
+    engine_passes: int = 0
+    pass_seqs: int = 0
+    engine_idle_s: float = 0.0
+    idle_gaps: int = 0
     step_latency: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))
     batch_size_hist: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
 
@@ -110,6 +118,8 @@ class _Flight:
     submitted_at: float = field(default_factory=time.perf_counter)
     kv_sends: bool = False  # the result comes as (result, transfer results)
     nudged: bool = False  # the worker was told to cut its generation chunk short
+    step0_done: bool = False  # the batch's own step was taken from a ``ChunkStep``
+    replayed: dict[int, int] = field(default_factory=dict)  # part -> continued tokens taken
     forward_enqueued: int = 0  # the runtime's count of forward commands when it fired
 
 
@@ -179,6 +189,7 @@ class Runtime:
         self._engine_step_s = 0.0
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self._batch_inflight = False
+        self._idle_since: float | None = None  # the engine went free with work ready
         self._last_flight: _Flight | None = None  # the batch sent last, while in flight
         # Guests whose time slice ended in the middle of submitting forward work (sibling
         # forks, say; or an instance starting, its prefill queued, still in Python): each
@@ -308,6 +319,8 @@ class Runtime:
             if ran:
                 self.stats.loop_s += time.perf_counter() - t0
             if not self._runq and not self._inbox and not self._poked:
+                if wait_s is None and not self._batch_inflight:
+                    self._idle_since = None  # nothing to run: idle for want of work
                 timeout = 0.05 if wait_s is None else max(0.0, wait_s)
                 self._wake.wait(timeout)
         for inst in list(self.instances.values()):
@@ -417,27 +430,41 @@ class Runtime:
                 # fires, instead of holding every batch until the pass comes back to it.
                 self._resume(inst)
             # A prefill arrived that outweighs what the rest of the pass is likely to add
-            # (a decode token each): if the engine is free, fire now rather than after
-            # every guest ran. Decode steps alone never fire mid-pass, else the woken
-            # guests would split into cohorts again. A long pass (many instances starting,
-            # ~5 ms each) looks for the engine's result after each guest, so prefills go
-            # on arriving batch after batch instead of the engine idling until the pass
-            # ends. One attempt per time the engine is found free: it scans every queue.
+            # (a decode token each), or work waits that no guest of this pass adds to
+            # (host generations, passes ahead): if the engine is free, fire now rather
+            # than after every guest ran. Decode steps of guests that wait on each pass
+            # never fire mid-pass, else the woken guests would split into cohorts again.
+            # A long pass (many instances starting, ~3-6 ms each) looks for the engine's
+            # result after each guest, so the engine goes on working batch after batch
+            # instead of idling until the pass ends. One attempt per time the engine is
+            # found free: it scans every queue.
             prefill_waits = self._largest_since_fire > len(self._runq)
-            if prefill_waits and self._batch_inflight:
+            if self._batch_inflight and (prefill_waits or self._wake.is_set()):
                 self._drain_engine()
                 if not self._batch_inflight:
                     tried_fire = False
             if (
-                prefill_waits
-                and not tried_fire
+                not tried_fire
                 and not self._batch_inflight
                 and not self._mid_submission  # not before those guests are done
+                and (prefill_waits or self._guestless_work_ready())
             ):
                 tried_fire = True
                 self._advance_queues()
                 self._maybe_fire(before_guests=True)
         return True
+
+    def _guestless_work_ready(self) -> bool:
+        """A head that no guest's turn adds to: a host generation or a pass ahead."""
+        for q in self.batcher.queues:
+            cmds, head = q.cmds, q.head
+            if head < len(cmds):
+                cmd = cmds[head]
+                if isinstance(cmd, GenerateCmd) or (
+                    isinstance(cmd, ForwardCmd) and cmd.is_ahead and cmd.ready()
+                ):
+                    return True
+        return False
 
     def _resume(self, inst: Instance) -> None:
         """Run ``inst`` until it waits, finishes or its time slice ends."""
@@ -814,6 +841,10 @@ class Runtime:
             plans = self._plan_generations(flight)
         op = ExecuteOp(batch, self.pool.drain_fresh(), plans, kv_sends, chain)
         op_id = self.worker.submit(op)
+        if self._idle_since is not None:
+            self.stats.engine_idle_s += time.perf_counter() - self._idle_since
+            self.stats.idle_gaps += 1
+            self._idle_since = None
         self._largest_since_fire = 0
         self._chunk_flight = flight if plans else None
         flight.forward_enqueued = self._forward_enqueued
@@ -893,6 +924,11 @@ class Runtime:
 
     def _drain_engine(self) -> None:
         for op_id, result in self.worker.drain():
+            if isinstance(result, ChunkStep):
+                progressing = self._flight.get(op_id)
+                if progressing is not None:
+                    self._on_chunk_step(progressing, result)
+                continue
             callback = self._op_callbacks.pop(op_id, None)
             if callback is not None:
                 callback(result)
@@ -914,6 +950,14 @@ class Runtime:
             if not flight.plans:  # one step (a generation chunk is many)
                 self._engine_step_s += 0.2 * (step_s - self._engine_step_s)
             self._complete(flight, result)
+            if not self._batch_inflight and self._work_pending():
+                self._idle_since = now
+
+    def _work_pending(self) -> bool:
+        """Whether a guest may run or a command waits: the engine is idle for the runtime."""
+        if self._runq or self._mid_submission:
+            return True
+        return any(q.head < len(q.cmds) for q in self.batcher.queues)
 
     def _trim_pages(self, inst: Instance, task: Any) -> None:
         """Give back pages a finished generation took ahead and did not fill."""
@@ -933,8 +977,13 @@ class Runtime:
         more: list[list[int]] = []
         if flight.plans and not failed:
             result, more = result
+        self.stats.engine_passes += 1 + max(map(len, more), default=0)
+        self.stats.pass_seqs += len(flight.parts) + sum(map(len, more))
+        now = time.perf_counter()
         for k, (inst, q, cmd, a, b) in enumerate(flight.parts):
             if isinstance(cmd, ForwardCmd):
+                if b > a and not failed:
+                    inst.handle._note_tokens(now, 1)
                 q.inflight -= 1
                 cmd.flight = None
                 if cmd.kv_send is not None:
@@ -951,49 +1000,94 @@ class Runtime:
             if not inst.alive:
                 continue
             if failed:
-                task.finish_reason = f"error: {result}"
+                if task.finish_reason is None:
+                    task.finish_reason = f"error: {result}"
             else:
-                first = result[a].token
-                assert first is not None
-                if task.logprobs is not None:
-                    task.outputs.append(result[a])
-                steps = [first]
+                if not flight.step0_done:
+                    self._take_tokens(inst, cmd, [result[a].token], result[a])
                 if k in flight.plans:  # the tokens the worker went on to generate
-                    steps += more[flight.plans[k]]
-                    self.stats.continued_tokens += len(steps) - 1
-                self.stats.sampled_tokens += len(steps)
-                for tok in steps:
-                    delta = task.on_token(tok)
-                    if task.on_delta is not None:
-                        task.on_delta(delta, tok)
-                    elif task.stream and delta:
-                        try:
-                            self.send_to_client(inst, delta)
-                        except HostCallError as e:
-                            self.kill(inst, str(e))
-                    if task.finish_reason is not None:
-                        break  # later tokens the worker made are dropped (slots unused)
-                if k in flight.plans and task.finish_reason is None:
-                    # A chunk cut short leaves pages taken ahead unfilled; the next step
-                    # takes what it needs again.
-                    self._trim_pages(inst, task)
+                    made = more[flight.plans[k]]
+                    self.stats.continued_tokens += len(made)
+                    self._take_tokens(inst, cmd, made[flight.replayed.get(k, 0) :], None)
+                    if task.finish_reason is None:
+                        # A chunk cut short leaves pages taken ahead unfilled; the next
+                        # step takes what it needs again.
+                        self._trim_pages(inst, task)
             if task.finish_reason is not None:
-                if q.peek() is cmd:
-                    q.pop()
-                self._trim_pages(inst, task)
-                task.future.resolve(
-                    wasm_ffi.Ok(
-                        (
-                            task.tokens,
-                            task.text,
-                            task.finish_reason,
-                            task.pages,
-                            task.last_page_len(self.page_size),
-                        )
+                self._finish_generation(inst, q, cmd)
+
+    def _on_chunk_step(self, flight: _Flight, step: ChunkStep) -> None:
+        """One step of a generation chunk, while the worker goes on: its tokens stream out
+        now. A generation that finishes here ends when the chunk returns (the worker may
+        still write its pages), and the chunk is cut short for it."""
+        finished = False
+        if step.results is not None:  # the batch's own step
+            flight.step0_done = True
+            for inst, _, cmd, a, _ in flight.parts:
+                if inst.alive and isinstance(cmd, GenerateCmd):
+                    finished |= self._take_tokens(
+                        inst, cmd, [step.results[a].token], step.results[a]
                     )
+        elif step.tokens is not None:
+            for k, j in flight.plans.items():
+                tok = step.tokens[j]
+                if tok is None:
+                    continue
+                flight.replayed[k] = flight.replayed.get(k, 0) + 1
+                inst, _, cmd, _, _ = flight.parts[k]
+                if inst.alive and isinstance(cmd, GenerateCmd):
+                    finished |= self._take_tokens(inst, cmd, [tok], None)
+        if finished and not flight.nudged:
+            flight.nudged = True
+            self.stats.nudges += 1
+            self.submit_op(NudgeOp(), lambda _: None)
+
+    def _take_tokens(
+        self, inst: Instance, cmd: GenerateCmd, tokens: Sequence[int | None], first: Any
+    ) -> bool:
+        """Feed a generation the tokens sampled for it (``first``: the result of the
+        batch's own step, kept when it asked for logprobs); True when it finished here.
+        Tokens after its end are dropped (their slots stay unused)."""
+        task = cmd.task
+        if task.finish_reason is not None:
+            return False
+        if first is not None and task.logprobs is not None:
+            task.outputs.append(first)
+        if tokens:
+            inst.handle._note_tokens(time.perf_counter(), len(tokens))
+        for tok in tokens:
+            assert tok is not None
+            self.stats.sampled_tokens += 1
+            delta = task.on_token(tok)
+            if task.on_delta is not None:
+                task.on_delta(delta, tok)
+            elif task.stream and delta:
+                try:
+                    self.send_to_client(inst, delta)
+                except HostCallError as e:
+                    self.kill(inst, str(e))
+            if task.finish_reason is not None:
+                return True
+        return False
+
+    def _finish_generation(self, inst: Instance, q: CommandQueue, cmd: GenerateCmd) -> None:
+        task = cmd.task
+        if q.peek() is cmd:
+            q.pop()
+        self._trim_pages(inst, task)
+        task.future.resolve(
+            wasm_ffi.Ok(
+                (
+                    task.tokens,
+                    task.text,
+                    task.finish_reason,
+                    task.pages,
+                    task.last_page_len(self.page_size),
                 )
-                if task.on_finish is not None:
-                    task.on_finish(task)
+            )
+        )
+        if task.on_finish is not None:
+            task.on_finish(task)
 
 
 def _fill_ahead(q: CommandQueue, cmd: ForwardCmd, token: int | None) -> None:
