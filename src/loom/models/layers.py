@@ -31,7 +31,12 @@ class Linear(nn.Linear):
     def prepack(self) -> None:
         w = self.weight
         if w.dtype == torch.bfloat16 and w.device.type == "cpu" and _mkldnn_linear_available():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            except RuntimeError:
+                # oneDNN's bf16 path needs AVX-512 (or AVX-NE-CONVERT); without it the
+                # plain GEMM serves (an AVX2-only CPU refuses the reorder at load time).
+                self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.bfloat16 and not x.is_cuda:

@@ -121,6 +121,12 @@ class _Flight:
     step0_done: bool = False  # the batch's own step was taken from a ``ChunkStep``
     replayed: dict[int, int] = field(default_factory=dict)  # part -> continued tokens taken
     forward_enqueued: int = 0  # the runtime's count of forward commands when it fired
+    # Passes of decode loops (``step-chain``) in it, and how many of their next steps are
+    # queued ahead: once all are, the next batch can go without waiting for the pass's
+    # other guests (instances starting, say).
+    chained_parts: int = 0
+    followers_queued: int = 0
+    ahead_tried: bool = False
 
 
 class Runtime:
@@ -429,6 +435,15 @@ class Runtime:
                 # sibling forks): one more slice now, so its work is whole before a batch
                 # fires, instead of holding every batch until the pass comes back to it.
                 self._resume(inst)
+            last = self._last_flight
+            if (
+                last is not None
+                and not last.ahead_tried
+                and 0 < last.chained_parts <= last.followers_queued
+                and self._batch_inflight
+            ):
+                last.ahead_tried = True  # every decode loop in it queued its next step
+                self._maybe_fire_ahead(mid_pass=True)
             # A prefill arrived that outweighs what the rest of the pass is likely to add
             # (a decode token each), or work waits that no guest of this pass adds to
             # (host generations, passes ahead): if the engine is free, fire now rather
@@ -594,6 +609,9 @@ class Runtime:
             if n > self._largest_since_fire:
                 self._largest_since_fire = n
             cmd.submitted_at = time.perf_counter()
+            src = getattr(cmd, "ahead_of", None)
+            if src is not None and src.flight is not None:
+                src.flight.followers_queued += 1
             owner = self.by_seq.get(q.owner)
             if owner is not None:
                 owner.submitted = True
@@ -718,14 +736,18 @@ class Runtime:
         self._fire(heads)
         return None
 
-    def _maybe_fire_ahead(self) -> None:
-        """While a batch runs and every guest waits, send the passes ahead that follow it
-        (``step-chain``) as the next batch: the worker fills in their tokens from the
-        running batch's results and starts them at once, without the round trip through
-        this thread (~2 ms a step measured on the ~40M model). Only when nothing else is
-        ready: other work waits for the batch to return and rides the next batch as
-        usual (it would otherwise fail with the batch these passes follow)."""
-        if self._mid_submission or self._runq or self.config.batch_policy != "adaptive":
+    def _maybe_fire_ahead(self, mid_pass: bool = False) -> None:
+        """While a batch runs, send the passes ahead that follow it (``step-chain``) as
+        the next batch: the worker fills in their tokens from the running batch's results
+        and starts them at once, without the round trip through this thread (~2 ms a step
+        measured on the ~40M model). Other ready forward passes ride along (they run after
+        the batch in flight, as any later op; if it fails, this batch fails with it); host
+        generations do not (theirs may be the step in flight). Once every guest sleeps, or
+        ``mid_pass``: once every decode loop of the running batch queued its next step,
+        while other guests (instances starting) are still to run."""
+        if self.config.batch_policy != "adaptive":
+            return
+        if not mid_pass and (self._mid_submission or self._runq):
             return
         last = self._last_flight
         if last is None or last.plans or last.kv_sends:
@@ -734,18 +756,20 @@ class Runtime:
         if len(self._flight) != 1 and sum(f is not None for f in self._flight.values()) != 1:
             return  # one batch queued behind the running one is enough
         self._advance_queues()  # page allocations queued before the passes ahead
-        ahead: list[CommandQueue] = []
+        heads: list[CommandQueue] = []
+        ahead = 0
         for q in self.batcher.queues:
             cmd = q.peek()
-            if not isinstance(cmd, (ForwardCmd, GenerateCmd)):
-                continue
-            if not isinstance(cmd, ForwardCmd) or cmd.ready():
-                return  # other work (or a pass ahead already known) is ready
-            if cmd.ahead_of is not None and cmd.ahead_of.flight is last:
-                ahead.append(q)
+            if not isinstance(cmd, ForwardCmd):
+                continue  # (a host generation may have its step in flight)
+            if cmd.ready():
+                heads.append(q)
+            elif cmd.ahead_of is not None and cmd.ahead_of.flight is last:
+                heads.append(q)
+                ahead += 1
         if ahead:
-            ahead.sort(key=lambda q: -q.priority)
-            self._fire(ahead, after=last)
+            heads.sort(key=lambda q: -q.priority)
+            self._fire(heads, after=last)
 
     def _fire(self, heads: list[CommandQueue], after: _Flight | None = None) -> None:
         """Submit one batch of the forward work at ``heads``. ``after``: the batch in
@@ -771,7 +795,9 @@ class Runtime:
             if tokens and len(tokens) + head_tokens(q) > max_tokens:
                 break
             # A pass ahead of a running pass goes alone (its token is not known here).
-            taken = take_pass_ahead(q) if after is not None else take_forward_run(q)
+            head = q.peek()
+            ahead = after is not None and isinstance(head, ForwardCmd) and not head.ready()
+            taken = take_pass_ahead(q) if ahead else take_forward_run(q)
             taken_heads.append(q)
             if q.head < len(q.cmds):
                 self._poked = True  # what follows the passes taken may run now: a turn more
@@ -830,6 +856,9 @@ class Runtime:
         for _, _, cmd, _, _ in parts:
             if isinstance(cmd, ForwardCmd):
                 cmd.flight = flight
+                if cmd.is_ahead or cmd.then is not None:
+                    flight.chained_parts += 1
+                    flight.followers_queued += cmd.then is not None
         plans: list[GenPlan] = []
         if (
             only_generations
@@ -982,7 +1011,7 @@ class Runtime:
         now = time.perf_counter()
         for k, (inst, q, cmd, a, b) in enumerate(flight.parts):
             if isinstance(cmd, ForwardCmd):
-                if b > a and not failed:
+                if b > a and not failed and inst.alive:
                     inst.handle._note_tokens(now, 1)
                 q.inflight -= 1
                 cmd.flight = None
