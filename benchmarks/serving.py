@@ -33,9 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(model: str, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loom", "serve", "--model", model, "--port", str(port)],
+        [sys.executable, "-m", "loom", "serve", "--model", model, "--port", str(port), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     import httpx

@@ -165,6 +165,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="runtime thread on one core, the engine worker on the others, polling for its "
         "next batch for up to 2 ms after each (default on)",
     )
+    serve.add_argument(
+        "--engine-step-ms",
+        type=float,
+        help="benchmarks only: pad every engine pass to this wall time, as a launch-bound "
+        "GPU step behaves (default 0: off)",
+    )
     serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
     serve.add_argument("--out-of-pages", choices=["wait", "kill-newest"])
     serve.add_argument("--max-instances", type=int)

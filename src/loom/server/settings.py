@@ -38,6 +38,9 @@ class ServeSettings:
     # process's cores, the engine on the others, where it polls for its next op for up to
     # 2 ms after each one (off: both left to the scheduler, and the engine sleeps at once).
     pin_cpus: bool = True
+    # Benchmarks only: every engine pass padded to this wall time (0: off), so that a
+    # CPU server shows the passes and idle gaps a GPU would pay for.
+    engine_step_ms: float = 0.0
 
     # The runtime.
     batch_policy: str = "adaptive"
@@ -63,6 +66,7 @@ class ServeSettings:
             kv_cache_memory_mb=self.kv_cache_memory_mb,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.prefix_cache,
+            step_time_ms=self.engine_step_ms,
         )
 
     def runtime_config(self) -> RuntimeConfig:
