@@ -24,8 +24,14 @@ its size. It uses the ``micro`` model by default, whose real passes stay inside 
 Each of (b), (c), (d) runs right after a run of (a) of its own and its ratios are taken
 against that run (this machine's speed drifts within seconds); the table gives medians.
 
+Inferlets are launched as one cohort (``Runtime.launch_batch``: every member's first pass
+waits until all have started, as ``LLM.generate`` takes its prompts as one list), or with
+``--launch each`` one ``launch`` at a time: then the members' starts, serial on the
+runtime thread (~5-10 ms each for a Python inferlet), spread them over many passes.
+
     python benchmarks/programmability_tax.py [--concurrency 8,32,128] [--tokens 64] \\
-        [--runs 3] [--engine-timing real|gpu-like] [--step-ms 10] [--mixed]
+        [--runs 3] [--engine-timing real|gpu-like] [--step-ms 10] [--mixed] \\
+        [--launch batch|each]
 """
 
 from __future__ import annotations
@@ -84,9 +90,17 @@ def run_builtin(llm: Any, n: int, tokens: int, run: int) -> dict[str, Any]:
 
 
 def run_system(
-    rt: Any, program: str, n: int, tokens: int, mode: str, run: int, completions: int = 0
+    rt: Any,
+    program: str,
+    n: int,
+    tokens: int,
+    mode: str,
+    run: int,
+    completions: int = 0,
+    cohort: bool = True,
 ) -> dict[str, Any]:
-    """``n`` instances of ``program`` (plus ``completions`` host completions) at once."""
+    """``n`` instances of ``program`` (plus ``completions`` host completions) at once;
+    ``cohort``: launched with ``launch_batch``, else one ``launch`` each."""
     from loom.engine.batch import SamplerSpec
     from loom.runtime.completions import CompletionRequest
 
@@ -94,7 +108,8 @@ def run_system(
     done = threading.Semaphore(0)
     spans: list[tuple[float | None, float | None, int]] = []
     t0 = time.perf_counter()
-    handles = [rt.launch(program, [p, str(tokens), mode]) for p in prompts(n, run)]
+    args = [[p, str(tokens), mode] for p in prompts(n, run)]
+    handles = rt.launch_batch(program, args) if cohort else [rt.launch(program, a) for a in args]
     for p in prompts(completions, run + 10_000):
         span: list[Any] = [None, None, 0]
 
@@ -154,6 +169,13 @@ def main() -> None:
         help="torch threads of every engine (default: every core but one, "
         "which the runtime thread needs)",
     )
+    ap.add_argument(
+        "--launch",
+        choices=["batch", "each"],
+        default="batch",
+        help="inferlets launched as one cohort (launch_batch, as LLM.generate takes a list; "
+        "default) or one launch each (as requests arriving one by one)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gpu_like = args.engine_timing == "gpu-like"
@@ -161,10 +183,8 @@ def main() -> None:
     dtype = args.dtype or ("float32" if model in ("micro", "tiny") else "bfloat16")
     step_ms = args.step_ms if gpu_like else 0.0
     levels = [int(x) for x in args.concurrency.split(",")]
-    out = (
-        args.out
-        or ROOT / "benchmarks" / "results" / f"programmability_tax_{args.engine_timing}.json"
-    )
+    name = f"programmability_tax_{args.engine_timing}_{args.launch}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
 
     import torch
 
@@ -195,6 +215,7 @@ def main() -> None:
             run_system(rt, prog, 2, 4, mode, -1)
         runs = {"b": (py, "fast", 0), "c": (py, "steps", 0), "d": (c, "", 0)}
         keys = [k for k in args.systems if k in runs] + (["m"] if args.mixed else [])
+        cohort = args.launch == "batch"
         for n in levels:
             for key in keys:
                 prog, mode, extra = runs.get(key, (py, "fast", n))
@@ -202,7 +223,8 @@ def main() -> None:
                 for r in range(args.runs):
                     seed = n * 1000 + r * 10 + keys.index(key)
                     a = run_builtin(llm, n + extra, args.tokens, seed)
-                    got.append((a, run_system(rt, prog, n, args.tokens, mode, seed, extra)))
+                    b = run_system(rt, prog, n, args.tokens, mode, seed, extra, cohort)
+                    got.append((a, b))
                 rows.append(summarize(n, key, got, args.tokens))
                 print(f"  {n} concurrent, ({key}) done", file=sys.stderr)
     finally:
@@ -252,13 +274,17 @@ def summarize(
     }
 
 
+LAUNCHES = {"batch": "as one cohort", "each": "one by one"}
+
+
 def print_table(
     rows: list[dict[str, Any]], model: str, dtype: str, args: Any, step_ms: float
 ) -> None:
     timing = f"gpu-like, {step_ms:g} ms per pass" if step_ms else "real"
     print(
         f"\n{model} model ({dtype}), engine timing {timing}, {args.tokens} new tokens, "
-        f"greedy; medians of {args.runs} paired runs, ratios to the run of (a) just before\n"
+        f"greedy; inferlets launched {LAUNCHES[args.launch]}; "
+        f"medians of {args.runs} paired runs, ratios to the run of (a) just before\n"
     )
     print(
         f"{'conc':>4} | {'system':<11} | {'(a) ms/tok':>10} | {'ms/tok':>14} | "

@@ -70,7 +70,7 @@ class Batcher:
         heads = []
         for q in self.queues:  # every queue, a few times a turn: no method call per queue
             cmds, head = q.cmds, q.head
-            if head >= len(cmds):
+            if head >= len(cmds) or q.held:
                 continue
             cmd = cmds[head]
             if isinstance(cmd, ForwardCmd):

@@ -127,6 +127,7 @@ class CommandQueue:
     inflight: int = 0  # forward commands submitted to the engine and not yet returned
     failed: bool = False  # an earlier command failed (reported by synchronize)
     ahead: ForwardCmd | None = None  # the pass ahead ``step-chain`` queued, until settled
+    held: bool = False  # its owner's launch cohort is still starting (``cohort``)
 
     def peek(self) -> Command | None:
         return self.cmds[self.head] if self.head < len(self.cmds) else None

@@ -37,6 +37,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -250,6 +251,9 @@ class EngineWorker(Protocol):
     """Runs engine ops in submission order, off the caller's thread."""
 
     info: WorkerInfo
+    # perf_counter time the latest result (not progress) was made drainable: when the
+    # engine went free, which may be well before the runtime drains it.
+    last_arrival: float
 
     def submit(self, op: WorkerOp) -> int:
         """Queue ``op``; return its id (increasing). Never waits for the engine."""
@@ -601,6 +605,7 @@ class _WorkerBase:
         self._done: list[tuple[int, object | BaseException]] = []
         self._stats_waiters: dict[int, Future[EngineStatsSnapshot]] = {}
         self._failure: str | None = None  # once set, nothing more runs; the reason why
+        self.last_arrival = 0.0
 
     # --- the EngineWorker interface ---
 
@@ -666,6 +671,7 @@ class _WorkerBase:
                 if op_id in self._pending:  # else already failed by _fail
                     if not isinstance(result, ChunkStep):  # progress: still running
                         del self._pending[op_id]
+                        self.last_arrival = time.perf_counter()
                     self._done.append((op_id, result))
         if results:
             self._notify()

@@ -115,3 +115,4 @@ class Instance:
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)
     job: Any = None  # a host-driven completion (no guest code) when set
     wake: Callable[[], None] | None = None  # puts it on the run queue (made once)
+    cohort: Any = None  # its launch ``Cohort`` while its first turn has not ended

@@ -26,6 +26,10 @@ class RuntimeConfig:
     # token (0: one step per batch).
     generate_chunk: int = 16
 
+    # A launch cohort (``launch_batch``) holds its members' forward work until all have
+    # reached their first wait, or until none has for this long.
+    cohort_hold_ms: float = 200.0
+
     # Per-instance limits.
     memory_limit_bytes: int = 256 << 20  # componentize-py guests start at ~12 MiB
     cpu_budget_s: float = 60.0  # guest CPU time on the runtime thread
@@ -65,5 +69,7 @@ class RuntimeConfig:
             raise ValueError(f"unknown out-of-pages policy {self.out_of_pages!r}")
         if self.kv_transport not in ("tcp", "shm", "gloo"):
             raise ValueError(f"kv_transport must be tcp, shm or gloo, got {self.kv_transport!r}")
+        if self.cohort_hold_ms < 0:
+            raise ValueError(f"cohort_hold_ms must be >= 0, got {self.cohort_hold_ms}")
         if self.batch_k < 1 or self.batch_t_ms < 0 or self.slice_ms <= 0:
             raise ValueError("batch_k must be >= 1, batch_t_ms >= 0 and slice_ms > 0")

@@ -35,6 +35,7 @@ from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
 from loom.runtime import completions, wasm_ffi
 from loom.runtime.batcher import Batcher, take_forward_run, take_pass_ahead
+from loom.runtime.cohort import Cohort
 from loom.runtime.commands import (
     AllocateCmd,
     CommandQueue,
@@ -204,6 +205,7 @@ class Runtime:
         # so a guest that spins cannot stall the engine.
         self._mid_submission: set[int] = set()
         self._pending_end: list[Instance] = []
+        self._cohorts: list[Cohort] = []  # launch cohorts still starting
         self._stop = False
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
@@ -229,6 +231,20 @@ class Runtime:
         handle = InstanceHandle(uuid.uuid4().hex[:12], self._post, listener)
         self._post(("launch", handle, program, list(arguments or [])))
         return handle
+
+    def launch_batch(
+        self, program: str, arguments: list[list[str]], listener: EventListener | None = None
+    ) -> list[InstanceHandle]:
+        """Start one instance per argument list as a cohort: their forward work is held
+        until every one has reached its first wait, then rides the same engine passes
+        (see ``cohort``), as ``LLM.generate`` batches a list of prompts. Best for offline
+        batches; each instance's first token comes after the whole cohort started."""
+        if program not in self.programs:
+            raise KeyError(f"no program with hash {program}; add it first")
+        handles = [InstanceHandle(uuid.uuid4().hex[:12], self._post, listener) for _ in arguments]
+        args = [list(a) for a in arguments]
+        self._post(("launch_batch", handles, program, args))
+        return handles
 
     def submit_completion(self, request: CompletionRequest) -> CompletionHandle:
         """Queue a host-driven generation (no guest); its steps batch with inferlet work."""
@@ -311,6 +327,7 @@ class Runtime:
             self._process_inbox()  # (``_advance_queues`` below answers any poke)
             if self.microserving.reservations:
                 self.microserving.expire(time.monotonic())
+            cohort_s = self._release_stalled() if self._cohorts else None
             self._drain_engine()
             self._advance_queues()
             wait_s = self._maybe_fire(before_guests=True)
@@ -328,6 +345,8 @@ class Runtime:
                 if wait_s is None and not self._batch_inflight:
                     self._idle_since = None  # nothing to run: idle for want of work
                 timeout = 0.05 if wait_s is None else max(0.0, wait_s)
+                if cohort_s is not None:
+                    timeout = min(timeout, cohort_s)
                 self._wake.wait(timeout)
         for inst in list(self.instances.values()):
             self._end(inst, False, "the runtime stopped")
@@ -338,6 +357,8 @@ class Runtime:
             kind = item[0]
             if kind == "launch":
                 self._spawn(item[1], item[2], item[3])
+            elif kind == "launch_batch":
+                self._spawn_cohort(item[1], item[2], item[3])
             elif kind == "message":
                 inst = self.instances.get(item[1])
                 if inst is not None:
@@ -351,10 +372,45 @@ class Runtime:
             elif kind == "completion":
                 completions.start_completion(self, self.prefix_cache, item[1], item[2])
 
-    def _spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> None:
+    def _spawn_cohort(
+        self, handles: list[InstanceHandle], program: str, args: list[list[str]]
+    ) -> None:
+        cohort = Cohort(set(), time.perf_counter())
+        for handle, a in zip(handles, args, strict=True):
+            inst = self._spawn(handle, program, a)
+            if inst is not None and inst.alive:
+                inst.cohort = cohort
+                cohort.starting.add(inst.seq)
+        if cohort.starting:
+            self._cohorts.append(cohort)
+
+    def _first_turn_over(self, inst: Instance) -> None:
+        cohort: Cohort = inst.cohort
+        inst.cohort = None
+        if cohort.first_turn_over(inst.seq, time.perf_counter()):
+            self._release(cohort)
+
+    def _release(self, cohort: Cohort) -> None:
+        cohort.release()
+        self._cohorts.remove(cohort)
+        self._poked = True  # its held work is ready: a turn more to fire it
+
+    def _release_stalled(self) -> float:
+        """Release cohorts none of whose members ended a first turn for the hold limit;
+        seconds until the next one would be."""
+        now = time.perf_counter()
+        hold_s = self.config.cohort_hold_ms / 1000.0
+        for cohort in list(self._cohorts):
+            if cohort.stalled(now, hold_s):
+                self._release(cohort)
+        if not self._cohorts:
+            return hold_s
+        return max(0.0, min(c.last_progress for c in self._cohorts) + hold_s - now)
+
+    def _spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> Instance | None:
         if len(self.instances) >= self.config.max_instances:
             handle._finish(InstanceResult(handle.id, False, "too many instances", 0.0, 0))
-            return
+            return None
         store = GuestStore(
             self.wasm,
             memory_limit=self.config.memory_limit_bytes,
@@ -378,7 +434,7 @@ class Runtime:
                 inst.call = self.core_linker.call_async(store, core, "run")
             except wasm_ffi.WasmError as e:
                 self._end(inst, False, f"cannot start the native inferlet: {e}")
-                return
+                return inst
             inst.started = True
             inst.spawn_s = time.perf_counter() - inst.spawned_at
             self.stats.spawn_s.append(inst.spawn_s)
@@ -386,6 +442,7 @@ class Runtime:
             inst.call = wasm_ffi.instantiate_async(self.linker, store, self.programs.get(program))
         self.stats.spawned += 1
         self._make_runnable(inst)
+        return inst
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -473,7 +530,7 @@ class Runtime:
         """A head that no guest's turn adds to: a host generation or a pass ahead."""
         for q in self.batcher.queues:
             cmds, head = q.cmds, q.head
-            if head < len(cmds):
+            if head < len(cmds) and not q.held:
                 cmd = cmds[head]
                 if isinstance(cmd, GenerateCmd) or (
                     isinstance(cmd, ForwardCmd) and cmd.is_ahead and cmd.ready()
@@ -500,6 +557,8 @@ class Runtime:
             else:  # a whole turn: submitted a pass and waits for it (batching decisions)
                 self._guest_turn_s += 0.1 * (dt - self._guest_turn_s)
         inst.submitted = False
+        if inst.cohort is not None and inst.started and (done or inst.blocked is not None):
+            self._first_turn_over(inst)
         if inst.kill_reason is not None:
             self._end(inst, False, inst.kill_reason)
         elif done:
@@ -555,6 +614,8 @@ class Runtime:
             return
         inst.alive = False
         self._mid_submission.discard(inst.seq)
+        if inst.cohort is not None:
+            self._first_turn_over(inst)
         if inst.call is not None:
             inst.call.cancel()
         inst.pages.release_all()
@@ -598,6 +659,8 @@ class Runtime:
 
     def new_queue(self, inst: Instance) -> CommandQueue:
         q = CommandQueue(owner=inst.seq)
+        if inst.cohort is not None:
+            inst.cohort.hold(q)
         inst.queues.append(q)
         self.batcher.add_queue(q)
         return q
@@ -760,7 +823,7 @@ class Runtime:
         ahead = 0
         for q in self.batcher.queues:
             cmd = q.peek()
-            if not isinstance(cmd, ForwardCmd):
+            if not isinstance(cmd, ForwardCmd) or q.held:
                 continue  # (a host generation may have its step in flight)
             if cmd.ready():
                 heads.append(q)
@@ -980,7 +1043,8 @@ class Runtime:
                 self._engine_step_s += 0.2 * (step_s - self._engine_step_s)
             self._complete(flight, result)
             if not self._batch_inflight and self._work_pending():
-                self._idle_since = now
+                # From when the result arrived: the runtime may have been running guests.
+                self._idle_since = min(now, self.worker.last_arrival or now)
 
     def _work_pending(self) -> bool:
         """Whether a guest may run or a command waits: the engine is idle for the runtime."""
