@@ -7,8 +7,12 @@ inter-token p99 stays within a small multiple of the median time per output toke
 instead of a generation chunk's tokens arriving together. ``--engine-step-ms`` pads every
 engine pass to that wall time (the constant-step-time mode, as a GPU step behaves).
 
-    python benchmarks/streaming.py [--model tiny] [--concurrency 32] [--tokens 64] \\
-        [--runs 3] [--engine-step-ms 0]
+On a CPU a pass that admits a new request's prefill takes longer than a decode pass, so
+the real-time gaps are uneven while requests arrive; ``--model micro --engine-step-ms 10``
+shows what the delivery path alone adds (every pass the same length, as on a GPU).
+
+    python benchmarks/streaming.py [--model tiny|micro|small] [--concurrency 32] \\
+        [--tokens 64] [--runs 3] [--engine-step-ms 0]
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ async def run(url: str, model: str, conc: int, tokens: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny", help="tiny (embedded), micro or small")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
@@ -88,7 +92,11 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     extra = ("--engine-step-ms", str(args.engine_step_ms)) if args.engine_step_ms else ()
-    server = start_server(args.model, port, extra)
+    from engine_throughput import model_dir
+
+    cache = Path.home() / ".cache" / "loom"
+    path = args.model if args.model == "tiny" else str(model_dir(args.model, cache))
+    server = start_server(path, port, extra)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(run(url, model, 4, 8))  # warm-up
