@@ -178,6 +178,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--cpu-budget-s", type=float, help="guest CPU seconds per instance")
     serve.add_argument("--memory-limit-mb", type=int, help="memory cap per instance")
     serve.add_argument("--http-allow-hosts", nargs="*", help="hosts inferlets may call")
+    serve.add_argument("--http-timeout-s", type=float, help="inferlets' outgoing HTTP timeout")
     serve.add_argument("--program-dir", help="where uploaded programs are kept")
     serve.add_argument("--event-backlog", type=int, help="events kept for late attachers")
     serve.add_argument("--reservation-ttl-s", type=float, help="microserving reservation TTL")

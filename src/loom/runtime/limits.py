@@ -59,8 +59,10 @@ class RuntimeConfig:
     # (torch.distributed send/recv; the socket carries only frame headers).
     kv_transport: str = "tcp"
 
-    # Outgoing HTTP is allowed only to these hosts ("*" allows any).
+    # Outgoing HTTP is allowed only to these hosts ("*" allows any); a request not answered
+    # within `http_timeout_s` fails (the inferlet gets an error it can handle).
     http_allow_hosts: tuple[str, ...] = ()
+    http_timeout_s: float = 30.0
 
     def validate(self) -> None:
         if self.batch_policy not in ("adaptive", "k", "t", "k_or_t"):
@@ -69,6 +71,8 @@ class RuntimeConfig:
             raise ValueError(f"unknown out-of-pages policy {self.out_of_pages!r}")
         if self.kv_transport not in ("tcp", "shm", "gloo"):
             raise ValueError(f"kv_transport must be tcp, shm or gloo, got {self.kv_transport!r}")
+        if self.http_timeout_s <= 0:
+            raise ValueError(f"http_timeout_s must be > 0, got {self.http_timeout_s}")
         if self.cohort_hold_ms < 0:
             raise ValueError(f"cohort_hold_ms must be >= 0, got {self.cohort_hold_ms}")
         if self.batch_k < 1 or self.batch_t_ms < 0 or self.slice_ms <= 0:

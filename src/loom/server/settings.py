@@ -49,6 +49,7 @@ class ServeSettings:
     cpu_budget_s: float = 60.0
     memory_limit_mb: int = 256
     http_allow_hosts: list[str] = field(default_factory=list)
+    http_timeout_s: float = 30.0  # an inferlet's outgoing request fails after this long
     reservation_ttl_s: float = 60.0  # microserving: unused KV reservations expire
     kv_transport: str = "tcp"  # microserving: "tcp", "shm" (one host) or "gloo"
 
@@ -77,6 +78,7 @@ class ServeSettings:
             cpu_budget_s=self.cpu_budget_s,
             memory_limit_bytes=self.memory_limit_mb << 20,
             http_allow_hosts=tuple(self.http_allow_hosts),
+            http_timeout_s=self.http_timeout_s,
             reservation_ttl_s=self.reservation_ttl_s,
             kv_transport=self.kv_transport,
         )

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 NAME = iface("http")
 HEADERS = list_of(tuple_of(STRING, STRING))
 RESPONSE = record(("status", U16), ("headers", HEADERS), ("body", list_of(U8)))
-TIMEOUT_S = 30.0
 
 
 def allowed(url: str, allow: tuple[str, ...]) -> str | None:
@@ -64,7 +63,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             def run() -> None:
                 value: Any
                 try:
-                    with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+                    with urllib.request.urlopen(req, timeout=rt.config.http_timeout_s) as resp:
                         data = resp.read(rt.config.max_message_bytes + 1)
                         if len(data) > rt.config.max_message_bytes:
                             value = Err("response body exceeds the message-size cap")
