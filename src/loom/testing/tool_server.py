@@ -172,8 +172,10 @@ class ToolServer:
         with self._lock:
             self.calls[tool] += 1
 
-    def handle(self, method: str, path: str, query: dict[str, str], body: bytes) -> tuple[int, str]:
-        """(status, text) of one call; the latency has been waited already."""
+    def handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> tuple[int, str] | tuple[int, str, dict[str, str]]:
+        """(status, text[, headers]) of one call; the latency has been waited already."""
         if path == "/search" and method == "GET":
             k = max(1, min(10, int(query.get("k", "2"))))
             return 200, "\n".join(self.corpus.search(query.get("q", ""), k))
@@ -194,7 +196,7 @@ class ToolServer:
         if path == "/run" and method == "POST":
             status, out = run_code(body.decode(errors="replace"), self.code_timeout_s,
                                    self.code_memory_bytes)  # fmt: skip
-            return 200 if status == 0 else 422, out
+            return 200 if status == 0 else 422, out, {"x-exit-status": str(status)}
         if path == "/fail":
             return 500, "error: this tool always fails"
         if path == "/stats":
@@ -216,12 +218,18 @@ def _handler(server: ToolServer) -> type[BaseHTTPRequestHandler]:
                 server.count(parts.path.lstrip("/"))
                 delay = query.get("delay_ms")
                 time.sleep(float(delay) / 1000.0 if delay is not None else server.latency_s)
+            headers: dict[str, str] = {}
             try:
-                status, text = server.handle(method, parts.path, query, body)
+                reply = server.handle(method, parts.path, query, body)
             except ValueError as e:
-                status, text = 400, f"error: {e}"
+                reply = 400, f"error: {e}"
+            status, text = reply[0], reply[1]
+            if len(reply) == 3:
+                headers = reply[2]
             data = text.encode()
             self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
             self.send_header("content-type", "text/plain; charset=utf-8")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
