@@ -119,3 +119,34 @@ def test_explicit_positions_are_used() -> None:
     # ...but a gap between tokens changes them.
     gapped = runner.forward_logits(single_seq_batch(tokens, [0, 1, 2, 40], [2], 4, PS), [3])
     assert (gapped - at_zero).abs().max() > 1e-3
+
+
+def test_decodes_interleaved_with_a_continuation_attend_in_groups() -> None:
+    """Decode tokens around a multi-token continuation: each group attends on its own
+    (decodes unpadded) and every output lands on its own row."""
+    from loom.engine.batch import ForwardBatch
+
+    model = random_model()
+    runner = ModelRunner(model, num_pages=32, page_size=PS)
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, 97, (n,), generator=g).tolist() for n in (8, 11, 6))
+    tables = [[0, 1, 2], [4, 5, 6], [8, 9]]
+    for seq, table, n in ((a, tables[0], 7), (b, tables[1], 7), (c, tables[2], 5)):
+        runner.forward_logits(single_seq_batch(seq[:n], list(range(n)), table, n, PS), [0])
+    mixed = ForwardBatch(
+        token_ids=[a[7], *b[7:11], c[5]],
+        positions=[7, 7, 8, 9, 10, 5],
+        seq_indptr=[0, 1, 5, 6],
+        page_tables=tables,
+        last_page_lens=[4, 3, 2],
+    )
+    got = runner.forward_logits(mixed, [0, 1, 2, 3, 4, 5])
+    torch.testing.assert_close(
+        got[0], full_logits(runner, a, list(range(8)))[7], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        got[1:5], full_logits(runner, b, list(range(11)))[7:11], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        got[5], full_logits(runner, c, list(range(6)))[5], atol=1e-5, rtol=1e-5
+    )

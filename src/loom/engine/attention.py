@@ -33,10 +33,15 @@ class AttentionMetadata:
     q_scatter: torch.Tensor | None  # [T] padded query row of each token
     mirror_mode: str = "off"  # DecodeMirror plan: "reuse" | "fill" | "off"
     new_key_index: torch.Tensor | None = None  # [S] key index of each decode token
+    # A batch that mixes one-token (decode) sequences with longer ones attends in groups:
+    # padding every decode query to the longest sequence's length would multiply its
+    # attention work by that length (an agent's 80-token observation in a pass of 32
+    # decodes: ~80x). Each group: the token rows it owns [T_g] and its own metadata.
+    groups: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
 
 
 def _is_fresh_causal(
-    batch: ForwardBatch,
+    masks: list[list[list[int]] | None] | None,
     q_lens: list[int],
     kv_lens: list[int],
     i_in_seq: torch.Tensor,
@@ -47,7 +52,7 @@ def _is_fresh_causal(
     Then each sequence's keys are exactly its new tokens in position order, and attention
     is plain causal: no gather, no mask (SDPA skips the masked half of the work).
     """
-    if batch.masks is not None and any(m is not None for m in batch.masks):
+    if masks is not None and any(m is not None for m in masks):
         return False
     if q_lens != kv_lens:
         return False
@@ -63,7 +68,7 @@ def build_metadata(
     s_count = batch.num_seqs
     q_lens = [batch.seq_indptr[i + 1] - batch.seq_indptr[i] for i in range(s_count)]
     kv_lens = [batch.kv_len(i, ps) for i in range(s_count)]
-    max_q, max_kv = max(q_lens), max(kv_lens)
+    max_kv = max(kv_lens)
     max_pages = max(len(p) for p in batch.page_tables)
     table = torch.tensor(
         [p + [0] * (max_pages - len(p)) for p in batch.page_tables],
@@ -73,9 +78,9 @@ def build_metadata(
     # [S, pages * ps] -> [S, L]: a page table read as slots.
     kv_slots = (table[:, :, None] * ps + torch.arange(ps, device=device)).view(s_count, -1)
     kv_slots = kv_slots[:, :max_kv].contiguous()
+    positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
     q_len_t = torch.tensor(q_lens, dtype=torch.long, device=device)
     kv_len_t = torch.tensor(kv_lens, dtype=torch.long, device=device)
-    positions = torch.tensor(batch.positions, dtype=torch.long, device=device)
 
     # Token t of sequence s is new token i; it lives at key index kv_len - q_len + i.
     seq_of_token = torch.repeat_interleave(torch.arange(s_count, device=device), q_len_t)
@@ -86,6 +91,57 @@ def build_metadata(
     cache.slot_pos[slot_mapping] = positions
     cache.slot_live[slot_mapping] = True
 
+    decodes = [s for s in range(s_count) if q_lens[s] == 1]
+    if decodes and len(decodes) < s_count:
+        if mirror is not None:
+            mirror.plan(batch, kv_lens, cache.version)  # not a decode batch: forget the cohort
+        others = [s for s in range(s_count) if q_lens[s] > 1]
+        groups = []
+        for sel in (decodes, others):
+            sel_t = torch.tensor(sel, dtype=torch.long, device=device)
+            rows = torch.cat([torch.arange(batch.seq_indptr[i], batch.seq_indptr[i + 1])
+                              for i in sel]).to(device)  # fmt: skip
+            lens = [kv_lens[i] for i in sel]
+            masks = None if batch.masks is None else [batch.masks[i] for i in sel]
+            meta = _group_metadata(
+                kv_slots[sel_t][:, : max(lens)].contiguous(), [q_lens[i] for i in sel], lens,
+                positions[rows], masks, cache,
+            )  # fmt: skip
+            groups.append((rows, meta))
+        return AttentionMetadata(
+            slot_mapping=slot_mapping, kv_slots=kv_slots.view(-1), allowed=None,
+            num_seqs=s_count, max_q=max(q_lens), max_kv=max_kv, q_gather=None,
+            q_scatter=None, groups=groups,
+        )  # fmt: skip
+    meta = _group_metadata(kv_slots, q_lens, kv_lens, positions, batch.masks, cache)
+    meta.slot_mapping = slot_mapping
+    if meta.allowed is not None and mirror is not None:
+        meta.mirror_mode = mirror.plan(batch, kv_lens, cache.version)
+        if meta.mirror_mode != "off":
+            meta.new_key_index = key_index
+    return meta
+
+
+def _group_metadata(
+    kv_slots: torch.Tensor,
+    q_lens: list[int],
+    kv_lens: list[int],
+    positions: torch.Tensor,
+    masks: list[list[list[int]] | None] | None,
+    cache: KVCache,
+) -> AttentionMetadata:
+    """The index tensors of sequences attending together (their new tokens' slots are
+    written already). ``kv_slots`` [S, L]; ``positions`` [T] of their tokens, in order."""
+    device = kv_slots.device
+    s_count, max_kv = kv_slots.shape
+    max_q = max(q_lens)
+    num_tokens = sum(q_lens)
+    q_len_t = torch.tensor(q_lens, dtype=torch.long, device=device)
+    kv_len_t = torch.tensor(kv_lens, dtype=torch.long, device=device)
+    seq_of_token = torch.repeat_interleave(torch.arange(s_count, device=device), q_len_t)
+    starts = torch.cumsum(q_len_t, 0) - q_len_t
+    i_in_seq = torch.arange(num_tokens, device=device) - starts[seq_of_token]
+
     if max_q == 1:
         q_gather = q_scatter = None
         q_pos = positions.view(s_count, 1)
@@ -94,45 +150,31 @@ def build_metadata(
         q_scatter = padded_row
         # Padding queries reuse the sequence's first token row; their output is dropped.
         q_gather = starts.repeat_interleave(max_q).clone()
-        q_gather[padded_row] = torch.arange(batch.num_tokens, device=device)
+        q_gather[padded_row] = torch.arange(num_tokens, device=device)
         q_pos = positions[q_gather].view(s_count, max_q)
 
-    if _is_fresh_causal(batch, q_lens, kv_lens, i_in_seq, positions):
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    if _is_fresh_causal(masks, q_lens, kv_lens, i_in_seq, positions):
         return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            kv_slots=kv_slots.view(-1),
-            allowed=None,
-            num_seqs=s_count,
-            max_q=max_q,
-            max_kv=max_kv,
-            q_gather=q_gather,
-            q_scatter=q_scatter,
-        )
+            slot_mapping=empty, kv_slots=kv_slots.view(-1), allowed=None, num_seqs=s_count,
+            max_q=max_q, max_kv=max_kv, q_gather=q_gather, q_scatter=q_scatter,
+        )  # fmt: skip
     key_pos = cache.slot_pos[kv_slots]  # [S, L]
     in_seq = torch.arange(max_kv, device=device)[None, :] < kv_len_t[:, None]
     key_ok = in_seq & cache.slot_live[kv_slots]
     allowed = key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [S, Q, L]
-    if batch.masks is not None:
-        for s, rows in enumerate(batch.masks):
+    if masks is not None:
+        for s, rows in enumerate(masks):
             if rows is not None:
                 allowed[s, : len(rows), : kv_lens[s]] &= decode_rows(rows, kv_lens[s], device)
     if q_gather is not None:
         # A padding query must attend somewhere or SDPA yields NaN rows.
         pad = torch.arange(max_q, device=device)[None, :] >= q_len_t[:, None]
         allowed[:, :, 0] |= pad
-    mode = "off" if mirror is None else mirror.plan(batch, kv_lens, cache.version)
     return AttentionMetadata(
-        mirror_mode=mode,
-        new_key_index=key_index if mode != "off" else None,
-        slot_mapping=slot_mapping,
-        kv_slots=kv_slots.view(-1),
-        allowed=allowed[:, None],
-        num_seqs=s_count,
-        max_q=max_q,
-        max_kv=max_kv,
-        q_gather=q_gather,
-        q_scatter=q_scatter,
-    )
+        slot_mapping=empty, kv_slots=kv_slots.view(-1), allowed=allowed[:, None],
+        num_seqs=s_count, max_q=max_q, max_kv=max_kv, q_gather=q_gather, q_scatter=q_scatter,
+    )  # fmt: skip
 
 
 class PagedAttention:
@@ -159,6 +201,19 @@ class PagedAttention:
         kv[1].index_copy_(0, m.slot_mapping, v)
         if self.layer_hook is not None:
             self.layer_hook(layer)
+        if m.groups is None:
+            return self._attend(layer, m, q, k, v)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for rows, g in m.groups:
+            sel = (q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows))
+            out.index_copy_(0, rows, self._attend(layer, g, *sel))
+        return out
+
+    def _attend(
+        self, layer: int, m: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of the tokens of ``m``'s sequences (their K/V are in the cache)."""
+        kv = self.cache.kv[layer]
         s, ql, kl = m.num_seqs, m.max_q, m.max_kv
         heads, dim = q.shape[1], q.shape[2]
         qs = q if m.q_gather is None else q.index_select(0, m.q_gather)
