@@ -125,6 +125,12 @@ def run_code(code: str, timeout_s: float, memory_bytes: int) -> tuple[int, str]:
     return done.returncode, text[-4000:]
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib's listen backlog of 5 drops the connections of a burst of agents calling
+    # at once; each dropped SYN is retried after a second.
+    request_queue_size = 1024
+
+
 class ToolServer:
     """The tools on a threading HTTP server (one thread per request, so latencies of
     concurrent calls overlap as a real service's would)."""
@@ -145,7 +151,7 @@ class ToolServer:
         self.facts = dict(FACTS)
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self.httpd = _Server(("127.0.0.1", port), _handler(self))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
