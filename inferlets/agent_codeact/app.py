@@ -23,7 +23,7 @@ observation ("error: ..." first), and the agent goes on. The reply is JSON:
 import json
 
 import inferlet
-from inferlet.sharing import shared_context
+from inferlet.sharing import prefix_context
 
 SYSTEM = (
     "You are an assistant that solves tasks by writing Python. Each step, write a "
@@ -78,12 +78,7 @@ async def run_program(tools: str, code: str) -> tuple[str, bool]:
 async def main(args: list[str]) -> str | None:
     cfg = _config(args)
     model = inferlet.get_model()
-    name = cfg.get("share_prefix")
-    if name:
-        ctx = await shared_context(model, name, cfg["system"])
-    else:
-        ctx = model.create_context()
-        ctx.fill(cfg["system"])
+    ctx = await prefix_context(model, cfg.get("share_prefix"), cfg["system"])
     ctx.fill(f"Task: {cfg['question']}\n")
     tokens, tools = int(cfg["step_tokens"]), cfg["tools"].rstrip("/")
     stop = inferlet.StopStrings("<code>") | inferlet.IgnoreEos()

@@ -26,7 +26,7 @@ is JSON: ``{"answer", "tool_calls", "tool_errors", "generated"}``.
 import json
 
 import inferlet
-from inferlet.sharing import shared_context
+from inferlet.sharing import prefix_context
 
 SYSTEM = (
     "You are a careful assistant that answers questions by reasoning step by step and "
@@ -100,12 +100,7 @@ async def run_tools(urls: list[str], concurrent: bool) -> list[tuple[str, bool]]
 async def main(args: list[str]) -> str | None:
     cfg = _config(args)
     model = inferlet.get_model()
-    name = cfg.get("share_prefix")
-    if name:
-        ctx = await shared_context(model, name, cfg["system"])
-    else:
-        ctx = model.create_context()
-        ctx.fill(cfg["system"])
+    ctx = await prefix_context(model, cfg.get("share_prefix"), cfg["system"])
     ctx.fill(f"Question: {cfg['question']}\n")
     tokens, answer_tokens = int(cfg["step_tokens"]), int(cfg.get("answer_tokens", 0))
     stop = inferlet.StopStrings("Action:") | inferlet.IgnoreEos()

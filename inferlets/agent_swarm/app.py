@@ -21,7 +21,7 @@ only that role, so a swarm can also span instances that share a ``swarm`` id. Wi
 import json
 
 import inferlet
-from inferlet.sharing import shared_context
+from inferlet.sharing import prefix_context
 
 SYSTEM = (
     "You are one member of a team. The planner splits the goal into tasks, each worker "
@@ -116,12 +116,7 @@ class Swarm:
 async def main(args: list[str]) -> str | None:
     cfg = _config(args)
     model = inferlet.get_model()
-    name = cfg.get("share_prefix")
-    if name:
-        base = await shared_context(model, name, cfg["system"])
-    else:
-        base = model.create_context()
-        base.fill(cfg["system"])
+    base = await prefix_context(model, cfg.get("share_prefix"), cfg["system"])
     base.flush()  # written once here; every role's fork shares its full pages
     swarm = Swarm(cfg, base)
     roles = cfg.get("roles", "all")

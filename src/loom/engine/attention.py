@@ -96,11 +96,11 @@ def build_metadata(
         if mirror is not None:
             mirror.plan(batch, kv_lens, cache.version)  # not a decode batch: forget the cohort
         others = [s for s in range(s_count) if q_lens[s] > 1]
+        one_token = q_len_t[seq_of_token] == 1  # [T]
         groups = []
-        for sel in (decodes, others):
+        for sel, in_group in ((decodes, one_token), (others, ~one_token)):
             sel_t = torch.tensor(sel, dtype=torch.long, device=device)
-            rows = torch.cat([torch.arange(batch.seq_indptr[i], batch.seq_indptr[i + 1])
-                              for i in sel]).to(device)  # fmt: skip
+            rows = in_group.nonzero().squeeze(1)  # [T_g] token rows, in sequence order
             lens = [kv_lens[i] for i in sel]
             masks = None if batch.masks is None else [batch.masks[i] for i in sel]
             meta = _group_metadata(

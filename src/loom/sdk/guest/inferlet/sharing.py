@@ -49,6 +49,16 @@ async def shared_context(model: Model, name: str, text: str) -> Context:
         sub.close()
 
 
+async def prefix_context(model: Model, name: str | None, text: str) -> Context:
+    """``shared_context`` when ``name`` is given, else a private context filled with
+    ``text`` (agents switch sharing off this way to measure what it gains)."""
+    if name:
+        return await shared_context(model, name, text)
+    ctx = model.create_context()
+    ctx.fill(text)
+    return ctx
+
+
 async def _try_import(model: Model, name: str) -> Context | None:
     try:
         return await Context.import_(model, name)
