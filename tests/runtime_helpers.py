@@ -16,5 +16,6 @@ def run_inferlet(rt: Any, program: str, *args: str, timeout: float = 120) -> tup
 
 
 def free_pages(rt: Any) -> int:
-    """The runtime's free KV pages, read on its own thread."""
-    return int(rt.query(lambda: rt.pool.num_free))
+    """The runtime's free KV pages (pages only the prefix cache holds count as free:
+    it gives them back on demand), read on its own thread."""
+    return int(rt.query(lambda: rt.pool.num_available()))

@@ -212,7 +212,13 @@ def test_api_requests_share_engine_batches_with_inferlets(
     with SyncClient(server.url, API_KEY) as c:
         program = c.upload(sdkkit_wasm)
         start = rt.query(lambda: len(rt.stats.batch_sizes))
-        inst = c.launch(program, ["steps", "A long walk", "48"])  # one forward per token
+        # One forward per token, long enough to still be stepping when the completion
+        # arrives: the completion is sent only once the inferlet's passes have begun.
+        inst = c.launch(program, ["steps", "A long walk", "400"])
+        deadline = time.monotonic() + 30
+        while rt.query(lambda: len(rt.stats.batch_sizes)) < start + 2:
+            assert time.monotonic() < deadline, "the inferlet never stepped"
+            time.sleep(0.005)
         got = client.completions.create(model=model_name, prompt="Another prompt",
                                         max_tokens=48, temperature=0,
                                         extra_body={"ignore_eos": True})  # fmt: skip

@@ -37,6 +37,9 @@ class ForwardCmd:
     then: ForwardCmd | None = None  # the pass ahead waiting for this one's token
     flight: Any = None  # the batch it rides, once fired, until it returns
     out_index: int = -1  # and the index of its (first) output in that batch's outputs
+    # A context's first pass: (its tokens, the physical full pages it writes, held) to
+    # publish to the prefix cache when it returns (``context_cache``).
+    publish: tuple[list[int], list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:

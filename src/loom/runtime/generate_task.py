@@ -47,6 +47,9 @@ class GenerateTask:
     outputs: list[OutputResult] = field(default_factory=list)  # per token, with logprobs
     on_delta: Callable[[str, int], None] | None = None  # (new text, token) per token
     on_finish: Callable[[GenerateTask], Any] | None = None
+    # A generation from an empty inferlet context: its whole prompt, whose full pages go
+    # to the prefix cache once its first pass returns (``context_cache``).
+    cache_prompt: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)

@@ -33,7 +33,7 @@ from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
-from loom.runtime import completions, wasm_ffi
+from loom.runtime import completions, context_cache, wasm_ffi
 from loom.runtime.batcher import Batcher, take_forward_run, take_pass_ahead
 from loom.runtime.cohort import Cohort
 from loom.runtime.commands import (
@@ -59,7 +59,6 @@ from loom.runtime.cpu_placement import (
 )
 from loom.runtime.engine_worker import (
     ChunkStep,
-    CopySlotsOp,
     EngineWorker,
     ExecuteOp,
     GenPlan,
@@ -99,6 +98,7 @@ class RuntimeStats:
     nudges: int = 0  # generation chunks the worker was asked to cut short
     chained_batches: int = 0  # batches of passes ahead sent while the one before ran
     sampled_tokens: int = 0  # tokens sampled for inferlets and completions
+    context_cached_tokens: int = 0  # inferlet context tokens taken from the prefix cache
     # What the engine did, as a GPU would feel it: passes (a generation chunk's steps
     # included), the sequences in them, and the engine's idle time between a pass's
     # result and the next pass while work was ready (guests to run or commands queued).
@@ -722,12 +722,18 @@ class Runtime:
             elif isinstance(cmd, FreeCmd):
                 inst.pages.release(cmd.virtual)
             elif isinstance(cmd, CopyCmd):
-                src, dst = inst.pages.physical([cmd.src, cmd.dst])
-                op = CopySlotsOp(src, dst, cmd.src_offset, cmd.dst_offset, cmd.size)
-                self._flight[self.worker.submit(op)] = None
+                (src,) = inst.pages.physical([cmd.src])
+                dst = context_cache.own_page(self, inst, cmd.dst)  # copy-on-write
+                if dst is None:
+                    return False
+                context_cache.fresh_copy(
+                    self, src, dst, cmd.src_offset, cmd.dst_offset, cmd.size
+                )  # fmt: skip
             elif isinstance(cmd, MaskCmd):
-                (page,) = inst.pages.physical([cmd.page])
-                self._flight[self.worker.submit(SetLiveOp(page, cmd.keep))] = None
+                page = context_cache.own_page(self, inst, cmd.page)  # copy-on-write
+                if page is None:
+                    return False
+                self.track_op(SetLiveOp(page, cmd.keep))
             elif isinstance(cmd, ExportCmd):
                 self.exports.add(
                     cmd.name, inst.pages.physical(cmd.virtual), inst.seq, cmd.persistent
@@ -742,6 +748,10 @@ class Runtime:
             self.kill(inst, str(e))
             return False
         return True
+
+    def track_op(self, op: Any) -> None:
+        """Submit an engine op whose result nobody waits for (errors still surface)."""
+        self._flight[self.worker.submit(op)] = None
 
     def allocate_pages(
         self, inst: Instance, n: int, cmd: AllocateCmd | None = None
@@ -872,6 +882,8 @@ class Runtime:
                             break  # waiting for pages
                         toks, pos, pages, last, outs, rows = seq
                     else:
+                        if cmd.positions and cmd.positions[0] == 0:  # a context's first pass
+                            context_cache.match_forward(self, inst, cmd)
                         toks, pos, last, outs, rows = (
                             cmd.tokens, cmd.positions, cmd.last_page_len, cmd.outputs, cmd.masks
                         )  # fmt: skip
@@ -1079,6 +1091,8 @@ class Runtime:
                     inst.handle._note_tokens(now, 1)
                 q.inflight -= 1
                 cmd.flight = None
+                if cmd.publish is not None:
+                    context_cache.publish_forward(self, cmd, not failed)
                 if cmd.kv_send is not None:
                     cmd.kv_result = transfers.get(cmd.kv_send.rid)
                 if failed:
@@ -1144,6 +1158,8 @@ class Runtime:
         task = cmd.task
         if task.finish_reason is not None:
             return False
+        if task.cache_prompt is not None:  # its prompt's KV is written now
+            context_cache.publish_generation(self, inst, task)
         if first is not None and task.logprobs is not None:
             task.outputs.append(first)
         if tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loom.runtime import context_cache
 from loom.runtime.commands import CommandQueue, GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
@@ -91,6 +92,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             stream=stream,
             tokenizer=rt.tokenizer,
         )
+        context_cache.match_generation(rt, inst, task)
         rt.enqueue(queue, GenerateCmd(task))
         return rt.handles.add(inst.seq, task.future)
 

@@ -188,6 +188,18 @@ async def sink(args):
     return json.dumps({"most_pages": most, "tokens": len(ctx.tokens), "dropped": dropped})
 
 
+async def masked(args):
+    """Fill and write a prompt, hide its first tokens, then generate greedily: tokens."""
+    ctx = inferlet.get_model().create_context()
+    ctx.fill(args[0])
+    await ctx.decode_step()  # the prompt is written (a forward pass from position 0)
+    ctx.mask_tokens(0, int(args[1]))
+    await ctx.generate(max_tokens=int(args[2]), stop=inferlet.IgnoreEos())
+    out = ctx.tokens
+    ctx.release()
+    return json.dumps(out)
+
+
 async def export_ctx(args):
     ctx = inferlet.get_model().create_context()
     ctx.fill(args[0])
@@ -269,6 +281,7 @@ SCENARIOS = {
     "beam": beam,
     "spec": spec,
     "sink": sink,
+    "masked": masked,
     "export": export_ctx,
     "import": import_ctx,
     "pubsub": pubsub,
