@@ -43,28 +43,54 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SYSTEMS = ("inferlet", "cache_on", "cache_off")
+# The inferlet's techniques, all on in the "inferlet" system.
+TECHNIQUES: dict[str, Any] = {
+    "share_prefix": "bench-react-system", "overlap": True, "concurrent_tools": True,
+    "drop_docs": True,
+}  # fmt: skip
+NONE: dict[str, Any] = {k: None if k == "share_prefix" else False for k in TECHNIQUES}
+# The ReAct case study: (name, the server's prefix cache on, the inferlet's switches),
+# each row adding one technique to the one before.
+CASE_STUDY: list[tuple[str, bool, dict[str, Any]]] = [
+    ("keep KV through tool calls", False, NONE),
+    ("+ automatic prefix cache", True, NONE),
+    ("+ shared system prompt", True, {**NONE, "share_prefix": TECHNIQUES["share_prefix"]}),
+    ("+ tools during generation", True, {**NONE, "share_prefix": TECHNIQUES["share_prefix"],
+                                         "overlap": True}),
+    ("+ concurrent tool calls", True, {**TECHNIQUES, "drop_docs": False}),
+    ("+ tool docs dropped", True, TECHNIQUES),
+]  # fmt: skip
 TOOLS = ("search?q={q}", "fact?key=capital-of-france", "calc?expr=12*{i}%2B{k}")
 
 
-def system_prompt() -> str:
-    """~430 tokens of instructions and tool documentation (the same for every agent)."""
-    docs = [
-        f"Tool {name}: {what} Example: {name}[{example}]."
-        for j, (name, what, example) in enumerate([
-            ("search", "finds passages of the corpus that share words with the query.", "river"),
-            ("fact", "returns a stored fact by its key.", "capital-of-france"),
-            ("calc", "evaluates an arithmetic expression.", "12*7"),
-            ("run", "runs a short Python program and returns its output.", "print(1)"),
-        ])
-    ]  # fmt: skip
-    return (
-        "You are a careful assistant that answers questions by reasoning step by step and "
-        "using tools. Each step, write a Thought, then an Action naming one tool and its "
-        "input; the tool's reply comes back as an Observation. When you know the answer, "
-        "write Final Answer followed by the answer. Use a tool only when the question needs "
-        "it, never twice in a row with the same input, and read each observation before "
-        "the next thought.\n" + "\n".join(docs) + "\n"
+INSTRUCTIONS = (
+    "You are a careful assistant that answers questions by reasoning step by step and "
+    "using tools. Each step, write a Thought, then an Action naming one tool and its "
+    "input; the tool's reply comes back as an Observation. When you know the answer, "
+    "write Final Answer followed by the answer. Use a tool only when the question needs "
+    "it, never twice in a row with the same input, and read each observation before "
+    "the next thought.\n"
+)
+
+
+def tool_docs() -> str:
+    """~250 tokens of tool documentation (after the instructions; an agent may drop it
+    once it has chosen its tools)."""
+    tools = [
+        ("search", "finds passages of the corpus that share words with the query.", "river"),
+        ("fact", "returns a stored fact by its key.", "capital-of-france"),
+        ("calc", "evaluates an arithmetic expression.", "12*7"),
+        ("run", "runs a short Python program and returns its output.", "print(1)"),
+        ("lookup", "returns the definition of a word from the glossary.", "mill"),
+    ]
+    return "".join(
+        f"Tool {name}: {what} Example: {name}[{example}].\n" for name, what, example in tools
     )
+
+
+def system_prompt() -> str:
+    """Instructions and tool documentation (~430 tokens, the same for every agent)."""
+    return INSTRUCTIONS + tool_docs()
 
 
 def plan(agent: int, steps: int, per_step: int, url: str, latency_ms: float) -> list[list[str]]:
@@ -102,7 +128,7 @@ async def client_tool(http: Any, url: str) -> str:
 async def client_agent(http: Any, tools_http: Any, model: str, cfg: dict[str, Any]) -> float:
     """One agent driven from the client; its latency."""
     t0 = time.perf_counter()
-    transcript = cfg["system"] + f"Question: {cfg['question']}\n"
+    transcript = cfg["system"] + cfg["docs"] + f"Question: {cfg['question']}\n"
 
     async def complete(max_tokens: int, stop: list[str]) -> str:
         body = {"model": model, "prompt": transcript, "max_tokens": max_tokens,
@@ -195,16 +221,19 @@ def measure(
 
 
 def configs(
-    n: int, args: argparse.Namespace, latency: float, tools_url: str
+    n: int,
+    args: argparse.Namespace,
+    latency: float,
+    tools_url: str,
+    switches: dict[str, Any] = TECHNIQUES,
 ) -> list[dict[str, Any]]:
-    system = system_prompt()
-
     def one(i: int) -> dict[str, Any]:
         return {
-            "system": system, "question": f"Agent {i}: where did the traders meet?",
+            "system": INSTRUCTIONS, "docs": tool_docs(),
+            "question": f"Agent {i}: where did the traders meet?",
             "step_tokens": args.step_tokens, "answer_tokens": args.answer_tokens,
             "steps": plan(i, args.steps, args.tools_per_step, tools_url, latency),
-            "share_prefix": "bench-react-system", "overlap": True, "concurrent_tools": True,
+            **switches,
         }  # fmt: skip
 
     return [one(i) for i in range(n)]
@@ -236,6 +265,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--engine-step-ms", type=float, default=0.0, help="gpu-like: ms per pass")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--case-study", type=int, default=0, metavar="N",
+                    help="also run the ReAct case study (techniques added one at a time) "
+                         "with N agents, on the first model and tool latency")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "agents.json")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -252,6 +284,7 @@ def main() -> None:
     wasm = build_inferlet(ROOT / "inferlets" / "agent_react").read_bytes()
     generated = args.steps * args.step_tokens + args.answer_tokens
     rows: list[dict[str, Any]] = []
+    study: list[dict[str, Any]] = []
     with ToolServer() as tools:
         for model_name in args.models.split(","):
             cache = Path.home() / ".cache" / "loom"
@@ -277,17 +310,66 @@ def main() -> None:
                             rate = row["agents_per_min"]
                             print(f"  {model_name} {latency:g} ms x{n} {system}: {rate:.1f}/min",
                                   file=sys.stderr)  # fmt: skip
+                if args.case_study and model_name == args.models.split(",")[0]:
+                    study += case_study(args, urls, model, wasm, tools.url, generated)
             finally:
                 for s in servers.values():
                     s.terminate()
                     s.wait(30)
     print_table(rows, args)
+    if study:
+        print_case_study(study)
     summary = summarize(rows, args.models.split(",")[0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                    "summary": summary, "rows": rows}, indent=2))  # fmt: skip
+                                    "summary": summary, "rows": rows, "case_study": study},
+                                   indent=2))  # fmt: skip
     print(f"summary: {json.dumps(summary)}\nwrote {args.out}")
     plot(rows, args.out.with_suffix(".png"))
+
+
+def case_study(
+    args: argparse.Namespace,
+    urls: dict[str, str],
+    model: str,
+    wasm: bytes,
+    tools_url: str,
+    generated: int,
+) -> list[dict[str, Any]]:
+    """The inferlet with its techniques added one at a time, then both baselines, at
+    ``args.case_study`` agents and the first tool latency."""
+    n, latency = args.case_study, float(args.latency_ms.split(",")[0])
+    out = []
+    for name, cache, switches in CASE_STUDY:
+        cfgs = configs(n, args, latency, tools_url, switches)
+        row = measure("inferlet", urls["on" if cache else "off"], model, wasm, cfgs, generated)
+        out.append({"technique": name, **row})
+        print(f"  case study x{n}: {name}: {row['agents_per_min']:.1f}/min", file=sys.stderr)
+    for base in ("cache_on", "cache_off"):
+        cfgs = configs(n, args, latency, tools_url)
+        row = measure(base, urls["on" if base == "cache_on" else "off"], model, wasm, cfgs,
+                      generated)  # fmt: skip
+        out.append({"technique": f"client-driven, prefix cache {base[6:]}", **row})
+    for row in out:
+        row.update(concurrency=n, latency_ms=latency)
+    return out
+
+
+def print_case_study(study: list[dict[str, Any]]) -> None:
+    n, lat = study[0]["concurrency"], study[0]["latency_ms"]
+    print(f"\nReAct case study: {n} agents, tools {lat:g} ms, each row adds one technique\n")
+    head = (f"{'technique':<36} | {'agents/min':>10} | {'gain':>6} | {'total':>6} | "
+            f"{'mean s':>7} | {'prefill/agent':>13}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    first = prev = study[0]["agents_per_min"]
+    for r in study:
+        rate = r["agents_per_min"]
+        print(f"{r['technique']:<36} | {rate:>10.1f} | {rate / prev:>5.2f}x | "
+              f"{rate / first:>5.2f}x | {r['latency_mean_s']:>7.2f} | "
+              f"{r['prefill_tokens_per_agent']:>13.0f}")  # fmt: skip
+        if not r["technique"].startswith("client"):
+            prev = rate
 
 
 def summarize(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:

@@ -7,20 +7,23 @@ Simple use: ``[--tools URL] [--steps N] [--tokens T] question``; each step searc
 the question, then looks up a fact, then calculates. Benchmarks pass one JSON argument
 instead, fixing the workload (random weights emit no actions of their own):
 
-    {"system": str, "question": str, "step_tokens": int, "answer_tokens": int,
-     "steps": [[tool URL, ...], ...], "share_prefix": str | null, "overlap": bool,
-     "concurrent_tools": bool}
+    {"system": str, "docs": str, "question": str, "step_tokens": int,
+     "answer_tokens": int, "steps": [[tool URL, ...], ...], "share_prefix": str | null,
+     "overlap": bool, "concurrent_tools": bool, "drop_docs": bool}
 
 - ``share_prefix``: the system prompt is computed once per server under this name and
   imported by every agent (``inferlet.sharing``); null: each agent prefills its own.
 - ``overlap``: a step's tool calls start once half its tokens are generated (the point
   where the action is decided) and run while the rest is generated.
 - ``concurrent_tools``: a step's tool calls run at once rather than one after another.
+- ``drop_docs``: once the first step has chosen its tools, the tool documentation
+  (``docs``, which follows the system prompt) is hidden and its pages let go of, so
+  later steps attend over less.
 
 Each step generates ``step_tokens`` (ending early at "Action:"), then fills
 ``Action: <tool>`` and ``Observation: <reply>`` for each tool call; a tool that fails or
 times out gives an observation starting with "error:", and the agent goes on. The reply
-is JSON: ``{"answer", "tool_calls", "tool_errors", "generated"}``.
+is JSON: ``{"answer", "tool_calls", "tool_errors", "generated", "docs_pages_dropped"}``.
 """
 
 import json
@@ -31,8 +34,11 @@ from inferlet.sharing import prefix_context
 SYSTEM = (
     "You are a careful assistant that answers questions by reasoning step by step and "
     "using tools. Write a Thought, then an Action naming one tool and its input, then "
-    "read the Observation the tool returns. Tools: search[query] finds passages of a "
-    "text corpus; fact[key] returns a stored fact; calc[expression] evaluates arithmetic.\n"
+    "read the Observation the tool returns.\n"
+)
+DOCS = (
+    "Tools: search[query] finds passages of a text corpus; fact[key] returns a stored "
+    "fact; calc[expression] evaluates arithmetic.\n"
 )
 
 
@@ -61,9 +67,10 @@ def _config(args: list[str]) -> dict:
         f"{tools}/calc?expr={_quote('12*7')}",
     ]
     return {
-        "system": SYSTEM, "question": question, "step_tokens": tokens, "answer_tokens": tokens,
+        "system": SYSTEM, "docs": DOCS, "question": question, "step_tokens": tokens,
+        "answer_tokens": tokens,
         "steps": [[plan[k % len(plan)]] for k in range(steps)], "share_prefix": "react-system",
-        "overlap": True, "concurrent_tools": True,
+        "overlap": True, "concurrent_tools": True, "drop_docs": True,
     }  # fmt: skip
 
 
@@ -100,11 +107,15 @@ async def run_tools(urls: list[str], concurrent: bool) -> list[tuple[str, bool]]
 async def main(args: list[str]) -> str | None:
     cfg = _config(args)
     model = inferlet.get_model()
-    ctx = await prefix_context(model, cfg.get("share_prefix"), cfg["system"])
+    system, docs = cfg["system"], cfg.get("docs", "")
+    ctx = await prefix_context(model, cfg.get("share_prefix"), system + docs)
+    # The documentation's token span (a boundary token merged across it stays visible).
+    encode = model.tokenizer.encode
+    docs_span = (len(encode(system)), len(encode(system + docs)) - 1)
     ctx.fill(f"Question: {cfg['question']}\n")
     tokens, answer_tokens = int(cfg["step_tokens"]), int(cfg.get("answer_tokens", 0))
     stop = inferlet.StopStrings("Action:") | inferlet.IgnoreEos()
-    calls = errors = generated = 0
+    calls = errors = generated = dropped = 0
     for urls in cfg["steps"]:
         ctx.fill("Thought:")
         if cfg.get("overlap") and tokens > 1:
@@ -125,11 +136,15 @@ async def main(args: list[str]) -> str | None:
             calls += 1
             errors += not ok
             ctx.fill(f"\nAction: {_action(url)}\nObservation: {observation}\n")
+        if docs and cfg.get("drop_docs") and docs_span[0] < docs_span[1]:
+            dropped = ctx.drop_tokens(*docs_span)
+            docs = ""
     answer = ""
     if answer_tokens:
         ctx.fill("Final Answer:")
         answer = await ctx.generate(max_tokens=answer_tokens, stop=inferlet.IgnoreEos())
     ctx.release()
     return json.dumps(
-        {"answer": answer, "tool_calls": calls, "tool_errors": errors, "generated": generated}
+        {"answer": answer, "tool_calls": calls, "tool_errors": errors, "generated": generated,
+         "docs_pages_dropped": dropped}  # fmt: skip
     )

@@ -814,8 +814,9 @@ class Runtime:
         the next batch: the worker fills in their tokens from the running batch's results
         and starts them at once, without the round trip through this thread (~2 ms a step
         measured on the ~40M model). Other ready forward passes ride along (they run after
-        the batch in flight, as any later op; if it fails, this batch fails with it); host
-        generations do not (theirs may be the step in flight). Once every guest sleeps, or
+        the batch in flight, as any later op; if it fails, this batch fails with it), and
+        so do host generations whose step is not the one in flight (left out, an API
+        request would wait for a decode loop's last step). Once every guest sleeps, or
         ``mid_pass``: once every decode loop of the running batch queued its next step,
         while other guests (instances starting) are still to run."""
         if self.config.batch_policy != "adaptive":
@@ -831,10 +832,17 @@ class Runtime:
         self._advance_queues()  # page allocations queued before the passes ahead
         heads: list[CommandQueue] = []
         ahead = 0
+        running = {id(part[2]) for part in last.parts}
         for q in self.batcher.queues:
             cmd = q.peek()
-            if not isinstance(cmd, ForwardCmd) or q.held:
-                continue  # (a host generation may have its step in flight)
+            if q.held:
+                continue
+            if isinstance(cmd, GenerateCmd):
+                if id(cmd) not in running:  # (its inputs are known: its pending tokens)
+                    heads.append(q)
+                continue
+            if not isinstance(cmd, ForwardCmd):
+                continue
             if cmd.ready():
                 heads.append(q)
             elif cmd.ahead_of is not None and cmd.ahead_of.flight is last:

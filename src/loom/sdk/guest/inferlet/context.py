@@ -543,12 +543,32 @@ class Context:
             start, end = span.start, span.stop
         if end is None:
             raise ValueError("mask_tokens needs an end (or a range)")
+        self._mask(start, end, set())
+
+    def drop_tokens(self, start: int, end: int) -> int:
+        """Hide tokens at positions ``start..end`` from every later pass and free the
+        pages they leave wholly hidden; the number of pages freed. Later passes attend
+        over fewer pages (an agent drops its tool documentation this way once it has
+        chosen its tools). Wholly hidden pages are let go of without being masked, so a
+        page shared with other contexts is not copied just to be dropped."""
+        self._check_open()
+        ps = self.page_size
+        hidden = self.masked | set(range(start, end))
+        whole = {
+            i for i in range(self.kv_len // ps)
+            if all(pos in hidden for pos in self.slot_pos[i * ps : (i + 1) * ps])
+        }  # fmt: skip
+        self._mask(start, end, whole)
+        return self.drop_masked_pages()
+
+    def _mask(self, start: int, end: int, skip: set[int]) -> None:
+        """Mark ``start..end`` masked and mask the pages holding them but ``skip``."""
         self._check_open()
         if not 0 <= start <= end <= self.written:
             raise ValueError(f"mask range {start}..{end} is not within the written {self.written}")
         self.masked.update(range(start, end))
         ps = self.page_size
-        touched = {i // ps for i, pos in enumerate(self.slot_pos) if start <= pos < end}
+        touched = {i // ps for i, pos in enumerate(self.slot_pos) if start <= pos < end} - skip
         for page in sorted(touched):
             slots = self.slot_pos[page * ps : (page + 1) * ps]
             keep = [pos not in self.masked for pos in slots] + [True] * (ps - len(slots))
