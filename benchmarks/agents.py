@@ -133,7 +133,14 @@ async def client_agent(http: Any, tools_http: Any, model: str, cfg: dict[str, An
     async def complete(max_tokens: int, stop: list[str]) -> str:
         body = {"model": model, "prompt": transcript, "max_tokens": max_tokens,
                 "temperature": 0, "stop": stop, "ignore_eos": True}  # fmt: skip
-        r = await http.post("/v1/completions", json=body)
+        import httpx
+
+        try:
+            r = await http.post("/v1/completions", json=body)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A pooled connection the server closed as idle just as it was reused (the
+            # request never reached it): once more, on a new connection.
+            r = await http.post("/v1/completions", json=body)
         r.raise_for_status()
         return str(r.json()["choices"][0]["text"])
 
@@ -220,6 +227,9 @@ def measure(
     }
 
 
+_RUNS = iter(range(1_000_000))
+
+
 def configs(
     n: int,
     args: argparse.Namespace,
@@ -227,10 +237,15 @@ def configs(
     tools_url: str,
     switches: dict[str, Any] = TECHNIQUES,
 ) -> list[dict[str, Any]]:
+    """``n`` agents; each call's agents are new ones (their questions differ from every
+    earlier call's, as new tasks do): no system finds a transcript of an earlier
+    measurement in a prefix cache, only the shared system prompt and tool docs."""
+    run = next(_RUNS)
+
     def one(i: int) -> dict[str, Any]:
         return {
             "system": INSTRUCTIONS, "docs": tool_docs(),
-            "question": f"Agent {i}: where did the traders meet?",
+            "question": f"Task {run}.{i}: where did the traders meet?",
             "step_tokens": args.step_tokens, "answer_tokens": args.answer_tokens,
             "steps": plan(i, args.steps, args.tools_per_step, tools_url, latency),
             **switches,
@@ -300,8 +315,8 @@ def main() -> None:
                     measure(system, url, model, wasm, warm, generated)
                 for latency in latencies:
                     for n in levels:
-                        cfgs = configs(n, args, latency, tools.url)
                         for system in systems:
+                            cfgs = configs(n, args, latency, tools.url)
                             url = urls["off" if system == "cache_off" else "on"]
                             row = measure(system, url, model, wasm, cfgs, generated)
                             row.update(model=model_name, system=system, concurrency=n,

@@ -108,7 +108,7 @@ def run_system(
     done = threading.Semaphore(0)
     spans: list[tuple[float | None, float | None, int]] = []
     t0 = time.perf_counter()
-    args = [[p, str(tokens), mode] for p in prompts(n, run)]
+    args = [[p, str(tokens), mode, "ignore"] for p in prompts(n, run)]
     handles = rt.launch_batch(program, args) if cohort else [rt.launch(program, a) for a in args]
     for p in prompts(completions, run + 10_000):
         span: list[Any] = [None, None, 0]

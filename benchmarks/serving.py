@@ -91,7 +91,7 @@ async def run_inferlets(url: str, program: str, conc: int, total: int, tokens: i
         async with await Client.connect(url) as c:
             for i in counter:
                 t0 = time.perf_counter()
-                inst = await c.launch(program, [message(i), str(tokens)])
+                inst = await c.launch(program, [message(i), str(tokens), "ignore"])
                 reply = await inst.recv()
                 status = await inst.wait()
                 assert status.ok and reply, status.error

@@ -23,4 +23,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing loom and its test dependencies"
 .venv/bin/pip install --quiet -e ".[dev]"
-.venv/bin/python -c "import torch, loom; print(f'setup: loom {loom.__version__}, torch {torch.__version__}')"
+# The inferlet SDK importable in the venv (editors' completion, mypy on inferlets): the
+# same sources the builds bundle; calls into the host work only inside a built inferlet.
+SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$PWD/src/loom/sdk/guest" > "$SITE/loom-inferlet-sdk.pth"
+.venv/bin/python -c "import torch, loom, inferlet; print(f'setup: loom {loom.__version__}, torch {torch.__version__}')"

@@ -8,5 +8,7 @@ $PY -m ruff check --no-cache src tests benchmarks
 $PY -m ruff format --no-cache --check -q src tests benchmarks
 echo "== mypy"
 $PY -m mypy
+# The inferlet SDK, as the package inferlets import.
+(cd src/loom/sdk/guest && "../../../../$PY" -m mypy --config-file ../../../../pyproject.toml -p inferlet)
 echo "== pytest"
 $PY -m pytest -q "$@"

@@ -31,5 +31,5 @@ def test_demo_serves_and_runs_the_example_inferlet(tiny_dir: Path) -> None:
     # The embedded model is generated deterministically: the same weights as `tiny_dir`.
     llm = LLM(str(tiny_dir), num_pages=16)
     ids = llm.tokenizer.encode("Once upon a time", add_special_tokens=False)
-    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)  # (both end at end-of-sequence)
     assert out.stdout == llm.generate([ids], greedy)[0].text + "\n"

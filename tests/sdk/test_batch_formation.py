@@ -51,7 +51,7 @@ def run_together(rt: Any, program: str, n: int, mode: str, cohort: bool = False)
     ``launch_batch``, else one ``launch`` each)."""
     before = rt.worker.stats().num_steps
     prompts = [f"Story {i}. Once upon a time there was a mill" for i in range(n)]
-    args = [[p, str(TOKENS), mode] for p in prompts]
+    args = [[p, str(TOKENS), mode, "ignore"] for p in prompts]
     handles = rt.launch_batch(program, args) if cohort else [rt.launch(program, a) for a in args]
     for h in handles:
         result = h.wait(120)

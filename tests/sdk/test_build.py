@@ -42,10 +42,37 @@ def test_syntax_errors_name_the_file_and_line(
 ) -> None:
     app = tmp_path / "broken.py"
     app.write_text("import inferlet\n\nasync def main(args)\n    return None\n")
-    with pytest.raises(BuildError, match=r"app\.py:3: syntax error"):
+    with pytest.raises(BuildError, match=r"broken\.py:3: syntax error"):
         build_inferlet(app, cache_dir=tmp_path / "cache")
     assert cli_main(["build", str(app)]) == 2
-    assert "app.py:3: syntax error" in capsys.readouterr().err
+    assert "broken.py:3: syntax error" in capsys.readouterr().err  # (not the staged app.py)
+    folder = tmp_path / "agent"
+    folder.mkdir()
+    (folder / "app.py").write_text("import util\n\nasync def main(args):\n    return None\n")
+    (folder / "util.py").write_text("def f(:\n    pass\n")
+    with pytest.raises(BuildError, match=r"agent/util\.py:1: syntax error"):
+        build_inferlet(folder, cache_dir=tmp_path / "cache")
+
+
+def test_a_missing_or_plain_main_is_refused_at_build_time(tmp_path: Path) -> None:
+    app = tmp_path / "helper.py"
+    app.write_text("import inferlet\n\n\ndef helper():\n    return 1\n")
+    with pytest.raises(BuildError, match=r"helper\.py: no entry point: define `async def main"):
+        build_inferlet(app, cache_dir=tmp_path / "cache")
+    app.write_text("import inferlet\n\n\ndef main(args):\n    return None\n")
+    with pytest.raises(BuildError, match=r"helper\.py:4: `main` must be a coroutine"):
+        build_inferlet(app, cache_dir=tmp_path / "cache")
+
+
+def test_a_failed_import_of_native_code_shows_the_python_error(tmp_path: Path) -> None:
+    # pydantic_core is compiled code (a dependency of the server, so it is installed).
+    app = tmp_path / "native.py"
+    app.write_text("import pydantic_core\n\n\nasync def main(args):\n    return None\n")
+    with pytest.raises(BuildError) as err:
+        build_inferlet(app, cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert "pydantic_core" in message and "Error" in message, message
+    assert "native code" in message
 
 
 def test_imports_that_cannot_work_in_the_sandbox_are_refused(tmp_path: Path) -> None:

@@ -244,3 +244,43 @@ def test_tree_speculation_equals_greedy(srt: Any, sdkkit: str, tiny_dir: Any) ->
     assert out["tokens"] == truth[:16]
     assert out["after"] == truth[16]
     assert out["passes"] < 10 and out["accepted"] > 0  # several tokens per pass
+
+
+def test_a_flushed_context_and_its_fork_continue_whatever_the_prompt_length(
+    srt: Any, sdkkit: str, tiny_dir: Any
+) -> None:
+    # Nothing is pending after a flush; a prompt of whole pages leaves no partly filled
+    # page for a fork to recompute either (once "nothing to continue from").
+    text = "Once upon a time there was a robot who lived in a tower by the sea, " * 3
+    free0 = free_pages(srt)
+    for n in (32, 23):
+        result, messages = run(srt, sdkkit, "repend", text, str(n), "6")
+        assert result.ok, result.error
+        got = json.loads(messages[-1])
+        assert len(got["ids"]) == n
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        want = list(LLM(str(tiny_dir), num_pages=32).generate([got["ids"]], params)[0].token_ids)
+        assert got["fork"] == got["self"] == want
+        assert got["step"] == got["dist"] == want[0]
+    assert free_pages(srt) == free0
+
+
+def test_complete_returns_logprobs_and_samples_only_allowed_tokens(
+    srt: Any, sdkkit: str, tiny_dir: Any
+) -> None:
+    text, n = "Once upon a time there", 6
+    prompt = srt.tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+    ref = LLM(str(tiny_dir), num_pages=32).generate([prompt], params)[0]
+    # Allowed: the greedy first token and a few others, not the greedy second token.
+    allowed = sorted({ref.token_ids[0], 5, 7, 11, 13} - {ref.token_ids[1]})
+    result, messages = run(srt, sdkkit, "complete", text, str(n), ",".join(map(str, allowed)))
+    assert result.ok, result.error
+    got = json.loads(messages[-1])
+    free, masked = got["free"], got["masked"]
+    assert free["tokens"] == list(ref.token_ids) and free["reason"] == "length"
+    assert ref.logprobs is not None
+    assert all(abs(a - b) < 1e-3 for a, b in zip(free["logprobs"], ref.logprobs, strict=True))
+    assert len(masked["tokens"]) == n and set(masked["tokens"]) <= set(allowed)
+    assert masked["tokens"][0] == ref.token_ids[0]  # the overall argmax was allowed
+    assert all(lp <= 0 for lp in masked["logprobs"]) and len(masked["logprobs"]) == n

@@ -1200,6 +1200,7 @@ class Runtime:
                     task.finish_reason,
                     task.pages,
                     task.last_page_len(self.page_size),
+                    [o.logprob or 0.0 for o in task.outputs] if task.logprobs is not None else [],
                 )
             )
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,17 +83,24 @@ def source_hash(app_dir: Path, *, sdk: bool = True) -> str:
     return h.hexdigest()
 
 
-def check_sources(app_dir: Path) -> None:
-    """Syntax errors and sandbox-incompatible imports, with file and line."""
+def check_sources(app_dir: Path, shown: Path | None = None) -> None:
+    """Syntax errors, sandbox-incompatible imports and a missing or non-async ``main``,
+    with file and line. ``shown``: how to name the app in messages (the file or folder
+    the user gave; a single file is staged as ``app.py``)."""
     for path in sorted(app_dir.rglob("*.py")):
         if "__pycache__" in path.parts:
             continue
         rel = path.relative_to(app_dir)
+        entry = rel == Path("app.py")
+        if shown is not None:
+            rel = shown if shown.suffix == ".py" and entry else shown / rel
         src = path.read_text(encoding="utf-8")
         try:
             tree = ast.parse(src, filename=str(rel))
         except SyntaxError as e:
             raise BuildError(f"{rel}:{e.lineno}: syntax error: {e.msg}") from None
+        if entry:
+            check_main(tree, str(rel))
         for node in ast.walk(tree):
             names: list[str] = []
             if isinstance(node, ast.Import):
@@ -111,6 +119,29 @@ def check_sources(app_dir: Path) -> None:
                         f"{rel}:{line}: `{bad}` cannot work inside the inferlet sandbox"
                         + (f"; use {hint}" if hint else "")
                     )
+
+
+def check_main(tree: ast.Module, name: str) -> None:
+    """The entry module must define ``async def main(args)`` (or import a ``main``)."""
+    for node in tree.body:
+        if isinstance(node, ast.AsyncFunctionDef) and node.name == "main":
+            return
+        if isinstance(node, ast.FunctionDef) and node.name == "main":
+            raise BuildError(
+                f"{name}:{node.lineno}: `main` must be a coroutine: "
+                "`async def main(args: list[str]) -> str | None`"
+            )
+        imported = isinstance(node, ast.ImportFrom) and any(
+            (a.asname or a.name) == "main" for a in node.names
+        )
+        assigned = isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "main" for t in node.targets
+        )
+        if imported or assigned:
+            return  # (defined elsewhere: checked when it runs)
+    raise BuildError(
+        f"{name}: no entry point: define `async def main(args: list[str]) -> str | None`"
+    )
 
 
 def build_cache_dir() -> Path:
@@ -145,7 +176,7 @@ def build_inferlet(
         else:
             raise BuildError(f"{app} is neither a .py file nor a folder with app.py")
         if sdk:
-            check_sources(app_dir)
+            check_sources(app_dir, app)
         cache = (cache_dir or build_cache_dir()) / f"{source_hash(app_dir, sdk=sdk)}.wasm"
         if not cache.exists():
             _compile(app_dir, cache, sdk, progress)
@@ -170,11 +201,33 @@ def _compile(app_dir: Path, cache: Path, sdk: bool, progress: Callable[[str], No
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise BuildError("componentize-py failed:\n" + "\n".join(lines[-20:]))
+        raise BuildError("componentize-py failed:\n" + componentize_error(proc.stderr))
     os.replace(tmp, cache)
     if progress is not None:
         progress(f"compiled in {time.perf_counter() - t0:.1f} s")
+
+
+def componentize_error(stderr: str) -> str:
+    """What to show of a failed componentize-py run: the Python exception that stopped
+    it (an import of a package with native code, say), ahead of the Rust backtrace that
+    follows it; else the last lines."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    exc = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception)\b.*:")
+    found = [i for i, ln in enumerate(lines) if exc.match(ln)]
+    if not found:
+        return "\n".join(lines[-20:])
+    last = found[-1]
+    start = next((i for i in range(last, -1, -1) if lines[i].startswith("Traceback")), last)
+    shown = lines[start : last + 1]
+    if len(shown) > 20:
+        shown = [*shown[:2], "  ...", *shown[-17:]]
+    hint = ""
+    if "ModuleNotFoundError" in lines[last] or "ImportError" in lines[last]:
+        hint = (
+            "\n(inferlets run in a WebAssembly sandbox: pure-Python packages can be bundled "
+            "next to app.py; packages with native code cannot)"
+        )
+    return "\n".join(shown) + hint
 
 
 C_HEADER_DIR = Path(__file__).parent / "c"

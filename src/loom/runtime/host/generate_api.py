@@ -11,6 +11,7 @@ from loom.runtime.host.common import add_future_resource, iface, sampler_spec
 from loom.runtime.host.types_sampler import SAMPLER
 from loom.runtime.wasm_ffi import (
     BOOL,
+    F32,
     STRING,
     U32,
     ComponentLinker,
@@ -39,6 +40,7 @@ GENERATION = record(
     ("finish-reason", STRING),
     ("pages", list_of(U32)),
     ("last-page-len", U32),
+    ("logprobs", list_of(F32)),
 )
 
 
@@ -56,6 +58,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         stop: tuple[int, list[int], list[str], bool],
         logit_mask: list[int] | None,
         stream: bool,
+        want_logprobs: bool,
     ) -> int:
         inst = rt.caller(key)
         queue = rt.handles.get(inst.seq, q, CommandQueue)
@@ -91,6 +94,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             logit_mask=logit_mask,
             stream=stream,
             tokenizer=rt.tokenizer,
+            logprobs=0 if want_logprobs else None,  # (0: the chosen token's only)
         )
         context_cache.match_generation(rt, inst, task)
         rt.enqueue(queue, GenerateCmd(task))
@@ -108,6 +112,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             SAMPLER,
             STOP,
             option(list_of(U32)),
+            BOOL,
             BOOL,
         ],
         own("generate-result"),

@@ -142,6 +142,7 @@ class WitWorld(wit_world.WitWorld):
                 ),
                 None,
                 len(args) > 3,
+                False,
             )
             g = unwrap(wait(fut))
             messaging.send(

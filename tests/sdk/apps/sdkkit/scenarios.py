@@ -200,6 +200,51 @@ async def masked(args):
     return json.dumps(out)
 
 
+async def repend(args):
+    """A prompt of ``args[1]`` tokens, flushed (nothing pending), then continued four
+    ways: a fork's generate, the context's own generate, a decode step and a
+    distribution, each on a context of its own."""
+    model = inferlet.get_model()
+    ids = model.tokenizer.encode(args[0])[: int(args[1])]
+    n = int(args[2])
+
+    def flushed():
+        ctx = model.create_context()
+        ctx.fill_tokens(ids)
+        ctx.flush()
+        return ctx
+
+    ctx = flushed()
+    child = ctx.fork()
+    await child.generate(max_tokens=n, stop=inferlet.IgnoreEos())
+    await ctx.generate(max_tokens=n, stop=inferlet.IgnoreEos())
+    out = {"ids": ids, "fork": child.tokens[len(ids) :], "self": ctx.tokens[len(ids) :]}
+    child.release()
+    ctx.release()
+    ctx = flushed()
+    out["step"] = await ctx.decode_step()
+    ctx.release()
+    ctx = flushed()
+    out["dist"] = (await ctx.next_distribution(4))[0][0]
+    ctx.release()
+    return json.dumps(out)
+
+
+async def complete(args):
+    """``Context.complete``: logprobs of a greedy generation, then one limited to the
+    token ids in ``args[2]`` (comma-separated)."""
+    model = inferlet.get_model()
+    n, allowed = int(args[1]), [int(x) for x in args[2].split(",")]
+    out = {}
+    for key, kw in (("free", {}), ("masked", {"allowed": allowed})):
+        ctx = model.create_context()
+        ctx.fill(args[0])
+        c = await ctx.complete(n, stop=inferlet.IgnoreEos(), logprobs=True, **kw)
+        out[key] = {"tokens": c.tokens, "logprobs": c.logprobs, "reason": c.finish_reason}
+        ctx.release()
+    return json.dumps(out)
+
+
 async def export_ctx(args):
     ctx = inferlet.get_model().create_context()
     ctx.fill(args[0])
@@ -282,6 +327,8 @@ SCENARIOS = {
     "spec": spec,
     "sink": sink,
     "masked": masked,
+    "repend": repend,
+    "complete": complete,
     "export": export_ctx,
     "import": import_ctx,
     "pubsub": pubsub,

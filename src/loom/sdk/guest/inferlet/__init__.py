@@ -1,7 +1,9 @@
 """The inferlet SDK: write ``async def main(args)`` and drive generation from Python.
 
-Inside a built inferlet everything below is available. Outside one (natively, for
-tests) only the pure parts import: samplers, stop conditions, the loop, KV page math.
+Inside a built inferlet everything below is available. Outside one (natively: an
+editor, a type checker, a test) everything imports, and the pure parts work (samplers,
+stop conditions, the loop, KV page math); a call into the host says it needs a built
+inferlet.
 """
 
 from inferlet._loop import gather, spawn, yield_now
@@ -13,37 +15,32 @@ __all__ = [
     "StopTokens", "Temperature", "TopK", "TopP", "gather", "spawn", "yield_now",
 ]  # fmt: skip
 
-try:
-    import wit_world  # noqa: F401  (the bindings exist only inside a built inferlet)
-except ImportError:
-    pass
-else:
-    from inferlet.context import Context, Drafter, decode_all
-    from inferlet.io import (
-        Response,
-        broadcast,
-        get_arguments,
-        http_get,
-        http_post,
-        http_request,
-        instance_id,
-        launch,
-        log,
-        pull,
-        push,
-        receive,
-        send,
-        store_delete,
-        store_get,
-        store_list,
-        store_set,
-        subscribe,
-    )  # fmt: skip
-    from inferlet.model import Model, Tokenizer, get_model
+from inferlet.context import Completion, Context, Drafter, decode_all
+from inferlet.io import (
+    Response,
+    broadcast,
+    get_arguments,
+    http_get,
+    http_post,
+    http_request,
+    instance_id,
+    launch,
+    log,
+    pull,
+    push,
+    receive,
+    send,
+    store_delete,
+    store_get,
+    store_list,
+    store_set,
+    subscribe,
+)  # fmt: skip
+from inferlet.model import Model, Tokenizer, get_model
 
-    __all__ += [
-        "Context", "Drafter", "Model", "Response", "Tokenizer", "broadcast", "decode_all",
-        "get_arguments", "get_model", "http_get", "http_post", "http_request",
-        "instance_id", "launch", "log", "pull", "push", "receive", "send", "store_delete",
-        "store_get", "store_list", "store_set", "subscribe",
-    ]  # fmt: skip
+__all__ += [
+    "Completion", "Context", "Drafter", "Model", "Response", "Tokenizer", "broadcast", "decode_all",
+    "get_arguments", "get_model", "http_get", "http_post", "http_request",
+    "instance_id", "launch", "log", "pull", "push", "receive", "send", "store_delete",
+    "store_get", "store_list", "store_set", "subscribe",
+]  # fmt: skip

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from inferlet import _kv
@@ -19,6 +20,16 @@ from inferlet._wit import Err, forward, generate, kv, store, types, unwrap
 from inferlet.model import Model
 from inferlet.sampler import Greedy, Sampler
 from inferlet.stop import Stop, as_stop
+
+
+@dataclass
+class Completion:
+    """What ``Context.complete`` generated."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop", "length" (or "error: ...")
+    logprobs: list[float]  # per token, when asked for (else empty)
 
 
 class Drafter(Protocol):
@@ -197,6 +208,9 @@ class Context:
         """One forward pass over the pending tokens; the sampled next token (pending)."""
         if self._after:
             await self._follow()
+        if self._ahead is None and not self.pending:
+            self._check_open()
+            self._repend()
         sampler = sampler or _GREEDY
         # Nothing else to run meanwhile: sleep in the pass's own host call (one call per
         # step instead of four: step, pollable, poll, get), with the next step queued ahead.
@@ -295,6 +309,36 @@ class Context:
             raise RuntimeError(str(e.value)) from None
         return None if token is None else int(token)
 
+    def _repend(self) -> None:
+        """With no token pending (all written, as after a flush, or in a fork of a
+        context whose written tokens fill whole pages), take written tokens back so a
+        pass can sample after them: a full last page is given back and its tokens are
+        recomputed into a page of this context's own (the page may be shared: with a
+        fork's parent, the prefix cache, an export); in a partly filled last page, the
+        last slot is written again."""
+        if self.pending:
+            return
+        if not self.written:
+            raise ValueError("nothing to continue from: fill tokens first")
+        ps = self.page_size
+        n = self.kv_len % ps or ps
+        span = list(range(self.written - n, self.written))
+        if self.slot_pos[-n:] != span or self.masked.intersection(span):
+            raise ValueError(
+                "nothing to continue from: the last written tokens were dropped or masked "
+                "(fill a token first)"
+            )
+        if n == ps:
+            index = self.kv_len // ps - 1
+            gone = self.model.refs.release([self.pages[index]])
+            if gone:
+                kv.free(self.queue, gone)
+            del self.pages[index]
+        else:
+            n = 1
+        del self.slot_pos[-n:]
+        self.written -= n
+
     def _wrote_pending(self) -> None:
         """The single pending token is in the KV cache: the pass ahead wrote it."""
         self.slot_pos.append(self.written)
@@ -306,6 +350,8 @@ class Context:
         The tokens are written to the KV cache; nothing is appended: pick a token and
         ``fill_tokens([t])`` it."""
         await self._follow()
+        self._check_open()
+        self._repend()
         out = unwrap(await wait_for(self._submit("distribution", k)))
         self._check_flushes()
         return list(zip(out.dist_ids, out.dist_probs, strict=True))
@@ -315,19 +361,48 @@ class Context:
         max_tokens: int | None = None,
         sampler: Sampler | None = None,
         stop: Stop | str | list[str] | None = None,
+        *,
+        allowed: Iterable[int] | None = None,
     ) -> str:
-        """Generate in the host (one call, no guest work per token); the new text."""
-        _, text, _ = await self._generate(max_tokens, sampler, stop)
-        return text
+        """Generate in the host (one call, no guest work per token); the new text.
+        ``allowed``: the only token ids it may sample (a logit mask on every token)."""
+        return (await self.complete(max_tokens, sampler, stop, allowed=allowed)).text
+
+    async def complete(
+        self,
+        max_tokens: int | None = None,
+        sampler: Sampler | None = None,
+        stop: Stop | str | list[str] | None = None,
+        *,
+        allowed: Iterable[int] | None = None,
+        logprobs: bool = False,
+    ) -> Completion:
+        """``generate`` with the whole result: the tokens, the text, why it ended and,
+        with ``logprobs``, each token's log-probability under the model (unmasked)."""
+        mask = None
+        if allowed is not None:
+            ok = set(allowed)
+            vocab = self.model.tokenizer.vocab_size
+            if not ok or not all(0 <= t < vocab for t in ok):
+                raise ValueError(f"allowed token ids must be a non-empty subset of [0, {vocab})")
+            mask = _kv.encode_brle([t not in ok for t in range(vocab)])
+        tokens, text, reason, lps = await self._generate(
+            max_tokens, sampler, stop, mask, logprobs
+        )  # fmt: skip
+        return Completion(tokens, text, reason, lps)
 
     async def _generate(
-        self, max_tokens: int | None, sampler: Sampler | None, stop: Any
-    ) -> tuple[list[int], str, str]:
+        self,
+        max_tokens: int | None,
+        sampler: Sampler | None,
+        stop: Any,
+        mask: list[int] | None = None,
+        logprobs: bool = False,
+    ) -> tuple[list[int], str, str, list[float]]:
         await self._follow()
         self._check_open()
         cond = as_stop(stop, max_tokens)
-        if not self.pending:
-            raise ValueError("nothing to continue from: fill tokens first")
+        self._repend()
         held = _kv.pages_for(self.kv_len, self.page_size)
         spare = self.pages[held:]
         limit = cond.max_tokens if cond.max_tokens is not None else self.model.max_model_len
@@ -344,8 +419,9 @@ class Context:
                 stop_strings=list(cond.strings),
                 stop_at_eos=cond.at_eos,
             ),
-            None,
+            mask,
             False,
+            logprobs,
         )
         g = unwrap(await wait_for(fut))
         self._check_flushes()
@@ -356,7 +432,7 @@ class Context:
         # Everything but the last generated token is in the KV cache now.
         self.slot_pos += range(self.written, len(self.tokens) - 1)
         self.written = len(self.tokens) - 1
-        return list(g.tokens), g.text, g.finish_reason
+        return list(g.tokens), g.text, g.finish_reason, list(g.logprobs)
 
     async def generate_stream(
         self,
