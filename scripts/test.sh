@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 echo "== ruff"
-$PY -m ruff check --no-cache src tests benchmarks
-$PY -m ruff format --no-cache --check -q src tests benchmarks
+$PY -m ruff check --no-cache src tests benchmarks inferlets
+$PY -m ruff format --no-cache --check -q src tests benchmarks inferlets
 echo "== mypy"
 $PY -m mypy
 # The inferlet SDK, as the package inferlets import.

@@ -144,7 +144,6 @@ async def main(args: list[str]) -> str | None:
         ctx.fill("Final Answer:")
         answer = await ctx.generate(max_tokens=answer_tokens, stop=inferlet.IgnoreEos())
     ctx.release()
-    return json.dumps(
-        {"answer": answer, "tool_calls": calls, "tool_errors": errors, "generated": generated,
-         "docs_pages_dropped": dropped}  # fmt: skip
-    )
+    reply = {"answer": answer, "tool_calls": calls, "tool_errors": errors,
+             "generated": generated, "docs_pages_dropped": dropped}  # fmt: skip
+    return json.dumps(reply)

@@ -1,6 +1,6 @@
 """Four continuations of one prompt, generated together (the README's example).
 
-    loom build inferlets/fork_choices
+loom build inferlets/fork_choices
 """
 
 import inferlet
@@ -14,9 +14,9 @@ async def main(args: list[str]) -> str | None:
     for i, f in enumerate(forks):
         f.fill(f" Option {i}:")
     # One decode step of every fork, submitted together: one engine batch per step.
-    outs = await inferlet.gather(
-        *(f.generate(max_tokens=16, sampler=inferlet.TopP(0.9, seed=i)) for i, f in enumerate(forks))
-    )
+    outs = await inferlet.gather(*(
+        f.generate(max_tokens=16, sampler=inferlet.TopP(0.9, seed=i)) for i, f in enumerate(forks)
+    ))  # fmt: skip
     for f in forks:
         f.release()
     ctx.release()

@@ -184,3 +184,14 @@ def test_draft_trees_and_brle_rows() -> None:
         _kv.draft_tree([(5, 1)])
     assert _kv.encode_brle([False, False, True, True, False]) == [2, 2, 1]
     assert _kv.encode_brle([True]) == [0, 1]
+
+
+def test_a_single_token_logit_mask_forbids_every_other_id() -> None:
+    from loom.engine.masks import decode_brle
+
+    for token in (0, 1, 17, 99):
+        forbidden = decode_brle(_kv.only_token(token, 100)).tolist()
+        assert len(forbidden) == 100
+        assert [i for i, f in enumerate(forbidden) if not f] == [token]
+    with pytest.raises(ValueError):
+        _kv.only_token(100, 100)

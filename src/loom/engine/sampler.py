@@ -77,6 +77,7 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
     """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec."""
+    raw = logits  # (log-probabilities are reported under the unmasked distribution)
     logits = _apply_logit_masks(logits, specs)
     results = [OutputResult() for _ in specs]
     tokens = fast_argmax(logits)  # greedy rows keep this
@@ -87,7 +88,7 @@ def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
         drawn = _draw(_filter(logits.index_select(0, idx), samplers), samplers)  # type: ignore[arg-type]
         tokens = tokens.index_copy(0, idx, drawn)
     need_lp = [i for i, s in enumerate(specs) if s.logprobs is not None]
-    logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
+    logprobs = torch.log_softmax(raw, dim=-1) if need_lp else None
     token_list = tokens.tolist()
     for i, spec in enumerate(specs):
         res = results[i]

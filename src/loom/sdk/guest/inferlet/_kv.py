@@ -85,6 +85,14 @@ def encode_brle(mask: list[bool]) -> list[int]:
     return runs
 
 
+def only_token(token: int, vocab: int) -> list[int]:
+    """The BRLE logit mask forbidding every id but ``token``."""
+    if not 0 <= token < vocab:
+        raise ValueError(f"token id {token} is not in [0, {vocab})")
+    runs = [0, token, 1, vocab - token - 1] if token else [1, vocab - 1]
+    return runs if runs[-1] else runs[:-1]
+
+
 def draft_tree(draft: Iterable[Any]) -> list[tuple[int, int]]:
     """A drafter's chain (``[t, ...]``) or tree (``[(t, parent), ...]``) as tree nodes
     ``(token, parent)``; a parent must come before its child (-1: the root)."""

@@ -44,6 +44,9 @@ class Drafter(Protocol):
         """How many of the last proposal the model agreed with."""
         ...
 
+    # Optional: ``observe(preds)`` receives the model's greedy token after the pending
+    # tokens and after each draft node of the last pass (``preds[1 + i]``: after node i).
+
 
 def _export_key(name: str) -> str:
     return f"loom.context/{name}"
@@ -178,6 +181,10 @@ class Context:
         for index, kind, arg in outputs:
             if kind == "token":
                 fp.output_token(index, _wit_sampler(arg))
+            elif kind == "forced":  # token ``arg`` taken here, its log-probability out
+                fp.output_token(index, _wit_sampler(_GREEDY))
+                fp.logit_mask(index, _kv.only_token(arg, self.model.tokenizer.vocab_size))
+                fp.output_logprobs(index, 0)
             else:
                 fp.output_distribution(index, arg)
         self.slot_pos += positions
@@ -203,6 +210,15 @@ class Context:
             raise RuntimeError("a fresh fork cannot flush before its first awaited step")
         if self.pending:
             self._unchecked.append(self._submit("none"))
+
+    async def write(self) -> None:
+        """``flush`` and wait until the pending tokens are in the KV cache; unlike
+        ``flush``, also for a fresh fork (it first follows its parent's passes)."""
+        await self._follow()
+        self._check_open()
+        if self.pending:
+            unwrap(await wait_for(self._submit("none")))
+        self._check_flushes()
 
     async def decode_step(self, sampler: Sampler | None = None) -> int:
         """One forward pass over the pending tokens; the sampled next token (pending)."""
@@ -355,6 +371,25 @@ class Context:
         out = unwrap(await wait_for(self._submit("distribution", k)))
         self._check_flushes()
         return list(zip(out.dist_ids, out.dist_probs, strict=True))
+
+    async def score(self, continuation: list[int]) -> list[float]:
+        """The log-probability of each token of ``continuation`` after this context and
+        the tokens before it (teacher forcing), in one pass; the tokens are appended."""
+        if not continuation:
+            return []
+        await self._follow()
+        self._check_open()
+        self._repend()
+        first = len(self.pending) - 1  # the row that predicts continuation[0]
+        inputs = self.pending + continuation[:-1]
+        positions = list(range(self.written, self.written + len(inputs)))
+        wanted = [(first + i, "forced", t) for i, t in enumerate(continuation)]
+        fut = self._pass(inputs, positions, None, wanted)
+        self.tokens += continuation
+        self.written += len(inputs)
+        out = unwrap(await wait_for(fut))
+        self._check_flushes()
+        return [float(x) for x in out.logprobs]
 
     async def generate(
         self,
@@ -517,6 +552,8 @@ class Context:
         several tokens per pass. KV of the accepted nodes stored in draft order is kept;
         the rest is re-fed with the next pass."""
         await self._follow()
+        self._check_open()
+        self._repend()
         out: list[int] = []
         while len(out) < max_tokens:
             nodes = _kv.draft_tree(drafter.draft(list(self.tokens)))
@@ -545,6 +582,9 @@ class Context:
             self.tokens += new
             out += new
             drafter.feedback(len(path), len(nodes))
+            observe = getattr(drafter, "observe", None)
+            if observe is not None:  # (Jacobi-style drafters guess from the predictions)
+                observe(preds)
         extra = len(out) - max_tokens
         if extra > 0:  # the last step may overshoot: give the surplus back
             del out[max_tokens:]

@@ -9,7 +9,7 @@ system prompt and tool documentation here, so a hundred agents prefill it once.
 
 from __future__ import annotations
 
-from inferlet.context import Context
+from inferlet.context import Context, _export_key
 from inferlet.io import broadcast, instance_id, store_delete, store_get, store_set, subscribe
 from inferlet.model import Model
 
@@ -47,6 +47,11 @@ async def shared_context(model: Model, name: str, text: str) -> Context:
         return ctx
     finally:
         sub.close()
+
+
+def is_exported(name: str) -> bool:
+    """Whether a context is exported under ``name`` (by an earlier run or another one)."""
+    return store_get(_export_key(name)) is not None
 
 
 async def prefix_context(model: Model, name: str | None, text: str) -> Context:
