@@ -86,6 +86,50 @@ def test_exceptions_reach_the_awaiting_task() -> None:
     assert _loop.run(main(), host.poll) == "caught 'lost'"
 
 
+def test_gather_raises_the_first_failure_while_a_sibling_still_waits() -> None:
+    """A task waiting on a message its failed sibling would have sent must not hang
+    ``gather``: the failure is raised at once (it was found only after the waiting
+    task, first in order, ended: never)."""
+    host = FakeHost()
+    never = FakeFuture("never")  # never made ready: a message that will not come
+    poll_ids: list[list[int]] = []
+
+    def poll(ids: list[int]) -> list[int]:
+        poll_ids.append(list(ids))
+        if len(poll_ids) > 5:
+            raise RuntimeError("gather hangs on the waiting task")
+        ready = [i for i, pid in enumerate(ids) if pid != never.id]
+        for i in ready:
+            FakeFuture.registry[ids[i]].ready = True
+        return ready
+
+    async def waits() -> str:
+        return await _loop.wait_for(never)  # type: ignore[no-any-return]
+
+    async def fails() -> None:
+        await _loop.wait_for(host.submit("x"))
+        raise ValueError("the sender failed")
+
+    async def ok() -> str:
+        await _loop.yield_now()
+        return "done"
+
+    async def main() -> str:
+        try:
+            await _loop.gather(waits(), fails(), ok())
+        except ValueError as e:
+            return str(e)
+        return "not raised"
+
+    assert _loop.run(main(), poll) == "the sender failed"
+    assert len(poll_ids) == 1  # raised right after the pass that failed the sender
+
+    async def both() -> list[str]:  # results in order once all are done
+        return await _loop.gather(ok(), ok())
+
+    assert _loop.run(both(), host.poll) == ["done", "done"]
+
+
 def test_spawned_tasks_and_deadlocks() -> None:
     host = FakeHost()
 

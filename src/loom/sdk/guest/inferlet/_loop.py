@@ -57,7 +57,7 @@ class Task:
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.waiters: list[Task] = []
+        self.waiters: list[Task | _AnyOf] = []
 
     def __await__(self) -> Generator[Any, Any, Any]:
         if not self.done:
@@ -65,6 +65,21 @@ class Task:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+class _AnyOf:
+    """``await`` on this suspends the task until one of ``tasks`` is done."""
+
+    __slots__ = ("fired", "task", "tasks")
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = tasks
+        self.task: Task | None = None  # the waiting task, once it waits
+        self.fired = False
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        if not any(t.done for t in self.tasks):
+            yield self
 
 
 class Loop:
@@ -112,6 +127,13 @@ class Loop:
                 self._ready.append((task, None, None))
             else:
                 yielded.waiters.append(task)
+        elif isinstance(yielded, _AnyOf):
+            if any(t.done for t in yielded.tasks):
+                self._ready.append((task, None, None))
+            else:
+                yielded.task = task
+                for t in yielded.tasks:
+                    t.waiters.append(yielded)
         elif isinstance(yielded, _Yield):
             self._ready.append((task, None, None))
         else:
@@ -128,6 +150,11 @@ class Loop:
     def _finish(self, task: Task, result: Any, error: BaseException | None) -> None:
         task.done, task.result, task.error = True, result, error
         for waiter in task.waiters:
+            if isinstance(waiter, _AnyOf):  # woken once, by the first of its tasks
+                if waiter.fired or waiter.task is None:
+                    continue
+                waiter.fired = True
+                waiter = waiter.task
             self._ready.append((waiter, None, None))
         task.waiters.clear()
 
@@ -187,13 +214,23 @@ async def gather(*aws: Awaitable[Any]) -> list[Any]:
     """Run the awaitables concurrently; their results in order.
 
     Every coroutine is started before any is awaited, so work they submit before their
-    first wait (forward passes of sibling contexts) is queued together.
+    first wait (forward passes of sibling contexts) is queued together. The first
+    failure is raised as soon as it happens (the others go on running), so a task that
+    waits on a failed sibling (a message it would have sent) cannot hang the caller.
     """
     tasks = [
         a if isinstance(a, Task) else spawn(a if isinstance(a, Coroutine) else _as_coro(a))
         for a in aws
     ]
-    return [await t for t in tasks]
+    pending = tasks
+    while True:
+        for t in tasks:
+            if t.done and t.error is not None:
+                raise t.error
+        pending = [t for t in pending if not t.done]
+        if not pending:
+            return [t.result for t in tasks]
+        await _AnyOf(pending)
 
 
 async def _as_coro(a: Awaitable[T]) -> T:

@@ -90,6 +90,7 @@ class Context:
         self.slot_pos: list[int] = list(range(kv_len))
         self.written = kv_len  # tokens[:written] went through a forward pass
         self.masked: set[int] = set()  # positions hidden from later passes
+        self._restricted: set[int] = set()  # positions written under a custom mask
         # Passes of other queues this context's next pass must follow (a fork's parent).
         self._after: list[Any] = after or []
         self._unchecked: list[Any] = []  # flushes not yet seen to succeed
@@ -339,7 +340,11 @@ class Context:
         ps = self.page_size
         n = self.kv_len % ps or ps
         span = list(range(self.written - n, self.written))
-        if self.slot_pos[-n:] != span or self.masked.intersection(span):
+        if (
+            self.slot_pos[-n:] != span
+            or self.masked.intersection(span)
+            or self._restricted.intersection(span)
+        ):
             raise ValueError(
                 "nothing to continue from: the last written tokens were dropped or masked "
                 "(fill a token first)"
@@ -390,6 +395,50 @@ class Context:
         out = unwrap(await wait_for(fut))
         self._check_flushes()
         return [float(x) for x in out.logprobs]
+
+    async def write_masked(
+        self,
+        tokens: list[int],
+        hidden: list[set[int]],
+        *,
+        distributions: Iterable[int] = (),
+        k: int = 32,
+    ) -> dict[int, list[tuple[int, float]]]:
+        """Append ``tokens`` in one pass, token ``i`` not attending to the positions in
+        ``hidden[i]`` (indices into ``tokens`` of this context, earlier than its own): a
+        2-D attention mask, as hierarchical or parallel-section prompts need. Pending
+        tokens are written first, causally. Returns the top-``k`` next-token distribution
+        after each token index (into ``tokens``) in ``distributions``."""
+        if len(hidden) != len(tokens) or not tokens:
+            raise ValueError("give one hidden set per token, and at least one token")
+        await self._follow()
+        self._check_open()
+        n_p = len(self.pending)
+        base = self.written + n_p  # position of tokens[0]
+        for i, h in enumerate(hidden):
+            if any(not 0 <= p < base + i for p in h):
+                raise ValueError(f"token {i} may hide only earlier positions (< {base + i})")
+        old = [p in self.masked for p in self.slot_pos]
+        rows = [_kv.encode_brle(old + [False] * (j + 1)) for j in range(n_p)]
+        for i, h in enumerate(hidden):
+            before = [m or p in h for m, p in zip(old, self.slot_pos, strict=True)]
+            fresh = [self.written + j in h for j in range(n_p + i + 1)]
+            rows.append(_kv.encode_brle(before + fresh))
+        dist_at = sorted(set(distributions))
+        if any(not 0 <= i < len(tokens) for i in dist_at):
+            raise ValueError("distribution indices must index tokens")
+        self.tokens += tokens
+        inputs = self.tokens[self.written :]
+        positions = list(range(self.written, self.written + len(inputs)))
+        outputs = [(n_p + i, "distribution", k) for i in dist_at]
+        fut = self._pass(inputs, positions, rows, outputs)
+        self.written += len(inputs)
+        # These slots saw a restricted view: never rewrite them as causal (``_repend``).
+        self._restricted.update(positions[n_p:])
+        out = unwrap(await wait_for(fut))
+        self._check_flushes()
+        pairs = list(zip(out.dist_ids, out.dist_probs, strict=True))  # k per index, in order
+        return {i: pairs[n * k : (n + 1) * k] for n, i in enumerate(dist_at)}
 
     async def generate(
         self,
@@ -499,21 +548,34 @@ class Context:
     # ----- search -----
 
     async def beam_search(
-        self, beam_size: int, max_tokens: int, *, stop: Stop | None = None
+        self,
+        beam_size: int,
+        max_tokens: int,
+        *,
+        stop: Stop | None = None,
+        allowed: Iterable[int] | None = None,
     ) -> list[tuple[list[int], float]]:
         """The ``beam_size`` best continuations by total log-probability, best first.
 
         Each step asks every beam for its top-``beam_size`` distribution in one batch
         (``gather``), keeps the best ``beam_size`` extensions, and forks the kept beams
-        (shared full pages). Returns ``(tokens, logprob)`` pairs; ``self`` is unchanged."""
+        (shared full pages). ``allowed`` restricts the tokens a beam may take (their
+        log-probabilities stay those of the unrestricted model). Returns ``(tokens,
+        logprob)`` pairs; ``self`` is unchanged."""
         if beam_size < 1 or max_tokens < 1:
             raise ValueError("beam_size and max_tokens must be >= 1")
         cond = stop or Stop()
         eos = set(cond.token_ids) | (set(self.model.eos_tokens) if cond.at_eos else set())
+        ok = None if allowed is None else set(allowed)
+        # Restricted: the whole distribution, filtered here (the top-k of the model
+        # need not hold any allowed token).
+        k = beam_size if ok is None else self.model.tokenizer.vocab_size
         beams: list[tuple[Context, list[int], float]] = [(self.fork(), [], 0.0)]
         done: list[tuple[list[int], float]] = []
         for _ in range(max_tokens):
-            dists = await gather(*(c.next_distribution(beam_size) for c, _, _ in beams))
+            dists = await gather(*(c.next_distribution(k) for c, _, _ in beams))
+            if ok is not None:
+                dists = [[(t, p) for t, p in d if t in ok] for d in dists]
             cands = [
                 (score + math.log(max(p, 1e-30)), b, tok)
                 for b, ((_, _, score), dist) in enumerate(zip(beams, dists, strict=True))
@@ -645,6 +707,7 @@ class Context:
         child.slot_pos = self.slot_pos[: shared_pages * self.page_size]
         child.written = child.slot_pos[-1] + 1 if child.slot_pos else 0
         child.masked = set(self.masked)
+        child._restricted = set(self._restricted)
         return child
 
     # ----- KV surgery -----
