@@ -61,7 +61,10 @@ class Swarm:
 
     async def _say(self, ctx: inferlet.Context, prompt: str) -> str:
         ctx.fill(prompt)
-        return await ctx.generate(max_tokens=self.tokens, stop=inferlet.IgnoreEos())
+        inferlet.log("DBG say start", prompt[:20], level="warning")
+        r = await ctx.generate(max_tokens=self.tokens, stop=inferlet.IgnoreEos())
+        inferlet.log("DBG say done", prompt[:20], level="warning")
+        return r
 
     async def planner(self, reviews: object) -> None:
         ctx = self.base.fork()
@@ -72,7 +75,9 @@ class Swarm:
             self.events.append(["planner", "task", t])
         seen = []
         while len(seen) < self.k:
+            inferlet.log("DBG planner waits", len(seen), level="warning")
             review = json.loads(await reviews.__anext__())
+            inferlet.log("DBG planner got", review["task"], level="warning")
             seen.append(review)
             self.events.append(["planner", "review", review["task"]])
             ctx.fill(f"\nReview of task {review['task']}: {review['text']}")
@@ -108,6 +113,7 @@ class Swarm:
                 ctx, f"Result of task {result['task']}: {result['text']}\nReview:"
             )
             review = {"task": result["task"], "worker": result["worker"], "text": text}
+            inferlet.log("DBG broadcast", result["task"], level="warning")
             inferlet.broadcast(self.reviews_topic, json.dumps(review))
             self.events.append(["critic", "review", result["task"]])
         ctx.release()

@@ -73,6 +73,27 @@ def test_logit_mask_forbids_tokens() -> None:
     assert res[0].token == int(x[0].masked_fill(torch.tensor(forbid), -1e9).argmax())
 
 
+def test_logit_bias_moves_sampling_and_leaves_logprobs() -> None:
+    x = logits_rows(3)
+    weakest = x.argmin(-1).tolist()
+    specs = [
+        OutputSpec(i, SamplerSpec(), logprobs=0, logit_bias=((weakest[i],), (100.0,)))
+        for i in range(3)
+    ]
+    res = sample(x, specs)
+    assert [r.token for r in res] == weakest  # the bias made the least likely the argmax
+    want = torch.log_softmax(x, -1)  # reported under the model's own distribution
+    assert all(abs(r.logprob - float(want[i, weakest[i]])) < 1e-5 for i, r in enumerate(res))
+    # A bias of +1 on half the vocabulary shifts sampled mass to it: e/(1+e) ~ 0.73 of
+    # draws on flat logits.
+    flat = torch.zeros(4000, 10)
+    half = (tuple(range(5)), (1.0,) * 5)
+    draws = sample(flat, [OutputSpec(i, SamplerSpec(1.0), logit_bias=half) for i in range(4000)])
+    share = sum(r.token < 5 for r in draws) / 4000  # type: ignore[operator]
+    assert abs(share - 0.731) < 0.03
+    assert torch.equal(flat, torch.zeros(4000, 10))  # the caller's logits untouched
+
+
 def test_logprobs_and_distributions() -> None:
     x = logits_rows(2)
     lp = torch.log_softmax(x, -1)

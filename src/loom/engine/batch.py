@@ -49,6 +49,8 @@ class OutputSpec:
     top_k_dist: int = 0  # > 0: return the k most likely tokens with their probabilities
     logprobs: int | None = None  # None: none; 0: of the chosen token; k: plus the top-k
     logit_mask: list[int] | None = None  # BRLE over the vocabulary; true = forbidden
+    # Added to the logits before sampling (and before the mask): (token ids, values).
+    logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(slots=True)

@@ -33,10 +33,19 @@ def fast_argmax(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 
 def _apply_logit_masks(logits: torch.Tensor, specs: list[OutputSpec]) -> torch.Tensor:
+    """Each row's logit bias, then its mask (a copy; ``logits`` is left as it was)."""
     masked = [i for i, s in enumerate(specs) if s.logit_mask is not None]
-    if not masked:
+    biased = [i for i, s in enumerate(specs) if s.logit_bias is not None]
+    if not masked and not biased:
         return logits
     logits = logits.clone()
+    for i in biased:
+        ids, values = specs[i].logit_bias  # type: ignore[misc]
+        logits[i].index_add_(
+            0,
+            torch.tensor(ids, dtype=torch.long, device=logits.device),
+            torch.tensor(values, dtype=logits.dtype, device=logits.device),
+        )
     for i in masked:
         mask = specs[i].logit_mask
         assert mask is not None
@@ -77,7 +86,7 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
     """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec."""
-    raw = logits  # (log-probabilities are reported under the unmasked distribution)
+    raw = logits  # (log-probabilities are reported under the unmodified distribution)
     logits = _apply_logit_masks(logits, specs)
     results = [OutputResult() for _ in specs]
     tokens = fast_argmax(logits)  # greedy rows keep this

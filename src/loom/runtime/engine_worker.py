@@ -103,6 +103,7 @@ class GenPlan:
     stop_tokens: frozenset[int]
     max_steps: int
     logit_mask: list[int] | None
+    logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None
 
 
 @dataclass
@@ -375,7 +376,7 @@ class _OpRunner:
                 pos.append(p.position + k)
                 tables.append(p.pages[: -(-written // ps)])
                 lasts.append(written - ps * (len(tables[-1]) - 1))
-                outs.append(OutputSpec(j, s, 0, None, p.logit_mask))
+                outs.append(OutputSpec(j, s, 0, None, p.logit_mask, p.logit_bias))
             batch = ForwardBatch(toks, pos, list(range(len(active) + 1)), tables, lasts, outs)
             step = self.engine.execute(batch)
             still = []
@@ -1069,7 +1070,9 @@ class _WirePickler:
         return buf.getvalue()
 
 
-_OUTPUT_FIELDS = operator.attrgetter("index", "sampler", "top_k_dist", "logprobs", "logit_mask")
+_OUTPUT_FIELDS = operator.attrgetter(
+    "index", "sampler", "top_k_dist", "logprobs", "logit_mask", "logit_bias"
+)
 _SAMPLER_FIELDS = operator.attrgetter("temperature", "top_k", "top_p", "min_p", "seed")
 
 
@@ -1078,8 +1081,8 @@ def _encode_execute(op: ExecuteOp) -> bytes:
     reducers cost a Python call per object, ~4x the time for a one-sequence op, and this
     is paid on the runtime thread for every batch."""
     b = op.batch
-    outputs = [(i, None if s is None else _SAMPLER_FIELDS(s), k, lp, mask)
-               for i, s, k, lp, mask in map(_OUTPUT_FIELDS, b.outputs)]  # fmt: skip
+    outputs = [(i, None if s is None else _SAMPLER_FIELDS(s), k, lp, mask, bias)
+               for i, s, k, lp, mask, bias in map(_OUTPUT_FIELDS, b.outputs)]  # fmt: skip
     wire = (b.token_ids, b.positions, b.seq_indptr, b.page_tables, b.last_page_lens, outputs,
             b.masks, op.fresh_pages, op.chain)  # fmt: skip
     return pickle.dumps(wire, protocol=_PICKLE)
@@ -1092,13 +1095,13 @@ def _decode_execute(payload: bytes | memoryview) -> ExecuteOp:
     )
     samplers: dict[tuple[Any, ...], SamplerSpec] = {}
     outputs = []
-    for i, s, k, lp, mask in wire_outputs:
+    for i, s, k, lp, mask, bias in wire_outputs:
         sampler = None
         if s is not None:
             sampler = samplers.get(s)
             if sampler is None:
                 sampler = samplers[s] = SamplerSpec(*s)
-        outputs.append(OutputSpec(i, sampler, k, lp, mask))
+        outputs.append(OutputSpec(i, sampler, k, lp, mask, bias))
     batch = ForwardBatch(tokens, positions, indptr, tables, lasts, outputs, masks)
     return ExecuteOp(batch, fresh, [], [], chain)
 

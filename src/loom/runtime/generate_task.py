@@ -50,6 +50,7 @@ class GenerateTask:
     # A generation from an empty inferlet context: its whole prompt, whose full pages go
     # to the prefix cache once its first pass returns (``context_cache``).
     cache_prompt: list[int] | None = None
+    logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # every token
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)
@@ -72,7 +73,11 @@ class GenerateTask:
                 (sampler.seed + len(self.tokens)) & 0xFFFFFFFFFFFFFFFF,
             )  # fmt: skip
         out = OutputSpec(
-            index=n - 1, sampler=sampler, logprobs=self.logprobs, logit_mask=self.logit_mask
+            index=n - 1,
+            sampler=sampler,
+            logprobs=self.logprobs,
+            logit_mask=self.logit_mask,
+            logit_bias=self.logit_bias,
         )
         return list(self.pending), positions, last, out
 

@@ -1019,7 +1019,7 @@ class Runtime:
                 output=a, pages=inst.pages.physical(task.pages), kv_len=kv_after,
                 position=task.position + len(task.pending), sampler=task.sampler,
                 seed_count=len(task.tokens) + 1, stop_tokens=task.stop.stop_tokens,
-                max_steps=steps, logit_mask=task.logit_mask,
+                max_steps=steps, logit_mask=task.logit_mask, logit_bias=task.logit_bias,
             ))  # fmt: skip
         return plans
 

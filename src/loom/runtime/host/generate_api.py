@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from loom.runtime import context_cache
@@ -22,6 +23,7 @@ from loom.runtime.wasm_ffi import (
     own,
     record,
     result,
+    tuple_of,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         logit_mask: list[int] | None,
         stream: bool,
         want_logprobs: bool,
+        logit_bias: list[tuple[int, float]] | None,
     ) -> int:
         inst = rt.caller(key)
         queue = rt.handles.get(inst.seq, q, CommandQueue)
@@ -74,6 +77,13 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             raise HostCallError(f"generate: token id out of range [0, {rt.vocab_size})")
         if logit_mask is not None and sum(logit_mask) != rt.vocab_size:
             raise HostCallError(f"generate: logit mask covers {sum(logit_mask)} ids")
+        bias = None
+        if logit_bias:
+            if any(not 0 <= t < rt.vocab_size for t, _ in logit_bias):
+                raise HostCallError(f"generate: logit bias id out of range [0, {rt.vocab_size})")
+            if any(not math.isfinite(v) for _, v in logit_bias):
+                raise HostCallError("generate: logit bias values must be finite")
+            bias = (tuple(t for t, _ in logit_bias), tuple(float(v) for _, v in logit_bias))
         max_tokens, stop_tokens, stop_strings, at_eos = stop
         room = rt.max_model_len - start - len(pending)
         if room < 1:
@@ -92,6 +102,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
                 tuple(x for x in stop_strings if x),
             ),
             logit_mask=logit_mask,
+            logit_bias=bias,
             stream=stream,
             tokenizer=rt.tokenizer,
             logprobs=0 if want_logprobs else None,  # (0: the chosen token's only)
@@ -114,6 +125,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             option(list_of(U32)),
             BOOL,
             BOOL,
+            option(list_of(tuple_of(U32, F32))),
         ],
         own("generate-result"),
         generate,

@@ -143,6 +143,7 @@ class WitWorld(wit_world.WitWorld):
                 None,
                 len(args) > 3,
                 False,
+                None,
             )
             g = unwrap(wait(fut))
             messaging.send(

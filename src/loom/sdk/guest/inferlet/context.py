@@ -447,10 +447,12 @@ class Context:
         stop: Stop | str | list[str] | None = None,
         *,
         allowed: Iterable[int] | None = None,
+        bias: dict[int, float] | None = None,
     ) -> str:
         """Generate in the host (one call, no guest work per token); the new text.
-        ``allowed``: the only token ids it may sample (a logit mask on every token)."""
-        return (await self.complete(max_tokens, sampler, stop, allowed=allowed)).text
+        ``allowed``: the only token ids it may sample (a logit mask on every token);
+        ``bias``: added to those tokens' logits at every step (before sampling)."""
+        return (await self.complete(max_tokens, sampler, stop, allowed=allowed, bias=bias)).text
 
     async def complete(
         self,
@@ -460,9 +462,11 @@ class Context:
         *,
         allowed: Iterable[int] | None = None,
         logprobs: bool = False,
+        bias: dict[int, float] | None = None,
     ) -> Completion:
         """``generate`` with the whole result: the tokens, the text, why it ended and,
-        with ``logprobs``, each token's log-probability under the model (unmasked)."""
+        with ``logprobs``, each token's log-probability under the model (without the
+        mask or bias)."""
         mask = None
         if allowed is not None:
             ok = set(allowed)
@@ -470,8 +474,14 @@ class Context:
             if not ok or not all(0 <= t < vocab for t in ok):
                 raise ValueError(f"allowed token ids must be a non-empty subset of [0, {vocab})")
             mask = _kv.encode_brle([t not in ok for t in range(vocab)])
+        pairs = None
+        if bias:
+            vocab = self.model.tokenizer.vocab_size
+            if not all(0 <= t < vocab for t in bias):
+                raise ValueError(f"bias token ids must be in [0, {vocab})")
+            pairs = [(int(t), float(v)) for t, v in bias.items()]
         tokens, text, reason, lps = await self._generate(
-            max_tokens, sampler, stop, mask, logprobs
+            max_tokens, sampler, stop, mask, logprobs, pairs
         )  # fmt: skip
         return Completion(tokens, text, reason, lps)
 
@@ -482,6 +492,7 @@ class Context:
         stop: Any,
         mask: list[int] | None = None,
         logprobs: bool = False,
+        bias: list[tuple[int, float]] | None = None,
     ) -> tuple[list[int], str, str, list[float]]:
         await self._follow()
         self._check_open()
@@ -506,6 +517,7 @@ class Context:
             mask,
             False,
             logprobs,
+            bias,
         )
         g = unwrap(await wait_for(fut))
         self._check_flushes()
