@@ -1,7 +1,8 @@
 """Swarm: a planner, workers and a critic that hand work to each other through the
 server's messaging: tasks go out on a push/pull channel, results come back on another,
-reviews are broadcast on a topic. Each role has a context of its own, forked from one
-shared system prompt, and all run on the same engine: their passes batch together.
+reviews come back on a third and are also broadcast on a topic for any observer. Each
+role has a context of its own, forked from one shared system prompt, and all run on the
+same engine: their passes batch together.
 
     loom run inferlets/agent_swarm -- --workers 3 "Describe the old mill"
 
@@ -55,18 +56,15 @@ class Swarm:
         self.tokens = int(cfg["tokens"])
         sid = cfg.get("swarm") or inferlet.instance_id()
         self.tasks, self.results = f"swarm/{sid}/tasks", f"swarm/{sid}/results"
-        self.reviews_topic = f"swarm/{sid}/reviews"
+        self.reviews, self.reviews_topic = f"swarm/{sid}/reviewed", f"swarm/{sid}/reviews"
         self.events: list[list] = []
         self.final = ""
 
     async def _say(self, ctx: inferlet.Context, prompt: str) -> str:
         ctx.fill(prompt)
-        inferlet.log("DBG say start", prompt[:20], level="warning")
-        r = await ctx.generate(max_tokens=self.tokens, stop=inferlet.IgnoreEos())
-        inferlet.log("DBG say done", prompt[:20], level="warning")
-        return r
+        return await ctx.generate(max_tokens=self.tokens, stop=inferlet.IgnoreEos())
 
-    async def planner(self, reviews: object) -> None:
+    async def planner(self) -> None:
         ctx = self.base.fork()
         plan = await self._say(ctx, f"Role: planner.\nGoal: {self.cfg['goal']}\nPlan:")
         self.events.append(["planner", "plan", None])
@@ -75,9 +73,7 @@ class Swarm:
             self.events.append(["planner", "task", t])
         seen = []
         while len(seen) < self.k:
-            inferlet.log("DBG planner waits", len(seen), level="warning")
-            review = json.loads(await reviews.__anext__())
-            inferlet.log("DBG planner got", review["task"], level="warning")
+            review = json.loads(await inferlet.pull(self.reviews))
             seen.append(review)
             self.events.append(["planner", "review", review["task"]])
             ctx.fill(f"\nReview of task {review['task']}: {review['text']}")
@@ -113,7 +109,7 @@ class Swarm:
                 ctx, f"Result of task {result['task']}: {result['text']}\nReview:"
             )
             review = {"task": result["task"], "worker": result["worker"], "text": text}
-            inferlet.log("DBG broadcast", result["task"], level="warning")
+            inferlet.push(self.reviews, json.dumps(review))
             inferlet.broadcast(self.reviews_topic, json.dumps(review))
             self.events.append(["critic", "review", result["task"]])
         ctx.release()
@@ -126,11 +122,9 @@ async def main(args: list[str]) -> str | None:
     base.flush()  # written once here; every role's fork shares its full pages
     swarm = Swarm(cfg, base)
     roles = cfg.get("roles", "all")
-    # Subscribed before any task goes out, so no review can be missed.
-    reviews = inferlet.subscribe(swarm.reviews_topic) if roles in ("all", "planner") else None
     jobs = []
     if roles in ("all", "planner"):
-        jobs.append(swarm.planner(reviews))
+        jobs.append(swarm.planner())
     if roles in ("all", "worker"):
         jobs += [swarm.worker(w) for w in range(swarm.k if roles == "all" else 1)]
     if roles in ("all", "critic"):
@@ -138,7 +132,5 @@ async def main(args: list[str]) -> str | None:
     if not jobs:
         raise ValueError(f"unknown roles {roles!r}: all, planner, worker or critic")
     await inferlet.gather(*jobs)
-    if reviews is not None:
-        reviews.close()
     base.release()
     return json.dumps({"events": swarm.events, "final": swarm.final})
