@@ -3,8 +3,9 @@ engine pass per step for all of them), the one of highest mean log-probability k
 
     loom run inferlets/best_of_n -- "Once upon a time" 4 32
 
-Arguments: ``prompt [n] [max_tokens] [temperature] [all]``; with ``all`` every sample
-is returned, best first. The prompt is computed once: the samples are forks sharing its
+Arguments: ``prompt [n] [max_tokens] [temperature] [all] [separate]``; with ``all`` every
+sample is returned, best first; with ``separate`` each sample is a separate prompt (the
+naive baseline: nothing shared). The prompt is computed once: the samples are forks sharing its
 full pages. The reply is JSON: ``{"best": text, "samples": [{"text", "mean_logprob",
 "tokens"}, ...]}``.
 """
@@ -12,6 +13,7 @@ full pages. The reply is JSON: ``{"best": text, "samples": [{"text", "mean_logpr
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 async def main(args: list[str]) -> str | None:
@@ -19,13 +21,14 @@ async def main(args: list[str]) -> str | None:
     n = int(args[1]) if len(args) > 1 else 4
     max_tokens = int(args[2]) if len(args) > 2 else 32
     temperature = float(args[3]) if len(args) > 3 else 0.8
-    keep_all = len(args) > 4 and args[4] == "all"
+    keep_all, share = "all" in args[4:], "separate" not in args[4:]
     if not 1 <= n <= 64:
         raise ValueError("n must be in [1, 64]")
     ctx = inferlet.get_model().create_context()
     ctx.fill(prompt)
-    ctx.flush()
-    forks = [ctx.fork() for _ in range(n)]
+    if share:
+        ctx.flush()
+    forks = [branch(ctx, share) for _ in range(n)]
     results = await inferlet.gather(*(
         f.complete(max_tokens, inferlet.Temperature(temperature, seed=i), logprobs=True)
         for i, f in enumerate(forks)

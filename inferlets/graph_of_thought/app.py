@@ -7,17 +7,19 @@ graph shares its pages.
 
     loom run inferlets/graph_of_thought -- "Ideas to restore the old mill."
 
-Arguments: ``problem`` or one JSON object ``{"problem", "thoughts", "tokens"}``. The
-reply is JSON: ``{"answer", "levels": [count, ...], "contexts", "generated"}``.
+Arguments: ``problem`` or one JSON object ``{"problem", "thoughts", "tokens",
+"share"}`` (``share: false``: separate prompts, the naive baseline). The reply is JSON:
+``{"answer", "levels": [count, ...], "contexts", "generated"}``.
 """
 
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 def _config(args: list[str]) -> dict:
-    cfg = {"problem": "Ideas to restore the old mill.", "thoughts": 4, "tokens": 16}
+    cfg = {"problem": "Ideas to restore the old mill.", "thoughts": 4, "tokens": 16, "share": True}
     if args and args[0].startswith("{"):
         cfg.update(json.loads(args[0]))
     elif args:
@@ -32,10 +34,12 @@ async def main(args: list[str]) -> str | None:
         raise ValueError("thoughts must be >= 1")
     root = inferlet.get_model().create_context()
     root.fill(f"Problem: {cfg['problem']}\n")
-    root.flush()  # once; every node below forks it
+    share = bool(cfg["share"])  # false: each node a separate prompt (the naive baseline)
+    if share:
+        root.flush()  # once; every node below forks it
 
     async def node(prompt: str, seed: int) -> str:
-        ctx = root.fork()
+        ctx = branch(root, share)
         ctx.fill(prompt)
         text = await ctx.generate(tokens, inferlet.Temperature(0.9, seed=seed),
                                   inferlet.IgnoreEos())  # fmt: skip

@@ -4,7 +4,8 @@ claim) — each candidate in one teacher-forced pass, all candidates together.
 
     loom run inferlets/output_validation -- "The capital of France is" " Paris" " Rome"
 
-Arguments: ``prompt candidate...``. A candidate's score is the mean log-probability of
+Arguments: ``[--separate] prompt candidate...`` (``--separate``: each candidate a
+separate prompt, the naive baseline). A candidate's score is the mean log-probability of
 its tokens (normalized for length). The prompt is computed once; each candidate scores
 in a fork sharing its full pages. The reply is JSON: ``{"best", "scores": [{"candidate",
 "mean_logprob", "logprobs"}, ...]}`` in the candidates' order.
@@ -13,17 +14,21 @@ in a fork sharing its full pages. The reply is JSON: ``{"best", "scores": [{"can
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 async def main(args: list[str]) -> str | None:
+    share = not (args and args[0] == "--separate")
+    args = args if share else args[1:]
     if len(args) < 3:
         raise ValueError("usage: prompt candidate candidate [candidate...]")
     prompt, candidates = args[0], args[1:]
     model = inferlet.get_model()
     ctx = model.create_context()
     ctx.fill(prompt)
-    ctx.flush()
-    forks = [ctx.fork() for _ in candidates]
+    if share:
+        ctx.flush()
+    forks = [branch(ctx, share) for _ in candidates]
     token_lists = [model.tokenizer.encode(c) for c in candidates]
     if any(not t for t in token_lists):
         raise ValueError("every candidate needs at least one token")

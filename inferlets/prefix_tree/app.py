@@ -4,7 +4,8 @@ then generate together.
 
     loom run inferlets/prefix_tree -- "A long shared introduction ..." 16
 
-Arguments: ``root [max_tokens]``. Each level forks the contexts of the level above (full
+Arguments: ``root [max_tokens] [separate]``; ``separate``: eight separate prompts, nothing
+shared (the naive baseline). Each level forks the contexts of the level above (full
 pages shared by reference) and fills its own segment. The reply is JSON: ``{"leaves":
 [text, ...], "pages_used", "pages_separate", "root_page_holders"}``: the distinct KV pages
 the eight leaves hold, the pages eight separate prompts would hold, and how many leaves
@@ -14,6 +15,7 @@ hold the root's first page.
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 SEGMENTS = [
     [" Branch A: the river.", " Branch B: the mill."],
@@ -25,20 +27,23 @@ SEGMENTS = [
 async def main(args: list[str]) -> str | None:
     root = args[0] if args else "An old story told three ways. " * 8
     max_tokens = int(args[1]) if len(args) > 1 else 16
+    share = not (len(args) > 2 and args[2] == "separate")
     model = inferlet.get_model()
     level = [model.create_context()]
     level[0].fill(root)
-    level[0].flush()
+    if share:
+        level[0].flush()
     root_pages = list(level[0].pages)
     for segments in SEGMENTS:
         children = []
         for parent in level:
             for seg in segments:
-                child = parent.fork()
+                child = branch(parent, share)
                 child.fill(seg)
                 children.append(child)
         # Every branch of the level writes its segment, in one batch, before it forks.
-        await inferlet.gather(*(c.write() for c in children))
+        if share:
+            await inferlet.gather(*(c.write() for c in children))
         for parent in level:
             parent.release()
         level = children

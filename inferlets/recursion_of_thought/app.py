@@ -5,7 +5,7 @@ solved concurrently: their passes ride the same engine batches.
 
     loom run inferlets/recursion_of_thought -- "Estimate the mill's yearly flour."
 
-Arguments: ``problem`` or one JSON object ``{"problem", "depth", "fanout", "tokens"}``.
+Arguments: ``problem`` or one JSON object ``{"problem", "depth", "fanout", "tokens", "share"}``.
 The reply is JSON: ``{"answer", "calls", "contexts", "generated"}``; ``calls`` counts the
 sub-problems solved at each depth.
 """
@@ -13,11 +13,12 @@ sub-problems solved at each depth.
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 def _config(args: list[str]) -> dict:
     cfg = {"problem": "Estimate the mill's yearly flour.", "depth": 2, "fanout": 2,
-           "tokens": 12}  # fmt: skip
+           "tokens": 12, "share": True}  # fmt: skip
     if args and args[0].startswith("{"):
         cfg.update(json.loads(args[0]))
     elif args:
@@ -26,8 +27,9 @@ def _config(args: list[str]) -> dict:
 
 
 class Solver:
-    def __init__(self, fanout: int, tokens: int) -> None:
+    def __init__(self, fanout: int, tokens: int, share: bool = True) -> None:
         self.fanout, self.tokens = fanout, tokens
+        self.share = share  # false: each part a separate prompt (the naive baseline)
         self.calls: dict[int, int] = {}
         self.contexts = 0
         self.generated = 0
@@ -50,7 +52,7 @@ class Solver:
         ctx.flush()  # the split, written once for every part
         subs = []
         for i in range(self.fanout):
-            sub = ctx.fork()
+            sub = branch(ctx, self.share)
             sub.fill(f"\nPart {i + 1}:")
             subs.append(sub)
         self.contexts += len(subs)
@@ -65,7 +67,7 @@ class Solver:
 
 async def main(args: list[str]) -> str | None:
     cfg = _config(args)
-    solver = Solver(int(cfg["fanout"]), int(cfg["tokens"]))
+    solver = Solver(int(cfg["fanout"]), int(cfg["tokens"]), bool(cfg["share"]))
     ctx = inferlet.get_model().create_context()
     ctx.fill(f"Problem: {cfg['problem']}")
     solver.contexts = 1

@@ -6,18 +6,20 @@ the expansions are joined in order.
     loom run inferlets/skeleton_of_thought -- "Describe the old mill."
 
 Arguments: ``question`` or one JSON object ``{"question", "points", "skeleton_tokens",
-"tokens"}``. The reply is JSON: ``{"skeleton", "points": [text, ...], "answer",
+"tokens", "share"}`` (``share: false``: separate prompts, the naive baseline). The reply
+is JSON: ``{"skeleton", "points": [text, ...], "answer",
 "contexts", "generated"}``.
 """
 
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 def _config(args: list[str]) -> dict:
     cfg = {"question": "Describe the old mill.", "points": 4, "skeleton_tokens": 24,
-           "tokens": 24}  # fmt: skip
+           "tokens": 24, "share": True}  # fmt: skip
     if args and args[0].startswith("{"):
         cfg.update(json.loads(args[0]))
     elif args:
@@ -32,11 +34,13 @@ async def main(args: list[str]) -> str | None:
     ctx.fill(f"Question: {cfg['question']}\nFirst, a skeleton of {n} short points.\nSkeleton:")
     skeleton = await ctx.generate(int(cfg["skeleton_tokens"]), stop=inferlet.IgnoreEos())
     ctx.fill("\nNow each point in full.\n")
-    ctx.flush()
+    share = bool(cfg["share"])  # false: each point a separate prompt (the naive baseline)
+    if share:
+        ctx.flush()
     # Every point's expansion shares the question and the skeleton (the forks' pages).
     forks = []
     for i in range(n):
-        f = ctx.fork()
+        f = branch(ctx, share)
         f.fill(f"Point {i + 1}:")
         forks.append(f)
     points = await inferlet.gather(*(

@@ -7,18 +7,20 @@ of its parent, so the problem and the path so far are computed once, not per bra
     loom run inferlets/tree_of_thought -- "Plan a day at the old mill."
 
 Arguments: ``problem`` or one JSON object ``{"problem", "depth", "breadth", "keep",
-"tokens"}``. The reply is JSON: ``{"best": [thought, ...], "score", "levels": [[score,
+"tokens", "share"}`` (``share: false``: every branch a separate prompt, recomputed:
+the naive baseline). The reply is JSON: ``{"best": [thought, ...], "score", "levels": [[score,
 ...], ...], "contexts", "generated"}``.
 """
 
 import json
 
 import inferlet
+from inferlet.sharing import branch
 
 
 def _config(args: list[str]) -> dict:
     cfg = {"problem": "Plan a day at the old mill.", "depth": 3, "breadth": 3, "keep": 2,
-           "tokens": 16}  # fmt: skip
+           "tokens": 16, "share": True}  # fmt: skip
     if args and args[0].startswith("{"):
         cfg.update(json.loads(args[0]))
     elif args:
@@ -31,14 +33,16 @@ async def main(args: list[str]) -> str | None:
     depth, breadth, keep, tokens = (int(cfg[k]) for k in ("depth", "breadth", "keep", "tokens"))
     root = inferlet.get_model().create_context()
     root.fill(f"Problem: {cfg['problem']}\nLet us think step by step.\n")
-    root.flush()  # written once; every branch below shares its full pages
+    share = bool(cfg["share"])
+    if share:
+        root.flush()  # written once; every branch below shares its full pages
     frontier = [(root, [], 0.0)]  # (context, thoughts so far, score)
     levels, contexts, generated = [], 1, 0
     for level in range(depth):
         children = []
         for node, path, _ in frontier:
             for b in range(breadth):
-                child = node.fork()
+                child = branch(node, share)
                 child.fill(f"Step {level + 1}:")
                 children.append((child, path, b))
         contexts += len(children)

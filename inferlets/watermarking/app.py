@@ -6,8 +6,9 @@ holds about half green tokens, marked text many more.
     loom run inferlets/watermarking -- '{"samples": 20}'
 
 One JSON argument: ``{"key": int, "gamma": float, "delta": float, "samples": int,
-"tokens": int, "threshold": float, "batch": int}`` generates ``samples`` marked and as
-many unmarked texts (same prompts and seeds) and tests each; ``{"detect": [token ids],
+"tokens": int, "threshold": float, "batch": int, "only": "marked" | "unmarked"}``
+generates ``samples`` marked and as many unmarked texts (same prompts and seeds; with
+``only``, one kind) and tests each; ``{"detect": [token ids],
 "key", "gamma"}`` tests given tokens. The reply is JSON: ``{"marked": [z, ...],
 "unmarked": [z, ...], "detection_rate", "false_positive_rate"}`` or ``{"z": float}``.
 """
@@ -43,6 +44,7 @@ async def main(args: list[str]) -> str | None:
     delta, tokens = float(cfg.get("delta", 2.0)), int(cfg.get("tokens", 48))
     n, batch = int(cfg.get("samples", 20)), int(cfg.get("batch", 32))
     threshold = float(cfg.get("threshold", 4.0))
+    kinds = {"marked": (True,), "unmarked": (False,)}.get(cfg.get("only", ""), (True, False))
     bias = {t: delta for t in green}
     topics = ["the mill", "the river", "a journey", "the harvest", "an old map"]
 
@@ -57,9 +59,9 @@ async def main(args: list[str]) -> str | None:
     out: dict[str, list[float]] = {"marked": [], "unmarked": []}
     for start in range(0, n, batch):
         ids = range(start, min(n, start + batch))
-        zs = await inferlet.gather(*(sample(i, m) for m in (True, False) for i in ids))
-        out["marked"] += zs[: len(ids)]
-        out["unmarked"] += zs[len(ids) :]
+        zs = await inferlet.gather(*(sample(i, m) for m in kinds for i in ids))
+        for j, marked in enumerate(kinds):
+            out["marked" if marked else "unmarked"] += zs[j * len(ids) : (j + 1) * len(ids)]
     return json.dumps({
         **out,
         "detection_rate": sum(z > threshold for z in out["marked"]) / max(1, n),

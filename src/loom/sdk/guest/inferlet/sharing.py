@@ -64,6 +64,18 @@ async def prefix_context(model: Model, name: str | None, text: str) -> Context:
     return ctx
 
 
+def branch(ctx: Context, share: bool = True) -> Context:
+    """A child of ``ctx`` with the same tokens: ``ctx.fork()`` (its full pages shared by
+    reference), or with ``share=False`` a new context filled with the same tokens, all of
+    them computed again by its next pass: what sending each branch as a separate prompt
+    costs. Techniques take ``share`` so that benchmarks can measure what forking saves."""
+    if share:
+        return ctx.fork()
+    copy = ctx.model.create_context()
+    copy.fill_tokens(list(ctx.tokens))
+    return copy
+
+
 async def _try_import(model: Model, name: str) -> Context | None:
     try:
         return await Context.import_(model, name)
