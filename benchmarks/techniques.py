@@ -143,6 +143,13 @@ def cases() -> list[Case]:
              lambda r, i: [("speculative_decoding", [_tag(r, i) + QUOTING, "64"])],
              lambda r, i: [_tc(_tag(r, i) + QUOTING, 64)],
              "greedy", 64),
+        # The same request again (a template, a popular question): the suffix cache of
+        # earlier outputs drafts it. (Random weights never copy their prompt, so prompt
+        # lookup above drafts little; the warm-up run fills this cache.)
+        Case("speculative_suffix",
+             lambda r, i: [("speculative_decoding", [QUOTING, "64", "suffix"])],
+             lambda r, i: [_tc(QUOTING, 64)],
+             "greedy", 64),
         Case("jacobi_decoding",
              lambda r, i: [("jacobi_decoding", [_tag(r, i) + QUOTING, "32", "8"])],
              lambda r, i: [_tc(_tag(r, i) + QUOTING, 32)],

@@ -88,3 +88,31 @@ def test_a_prompt_tree_shares_its_common_pages(irt: Any, tiny_dir: Path) -> None
     want = [o.text for o in LLM(str(tiny_dir), num_pages=128).generate(prompts, params)]
     assert got["leaves"] == want
     assert free_pages(irt) == free0
+
+
+def test_the_naive_baselines_do_the_same_work_without_sharing(irt: Any) -> None:
+    """``separate`` (prefix_tree) and ``share: false`` (the thought apps) are the
+    benchmarks' baselines: the same results, every branch computed from its start."""
+    irt.query(lambda: irt.prefix_cache.clear())
+    root = "An old story told three ways. " * 8
+    root_tokens = len(irt.tokenizer.encode(root, add_special_tokens=False))
+    tree = program(irt, "prefix_tree")
+    t0 = _computed(irt)
+    shared = json.loads(reply(irt, tree, root, "6"))
+    t1 = _computed(irt)
+    irt.query(lambda: irt.prefix_cache.clear())
+    separate = json.loads(reply(irt, tree, root, "6", "separate"))
+    t2 = _computed(irt)
+    assert separate["leaves"] == shared["leaves"]
+    assert separate["pages_used"] == separate["pages_separate"]  # nothing shared
+    assert t2 - t1 >= 8 * root_tokens > 2 * (t1 - t0)
+    tot = program(irt, "tree_of_thought")
+    cfg = {"problem": root, "depth": 2, "breadth": 2, "keep": 1, "tokens": 4}
+    t0 = _computed(irt)
+    json.loads(reply(irt, tot, json.dumps(cfg)))
+    t1 = _computed(irt)
+    irt.query(lambda: irt.prefix_cache.clear())
+    naive = json.loads(reply(irt, tot, json.dumps({**cfg, "share": False})))
+    t2 = _computed(irt)
+    assert naive["contexts"] == 1 + 2 + 2 and len(naive["levels"]) == 2
+    assert t2 - t1 >= 4 * root_tokens > 2 * (t1 - t0)
