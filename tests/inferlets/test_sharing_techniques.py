@@ -115,4 +115,6 @@ def test_the_naive_baselines_do_the_same_work_without_sharing(irt: Any) -> None:
     naive = json.loads(reply(irt, tot, json.dumps({**cfg, "share": False})))
     t2 = _computed(irt)
     assert naive["contexts"] == 1 + 2 + 2 and len(naive["levels"]) == 2
-    assert t2 - t1 >= 4 * root_tokens > 2 * (t1 - t0)
+    # The first level's two copies each compute the problem (the second level's copies
+    # find the first's pages in the automatic prefix cache); the forks compute it once.
+    assert t2 - t1 >= 2 * root_tokens and t2 - t1 > 1.5 * (t1 - t0)

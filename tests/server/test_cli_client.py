@@ -92,3 +92,38 @@ def test_every_setting_is_a_serve_flag() -> None:
     dests = {a.dest for a in sub.choices["serve"]._actions}  # type: ignore[attr-defined]
     assert set(field_names()) - dests == {"api_keys"}  # given as --api-key, repeatable
     assert "api_key" in dests
+
+
+# Small arguments that exercise each technique inferlet end to end.
+TECHNIQUE_RUNS: dict[str, list[str]] = {
+    "prefix_caching": ["A shared prefix for every run.", " Question:", "4"],
+    "prefix_tree": ["A root prompt.", "2"],
+    "best_of_n": ["Once upon a time", "2", "4"],
+    "beam_search": ["Once upon a time", "2", "4"],
+    "speculative_decoding": ["a b c a b c a b", "8"],
+    "jacobi_decoding": ["Once upon a time", "8", "4"],
+    "attention_sink": ["Once upon a time", "40", "4", "16"],
+    "windowed_attention": ["Once upon a time", "40", "16"],
+    "hierarchical_attention": [
+        '{"doc": {"text": "A.", "children": [{"text": " B."}]}, "max_tokens": 2}'
+    ],
+    "tree_of_thought": ['{"depth": 1, "breadth": 2, "keep": 1, "tokens": 2}'],
+    "graph_of_thought": ['{"thoughts": 2, "tokens": 2}'],
+    "recursion_of_thought": ['{"depth": 1, "fanout": 2, "tokens": 2}'],
+    "skeleton_of_thought": ['{"points": 2, "skeleton_tokens": 2, "tokens": 2}'],
+    "watermarking": ['{"samples": 2, "batch": 2, "tokens": 4}'],
+    "output_validation": ["The capital of France is", " Paris", " Rome"],
+}
+
+
+def test_every_technique_inferlet_runs_with_loom_run(server: Any) -> None:
+    """Each technique builds and runs as a user runs it (``loom run inferlets/NAME``) and
+    prints its JSON reply."""
+    import json
+
+    apps = {p.parent.name for p in (ROOT / "inferlets").glob("*/app.py")}
+    assert set(TECHNIQUE_RUNS) <= apps
+    for app, args in TECHNIQUE_RUNS.items():
+        out = loom("run", str(ROOT / "inferlets" / app), "--server", server.url, "--", *args)
+        assert out.returncode == 0, (app, out.stderr[-2000:])
+        assert isinstance(json.loads(out.stdout), dict), (app, out.stdout)
