@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.engine.grammar import GrammarMatchers
 from loom.engine.masks import decode_brle
 
 
@@ -44,9 +45,13 @@ def _bias_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B] long, values [B] in the logits' dtype) on the logits' device."""
     hit = _BIAS_CACHE.get(id(bias))
-    if hit is not None and hit[0] is bias and hit[2].dtype == logits.dtype:
-        if hit[1].device == logits.device:
-            return hit[1], hit[2]
+    if (
+        hit is not None
+        and hit[0] is bias
+        and hit[2].dtype == logits.dtype
+        and hit[1].device == logits.device
+    ):
+        return hit[1], hit[2]
     ids = torch.tensor(bias[0], dtype=torch.long, device=logits.device)
     values = torch.tensor(bias[1], dtype=logits.dtype, device=logits.device)
     if len(_BIAS_CACHE) >= _BIAS_CACHE_SIZE:
@@ -55,11 +60,15 @@ def _bias_tensors(
     return ids, values
 
 
-def _apply_logit_masks(logits: torch.Tensor, specs: list[OutputSpec]) -> torch.Tensor:
-    """Each row's logit bias, then its mask (a copy; ``logits`` is left as it was)."""
+def _apply_logit_masks(
+    logits: torch.Tensor, specs: list[OutputSpec], grammars: GrammarMatchers | None
+) -> torch.Tensor:
+    """Each row's logit bias, then its mask, then its grammar's mask (a copy; ``logits``
+    is left as it was)."""
     masked = [i for i, s in enumerate(specs) if s.logit_mask is not None]
     biased = [i for i, s in enumerate(specs) if s.logit_bias is not None]
-    if not masked and not biased:
+    constrained = [(i, s.grammar) for i, s in enumerate(specs) if s.grammar is not None]
+    if not masked and not biased and not constrained:
         return logits
     logits = logits.clone()
     for i in biased:
@@ -69,6 +78,10 @@ def _apply_logit_masks(logits: torch.Tensor, specs: list[OutputSpec]) -> torch.T
         mask = specs[i].logit_mask
         assert mask is not None
         logits[i].masked_fill_(decode_brle(mask, logits.device), float("-inf"))
+    if constrained:
+        if grammars is None:
+            raise ValueError("a row names a grammar matcher but the engine has none")
+        grammars.apply(logits, constrained)
     return logits
 
 
@@ -103,10 +116,13 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
-def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
-    """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec."""
+def sample(
+    logits: torch.Tensor, specs: list[OutputSpec], grammars: GrammarMatchers | None = None
+) -> list[OutputResult]:
+    """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec.
+    Rows naming a grammar matcher are masked by it, and it takes their sampled token."""
     raw = logits  # (log-probabilities are reported under the unmodified distribution)
-    logits = _apply_logit_masks(logits, specs)
+    logits = _apply_logit_masks(logits, specs, grammars)
     results = [OutputResult() for _ in specs]
     tokens = fast_argmax(logits)  # greedy rows keep this
     rand = [i for i, s in enumerate(specs) if s.sampler is not None and not s.sampler.is_greedy]
@@ -122,6 +138,8 @@ def sample(logits: torch.Tensor, specs: list[OutputSpec]) -> list[OutputResult]:
         res = results[i]
         if spec.sampler is not None:
             res.token = token_list[i]
+            if spec.grammar is not None and grammars is not None:
+                grammars.advance(spec.grammar, res.token)
         if spec.logprobs is not None and logprobs is not None:
             if res.token is not None:
                 res.logprob = float(logprobs[i, res.token])

@@ -166,6 +166,10 @@ class Tokenizer:
                 raise ModelLoadError(f"cannot read {template_path}: {exc}") from exc
         return cls(tok, config, gen, chat_template=template)
 
+    def to_json(self) -> str:
+        """The tokenizer as ``tokenizer.json`` text, added special tokens included."""
+        return str(self._tok.to_str())
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows, added tokens included."""
@@ -201,20 +205,28 @@ class Tokenizer:
             raise ModelLoadError(f"the model's chat template does not compile: {exc}") from exc
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render ``messages`` ([{"role", "content"}, ...]) as the model's prompt text.
 
-        Raises ``ModelLoadError`` when the model has no (or a broken) template, and
-        ``ValueError`` for malformed messages or when the template rejects them.
+        A message may carry more keys for templates that read them (an assistant's
+        ``tool_calls``, whose ``content`` may then be None; a tool result's
+        ``tool_call_id``); ``tools`` (function definitions) goes to the template as
+        transformers passes it. Raises ``ModelLoadError`` when the model has no (or a
+        broken) template, and ``ValueError`` for malformed messages or when the template
+        rejects them.
         """
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
             if (
                 not isinstance(m, dict)
                 or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
+                or not (isinstance(content, str) or (content is None and m.get("tool_calls")))
             ):
                 raise ValueError(f"message {i} needs string 'role' and 'content'")
         template = self._template
@@ -223,7 +235,7 @@ class Tokenizer:
             # with ``is not none``, which an undefined variable would pass.
             return template.render(
                 messages=messages,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,

@@ -32,7 +32,8 @@ _ids = itertools.count(1)
 
 @dataclass
 class CompletionRequest:
-    """One generation. ``on_delta`` (optional) streams ``(text, token)`` per output token
+    """One generation. ``on_delta`` (optional) streams ``(text, token, output)`` per output
+    token (``output``: its logprobs, when asked for)
     and ``on_done`` receives the result; both run on the runtime thread and must not
     block."""
 
@@ -44,7 +45,11 @@ class CompletionRequest:
     stop_tokens: tuple[int, ...] = ()
     stop_at_eos: bool = True
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
-    on_delta: Callable[[str, int], None] | None = None
+    on_delta: Callable[[str, int, OutputResult | None], None] | None = None
+    # Checked grammar text (``Runtime.grammars.compile``): every token obeys it, and the
+    # generation ends at end-of-sequence once the grammar is complete.
+    grammar: str | None = None
+    logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # (ids, values)
 
 
 @dataclass
@@ -138,7 +143,8 @@ def start_completion(
         inst.job = job
         job.cached_tokens = kv_len
     room = rt.max_model_len - len(prompt)
-    stops = set(req.stop_tokens) | (set(rt.eos_token_ids) if req.stop_at_eos else set())
+    at_eos = req.stop_at_eos or req.grammar is not None  # (a complete grammar allows only EOS)
+    stops = set(req.stop_tokens) | (set(rt.eos_token_ids) if at_eos else set())
     task = GenerateTask(
         pages=pages,
         kv_len=job.cached_tokens,
@@ -156,6 +162,8 @@ def start_completion(
         logprobs=req.logprobs,
         on_delta=req.on_delta,
         on_finish=lambda t: _finish(rt, cache, inst, t),
+        grammar=req.grammar,
+        logit_bias=req.logit_bias,
     )
     job.task = task
     rt.enqueue(rt.new_queue(inst), GenerateCmd(task))

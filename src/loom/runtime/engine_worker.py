@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
+from loom.engine.grammar import GrammarError
 from loom.errors import LoomError, ModelLoadError, RequestError
 from loom.models import resolve_model_dir
 from loom.runtime.cpu_placement import UNPINNED, CpuPlacement, pin_current_thread
@@ -104,6 +105,7 @@ class GenPlan:
     max_steps: int
     logit_mask: list[int] | None
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None
+    grammar: int | None = None  # the generation's live grammar matcher
 
 
 @dataclass
@@ -160,6 +162,16 @@ class ExecuteOp:
     # input is the token that output sampled. The worker fills them in, so the step runs
     # without a round trip to the runtime; if that batch failed, this one fails too.
     chain: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class GrammarOp:
+    """End the grammar matchers ``end``, then start ``start``: (id, llguidance grammar
+    text, tokens the matcher has already taken). Ops run in order, so a matcher started
+    before a batch naming it is live for it."""
+
+    start: list[tuple[int, str, list[int]]] = dataclasses.field(default_factory=list)
+    end: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -233,7 +245,7 @@ class KVSendCachedOp:
 
 WorkerOp = (
     ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp | KVRecvStartOp | KVReserveOp
-    | KVReleaseOp | KVStatusOp | KVSendCachedOp | NudgeOp
+    | KVReleaseOp | KVStatusOp | KVSendCachedOp | NudgeOp | GrammarOp
 )  # fmt: skip
 
 
@@ -376,7 +388,7 @@ class _OpRunner:
                 pos.append(p.position + k)
                 tables.append(p.pages[: -(-written // ps)])
                 lasts.append(written - ps * (len(tables[-1]) - 1))
-                outs.append(OutputSpec(j, s, 0, None, p.logit_mask, p.logit_bias))
+                outs.append(OutputSpec(j, s, 0, None, p.logit_mask, p.logit_bias, p.grammar))
             batch = ForwardBatch(toks, pos, list(range(len(active) + 1)), tables, lasts, outs)
             step = self.engine.execute(batch)
             still = []
@@ -439,6 +451,16 @@ class _OpRunner:
             cache.reset_pages(list(op.pages))
             return None
         if isinstance(op, NudgeOp):
+            return None
+        if isinstance(op, GrammarOp):
+            grammars = self.engine.grammars
+            for mid in op.end:
+                grammars.end(mid)
+            for mid, text, prefix in op.start:
+                try:
+                    grammars.start(mid, text, prefix)
+                except GrammarError as e:
+                    raise RequestError(f"grammar: {e}") from e
             return None
         if isinstance(op, KVRecvStartOp):
             return self._receiver().address

@@ -45,12 +45,19 @@ class GenerateTask:
     # end through callbacks instead of a guest future.
     logprobs: int | None = None
     outputs: list[OutputResult] = field(default_factory=list)  # per token, with logprobs
-    on_delta: Callable[[str, int], None] | None = None  # (new text, token) per token
+    # (new text, token, its output when logprobs were asked for) per token
+    on_delta: Callable[[str, int, OutputResult | None], None] | None = None
     on_finish: Callable[[GenerateTask], Any] | None = None
     # A generation from an empty inferlet context: its whole prompt, whose full pages go
     # to the prefix cache once its first pass returns (``context_cache``).
     cache_prompt: list[int] | None = None
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # every token
+    # A grammar constraint (llguidance grammar text) and the tokens its matcher already
+    # took (a context continuing under it); the runtime starts the worker's matcher,
+    # numbered ``matcher_id``, before the first step and ends it with the generation.
+    grammar: str | None = None
+    grammar_prefix: list[int] = field(default_factory=list)
+    matcher_id: int | None = None
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)
@@ -78,6 +85,7 @@ class GenerateTask:
             logprobs=self.logprobs,
             logit_mask=self.logit_mask,
             logit_bias=self.logit_bias,
+            grammar=self.matcher_id,
         )
         return list(self.pending), positions, last, out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch
+from loom.engine.grammar import GrammarCompiler
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.models.config import ModelConfig
@@ -62,6 +64,7 @@ from loom.runtime.engine_worker import (
     EngineWorker,
     ExecuteOp,
     GenPlan,
+    GrammarOp,
     NudgeOp,
     SetLiveOp,
     start_worker,
@@ -78,6 +81,8 @@ from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
 from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
 
 VERSION = "0.1.0"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -151,6 +156,9 @@ class Runtime:
         self.page_size = info.page_size
         self.vocab_size = info.vocab_size
         self.tokenizer = Tokenizer.from_dir(info.model_dir)
+        # Checks constraints (JSON schema, regex, grammar) where requests arrive; the
+        # worker's engine runs their matchers.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self.model_config = ModelConfig.from_dir(info.model_dir)
         self.model_name = model_name or Path(info.model_dir).name
         self.max_model_len = info.max_model_len
@@ -181,6 +189,7 @@ class Runtime:
         self.by_ctx: dict[int, Instance] = {}
         self.by_seq: dict[int, Instance] = {}
         self._seq = itertools.count()
+        self._matcher_ids = itertools.count(1)
         self._runq: deque[Instance] = deque()
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wake = wake or threading.Event()
@@ -666,6 +675,8 @@ class Runtime:
         return q
 
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
+        if isinstance(cmd, GenerateCmd) and cmd.task.grammar is not None:
+            self._start_matcher(cmd.task)
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             self._forward_enqueued += 1
             n = cmd.num_tokens
@@ -682,6 +693,24 @@ class Runtime:
         # Host functions run on this (the loop's) thread: a flag the loop reads before it
         # sleeps is enough, and costs nothing next to an Event.
         self._poked = True
+
+    def _start_matcher(self, task: Any) -> None:
+        """The worker's grammar matcher for a constrained generation, started ahead of
+        its first step (worker ops run in order); ``_end_matcher`` when it finishes."""
+        task.matcher_id = next(self._matcher_ids)
+        op = GrammarOp(start=[(task.matcher_id, task.grammar, list(task.grammar_prefix))])
+        self.submit_op(op, self._matcher_failed)
+
+    def _end_matcher(self, task: Any) -> None:
+        if task.matcher_id is not None:
+            self.submit_op(GrammarOp(end=[task.matcher_id]), self._matcher_failed)
+            task.matcher_id = None
+
+    def _matcher_failed(self, result: Any) -> None:
+        # Grammars are compiled and checked here before they reach the worker; one that
+        # fails there anyway leaves its rows at end-of-sequence only (``GrammarMatchers``).
+        if isinstance(result, BaseException):
+            _log.warning("grammar matcher: %s", result)
 
     # ===== eager commands =====
 
@@ -1020,6 +1049,7 @@ class Runtime:
                 position=task.position + len(task.pending), sampler=task.sampler,
                 seed_count=len(task.tokens) + 1, stop_tokens=task.stop.stop_tokens,
                 max_steps=steps, logit_mask=task.logit_mask, logit_bias=task.logit_bias,
+                grammar=task.matcher_id,
             ))  # fmt: skip
         return plans
 
@@ -1177,7 +1207,9 @@ class Runtime:
             self.stats.sampled_tokens += 1
             delta = task.on_token(tok)
             if task.on_delta is not None:
-                task.on_delta(delta, tok)
+                # (With logprobs a generation is never continued by the worker: one token
+                # per step, and ``first`` is its result.)
+                task.on_delta(delta, tok, first)
             elif task.stream and delta:
                 try:
                     self.send_to_client(inst, delta)
@@ -1189,6 +1221,7 @@ class Runtime:
 
     def _finish_generation(self, inst: Instance, q: CommandQueue, cmd: GenerateCmd) -> None:
         task = cmd.task
+        self._end_matcher(task)
         if q.peek() is cmd:
             q.pop()
         self._trim_pages(inst, task)

@@ -8,10 +8,9 @@ prefix cache, reuse the KV of earlier prompts.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +22,9 @@ from loom.runtime.completions import CompletionRequest as RuntimeRequest
 from loom.server.auth import require_key
 from loom.server.errors import ApiError
 from loom.server.openai_models import ChatCompletionRequest, CompletionRequest
+from loom.server.openai_stream import Piece, account, choice, stream, usage
 from loom.server.state import ServerState
+from loom.server.structured import compile_constraint, template_messages
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -34,18 +35,19 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     st = _state(request)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": st.model_name,
-                "object": "model",
-                "created": int(st.started_at),
-                "owned_by": "loom",
-            }
-        ],
-    }
+    _check_model(st, model_id)
+    return _model_card(st)
+
+
+def _model_card(st: ServerState) -> dict[str, Any]:
+    return {"id": st.model_name, "object": "model", "created": int(st.started_at),
+            "owned_by": "loom", "max_model_len": st.runtime.max_model_len}  # fmt: skip
 
 
 @router.post("/v1/completions", response_model=None)
@@ -62,16 +64,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     st = _state(request)
     st.count("chat_completions")
     _check_model(st, body.model)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tok = st.runtime.tokenizer
+    messages, tools = template_messages(body, tok.chat_template)
     try:
-        text = st.runtime.tokenizer.apply_chat_template(messages)
+        text = tok.apply_chat_template(messages, tools=tools)
     except Exception as e:  # no template, or the template rejected the messages
         raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    prompt = _checked(st, st.runtime.tokenizer.encode(text), "messages")
+    prompt = _checked(st, tok.encode(text), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _serve(st, body, [prompt], chat=True, logprobs=logprobs)
+    grammar = compile_constraint(st.runtime.grammars.compile, body)
+    return await _serve(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar)
 
 
 # ===== shared =====
@@ -122,12 +126,12 @@ class _Run:
     """One choice in flight: its runtime handle, streamed pieces, and the result."""
 
     def __init__(self, st: ServerState, body: Any, prompt: list[int], choice: int,
-                 logprobs: int | None, stream: bool,
-                 submit: Submit | None = None) -> None:  # fmt: skip
+                 logprobs: int | None, stream: bool, submit: Submit | None = None,
+                 grammar: str | None = None) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         self.index = choice
         self.done: asyncio.Future[CompletionResult] = loop.create_future()
-        self.pieces: asyncio.Queue[tuple[str, int] | CompletionResult] | None = (
+        self.pieces: asyncio.Queue[Piece | CompletionResult] | None = (
             asyncio.Queue() if stream else None
         )
         pieces = self.pieces
@@ -137,9 +141,9 @@ class _Run:
             if pieces is not None:
                 loop.call_soon_threadsafe(pieces.put_nowait, result)
 
-        def on_delta(text: str, token: int) -> None:  # runtime thread
+        def on_delta(text: str, token: int, out: OutputResult | None) -> None:  # runtime thread
             assert pieces is not None
-            loop.call_soon_threadsafe(pieces.put_nowait, (text, token))
+            loop.call_soon_threadsafe(pieces.put_nowait, (text, token, out))
 
         max_tokens = body.max_tokens or (st.runtime.max_model_len - len(prompt))
         self.handle = (submit or st.runtime.submit_completion)(
@@ -152,11 +156,23 @@ class _Run:
                 stop_at_eos=not body.ignore_eos,
                 logprobs=logprobs,
                 on_delta=on_delta if stream else None,
+                grammar=grammar,
+                logit_bias=_logit_bias(st, body),
             )
         )
 
 
 Submit = Callable[[RuntimeRequest], CompletionHandle]
+
+
+def _logit_bias(st: ServerState, body: Any) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    if not body.logit_bias:
+        return None
+    ids = tuple(int(k) for k in body.logit_bias)
+    if any(not 0 <= t < st.runtime.vocab_size for t in ids):
+        raise ApiError(400, f"logit_bias: token ids must lie in [0, {st.runtime.vocab_size})",
+                       param="logit_bias")  # fmt: skip
+    return ids, tuple(float(v) for v in body.logit_bias.values())
 
 
 def _error_of(error: str) -> ApiError:
@@ -175,20 +191,21 @@ def _set(fut: asyncio.Future[CompletionResult], result: CompletionResult) -> Non
 
 
 async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: bool,
-                 logprobs: int | None, submit: Submit | None = None) -> Any:  # fmt: skip
+                 logprobs: int | None, submit: Submit | None = None,
+                 grammar: str | None = None) -> Any:  # fmt: skip
     """Run every choice of every prompt (``submit`` starts one; default: a runtime
-    completion) and answer as OpenAI does, streaming or not."""
+    completion; ``grammar``: checked grammar text every choice follows) and answer as
+    OpenAI does, streaming or not."""
     runs = [
-        _Run(st, body, prompt, i * body.n + j, logprobs, body.stream, submit)
+        _Run(st, body, prompt, i * body.n + j, logprobs, body.stream, submit, grammar)
         for i, prompt in enumerate(prompts)
         for j in range(body.n)
     ]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(st, runs, body.n, rid, created, chat, logprobs, include_usage),
+            stream(st, body, runs, rid, created, chat, logprobs),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -201,9 +218,9 @@ async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: 
     for res in results:
         if res.error is not None:
             raise _error_of(res.error)
-    _account(st, results)
+    account(st, results)
     choices = [
-        _choice(st, r.index, res, chat, logprobs) for r, res in zip(runs, results, strict=True)
+        choice(st, body, r.index, res, chat, logprobs) for r, res in zip(runs, results, strict=True)
     ]
     return JSONResponse({
         "id": rid,
@@ -211,147 +228,5 @@ async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: 
         "created": created,
         "model": st.model_name,
         "choices": choices,
-        "usage": _usage(results, len(prompts), body.n),
+        "usage": usage(results, len(prompts), body.n),
     })  # fmt: skip
-
-
-def _account(st: ServerState, results: list[CompletionResult]) -> None:
-    st.generated_tokens += sum(len(r.tokens) for r in results)
-    st.prompt_tokens += sum(r.prompt_tokens for r in results)
-
-
-def _usage(results: list[CompletionResult], num_prompts: int, n: int) -> dict[str, Any]:
-    # Each prompt counts once, however many choices it has.
-    prompt = sum(results[i * n].prompt_tokens for i in range(num_prompts))
-    cached = sum(results[i * n].cached_tokens for i in range(num_prompts))
-    completion = sum(len(r.tokens) for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def _choice(st: ServerState, index: int, res: CompletionResult, chat: bool,
-            logprobs: int | None) -> dict[str, Any]:  # fmt: skip
-    choice: dict[str, Any] = {"index": index, "finish_reason": res.finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": res.text}
-        choice["logprobs"] = (
-            {"content": _chat_logprobs(st, res.tokens, res.outputs)} if logprobs is not None
-            else None
-        )  # fmt: skip
-    else:
-        choice["text"] = res.text
-        choice["logprobs"] = (
-            _text_logprobs(st, res.tokens, res.outputs) if logprobs is not None else None
-        )
-    return choice
-
-
-def _piece(st: ServerState, token: int) -> str:
-    return st.runtime.tokenizer.decode([token], skip_special_tokens=False)
-
-
-def _chat_logprobs(st: ServerState, tokens: list[int],
-                   outputs: list[OutputResult]) -> list[dict[str, Any]]:  # fmt: skip
-    content = []
-    for tok, out in zip(tokens, outputs, strict=False):
-        text = _piece(st, tok)
-        content.append({
-            "token": text,
-            "logprob": out.logprob,
-            "bytes": list(text.encode()),
-            "top_logprobs": [
-                {"token": (t := _piece(st, i)), "logprob": lp, "bytes": list(t.encode())}
-                for i, lp in out.top_logprobs
-            ],
-        })  # fmt: skip
-    return content
-
-
-def _text_logprobs(st: ServerState, tokens: list[int],
-                   outputs: list[OutputResult]) -> dict[str, Any]:  # fmt: skip
-    texts = [_piece(st, t) for t in tokens]
-    offsets, at = [], 0
-    for t in texts:
-        offsets.append(at)
-        at += len(t)
-    return {
-        "tokens": texts,
-        "token_logprobs": [o.logprob for o in outputs],
-        "top_logprobs": [{_piece(st, i): lp for i, lp in o.top_logprobs} for o in outputs],
-        "text_offset": offsets,
-    }
-
-
-async def _stream(st: ServerState, runs: list[_Run], n: int, rid: str, created: int,
-                  chat: bool, logprobs: int | None,
-                  include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-        frame: dict[str, Any] = {"id": rid, "object": kind, "created": created,
-                                 "model": st.model_name, "choices": choices}  # fmt: skip
-        if include_usage:
-            frame["usage"] = usage
-        return f"data: {json.dumps(frame)}\n\n"
-
-    finished: list[CompletionResult | None] = [None] * len(runs)
-    try:
-        if chat:
-            yield chunk([{"index": r.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for r in runs])  # fmt: skip
-        pending = {asyncio.ensure_future(_next(r)): r for r in runs}
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                run = pending.pop(fut)
-                item = fut.result()
-                if isinstance(item, CompletionResult):
-                    finished[runs.index(run)] = item
-                    if item.error is not None:
-                        err = {"error": {"message": f"generation failed: {item.error}",
-                                         "type": "server_error"}}  # fmt: skip
-                        yield f"data: {json.dumps(err)}\n\n"
-                    yield chunk([_final(run.index, item, chat, logprobs, st)])
-                    continue
-                text, _token = item
-                # One chunk per token, even when its text is held back (an incomplete
-                # character) or empty: clients time tokens by chunks.
-                yield chunk([_delta(run, text, chat)])
-                pending[asyncio.ensure_future(_next(run))] = run
-        results = [r for r in finished if r is not None]
-        _account(st, results)
-        if include_usage:
-            yield chunk([], _usage(results, len(runs) // n, n))
-        yield "data: [DONE]\n\n"
-    finally:
-        for r, res in zip(runs, finished, strict=True):
-            if res is None:
-                r.handle.cancel()  # the client disconnected mid-stream
-
-
-async def _next(run: _Run) -> tuple[str, int] | CompletionResult:
-    """The run's next streamed piece; its result comes last, after every piece."""
-    assert run.pieces is not None
-    return await run.pieces.get()
-
-
-def _delta(run: _Run, text: str, chat: bool) -> dict[str, Any]:
-    # Logprobs of a streamed choice come whole in its final chunk.
-    if chat:
-        return {"index": run.index, "delta": {"content": text}, "logprobs": None,
-                "finish_reason": None}  # fmt: skip
-    return {"index": run.index, "text": text, "logprobs": None, "finish_reason": None}
-
-
-def _final(index: int, res: CompletionResult, chat: bool, logprobs: int | None,
-           st: ServerState) -> dict[str, Any]:  # fmt: skip
-    if chat:
-        lp = {"content": _chat_logprobs(st, res.tokens, res.outputs)} if logprobs is not None \
-            else None  # fmt: skip
-        return {"index": index, "delta": {}, "logprobs": lp, "finish_reason": res.finish_reason}
-    lp2 = _text_logprobs(st, res.tokens, res.outputs) if logprobs is not None else None
-    return {"index": index, "text": "", "logprobs": lp2, "finish_reason": res.finish_reason}
