@@ -141,6 +141,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     # Defaults are None here so that a config file's value is not overridden by a default.
     serve.add_argument("--model", help="HF model directory, or 'tiny' (default)")
+    serve.add_argument("--served-model-name", help="the model's name in the API")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--config", help="TOML file with the same settings")

@@ -77,7 +77,7 @@ def start_state(settings: ServeSettings, log: Any = None) -> ServerState:
     say(f"loom: model ready in {time.perf_counter() - t0:.1f} s: {runtime.model_name}, "
         f"{runtime.pool.num_pages} KV pages of {runtime.page_size} tokens, "
         f"context {runtime.max_model_len}; {runtime.placement.describe()}")  # fmt: skip
-    return ServerState(runtime, settings, runtime.model_name)
+    return ServerState(runtime, settings, settings.served_model_name or runtime.model_name)
 
 
 def serve(settings: ServeSettings) -> int:

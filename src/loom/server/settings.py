@@ -24,6 +24,8 @@ class ServeSettings:
 
     # The model and its engine.
     model: str = "tiny"
+    # The name clients give as ``model`` (default: the model directory's name).
+    served_model_name: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     num_pages: int | None = None
