@@ -172,8 +172,9 @@ def test_a_tool_calling_round_trip(client: openai.OpenAI, model_name: str, strea
         assert len(deltas) == 1 and deltas[0].id and deltas[0].function
         assert not any(ch.choices[0].delta.content for ch in chunks)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        call = {"id": deltas[0].id, "type": "function", "function": {
-            "name": deltas[0].function.name, "arguments": deltas[0].function.arguments}}  # fmt: skip
+        fn = deltas[0].function
+        call = {"id": deltas[0].id, "type": "function",
+                "function": {"name": fn.name, "arguments": fn.arguments}}  # fmt: skip
     else:
         r = client.chat.completions.create(messages=messages, tool_choice="required", **kwargs)  # type: ignore[call-overload]
         assert r.choices[0].finish_reason == "tool_calls"
@@ -184,8 +185,10 @@ def test_a_tool_calling_round_trip(client: openai.OpenAI, model_name: str, strea
     schema = {"get_weather": WEATHER, "add": ADD}[name]["function"]["parameters"]  # type: ignore[index]
     jsonschema.validate(args, schema)
     # The call and its result go back in the transcript; the answer is text.
-    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                 {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]  # fmt: skip
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"},
+    ]
     r2 = client.chat.completions.create(messages=messages, tool_choice="none", **kwargs)  # type: ignore[call-overload]
     assert r2.choices[0].finish_reason in ("stop", "length")
     assert r2.choices[0].message.tool_calls is None and r2.choices[0].message.content
@@ -213,17 +216,17 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model_name: str, serve
 
 
 def test_streamed_logprobs_come_with_each_chunk(client: openai.OpenAI, model_name: str) -> None:
-    whole = client.chat.completions.create(model=model_name, messages=USER, max_tokens=6,
-                                           temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    whole = client.chat.completions.create(
+        model=model_name, messages=USER, max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=2)  # fmt: skip
     chunks = list(client.chat.completions.create(
         model=model_name, messages=USER, max_tokens=6, temperature=0, logprobs=True,
         top_logprobs=2, stream=True))  # fmt: skip
     per_chunk = [ch.choices[0].logprobs.content for ch in chunks
                  if ch.choices and ch.choices[0].logprobs is not None]  # fmt: skip
     assert all(len(c or []) == 1 for c in per_chunk)
-    assert [c[0].logprob for c in per_chunk if c] == pytest.approx(
-        [e.logprob for e in whole.choices[0].logprobs.content or []], abs=1e-4  # type: ignore[union-attr]
-    )
+    want = [e.logprob for e in whole.choices[0].logprobs.content or []]  # type: ignore[union-attr]
+    assert [c[0].logprob for c in per_chunk if c] == pytest.approx(want, abs=1e-4)
 
 
 def test_model_by_id_and_the_developer_role(client: openai.OpenAI, model_name: str) -> None:
@@ -240,7 +243,7 @@ def test_model_by_id_and_the_developer_role(client: openai.OpenAI, model_name: s
 @pytest.mark.parametrize(
     "extra, match",
     [
-        ({"response_format": schema_format({"type": "object", "properties": {"a": {"type": "strin"}}})},
+        ({"response_format": schema_format({"properties": {"a": {"type": "strin"}}})},
          "response_format"),
         ({"response_format": schema_format({"type": "string", "pattern": "(unclosed"})},
          "response_format"),
