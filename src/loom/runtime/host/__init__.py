@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from loom.runtime.host import (
     forward_api,
     generate_api,
+    grammar_api,
     http_api,
     kv_api,
     log_api,
@@ -44,6 +45,7 @@ def register_all(linker: ComponentLinker, rt: Runtime) -> None:
         model_api,
         kv_api,
         forward_api,
+        grammar_api,
         generate_api,
         messaging_api,
         store_api,

@@ -9,6 +9,7 @@ from loom.runtime import context_cache
 from loom.runtime.commands import CommandQueue, GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
+from loom.runtime.host.grammar_api import HostMatcher
 from loom.runtime.host.types_sampler import SAMPLER
 from loom.runtime.wasm_ffi import (
     BOOL,
@@ -62,8 +63,10 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         stream: bool,
         want_logprobs: bool,
         logit_bias: list[tuple[int, float]] | None,
+        constraint: int | None,
     ) -> int:
         inst = rt.caller(key)
+        hm = None if constraint is None else rt.handles.get(inst.seq, constraint, HostMatcher)
         queue = rt.handles.get(inst.seq, q, CommandQueue)
         inst.pages.check(pages)
         ps = rt.page_size
@@ -88,6 +91,8 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
         room = rt.max_model_len - start - len(pending)
         if room < 1:
             raise HostCallError("generate: the context is already full")
+        # (A complete grammar allows only end-of-sequence: a constrained generation ends there.)
+        at_eos = at_eos or hm is not None
         tokens = set(stop_tokens) | (set(rt.eos_token_ids) if at_eos else set())
         kv_len = ps * (len(pages) - 1) + last_page_len if pages else 0
         task = GenerateTask(
@@ -107,6 +112,9 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             tokenizer=rt.tokenizer,
             logprobs=0 if want_logprobs else None,  # (0: the chosen token's only)
         )
+        if hm is not None:
+            task.grammar, task.grammar_prefix = hm.grammar, list(hm.taken)
+            task.on_finish = lambda t: hm.take(t.tokens)
         context_cache.match_generation(rt, inst, task)
         rt.enqueue(queue, GenerateCmd(task))
         return rt.handles.add(inst.seq, task.future)
@@ -126,6 +134,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             BOOL,
             BOOL,
             option(list_of(tuple_of(U32, F32))),
+            option(U32),  # a matcher's id (a second borrow would fail in wasmtime 50)
         ],
         own("generate-result"),
         generate,

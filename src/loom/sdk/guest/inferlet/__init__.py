@@ -16,6 +16,7 @@ __all__ = [
 ]  # fmt: skip
 
 from inferlet.context import Completion, Context, Drafter, decode_all
+from inferlet.grammar import Choice, Constraint, Grammar, JsonObject, JsonSchema, Matcher, Regex
 from inferlet.io import (
     Response,
     broadcast,
@@ -39,7 +40,8 @@ from inferlet.io import (
 from inferlet.model import Model, Tokenizer, get_model
 
 __all__ += [
-    "Completion", "Context", "Drafter", "Model", "Response", "Tokenizer", "broadcast", "decode_all",
+    "Choice", "Completion", "Constraint", "Context", "Drafter", "Grammar", "JsonObject",
+    "JsonSchema", "Matcher", "Model", "Regex", "Response", "Tokenizer", "broadcast", "decode_all",
     "get_arguments", "get_model", "http_get", "http_post", "http_request",
     "instance_id", "launch", "log", "pull", "push", "receive", "send", "store_delete",
     "store_get", "store_list", "store_set", "subscribe",

@@ -30,6 +30,7 @@ class _Unavailable:
 
 forward = _Unavailable("forward")
 generate = _Unavailable("generate")
+grammar = _Unavailable("grammar")
 http = _Unavailable("http")
 kv = _Unavailable("kv")
 log = _Unavailable("log")

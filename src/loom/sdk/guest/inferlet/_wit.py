@@ -7,6 +7,7 @@ try:
     from componentize_py_types import Err as Err
     from wit_world.imports import forward as forward
     from wit_world.imports import generate as generate
+    from wit_world.imports import grammar as grammar
     from wit_world.imports import http as http
     from wit_world.imports import kv as kv
     from wit_world.imports import log as log
@@ -21,6 +22,7 @@ except ImportError:  # natively: importable for editors and type checkers, not c
         Err,
         forward,
         generate,
+        grammar,
         http,
         kv,
         log,
@@ -33,7 +35,7 @@ except ImportError:  # natively: importable for editors and type checkers, not c
     )
 
 __all__ = [
-    "Err", "forward", "generate", "http", "kv", "log", "messaging", "queue", "runtime",
+    "Err", "forward", "generate", "grammar", "http", "kv", "log", "messaging", "queue", "runtime",
     "store", "types", "unwrap", "wit_model",
 ]  # fmt: skip
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from inferlet import _kv
 from inferlet._loop import alone, gather, wait_for
 from inferlet._wit import Err, forward, generate, kv, store, types, unwrap
+from inferlet.grammar import Constraint, Matcher
 from inferlet.model import Model
 from inferlet.sampler import Greedy, Sampler
 from inferlet.stop import Stop, as_stop
@@ -98,6 +99,8 @@ class Context:
         # The sampler of the queue's pass ahead (``step-chain``), if one is outstanding:
         # it writes the last (pending) token at position ``written`` and samples the next.
         self._ahead: Sampler | None = None
+        # The grammar every generated token of this context obeys (``constrain``).
+        self.matcher: Matcher | None = None
 
     # ----- filling -----
 
@@ -182,6 +185,9 @@ class Context:
         for index, kind, arg in outputs:
             if kind == "token":
                 fp.output_token(index, _wit_sampler(arg))
+            elif kind == "masked":  # ``arg``: (sampler, BRLE logit mask)
+                fp.output_token(index, _wit_sampler(arg[0]))
+                fp.logit_mask(index, arg[1])
             elif kind == "forced":  # token ``arg`` taken here, its log-probability out
                 fp.output_token(index, _wit_sampler(_GREEDY))
                 fp.logit_mask(index, _kv.only_token(arg, self.model.tokenizer.vocab_size))
@@ -222,9 +228,12 @@ class Context:
         self._check_flushes()
 
     async def decode_step(self, sampler: Sampler | None = None) -> int:
-        """One forward pass over the pending tokens; the sampled next token (pending)."""
+        """One forward pass over the pending tokens; the sampled next token (pending).
+        Under ``constrain``, the token obeys the grammar (its mask rides the pass)."""
         if self._after:
             await self._follow()
+        if self.matcher is not None:
+            return await self._decode_constrained(sampler or _GREEDY, self.matcher)
         if self._ahead is None and not self.pending:
             self._check_open()
             self._repend()
@@ -252,6 +261,30 @@ class Context:
             self._check_flushes()
         self.tokens.append(token)
         return token
+
+    async def _decode_constrained(self, sampler: Sampler, matcher: Matcher) -> int:
+        self._check_open()
+        if not self.pending:
+            self._repend()
+        out = unwrap(await wait_for(self._submit("masked", (sampler, matcher.mask()))))
+        token = int(out.tokens[0])
+        matcher.accept([token])
+        if self._unchecked:
+            self._check_flushes()
+        self.tokens.append(token)
+        return token
+
+    def constrain(self, constraint: Constraint | Matcher | None) -> Matcher | None:
+        """Bind a grammar to this context: every later ``generate`` and ``decode_step``
+        obeys it, going on from where the last stopped; forks go on from the same point.
+        ``None`` unbinds it. Returns the bound matcher."""
+        if self._ahead is not None:
+            self._settle()  # (a pass ahead sampled without the grammar: dropped)
+        if constraint is None or isinstance(constraint, Matcher):
+            self.matcher = constraint
+        else:
+            self.matcher = Matcher(constraint)
+        return self.matcher
 
     def _decode_chained(self, sampler: Sampler) -> int:
         """The pass of ``_submit("token", sampler)`` over the pending tokens: the sampled
@@ -448,11 +481,18 @@ class Context:
         *,
         allowed: Iterable[int] | None = None,
         bias: dict[int, float] | None = None,
+        grammar: Constraint | Matcher | None = None,
     ) -> str:
         """Generate in the host (one call, no guest work per token); the new text.
         ``allowed``: the only token ids it may sample (a logit mask on every token);
-        ``bias``: added to those tokens' logits at every step (before sampling)."""
-        return (await self.complete(max_tokens, sampler, stop, allowed=allowed, bias=bias)).text
+        ``bias``: added to those tokens' logits at every step (before sampling);
+        ``grammar``: a constraint (``JsonSchema``, ``Regex``, ...) the text obeys, masked
+        by the host every step; the generation also ends where the grammar is complete.
+        Without one, the context's bound grammar (``constrain``) applies."""
+        done = await self.complete(
+            max_tokens, sampler, stop, allowed=allowed, bias=bias, grammar=grammar
+        )
+        return done.text
 
     async def complete(
         self,
@@ -463,6 +503,7 @@ class Context:
         allowed: Iterable[int] | None = None,
         logprobs: bool = False,
         bias: dict[int, float] | None = None,
+        grammar: Constraint | Matcher | None = None,
     ) -> Completion:
         """``generate`` with the whole result: the tokens, the text, why it ended and,
         with ``logprobs``, each token's log-probability under the model (without the
@@ -480,8 +521,11 @@ class Context:
             if not all(0 <= t < vocab for t in bias):
                 raise ValueError(f"bias token ids must be in [0, {vocab})")
             pairs = [(int(t), float(v)) for t, v in bias.items()]
+        if isinstance(grammar, Constraint):
+            grammar = Matcher(grammar)  # this generation's own
+        matcher = grammar or self.matcher
         tokens, text, reason, lps = await self._generate(
-            max_tokens, sampler, stop, mask, logprobs, pairs
+            max_tokens, sampler, stop, mask, logprobs, pairs, matcher
         )  # fmt: skip
         return Completion(tokens, text, reason, lps)
 
@@ -493,6 +537,7 @@ class Context:
         mask: list[int] | None = None,
         logprobs: bool = False,
         bias: list[tuple[int, float]] | None = None,
+        matcher: Matcher | None = None,
     ) -> tuple[list[int], str, str, list[float]]:
         await self._follow()
         self._check_open()
@@ -518,6 +563,7 @@ class Context:
             False,
             logprobs,
             bias,
+            matcher._raw.id() if matcher is not None else None,
         )
         g = unwrap(await wait_for(fut))
         self._check_flushes()
@@ -720,6 +766,7 @@ class Context:
         child.written = child.slot_pos[-1] + 1 if child.slot_pos else 0
         child.masked = set(self.masked)
         child._restricted = set(self._restricted)
+        child.matcher = self.matcher.fork() if self.matcher is not None else None
         return child
 
     # ----- KV surgery -----
