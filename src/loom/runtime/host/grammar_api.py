@@ -9,6 +9,7 @@ the generated tokens when the generation ends (``take``).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,7 @@ def mask_brle(matcher: llguidance.LLMatcher, vocab: int) -> list[int]:
     forbidden = (bits.flatten()[:vocab] == 0).to(torch.int8)
     edges = torch.nonzero(forbidden[1:] != forbidden[:-1]).flatten() + 1
     bounds = [0, *edges.tolist(), vocab]
-    runs = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    runs = [b - a for a, b in itertools.pairwise(bounds)]
     return runs if forbidden[0] == 0 else [0, *runs]
 
 
