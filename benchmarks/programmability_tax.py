@@ -113,7 +113,7 @@ def run_system(
     for p in prompts(completions, run + 10_000):
         span: list[Any] = [None, None, 0]
 
-        def delta(_: str, __: int, span: list[Any] = span) -> None:
+        def delta(_: str, __: int, ___: Any, span: list[Any] = span) -> None:
             now = time.perf_counter()
             span[0] = span[0] or now
             span[1], span[2] = now, span[2] + 1

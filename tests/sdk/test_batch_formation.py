@@ -101,7 +101,7 @@ def test_chunk_tokens_stream_in_the_pass_that_made_them(gpu_like_rt: Any) -> Non
     rt.submit_completion(
         CompletionRequest(
             prompt, SamplerSpec(temperature=0.0), TOKENS, lambda _: done.set(),
-            stop_at_eos=False, on_delta=lambda _t, _tok: times.append(time.perf_counter()),
+            stop_at_eos=False, on_delta=lambda _t, _tok, _out: times.append(time.perf_counter()),
         )
     )  # fmt: skip
     assert done.wait(60)
