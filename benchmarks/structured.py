@@ -3,7 +3,7 @@ generation through the OpenAI API at 1 and 32 concurrent requests, side by side.
 
 Two figures:
 
-* **mask time per token**: ``GrammarMatchers.apply`` + ``advance`` (the work the engine
+* **mask time per token**: ``SamplingStates.apply`` + ``advance`` (the work the engine
   adds to a constrained row of a pass: the llguidance mask, applying it to the logits,
   taking the sampled token), measured in this process on the model's vocabulary along
   random walks through the benchmark's schema, for 1 and 32 rows a pass;
@@ -54,15 +54,16 @@ def mask_cost(model_path: Path, rows: int, steps: int) -> dict[str, float]:
     """µs per constrained row and token of masking and advancing, ``rows`` rows a pass."""
     import torch
 
-    from loom.engine.grammar import GrammarCompiler, GrammarMatchers
+    from loom.engine.grammar import GrammarCompiler
+    from loom.engine.sampling_state import SamplingStates, StateSpec
     from loom.models.tokenizer import Tokenizer
 
     vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
     tok = Tokenizer.from_dir(model_path)
     text = GrammarCompiler(tok, vocab).compile("json_schema", SCHEMA)
-    matchers = GrammarMatchers(tok, vocab)
+    matchers = SamplingStates(tok, vocab)
     for i in range(rows):
-        matchers.start(i, text)
+        matchers.start(StateSpec(i, text))
     rng = random.Random(0)
     spent = 0.0
     for _ in range(steps):

@@ -97,7 +97,9 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("/v1/completions", {"model": "M", "prompt": [[1, 2], []]}),
     ("/v1/completions", {"model": "M", "prompt": [10**9]}),
     ("/v1/completions", {"model": "M", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
-    ("/v1/completions", {"model": "M", "prompt": "x", "presence_penalty": 1.0}),
+    ("/v1/completions", {"model": "M", "prompt": "x", "presence_penalty": 2.5}),
+    ("/v1/completions", {"model": "M", "prompt": "x", "logit_bias": {"7": 500}}),
+    ("/v1/completions", {"model": "M", "prompt": "x", "logit_bias": {"word": 1}}),
     ("/v1/completions", {"model": "M", "prompt": "x", "echo": True}),
     ("/v1/completions", {"model": "M", "prompt": "x", "stream_options": {"include_usage": True}}),
     ("/v1/chat/completions", {"model": "M", "messages": []}),
@@ -106,6 +108,9 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("/v1/chat/completions", {"model": "M", "messages": "hi"}),
     ("/v1/chat/completions",
      {"model": "M", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+    ("/v1/chat/completions",
+     {"model": "M", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "yaml"}}),
     ("/v1/inferlets/run", {"program": "not-a-hash"}),
 ]  # fmt: skip
 

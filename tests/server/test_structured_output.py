@@ -279,3 +279,17 @@ def test_a_huge_schema_is_refused_quickly(client: openai.OpenAI, model_name: str
             response_format=schema_format({"type": "object", "properties": props}),  # type: ignore[arg-type]
         )  # fmt: skip
     assert time.perf_counter() - t < 10
+
+
+def test_presence_and_frequency_penalties_apply_streamed_or_not(
+    client: openai.OpenAI, model_name: str
+) -> None:
+    kw: Any = dict(model=model_name, prompt="Once upon a time", max_tokens=40, temperature=0,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+    plain = client.completions.create(**kw).choices[0].text
+    penal = client.completions.create(presence_penalty=1.5, frequency_penalty=2.0, **kw)
+    chunks = client.completions.create(presence_penalty=1.5, frequency_penalty=2.0,
+                                       stream=True, **kw)  # fmt: skip
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert penal.choices[0].text != plain
+    assert streamed == penal.choices[0].text  # (worker chunks and runtime steps agree)

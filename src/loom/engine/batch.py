@@ -51,9 +51,9 @@ class OutputSpec:
     logit_mask: list[int] | None = None  # BRLE over the vocabulary; true = forbidden
     # Added to the logits before sampling (and before the mask): (token ids, values).
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None
-    # A live matcher of the engine's ``GrammarMatchers``: the row is masked to what its
-    # grammar allows (after bias and mask), and the matcher takes the sampled token.
-    grammar: int | None = None
+    # A live state of the engine's ``SamplingStates`` (penalties, a grammar matcher):
+    # applied to the row after bias and mask; it takes the sampled token.
+    state: int | None = None
 
 
 @dataclass(slots=True)

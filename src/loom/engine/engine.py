@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult
-from loom.engine.grammar import GrammarMatchers
 from loom.engine.kv_cache import KVCache
 from loom.engine.model_runner import ModelRunner
 from loom.engine.output_processor import OutputProcessor
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.engine.request import Request
+from loom.engine.sampling_state import SamplingStates
 from loom.engine.scheduler import Scheduler
 from loom.errors import RequestError
 from loom.models import resolve_model_dir
@@ -59,8 +59,8 @@ class Engine:
             bytes_per_page = KVCache.bytes_per_token(cfg, dtype) * config.page_size
             num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
         self.runner = ModelRunner(model, num_pages, config.page_size)
-        self.grammars = GrammarMatchers(self.tokenizer, cfg.vocab_size)
-        self.runner.grammars = self.grammars
+        self.states = SamplingStates(self.tokenizer, cfg.vocab_size)
+        self.runner.states = self.states
         self.pool = PagePool(num_pages, config.page_size)
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
         eos = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + cfg.eos_token_ids))

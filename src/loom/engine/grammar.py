@@ -3,10 +3,10 @@
 A *constraint* (JSON schema, any JSON object, regex, Lark grammar, a choice among strings)
 becomes llguidance's grammar text with ``grammar_text``; ``check_grammar`` compiles it
 against the model's tokenizer under resource limits and raises ``GrammarError`` naming
-the problem. ``GrammarMatchers`` holds the live matchers by id: the sampler masks each
-row that names one (``OutputSpec.grammar``) with the tokens its grammar allows next and
-advances the matcher by the token it sampled, so a constrained generation needs no round
-trip per token. Once the grammar is complete only end-of-sequence is allowed.
+the problem. The engine's ``SamplingStates`` holds live matchers: the sampler masks each row
+naming one with the tokens its grammar allows next and advances the matcher by the token
+it sampled, so a constrained generation needs no round trip per token. Once the grammar
+is complete only end-of-sequence is allowed.
 
 llguidance was measured against xgrammar here (``benchmarks/grammar_engines.py``): masks
 of ~10 µs (llguidance) and ~2 µs (xgrammar) a token, both far below a pass; llguidance
@@ -20,10 +20,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 if TYPE_CHECKING:
     import llguidance
@@ -32,7 +29,6 @@ if TYPE_CHECKING:
 
 KINDS = ("json_schema", "json_object", "regex", "lark", "choice")
 MAX_SOURCE_BYTES = 256 * 1024  # a larger constraint is refused before it is compiled
-MAX_LIVE_MATCHERS = 4096  # a backstop: ended generations free theirs
 # JSON without optional whitespace: random or weak models otherwise pad it without end.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -132,67 +128,6 @@ def check_grammar(tok: llguidance.LLTokenizer, grammar: str) -> None:
 
 def _clean(err: str) -> str:
     return err.strip().splitlines()[0] if err.strip() else "the grammar does not compile"
-
-
-class GrammarMatchers:
-    """Live matchers by id, masked and advanced by the sampler for the rows naming them."""
-
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
-        self._tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self._tok: llguidance.LLTokenizer | None = None  # built on first use
-        self._live: OrderedDict[int, llguidance.LLMatcher] = OrderedDict()
-        self._eos = tuple(t for t in tokenizer.eos_token_ids if t < vocab_size)
-
-    @property
-    def tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tok is None:
-            self._tok = ll_tokenizer(self._tokenizer, self.vocab_size)
-        return self._tok
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def start(self, matcher_id: int, grammar: str, prefix: Sequence[int] = ()) -> None:
-        """A matcher for ``grammar``, advanced past ``prefix`` (tokens already generated
-        under it: a generation continuing a constrained context)."""
-        m = new_matcher(self.tokenizer, grammar)
-        if prefix:
-            m.consume_tokens(list(prefix))
-        self._live[matcher_id] = m
-        while len(self._live) > MAX_LIVE_MATCHERS:
-            self._live.popitem(last=False)
-
-    def end(self, matcher_id: int) -> None:
-        self._live.pop(matcher_id, None)
-
-    def apply(self, logits: torch.Tensor, rows: list[tuple[int, int]]) -> None:
-        """Mask ``logits`` [N, V] in place: row i to what matcher ``rows``' id allows."""
-        import llguidance.torch as lt
-
-        vocab = logits.shape[-1]
-        bitmask = lt.allocate_token_bitmask(len(rows), vocab)
-        for j, (_, mid) in enumerate(rows):
-            m = self._live.get(mid)
-            if m is None or m.is_error():
-                self._only_eos(bitmask, j)  # a lost or broken matcher ends its generation
-                continue
-            lt.fill_next_token_bitmask(m, bitmask, j)
-        idx = [i for i, _ in rows]
-        sub = logits[idx]  # [R, V]
-        lt.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
-        logits[idx] = sub
-
-    def _only_eos(self, bitmask: torch.Tensor, j: int) -> None:
-        bitmask[j].zero_()
-        for t in self._eos:
-            bit = t % 32  # (int32 words: bit 31 is the sign bit)
-            bitmask[j, t // 32] |= (1 << bit) if bit < 31 else -(1 << 31)
-
-    def advance(self, matcher_id: int, token: int) -> None:
-        m = self._live.get(matcher_id)
-        if m is not None and not m.is_stopped():
-            m.consume_token(token)
 
 
 class GrammarCompiler:

@@ -9,9 +9,9 @@ import torch
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.decode_mirror import DecodeMirror
-from loom.engine.grammar import GrammarMatchers
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import sample
+from loom.engine.sampling_state import SamplingStates
 from loom.models.transformer import CausalLM
 
 
@@ -30,8 +30,8 @@ class ModelRunner:
         )
         # Set by a driver around one step: called per layer after its K/V are written.
         self.layer_hook: Callable[[int], None] | None = None
-        # The live grammar matchers rows may name (set by the engine, which has the tokenizer).
-        self.grammars: GrammarMatchers | None = None
+        # The sampling states rows may name (set by the engine, which has the tokenizer).
+        self.states: SamplingStates | None = None
 
     def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
         """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
@@ -47,4 +47,4 @@ class ModelRunner:
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
         """One engine step: results in the order of ``batch.outputs``."""
         logits = self.forward_logits(batch, [o.index for o in batch.outputs])
-        return sample(logits, batch.outputs, self.grammars) if batch.outputs else []
+        return sample(logits, batch.outputs, self.states) if batch.outputs else []

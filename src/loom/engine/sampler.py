@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
-from loom.engine.grammar import GrammarMatchers
 from loom.engine.masks import decode_brle
+from loom.engine.sampling_state import SamplingStates
 
 
 def fast_argmax(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -61,14 +61,14 @@ def _bias_tensors(
 
 
 def _apply_logit_masks(
-    logits: torch.Tensor, specs: list[OutputSpec], grammars: GrammarMatchers | None
+    logits: torch.Tensor, specs: list[OutputSpec], states: SamplingStates | None
 ) -> torch.Tensor:
-    """Each row's logit bias, then its mask, then its grammar's mask (a copy; ``logits``
-    is left as it was)."""
+    """Each row's logit bias, then its mask, then its sampling state (penalties, a
+    grammar's mask) (a copy; ``logits`` is left as it was)."""
     masked = [i for i, s in enumerate(specs) if s.logit_mask is not None]
     biased = [i for i, s in enumerate(specs) if s.logit_bias is not None]
-    constrained = [(i, s.grammar) for i, s in enumerate(specs) if s.grammar is not None]
-    if not masked and not biased and not constrained:
+    stateful = [(i, s.state) for i, s in enumerate(specs) if s.state is not None]
+    if not masked and not biased and not stateful:
         return logits
     logits = logits.clone()
     for i in biased:
@@ -78,10 +78,10 @@ def _apply_logit_masks(
         mask = specs[i].logit_mask
         assert mask is not None
         logits[i].masked_fill_(decode_brle(mask, logits.device), float("-inf"))
-    if constrained:
-        if grammars is None:
-            raise ValueError("a row names a grammar matcher but the engine has none")
-        grammars.apply(logits, constrained)
+    if stateful:
+        if states is None:
+            raise ValueError("a row names a sampling state but the engine keeps none")
+        states.apply(logits, stateful)
     return logits
 
 
@@ -117,12 +117,12 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, specs: list[OutputSpec], grammars: GrammarMatchers | None = None
+    logits: torch.Tensor, specs: list[OutputSpec], states: SamplingStates | None = None
 ) -> list[OutputResult]:
     """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec.
-    Rows naming a grammar matcher are masked by it, and it takes their sampled token."""
+    Rows naming a sampling state get its penalties and mask; it takes their token."""
     raw = logits  # (log-probabilities are reported under the unmodified distribution)
-    logits = _apply_logit_masks(logits, specs, grammars)
+    logits = _apply_logit_masks(logits, specs, states)
     results = [OutputResult() for _ in specs]
     tokens = fast_argmax(logits)  # greedy rows keep this
     rand = [i for i, s in enumerate(specs) if s.sampler is not None and not s.sampler.is_greedy]
@@ -138,8 +138,8 @@ def sample(
         res = results[i]
         if spec.sampler is not None:
             res.token = token_list[i]
-            if spec.grammar is not None and grammars is not None:
-                grammars.advance(spec.grammar, res.token)
+            if spec.state is not None and states is not None:
+                states.advance(spec.state, res.token)
         if spec.logprobs is not None and logprobs is not None:
             if res.token is not None:
                 res.logprob = float(logprobs[i, res.token])

@@ -50,6 +50,8 @@ class CompletionRequest:
     # generation ends at end-of-sequence once the grammar is complete.
     grammar: str | None = None
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # (ids, values)
+    presence_penalty: float = 0.0  # as the OpenAI API defines them, over output tokens
+    frequency_penalty: float = 0.0
 
 
 @dataclass
@@ -164,6 +166,8 @@ def start_completion(
         on_finish=lambda t: _finish(rt, cache, inst, t),
         grammar=req.grammar,
         logit_bias=req.logit_bias,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
     )
     job.task = task
     rt.enqueue(rt.new_queue(inst), GenerateCmd(task))

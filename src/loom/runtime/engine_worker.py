@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
 from loom.engine.grammar import GrammarError
+from loom.engine.sampling_state import StateSpec
 from loom.errors import LoomError, ModelLoadError, RequestError
 from loom.models import resolve_model_dir
 from loom.runtime.cpu_placement import UNPINNED, CpuPlacement, pin_current_thread
@@ -105,7 +106,7 @@ class GenPlan:
     max_steps: int
     logit_mask: list[int] | None
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None
-    grammar: int | None = None  # the generation's live grammar matcher
+    state: int | None = None  # the generation's sampling state (penalties, grammar)
 
 
 @dataclass
@@ -165,12 +166,11 @@ class ExecuteOp:
 
 
 @dataclass
-class GrammarOp:
-    """End the grammar matchers ``end``, then start ``start``: (id, llguidance grammar
-    text, tokens the matcher has already taken). Ops run in order, so a matcher started
-    before a batch naming it is live for it."""
+class SamplingStateOp:
+    """End the engine's sampling states ``end``, then start ``start``. Ops run in
+    order, so a state started before a batch naming it is live for it."""
 
-    start: list[tuple[int, str, list[int]]] = dataclasses.field(default_factory=list)
+    start: list[StateSpec] = dataclasses.field(default_factory=list)
     end: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -245,7 +245,7 @@ class KVSendCachedOp:
 
 WorkerOp = (
     ExecuteOp | CopySlotsOp | SetLiveOp | ResetPagesOp | KVRecvStartOp | KVReserveOp
-    | KVReleaseOp | KVStatusOp | KVSendCachedOp | NudgeOp | GrammarOp
+    | KVReleaseOp | KVStatusOp | KVSendCachedOp | NudgeOp | SamplingStateOp
 )  # fmt: skip
 
 
@@ -388,7 +388,7 @@ class _OpRunner:
                 pos.append(p.position + k)
                 tables.append(p.pages[: -(-written // ps)])
                 lasts.append(written - ps * (len(tables[-1]) - 1))
-                outs.append(OutputSpec(j, s, 0, None, p.logit_mask, p.logit_bias, p.grammar))
+                outs.append(OutputSpec(j, s, 0, None, p.logit_mask, p.logit_bias, p.state))
             batch = ForwardBatch(toks, pos, list(range(len(active) + 1)), tables, lasts, outs)
             step = self.engine.execute(batch)
             still = []
@@ -452,13 +452,13 @@ class _OpRunner:
             return None
         if isinstance(op, NudgeOp):
             return None
-        if isinstance(op, GrammarOp):
-            grammars = self.engine.grammars
-            for mid in op.end:
-                grammars.end(mid)
-            for mid, text, prefix in op.start:
+        if isinstance(op, SamplingStateOp):
+            states = self.engine.states
+            for sid in op.end:
+                states.end(sid)
+            for state in op.start:
                 try:
-                    grammars.start(mid, text, prefix)
+                    states.start(state)
                 except GrammarError as e:
                     raise RequestError(f"grammar: {e}") from e
             return None

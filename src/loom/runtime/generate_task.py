@@ -53,14 +53,21 @@ class GenerateTask:
     cache_prompt: list[int] | None = None
     logit_bias: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # every token
     # A grammar constraint (llguidance grammar text) and the tokens its matcher already
-    # took (a context continuing under it); the runtime starts the worker's matcher,
-    # numbered ``matcher_id``, before the first step and ends it with the generation.
+    # took (a context continuing under it), and OpenAI's presence/frequency penalties:
+    # the runtime starts the engine's sampling state for them, numbered ``state_id``,
+    # before the first step and ends it with the generation.
     grammar: str | None = None
     grammar_prefix: list[int] = field(default_factory=list)
-    matcher_id: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    state_id: int | None = None
 
     def __post_init__(self) -> None:
         self.detok = IncrementalDetokenizer(self.tokenizer, self.pending)
+
+    @property
+    def needs_state(self) -> bool:
+        return self.grammar is not None or bool(self.presence_penalty or self.frequency_penalty)
 
     def pages_needed(self, page_size: int) -> int:
         """Extra pages the next step needs to hold its new tokens."""
@@ -85,7 +92,7 @@ class GenerateTask:
             logprobs=self.logprobs,
             logit_mask=self.logit_mask,
             logit_bias=self.logit_bias,
-            grammar=self.matcher_id,
+            state=self.state_id,
         )
         return list(self.pending), positions, last, out
 

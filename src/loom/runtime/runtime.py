@@ -33,6 +33,7 @@ from loom.engine.batch import ForwardBatch
 from loom.engine.grammar import GrammarCompiler
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
+from loom.engine.sampling_state import StateSpec
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
 from loom.runtime import completions, context_cache, wasm_ffi
@@ -64,8 +65,8 @@ from loom.runtime.engine_worker import (
     EngineWorker,
     ExecuteOp,
     GenPlan,
-    GrammarOp,
     NudgeOp,
+    SamplingStateOp,
     SetLiveOp,
     start_worker,
 )
@@ -189,7 +190,7 @@ class Runtime:
         self.by_ctx: dict[int, Instance] = {}
         self.by_seq: dict[int, Instance] = {}
         self._seq = itertools.count()
-        self._matcher_ids = itertools.count(1)
+        self._state_ids = itertools.count(1)
         self._runq: deque[Instance] = deque()
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wake = wake or threading.Event()
@@ -675,8 +676,8 @@ class Runtime:
         return q
 
     def enqueue(self, q: CommandQueue, cmd: Any) -> None:
-        if isinstance(cmd, GenerateCmd) and cmd.task.grammar is not None:
-            self._start_matcher(cmd.task)
+        if isinstance(cmd, GenerateCmd) and cmd.task.needs_state:
+            self._start_state(cmd.task)
         if isinstance(cmd, (ForwardCmd, GenerateCmd)):
             self._forward_enqueued += 1
             n = cmd.num_tokens
@@ -694,23 +695,26 @@ class Runtime:
         # sleeps is enough, and costs nothing next to an Event.
         self._poked = True
 
-    def _start_matcher(self, task: Any) -> None:
-        """The worker's grammar matcher for a constrained generation, started ahead of
-        its first step (worker ops run in order); ``_end_matcher`` when it finishes."""
-        task.matcher_id = next(self._matcher_ids)
-        op = GrammarOp(start=[(task.matcher_id, task.grammar, list(task.grammar_prefix))])
-        self.submit_op(op, self._matcher_failed)
+    def _start_state(self, task: Any) -> None:
+        """The engine's sampling state of a constrained or penalized generation, started
+        ahead of its first step (worker ops run in order); ``_end_state`` at its end."""
+        task.state_id = next(self._state_ids)
+        spec = StateSpec(
+            task.state_id, task.grammar, tuple(task.grammar_prefix), task.presence_penalty,
+            task.frequency_penalty, tuple(task.tokens),
+        )  # fmt: skip
+        self.submit_op(SamplingStateOp(start=[spec]), self._state_failed)
 
-    def _end_matcher(self, task: Any) -> None:
-        if task.matcher_id is not None:
-            self.submit_op(GrammarOp(end=[task.matcher_id]), self._matcher_failed)
-            task.matcher_id = None
+    def _end_state(self, task: Any) -> None:
+        if task.state_id is not None:
+            self.submit_op(SamplingStateOp(end=[task.state_id]), self._state_failed)
+            task.state_id = None
 
-    def _matcher_failed(self, result: Any) -> None:
+    def _state_failed(self, result: Any) -> None:
         # Grammars are compiled and checked here before they reach the worker; one that
-        # fails there anyway leaves its rows at end-of-sequence only (``GrammarMatchers``).
+        # fails there anyway leaves its rows at end-of-sequence only (``SamplingStates``).
         if isinstance(result, BaseException):
-            _log.warning("grammar matcher: %s", result)
+            _log.warning("sampling state: %s", result)
 
     # ===== eager commands =====
 
@@ -1049,7 +1053,7 @@ class Runtime:
                 position=task.position + len(task.pending), sampler=task.sampler,
                 seed_count=len(task.tokens) + 1, stop_tokens=task.stop.stop_tokens,
                 max_steps=steps, logit_mask=task.logit_mask, logit_bias=task.logit_bias,
-                grammar=task.matcher_id,
+                state=task.state_id,
             ))  # fmt: skip
         return plans
 
@@ -1221,7 +1225,7 @@ class Runtime:
 
     def _finish_generation(self, inst: Instance, q: CommandQueue, cmd: GenerateCmd) -> None:
         task = cmd.task
-        self._end_matcher(task)
+        self._end_state(task)
         if q.peek() is cmd:
             q.pop()
         self._trim_pages(inst, task)

@@ -158,6 +158,8 @@ class _Run:
                 on_delta=on_delta if stream else None,
                 grammar=grammar,
                 logit_bias=_logit_bias(st, body),
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
             )
         )
 

@@ -47,8 +47,6 @@ class _Sampling(BaseModel):
                 raise ValueError("stop: at most 4 sequences")
             if any(not s for s in self.stop):
                 raise ValueError("stop: sequences must not be empty")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         for key, value in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit():
                 raise ValueError(f"logit_bias: keys are token ids, got {key!r}")

@@ -389,7 +389,7 @@ def output_spec(index: int, o: _Out | OutputSpec) -> OutputSpec:
     dataclass costs a few µs to build. Keyed by the sampler's id (hashing a dataclass
     runs Python code): the spec in the entry holds the sampler, so the id stays its own
     while the entry lives."""
-    if isinstance(o, OutputSpec) and (o.logit_bias is not None or o.grammar is not None):
+    if isinstance(o, OutputSpec) and (o.logit_bias is not None or o.state is not None):
         return dataclasses.replace(o, index=index)  # a generation's step: one of its own
     if o.logit_mask is not None:
         return OutputSpec(index, o.sampler, o.top_k_dist, o.logprobs, o.logit_mask)
