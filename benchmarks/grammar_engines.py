@@ -67,7 +67,8 @@ def installed_mb(dist: str) -> float:
 
 def walk_llguidance(tok: Any, vocab: int, walks: int, steps: int) -> dict[str, float]:
     import llguidance
-    import llguidance.torch as lt
+
+    from loom.engine.grammar import fill_bitmask, new_bitmask
 
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
     compile_s = []
@@ -75,14 +76,14 @@ def walk_llguidance(tok: Any, vocab: int, walks: int, steps: int) -> dict[str, f
         t = time.perf_counter()
         llguidance.LLMatcher(tok, grammar)
         compile_s.append(time.perf_counter() - t)
-    bitmask = lt.allocate_token_bitmask(1, vocab)
+    bitmask = new_bitmask(1, vocab)
     mask_s: list[float] = []
     rng = random.Random(0)
     for _ in range(walks):
         m = llguidance.LLMatcher(tok, grammar)
         for _ in range(steps):
             t = time.perf_counter()
-            lt.fill_next_token_bitmask(m, bitmask, 0)
+            fill_bitmask(m, bitmask, 0)
             mask_s.append(time.perf_counter() - t)
             allowed = unpack(bitmask[0], vocab)
             if not allowed or m.is_stopped():

@@ -100,7 +100,8 @@ async def run_requests(url: str, model: str, conc: int, tokens: int, constrained
             got = r.json()
             assert got["usage"]["completion_tokens"] == tokens, got["usage"]
             if constrained:
-                assert got["choices"][0]["message"]["content"].startswith("[")
+                text = got["choices"][0]["message"]["content"]
+                assert text.startswith("["), text[:200]
 
         t = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(conc)))

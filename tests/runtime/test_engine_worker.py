@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -276,11 +277,14 @@ def test_compact_execute_ops_cross_the_pipe_unchanged() -> None:
         outputs=[
             OutputSpec(1, greedy, top_k_dist=3),
             OutputSpec(2, hot, logprobs=2, logit_mask=[10, 5, 240]),
-            OutputSpec(0, None, top_k_dist=5),
+            OutputSpec(0, None, top_k_dist=5, logit_bias=((3, 4), (1.5, -2.0)), state=17),
         ],
         masks=[[[4], [5]], None],
     )
     op = ExecuteOp(batch, fresh_pages=[9], chain=[(2, 0)])
+    # Every field is set somewhere above with a value other than its default.
+    for f in dataclasses.fields(OutputSpec):
+        assert any(getattr(o, f.name) != f.default for o in batch.outputs), f.name
     back = _decode_execute(_encode_execute(op))
     assert back == op
     assert back.batch.outputs[1].sampler == hot and back.batch.outputs[1].sampler.seed == 7

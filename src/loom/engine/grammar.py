@@ -22,6 +22,8 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     import llguidance
 
@@ -116,12 +118,30 @@ def new_matcher(tok: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMatch
     return m
 
 
+def new_bitmask(rows: int, vocab: int) -> torch.Tensor:
+    """int32 [rows, ceil(vocab / 32)], every token allowed: bit ``t % 32`` of word
+    ``t // 32`` is token t. (``llguidance.torch`` would do this too, but importing it
+    imports ``torch._dynamo`` (~1.2 s) and its apply is a ``torch.compile`` kernel.)"""
+    return torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
+
+
+def fill_bitmask(m: llguidance.LLMatcher, bitmask: torch.Tensor, row: int) -> None:
+    """Write the matcher's next-token mask into ``bitmask[row]`` (llguidance writes the
+    words in place, without the GIL)."""
+    words = bitmask[row]
+    m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+
+
+def allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [rows, vocab]: the tokens ``bitmask`` [rows, words] allows."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+
+
 def check_grammar(tok: llguidance.LLTokenizer, grammar: str) -> None:
     """Compile ``grammar`` once and compute its first mask (where lexer limits bite)."""
-    import llguidance.torch as lt
-
     m = new_matcher(tok, grammar)
-    lt.fill_next_token_bitmask(m, lt.allocate_token_bitmask(1, tok.vocab_size), 0)
+    fill_bitmask(m, new_bitmask(1, tok.vocab_size), 0)
     if m.is_error():
         raise GrammarError(_clean(m.get_error()))
 

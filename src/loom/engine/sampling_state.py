@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loom.engine.grammar import ll_tokenizer, new_matcher
+from loom.engine.grammar import allowed, fill_bitmask, ll_tokenizer, new_bitmask, new_matcher
 
 if TYPE_CHECKING:
     import llguidance
@@ -101,19 +101,17 @@ class SamplingStates:
             self._mask(logits, masked)
 
     def _mask(self, logits: torch.Tensor, rows: list[tuple[int, _State | None]]) -> None:
-        import llguidance.torch as lt
-
-        bitmask = lt.allocate_token_bitmask(len(rows), logits.shape[-1])
+        vocab = logits.shape[-1]
+        bitmask = new_bitmask(len(rows), vocab)
         for j, (_, state) in enumerate(rows):
             m = state.matcher if state is not None else None
             if m is None or m.is_error():
                 self._only_eos(bitmask, j)  # a lost or broken matcher ends its generation
             else:
-                lt.fill_next_token_bitmask(m, bitmask, j)
-        idx = [i for i, _ in rows]
-        sub = logits[idx]  # [R, V]
-        lt.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
-        logits[idx] = sub
+                fill_bitmask(m, bitmask, j)
+        idx = torch.tensor([i for i, _ in rows], device=logits.device)
+        ok = allowed(bitmask.to(logits.device), vocab)  # [R, V]
+        logits[idx] = logits[idx].masked_fill(~ok, float("-inf"))
 
     def _only_eos(self, bitmask: torch.Tensor, j: int) -> None:
         bitmask[j].zero_()

@@ -1092,8 +1092,9 @@ class _WirePickler:
         return buf.getvalue()
 
 
+# Every field of ``OutputSpec``, in order (``test_the_wire_keeps_every_output_field``).
 _OUTPUT_FIELDS = operator.attrgetter(
-    "index", "sampler", "top_k_dist", "logprobs", "logit_mask", "logit_bias"
+    "index", "sampler", "top_k_dist", "logprobs", "logit_mask", "logit_bias", "state"
 )
 _SAMPLER_FIELDS = operator.attrgetter("temperature", "top_k", "top_p", "min_p", "seed")
 
@@ -1103,8 +1104,8 @@ def _encode_execute(op: ExecuteOp) -> bytes:
     reducers cost a Python call per object, ~4x the time for a one-sequence op, and this
     is paid on the runtime thread for every batch."""
     b = op.batch
-    outputs = [(i, None if s is None else _SAMPLER_FIELDS(s), k, lp, mask, bias)
-               for i, s, k, lp, mask, bias in map(_OUTPUT_FIELDS, b.outputs)]  # fmt: skip
+    outputs = [(i, None if s is None else _SAMPLER_FIELDS(s), k, lp, mask, bias, state)
+               for i, s, k, lp, mask, bias, state in map(_OUTPUT_FIELDS, b.outputs)]  # fmt: skip
     wire = (b.token_ids, b.positions, b.seq_indptr, b.page_tables, b.last_page_lens, outputs,
             b.masks, op.fresh_pages, op.chain)  # fmt: skip
     return pickle.dumps(wire, protocol=_PICKLE)
@@ -1117,13 +1118,13 @@ def _decode_execute(payload: bytes | memoryview) -> ExecuteOp:
     )
     samplers: dict[tuple[Any, ...], SamplerSpec] = {}
     outputs = []
-    for i, s, k, lp, mask, bias in wire_outputs:
+    for i, s, k, lp, mask, bias, state in wire_outputs:
         sampler = None
         if s is not None:
             sampler = samplers.get(s)
             if sampler is None:
                 sampler = samplers[s] = SamplerSpec(*s)
-        outputs.append(OutputSpec(i, sampler, k, lp, mask, bias))
+        outputs.append(OutputSpec(i, sampler, k, lp, mask, bias, state))
     batch = ForwardBatch(tokens, positions, indptr, tables, lasts, outputs, masks)
     return ExecuteOp(batch, fresh, [], [], chain)
 

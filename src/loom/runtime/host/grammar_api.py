@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loom.engine.grammar import GrammarError, new_matcher
+from loom.engine.grammar import GrammarError, allowed, fill_bitmask, new_bitmask, new_matcher
 from loom.runtime.host.common import iface
 from loom.runtime.wasm_ffi import (
     BOOL,
@@ -63,14 +63,11 @@ class HostMatcher:
 
 def mask_brle(matcher: llguidance.LLMatcher, vocab: int) -> list[int]:
     """The matcher's next-token mask as BRLE runs over ``vocab`` ids (true = forbidden)."""
-    import llguidance.torch as lt
-
-    bitmask = lt.allocate_token_bitmask(1, vocab)
-    lt.fill_next_token_bitmask(matcher, bitmask, 0)
-    # Unpack the int32 words to bits [vocab], then run-length encode: runs start where
-    # the bit changes; the first run is of forbidden-false (allowed) ids.
-    bits = (bitmask[0].view(-1, 1) >> torch.arange(32, dtype=torch.int32)) & 1
-    forbidden = (bits.flatten()[:vocab] == 0).to(torch.int8)
+    bitmask = new_bitmask(1, vocab)
+    fill_bitmask(matcher, bitmask, 0)
+    # Run-length encode the forbidden bits: runs start where the bit changes; the first
+    # run is of allowed (not forbidden) ids.
+    forbidden = (~allowed(bitmask, vocab)[0]).to(torch.int8)
     edges = torch.nonzero(forbidden[1:] != forbidden[:-1]).flatten() + 1
     bounds = [0, *edges.tolist(), vocab]
     runs = [b - a for a, b in itertools.pairwise(bounds)]
