@@ -120,3 +120,13 @@ def test_bad_grammars_raise_with_the_reason(engine: Any) -> None:
         compiler.compile("yaml", "a: b")
     with pytest.raises(GrammarError, match="at most"):
         compiler.compile("regex", "a" * (300 * 1024))
+
+
+def test_bitmasks_unpack_to_the_tokens_they_allow() -> None:
+    from loom.engine.grammar import allowed
+
+    words = torch.tensor([[5, -(2**31), 0], [-1, 1, 2**30]], dtype=torch.int32)
+    got = allowed(words, 70)
+    for r in range(2):
+        want = [bool((int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(70)]
+        assert got[r].tolist() == want

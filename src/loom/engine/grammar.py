@@ -22,6 +22,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -132,10 +133,18 @@ def fill_bitmask(m: llguidance.LLMatcher, bitmask: torch.Tensor, row: int) -> No
     m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
 
-def allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bool [rows, vocab]: the tokens ``bitmask`` [rows, words] allows."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    return ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+def allowed(bitmask: torch.Tensor, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """bool [rows, vocab] on ``device``: the tokens ``bitmask`` [rows, words] (on the
+    CPU) allows."""
+    if device is not None and device.type != "cpu":
+        # On an accelerator: ship the words (V/8 bytes a row) and unpack there.
+        words = bitmask.to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    # Little-endian int32 words are bytes in token order, each byte's bits low first:
+    # NumPy unpacks them in C (~3x faster than shifting in torch).
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def check_grammar(tok: llguidance.LLTokenizer, grammar: str) -> None:

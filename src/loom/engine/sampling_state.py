@@ -109,9 +109,9 @@ class SamplingStates:
                 self._only_eos(bitmask, j)  # a lost or broken matcher ends its generation
             else:
                 fill_bitmask(m, bitmask, j)
-        idx = torch.tensor([i for i, _ in rows], device=logits.device)
-        ok = allowed(bitmask.to(logits.device), vocab)  # [R, V]
-        logits[idx] = logits[idx].masked_fill(~ok, float("-inf"))
+        ok = allowed(bitmask, vocab, logits.device)  # [R, V]
+        for j, (i, _) in enumerate(rows):  # (row views: masked in place, nothing copied)
+            logits[i].masked_fill_(~ok[j], float("-inf"))
 
     def _only_eos(self, bitmask: torch.Tensor, j: int) -> None:
         bitmask[j].zero_()
