@@ -293,3 +293,15 @@ def test_presence_and_frequency_penalties_apply_streamed_or_not(
     streamed = "".join(c.choices[0].text for c in chunks)
     assert penal.choices[0].text != plain
     assert streamed == penal.choices[0].text  # (worker chunks and runtime steps agree)
+
+
+def test_the_served_model_name_is_the_one_clients_use(tiny_dir: Any, tmp_path: Any) -> None:
+    from loom.server.app import BackgroundServer
+    from loom.server.settings import ServeSettings
+
+    settings = ServeSettings(model=str(tiny_dir), port=0, worker="thread", num_pages=64,
+                             served_model_name="my-llm", program_dir=str(tmp_path))  # fmt: skip
+    with BackgroundServer(settings) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["my-llm"]
+        assert c.completions.create(model="my-llm", prompt="Hi", max_tokens=2).model == "my-llm"

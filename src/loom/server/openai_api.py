@@ -24,7 +24,7 @@ from loom.server.errors import ApiError
 from loom.server.openai_models import ChatCompletionRequest, CompletionRequest
 from loom.server.openai_stream import Piece, account, choice, stream, usage
 from loom.server.state import ServerState
-from loom.server.structured import compile_constraint, template_messages
+from loom.server.structured import compile_off_loop, template_messages
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -74,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         body.max_tokens = body.max_completion_tokens
     prompt = _checked(st, tok.encode(text), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    grammar = compile_constraint(st.runtime.grammars.compile, body)
+    grammar = await compile_off_loop(st.runtime.grammars.compile, body)
     return await _serve(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar)
 
 

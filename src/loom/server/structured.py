@@ -15,6 +15,7 @@ system turn, so any template renders them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from loom.engine.grammar import GrammarError
 from loom.server.errors import ApiError
 from loom.server.openai_models import ChatCompletionRequest, NamedToolChoice, Tool
+
+COMPILE_TIMEOUT_S = 10.0
 
 
 def constraint(body: ChatCompletionRequest) -> tuple[str, Any] | None:
@@ -77,6 +80,18 @@ def compile_constraint(compile: Any, body: ChatCompletionRequest) -> str | None:
         return str(compile(kind, source))
     except GrammarError as e:
         raise ApiError(400, f"{param}: {e}", param=param) from None
+
+
+async def compile_off_loop(compile: Any, body: ChatCompletionRequest) -> str | None:
+    """``compile_constraint`` in a thread (llguidance releases the GIL while it builds
+    a grammar), so a large grammar never stalls the server's other requests; one that
+    takes longer than ``COMPILE_TIMEOUT_S`` is refused."""
+    task = asyncio.to_thread(compile_constraint, compile, body)
+    try:
+        return await asyncio.wait_for(task, COMPILE_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(400, f"the constraint took over {COMPILE_TIMEOUT_S:g} s to compile",
+                       param="response_format") from None  # fmt: skip
 
 
 def tool_calls(text: str, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
