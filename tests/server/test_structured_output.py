@@ -305,3 +305,18 @@ def test_the_served_model_name_is_the_one_clients_use(tiny_dir: Any, tmp_path: A
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in c.models.list()] == ["my-llm"]
         assert c.completions.create(model="my-llm", prompt="Hi", max_tokens=2).model == "my-llm"
+
+
+def test_a_grammar_holds_against_a_logit_bias_and_penalties(
+    client: openai.OpenAI, model_name: str, server: Any
+) -> None:
+    """Bias and penalties shape the distribution; the grammar still decides what may
+    come: under a +100 bias on one token every output still validates."""
+    banned = server.state.runtime.tokenizer.encode(" blue", add_special_tokens=False)[0]
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=model_name, messages=USER, response_format=schema_format(ORDER),  # type: ignore[arg-type]
+            seed=seed, max_tokens=300, logit_bias={str(banned): 100}, frequency_penalty=1.0,
+        )  # fmt: skip
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content or ""), ORDER)
