@@ -144,6 +144,7 @@ class WitWorld(wit_world.WitWorld):
                 len(args) > 3,
                 False,
                 None,
+                None,
             )
             g = unwrap(wait(fut))
             messaging.send(
