@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from loom.engine.batch import OutputResult
 from loom.engine.request import Request
+from loom.engine.stopping import find_stop
 from loom.models.detokenizer import IncrementalDetokenizer
 from loom.models.tokenizer import Tokenizer
 
@@ -44,24 +45,11 @@ class OutputProcessor:
         if delta:
             before = len(req.text)
             req.text += delta
-            if params.stop and self._cut_stop(req, before):
+            cut = find_stop(req.text, before, params.stop) if params.stop else -1
+            if cut >= 0:
+                req.text = req.text[:cut]
                 return "stop"
         if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
             req.text += req.detokenizer.flush()  # an incomplete character at the very end
             return "length"
         return None
-
-    @staticmethod
-    def _cut_stop(req: Request, new_from: int) -> bool:
-        """Cut ``req.text`` at the first stop string that ends in the new text."""
-        longest = max(len(s) for s in req.params.stop)
-        window_start = max(0, new_from - longest + 1)
-        best = -1
-        for stop in req.params.stop:
-            at = req.text.find(stop, window_start)
-            if at != -1 and (best == -1 or at < best):
-                best = at
-        if best == -1:
-            return False
-        req.text = req.text[:best]
-        return True

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loom.engine.batch import OutputResult, SamplerSpec
 from loom.engine.prefix_cache import PrefixCache, chain_keys
+from loom.engine.stopping import new_token_budget
 from loom.runtime.commands import GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
 from loom.runtime.instance import Instance, InstanceHandle
@@ -39,7 +40,7 @@ class CompletionRequest:
 
     prompt: list[int]
     sampler: SamplerSpec
-    max_tokens: int
+    max_tokens: int | None  # None: as many as the context holds
     on_done: Callable[[CompletionResult], None]
     stop_strings: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
@@ -144,7 +145,6 @@ def start_completion(
         inst, pages, kv_len = prefilled
         inst.job = job
         job.cached_tokens = kv_len
-    room = rt.max_model_len - len(prompt)
     at_eos = req.stop_at_eos or req.grammar is not None  # (a complete grammar allows only EOS)
     stops = set(req.stop_tokens) | (set(rt.eos_token_ids) if at_eos else set())
     task = GenerateTask(
@@ -154,7 +154,7 @@ def start_completion(
         position=job.cached_tokens,
         sampler=req.sampler,
         stop=StopConditions(
-            max(1, min(req.max_tokens, room)),
+            new_token_budget(req.max_tokens, len(prompt), rt.max_model_len),
             frozenset(stops),
             tuple(s for s in req.stop_strings if s),
         ),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.engine.stopping import find_stop, held_back
 from loom.models.detokenizer import IncrementalDetokenizer
 from loom.models.tokenizer import Tokenizer
 from loom.runtime.futures import HostFuture
@@ -38,6 +39,7 @@ class GenerateTask:
     future: HostFuture = field(default_factory=HostFuture)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
+    sent: int = 0  # characters of ``text`` handed out by ``on_token``
     finish_reason: str | None = None
     detok: IncrementalDetokenizer | None = None
     # Host-side users (the OpenAI API) ask for logprobs per generated token (None: none,
@@ -97,7 +99,9 @@ class GenerateTask:
         return list(self.pending), positions, last, out
 
     def on_token(self, tok: int) -> str:
-        """Take one step's sampled token; returns the new text (for streaming)."""
+        """Take one step's sampled token; returns the text it releases for streaming.
+        Text that may be the start of a stop string is held back until it is not (or
+        the generation ends), so the streamed pieces always add up to ``text``."""
         assert self.detok is not None
         n = len(self.pending)
         self.kv_len += n
@@ -106,22 +110,27 @@ class GenerateTask:
         self.pending = [tok]
         if tok in self.stop.stop_tokens:
             self.finish_reason = "stop"
-            return ""
+            return self._release()
         delta = self.detok.push(tok)
+        before = len(self.text)
         self.text += delta
-        for s in self.stop.stop_strings:
-            cut = self.text.find(s)
-            if cut >= 0:
-                delta = delta[: max(0, len(delta) - (len(self.text) - cut))]
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                return delta
-        if len(self.tokens) >= self.stop.max_tokens:
+        cut = find_stop(self.text, before, self.stop.stop_strings) if delta else -1
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.stop.max_tokens:
             self.finish_reason = "length"
-            tail = self.detok.flush()  # an incomplete character at the very end, as the engine
-            self.text += tail
-            delta += tail
-        return delta
+            # An incomplete character at the very end, as the engine keeps it.
+            self.text += self.detok.flush()
+        return self._release()
+
+    def _release(self) -> str:
+        held = 0 if self.finish_reason is not None else held_back(self.text, self.stop.stop_strings)
+        end = len(self.text) - held
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
 
     def last_page_len(self, page_size: int) -> int:
         if not self.pages:

@@ -145,7 +145,8 @@ class _Run:
             assert pieces is not None
             loop.call_soon_threadsafe(pieces.put_nowait, (text, token, out))
 
-        max_tokens = body.max_tokens or (st.runtime.max_model_len - len(prompt))
+        # (None: as many as the context holds; ``new_token_budget`` clamps in the runtime.)
+        max_tokens = body.max_tokens
         self.handle = (submit or st.runtime.submit_completion)(
             RuntimeRequest(
                 prompt=prompt,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from loom.engine.stopping import new_token_budget
 from loom.runtime import context_cache
 from loom.runtime.commands import CommandQueue, GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
@@ -88,8 +89,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
                 raise HostCallError("generate: logit bias values must be finite")
             bias = (tuple(t for t, _ in logit_bias), tuple(float(v) for _, v in logit_bias))
         max_tokens, stop_tokens, stop_strings, at_eos = stop
-        room = rt.max_model_len - start - len(pending)
-        if room < 1:
+        if start + len(pending) >= rt.max_model_len:
             raise HostCallError("generate: the context is already full")
         # (A complete grammar allows only end-of-sequence: a constrained generation ends there.)
         at_eos = at_eos or hm is not None
@@ -102,7 +102,7 @@ def register(linker: ComponentLinker, rt: Runtime) -> None:
             position=start,
             sampler=sampler_spec(s),
             stop=StopConditions(
-                max(1, min(max_tokens, room)),
+                new_token_budget(max_tokens, start + len(pending), rt.max_model_len),
                 frozenset(tokens),
                 tuple(x for x in stop_strings if x),
             ),
