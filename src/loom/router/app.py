@@ -16,11 +16,11 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from loom.api.errors import ApiError, install_error_handlers
+from loom.api.openai_models import ChatCompletionRequest, CompletionRequest
 from loom.models.tokenizer import Tokenizer
 from loom.router.router import RoutedRequest, RouterError
 from loom.router.strategies import STRATEGIES, StrategyRouter, make_strategy
-from loom.server.errors import ApiError, install_error_handlers
-from loom.server.openai_models import ChatCompletionRequest, CompletionRequest
 
 _ids = itertools.count(1)
 

@@ -11,12 +11,12 @@ import httpx
 def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loom.api.shutdown import exit_cleanly_on_sigterm
     from loom.models import resolve_model_dir
     from loom.models.tokenizer import Tokenizer
     from loom.router.app import create_router_app
     from loom.router.engines import start_engines
     from loom.router.strategies import StrategyRouter, make_strategy
-    from loom.server.shutdown import exit_cleanly_on_sigterm
 
     try:
         strategy = make_strategy(args.strategy, args.balance)

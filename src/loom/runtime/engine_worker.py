@@ -542,7 +542,7 @@ class _OpRunner:
         return out
 
     def _sender(self, transport: str = "tcp") -> Any:
-        from loom.router.transport import KVSender
+        from loom.engine.kv_transfer import KVSender
 
         sender = self.senders.get(transport)
         if sender is None:
@@ -551,7 +551,7 @@ class _OpRunner:
 
     def _receiver(self) -> Any:
         if self.receiver is None:
-            from loom.router.transport import KVReceiver
+            from loom.engine.kv_transfer import KVReceiver
 
             cache = self.engine.runner.cache
 

@@ -14,8 +14,8 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import Response
 
 from loom import __version__
+from loom.api.errors import install_error_handlers
 from loom.server import inferlets_api, microserving_api, openai_api
-from loom.server.errors import install_error_handlers
 from loom.server.metrics import make_registry, render
 from loom.server.settings import ServeSettings
 from loom.server.state import ServerState
@@ -84,7 +84,7 @@ def serve(settings: ServeSettings) -> int:
     """``loom serve``: run until interrupted."""
     import uvicorn
 
-    from loom.server.shutdown import exit_cleanly_on_sigterm
+    from loom.api.shutdown import exit_cleanly_on_sigterm
 
     state = start_state(settings)
     app = create_app(state)

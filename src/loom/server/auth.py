@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from loom.server.errors import ApiError
+from loom.api.errors import ApiError
 
 
 async def require_key(request: Request) -> None:

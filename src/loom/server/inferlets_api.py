@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from loom.api.errors import ApiError
 from loom.server.auth import require_key
-from loom.server.errors import ApiError
 from loom.server.state import FINAL_EVENTS, Event, ServerState
 
 router = APIRouter(dependencies=[Depends(require_key)])

@@ -9,13 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from loom.api.errors import ApiError
+from loom.api.openai_models import _Sampling
 from loom.runtime.completions import CompletionHandle, new_handle
 from loom.runtime.completions import CompletionRequest as RuntimeRequest
 from loom.runtime.microserving import MicroservingError
 from loom.server.auth import require_key
-from loom.server.errors import ApiError
 from loom.server.openai_api import _checked, _serve
-from loom.server.openai_models import _Sampling
 from loom.server.state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_key)])

@@ -16,12 +16,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loom.api.errors import ApiError
+from loom.api.openai_models import ChatCompletionRequest, CompletionRequest
 from loom.engine.batch import OutputResult, SamplerSpec
 from loom.runtime.completions import CompletionHandle, CompletionResult
 from loom.runtime.completions import CompletionRequest as RuntimeRequest
 from loom.server.auth import require_key
-from loom.server.errors import ApiError
-from loom.server.openai_models import ChatCompletionRequest, CompletionRequest
 from loom.server.openai_stream import Piece, account, choice, stream, usage
 from loom.server.state import ServerState
 from loom.server.structured import compile_off_loop, template_messages

@@ -20,9 +20,9 @@ import json
 import uuid
 from typing import Any
 
+from loom.api.errors import ApiError
+from loom.api.openai_models import ChatCompletionRequest, NamedToolChoice, Tool
 from loom.engine.grammar import GrammarError
-from loom.server.errors import ApiError
-from loom.server.openai_models import ChatCompletionRequest, NamedToolChoice, Tool
 
 COMPILE_TIMEOUT_S = 10.0
 

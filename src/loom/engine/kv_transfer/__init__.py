@@ -1,0 +1,24 @@
+"""KV transfer between engines: the sender pushes K/V of token slots, one frame per layer,
+into slots the receiver reserved (a one-sided put, over TCP).
+
+Interface (DESIGN §3): ``KVSender.put(dst, request_id, slots, layer, kv)`` queues a frame
+and returns at once (a sender thread writes it while the next layer computes);
+``flush(request_ids)`` sends each request's end frame and waits for the receiver's verdict.
+``KVReceiver`` accepts connections, checks every frame against the reservation it
+belongs to (unknown or expired request ids and foreign slots are refused, so a late
+frame can never write into pages that were given to someone else) and writes accepted
+K/V straight into the KV tensor. Positions and liveness of the slots are set only once
+every layer of every reserved slot has arrived, so a partial transfer stays invisible.
+
+Wire format, both directions little-endian: ``b"LKV1" | u32 header length | u64 payload
+length | header (JSON) | payload``. A data frame's header is ``{"rid", "layer", "slots"
+(run-length: [start, len, ...]), "dtype", "shape"}`` and its payload the raw K/V of
+those slots for that layer (``[2, n, kv_heads, head_dim]``). An end frame is ``{"rid",
+"end": true}`` with no payload; the receiver answers it with one frame ``{"rid", "ok",
+"error", "bytes"}``.
+"""
+
+from loom.engine.kv_transfer.receiver import KVReceiver, Reservation
+from loom.engine.kv_transfer.sender import KVSender, SendStats
+
+__all__ = ["KVReceiver", "KVSender", "Reservation", "SendStats"]
