@@ -26,7 +26,7 @@ from loom.runtime.resources import InstancePages
 from loom.runtime.wasm_ffi import GuestStore
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 _ids = itertools.count(1)
 
@@ -94,7 +94,7 @@ def new_handle(post: Callable[[tuple[object, ...]], None]) -> CompletionHandle:
     return CompletionHandle(f"cmpl-{next(_ids)}", post)
 
 
-def new_host_instance(rt: Runtime, instance_id: str, job: object) -> Instance:
+def new_host_instance(rt: RuntimeServices, instance_id: str, job: object) -> Instance:
     """A guest-less instance: owns pages and queues like an inferlet, runs no code."""
     inst = Instance(
         seq=rt.next_seq(),
@@ -103,7 +103,7 @@ def new_host_instance(rt: Runtime, instance_id: str, job: object) -> Instance:
         arguments=[],
         store=GuestStore(rt.wasm, memory_limit=0, slice_ticks=1),
         pages=InstancePages(rt.pool),
-        handle=InstanceHandle(instance_id, rt._post),
+        handle=InstanceHandle(instance_id, rt.post),
         started=True,
         job=job,
     )
@@ -112,7 +112,7 @@ def new_host_instance(rt: Runtime, instance_id: str, job: object) -> Instance:
 
 
 def start_completion(
-    rt: Runtime,
+    rt: RuntimeServices,
     cache: PrefixCache,
     handle_id: str,
     req: CompletionRequest,
@@ -173,7 +173,7 @@ def start_completion(
     rt.enqueue(rt.new_queue(inst), GenerateCmd(task))
 
 
-def _finish(rt: Runtime, cache: PrefixCache, inst: Instance, task: GenerateTask) -> None:
+def _finish(rt: RuntimeServices, cache: PrefixCache, inst: Instance, task: GenerateTask) -> None:
     job: CompletionJob = inst.job
     req = job.request
     ps = rt.page_size

@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from loom.runtime.commands import ForwardCmd
     from loom.runtime.generate_task import GenerateTask
     from loom.runtime.instance import Instance
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 
-def match_generation(rt: Runtime, inst: Instance, task: GenerateTask) -> None:
+def match_generation(rt: RuntimeServices, inst: Instance, task: GenerateTask) -> None:
     """A generation from an empty context: start it from the cached full pages of its
     prompt, and have its prompt's full pages published once they are written."""
     if task.pages or task.kv_len or task.position:
@@ -47,7 +47,7 @@ def match_generation(rt: Runtime, inst: Instance, task: GenerateTask) -> None:
     rt.stats.context_cached_tokens += k
 
 
-def publish_generation(rt: Runtime, inst: Instance, task: GenerateTask) -> None:
+def publish_generation(rt: RuntimeServices, inst: Instance, task: GenerateTask) -> None:
     """The generation's prompt pass returned: its full pages go to the prefix cache."""
     prompt, task.cache_prompt = task.cache_prompt, None
     if prompt is None or not rt.prefix_cache.enabled:
@@ -60,7 +60,7 @@ def publish_generation(rt: Runtime, inst: Instance, task: GenerateTask) -> None:
     rt.prefix_cache.insert(chain_keys(prompt, rt.page_size, full), physical)
 
 
-def match_forward(rt: Runtime, inst: Instance, cmd: ForwardCmd) -> None:
+def match_forward(rt: RuntimeServices, inst: Instance, cmd: ForwardCmd) -> None:
     """A plain causal pass writing positions ``0..n-1`` from the first slot of its pages:
     the cached full pages of its tokens replace the guest's fresh ones (the pass computes
     only the rest). Called when the pass is taken into a batch (its pages are bound)."""
@@ -99,7 +99,7 @@ def match_forward(rt: Runtime, inst: Instance, cmd: ForwardCmd) -> None:
     rt.stats.context_cached_tokens += cut
 
 
-def publish_forward(rt: Runtime, cmd: ForwardCmd, ok: bool) -> None:
+def publish_forward(rt: RuntimeServices, cmd: ForwardCmd, ok: bool) -> None:
     """The pass returned: publish its full pages (when it ran) and drop their holds."""
     if cmd.publish is None:
         return
@@ -110,7 +110,7 @@ def publish_forward(rt: Runtime, cmd: ForwardCmd, ok: bool) -> None:
     rt.pool.free(physical)
 
 
-def own_page(rt: Runtime, inst: Instance, virtual: int) -> int | None:
+def own_page(rt: RuntimeServices, inst: Instance, virtual: int) -> int | None:
     """The physical page behind ``virtual``, copied first when others hold it too (the
     instance is about to change it); None: no page free for the copy yet (wait)."""
     (page,) = inst.pages.physical([virtual])
@@ -126,7 +126,7 @@ def own_page(rt: Runtime, inst: Instance, virtual: int) -> int | None:
     return copy
 
 
-def fresh_copy(rt: Runtime, src: int, dst: int, so: int = 0, do: int = 0,
+def fresh_copy(rt: RuntimeServices, src: int, dst: int, so: int = 0, do: int = 0,
                size: int | None = None) -> None:  # fmt: skip
     """Copy slots into ``dst``; freshly allocated pages are cleared first, as the next
     batch would clear them (which would wipe the copy)."""

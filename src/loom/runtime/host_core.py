@@ -27,7 +27,7 @@ from loom.runtime.host.forward_api import (
 from loom.runtime.wasm_ffi import CoreLinker, CoreMemory, Err, HostCallError, Ok
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 MODULE = "loom"
 MAX_TOKENS_PER_CALL = 1 << 16
@@ -45,7 +45,7 @@ class _Result:
         self.specs = specs
 
 
-def register_core(linker: CoreLinker, rt: Runtime) -> None:
+def register_core(linker: CoreLinker, rt: RuntimeServices) -> None:
     def inst_of(key: int) -> Any:
         return rt.caller(key)
 

@@ -47,7 +47,7 @@ from loom.runtime.futures import HostFuture
 from loom.runtime.instance import Instance
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 Reply = Callable[[Any], None]  # a dict on success, a MicroservingError otherwise
 
@@ -137,7 +137,7 @@ class TransferCounters:
 
 
 class Microserving:
-    def __init__(self, rt: Runtime, reservation_ttl_s: float = 60.0) -> None:
+    def __init__(self, rt: RuntimeServices, reservation_ttl_s: float = 60.0) -> None:
         self.rt = rt
         self.ttl_s = reservation_ttl_s
         self.reservations: dict[str, Reservation] = {}

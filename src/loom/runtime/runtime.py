@@ -71,7 +71,6 @@ from loom.runtime.engine_worker import (
     start_worker,
 )
 from loom.runtime.futures import Mailbox, Stream
-from loom.runtime.histogram import BATCH_SIZES, STEP_SECONDS, Histogram
 from loom.runtime.host.forward_api import forward_output, output_spec
 from loom.runtime.host_core import register_core
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
@@ -79,41 +78,10 @@ from loom.runtime.limits import RuntimeConfig
 from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
 from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
+from loom.runtime.services import RuntimeStats
 from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
 
-VERSION = "0.1.0"
-
 _log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RuntimeStats:
-    """Counters for benchmarks and tests (read them from any thread; approximate)."""
-
-    batches: int = 0
-    forward_cmds: int = 0
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
-    guest_polls: int = 0
-    poll_s: float = 0.0  # time inside guest fibers (guest work + host calls it made)
-    loop_s: float = 0.0  # time of loop turns that did work
-    turns: int = 0  # loop turns (each looks at the inbox, the engine and every queue)
-    spawned: int = 0
-    spawn_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
-    continued_tokens: int = 0  # tokens the worker generated on its own (generate chunks)
-    batch_tokens: int = 0  # tokens put through the model
-    nudges: int = 0  # generation chunks the worker was asked to cut short
-    chained_batches: int = 0  # batches of passes ahead sent while the one before ran
-    sampled_tokens: int = 0  # tokens sampled for inferlets and completions
-    context_cached_tokens: int = 0  # inferlet context tokens taken from the prefix cache
-    # What the engine did, as a GPU would feel it: passes (a generation chunk's steps
-    # included), the sequences in them, and the engine's idle time between a pass's
-    # result and the next pass while work was ready (guests to run or commands queued).
-    engine_passes: int = 0
-    pass_seqs: int = 0
-    engine_idle_s: float = 0.0
-    idle_gaps: int = 0
-    step_latency: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))
-    batch_size_hist: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
 
 
 @dataclass(eq=False)
@@ -238,8 +206,8 @@ class Runtime:
         runtime thread (see ``InstanceHandle``); without one, messages queue on the handle."""
         if program not in self.programs:
             raise KeyError(f"no program with hash {program}; add it first")
-        handle = InstanceHandle(uuid.uuid4().hex[:12], self._post, listener)
-        self._post(("launch", handle, program, list(arguments or [])))
+        handle = InstanceHandle(uuid.uuid4().hex[:12], self.post, listener)
+        self.post(("launch", handle, program, list(arguments or [])))
         return handle
 
     def launch_batch(
@@ -251,15 +219,15 @@ class Runtime:
         batches; each instance's first token comes after the whole cohort started."""
         if program not in self.programs:
             raise KeyError(f"no program with hash {program}; add it first")
-        handles = [InstanceHandle(uuid.uuid4().hex[:12], self._post, listener) for _ in arguments]
+        handles = [InstanceHandle(uuid.uuid4().hex[:12], self.post, listener) for _ in arguments]
         args = [list(a) for a in arguments]
-        self._post(("launch_batch", handles, program, args))
+        self.post(("launch_batch", handles, program, args))
         return handles
 
     def submit_completion(self, request: CompletionRequest) -> CompletionHandle:
         """Queue a host-driven generation (no guest); its steps batch with inferlet work."""
-        handle = completions.new_handle(self._post)
-        self._post(("completion", handle.id, request))
+        handle = completions.new_handle(self.post)
+        self.post(("completion", handle.id, request))
         return handle
 
     def start(self) -> Runtime:
@@ -296,7 +264,7 @@ class Runtime:
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the runtime thread (for inspection from tests and the server)."""
-        self._post(("call", fn))
+        self.post(("call", fn))
 
     def query(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the runtime thread and return its value."""
@@ -312,7 +280,7 @@ class Runtime:
             raise TimeoutError("runtime thread did not answer")
         return box[0]
 
-    def _post(self, item: tuple[Any, ...]) -> None:
+    def post(self, item: tuple[Any, ...]) -> None:
         self._inbox.append(item)
         self._wake.set()
 

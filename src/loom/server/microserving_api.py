@@ -15,7 +15,7 @@ from loom.runtime.completions import CompletionHandle, new_handle
 from loom.runtime.completions import CompletionRequest as RuntimeRequest
 from loom.runtime.microserving import MicroservingError
 from loom.server.auth import require_key
-from loom.server.openai_api import _checked, _serve
+from loom.server.openai_api import checked_prompt, serve_choices
 from loom.server.state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -61,7 +61,7 @@ def _state(request: Request) -> ServerState:
 
 def _tokens(st: ServerState, prompt: list[int] | str) -> list[int]:
     ids = st.runtime.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    return _checked(st, ids, "prompt")
+    return checked_prompt(st, ids, "prompt")
 
 
 async def _call(st: ServerState, fn: Any) -> dict[str, Any]:
@@ -126,11 +126,13 @@ async def start_generate(body: StartGenerateRequest, request: Request) -> Any:
     rt = st.runtime
 
     def submit(req: RuntimeRequest) -> CompletionHandle:
-        handle = new_handle(rt._post)
+        handle = new_handle(rt.post)
         rt.call_soon(lambda: ms.start_generate(rid, begin, req, handle.id))
         return handle
 
-    return await _serve(st, body, [prompt], chat=False, logprobs=body.logprobs, submit=submit)
+    return await serve_choices(
+        st, body, [prompt], chat=False, logprobs=body.logprobs, submit=submit
+    )
 
 
 @router.post("/microserving/abort")

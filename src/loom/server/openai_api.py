@@ -56,7 +56,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     st.count("completions")
     _check_model(st, body.model)
     prompts = _completion_prompts(st, body)
-    return await _serve(st, body, prompts, chat=False, logprobs=body.logprobs)
+    return await serve_choices(st, body, prompts, chat=False, logprobs=body.logprobs)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -72,10 +72,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    prompt = _checked(st, tok.encode(text), "messages")
+    prompt = checked_prompt(st, tok.encode(text), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     grammar = await compile_off_loop(st.runtime.grammars.compile, body)
-    return await _serve(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar)
+    return await serve_choices(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar)
 
 
 # ===== shared =====
@@ -98,10 +98,10 @@ def _completion_prompts(st: ServerState, body: CompletionRequest) -> list[list[i
         raw = [list(p)]  # type: ignore[arg-type]
     else:
         raw = [list(x) for x in p]  # type: ignore[arg-type]
-    return [_checked(st, ids, "prompt") for ids in raw]
+    return [checked_prompt(st, ids, "prompt") for ids in raw]
 
 
-def _checked(st: ServerState, ids: list[int], param: str) -> list[int]:
+def checked_prompt(st: ServerState, ids: list[int], param: str) -> list[int]:
     vocab = st.runtime.vocab_size
     if any(not 0 <= t < vocab for t in ids):
         raise ApiError(400, f"token ids must lie in [0, {vocab})", param=param)
@@ -193,7 +193,7 @@ def _set(fut: asyncio.Future[CompletionResult], result: CompletionResult) -> Non
         fut.set_result(result)
 
 
-async def _serve(st: ServerState, body: Any, prompts: list[list[int]], *, chat: bool,
+async def serve_choices(st: ServerState, body: Any, prompts: list[list[int]], *, chat: bool,
                  logprobs: int | None, submit: Submit | None = None,
                  grammar: str | None = None) -> Any:  # fmt: skip
     """Run every choice of every prompt (``submit`` starts one; default: a runtime

@@ -27,7 +27,7 @@ from loom.runtime.host import (
 from loom.runtime.wasm_ffi import ComponentLinker
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 PACKAGE = "loom:inferlet"
 API_VERSION = "0.1.0"
@@ -37,7 +37,7 @@ def interface(name: str) -> str:
     return f"{PACKAGE}/{name}@{API_VERSION}"
 
 
-def register_all(linker: ComponentLinker, rt: Runtime) -> None:
+def register_all(linker: ComponentLinker, rt: RuntimeServices) -> None:
     for mod in (
         types_api,
         runtime_api,

@@ -10,7 +10,7 @@ from loom.runtime.futures import HostFuture, Stream
 from loom.runtime.wasm_ffi import U32, ComponentLinker, HostCallError, Ty, borrow, option
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 
 def iface(name: str) -> str:
@@ -19,7 +19,7 @@ def iface(name: str) -> str:
 
 def add_future_resource(
     linker: ComponentLinker,
-    rt: Runtime,
+    rt: RuntimeServices,
     interface: str,
     resource: str,
     value_ty: Ty,

@@ -31,7 +31,7 @@ from loom.runtime.wasm_ffi import (
 
 if TYPE_CHECKING:
     from loom.runtime.instance import Instance
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("forward")
 FORWARD_OUTPUT = record(
@@ -106,7 +106,7 @@ class ForwardPassBuilder:
         self.executed = False
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     linker.add_resource(NAME, "forward-pass", lambda key, rep: rt.handles.drop(rep))
     add_future_resource(linker, rt, NAME, "forward-result", result(FORWARD_OUTPUT, STRING))
 
@@ -273,7 +273,7 @@ class PassWait:
 
 
 def chain_pass(
-    rt: Runtime,
+    rt: RuntimeServices,
     inst: Instance,
     queue: CommandQueue,
     tokens: list[int],
@@ -333,7 +333,7 @@ def chain_pass(
     return PassWait(source.future, inst, rt.waker(inst))
 
 
-def settle_ahead(rt: Runtime, inst: Instance, queue: CommandQueue) -> PassWait | Settled:
+def settle_ahead(rt: RuntimeServices, inst: Instance, queue: CommandQueue) -> PassWait | Settled:
     """``step-settle``: drop the queue's pass ahead if it has not reached the engine,
     else the wait for it."""
     ahead, queue.ahead = queue.ahead, None
@@ -359,14 +359,16 @@ class Settled:
         return Ok(None)
 
 
-def submit_pass(rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]) -> HostFuture:
+def submit_pass(
+    rt: RuntimeServices, fp: ForwardPassBuilder, outputs: list[OutputSpec]
+) -> HostFuture:
     """Queue a built pass on its queue; a pass that cannot run resolves with the reason
     at once (checked alone, so it never fails a shared batch)."""
     return queue_pass(rt, fp, outputs)[0]
 
 
 def queue_pass(
-    rt: Runtime, fp: ForwardPassBuilder, outputs: list[OutputSpec]
+    rt: RuntimeServices, fp: ForwardPassBuilder, outputs: list[OutputSpec]
 ) -> tuple[HostFuture, ForwardCmd | None]:
     """``submit_pass``, also giving the queued command (None when it cannot run)."""
     fut = HostFuture()
@@ -402,7 +404,7 @@ def output_spec(index: int, o: _Out | OutputSpec) -> OutputSpec:
     return spec
 
 
-def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: Runtime) -> str | None:
+def _check(fp: ForwardPassBuilder, outputs: list[OutputSpec], rt: RuntimeServices) -> str | None:
     """Why this pass cannot run, checked alone so it never fails a shared batch.
 
     The same rules as ``ForwardBatch.validate`` for one sequence, written out straight:

@@ -29,7 +29,7 @@ from loom.runtime.wasm_ffi import (
 )
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("generate")
 STOP = record(
@@ -48,7 +48,7 @@ GENERATION = record(
 )
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     add_future_resource(linker, rt, NAME, "generate-result", result(GENERATION, STRING))
 
     def generate(

@@ -33,7 +33,7 @@ from loom.runtime.wasm_ffi import (
 if TYPE_CHECKING:
     import llguidance
 
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("grammar")
 
@@ -74,7 +74,7 @@ def mask_brle(matcher: llguidance.LLMatcher, vocab: int) -> list[int]:
     return runs if forbidden[0] == 0 else [0, *runs]
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     linker.add_resource(NAME, "grammar", lambda key, rep: rt.handles.drop(rep))
     linker.add_resource(NAME, "matcher", lambda key, rep: rt.handles.drop(rep))
 

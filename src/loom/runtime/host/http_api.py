@@ -29,7 +29,7 @@ from loom.runtime.wasm_ffi import (
 )
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("http")
 HEADERS = list_of(tuple_of(STRING, STRING))
@@ -46,7 +46,7 @@ def allowed(url: str, allow: tuple[str, ...]) -> str | None:
     return f"host {parts.hostname!r} is not allowed by the server's HTTP policy"
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     add_future_resource(linker, rt, NAME, "response-future", result(RESPONSE, STRING))
 
     def fetch(key: int, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> int:

@@ -30,13 +30,13 @@ from loom.runtime.wasm_ffi import (
 
 if TYPE_CHECKING:
     from loom.runtime.instance import Instance
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("kv")
 MAX_PAGES_PER_CALL = 1 << 16
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def queue_of(key: int, rep: int) -> tuple[Instance, CommandQueue]:
         inst = rt.caller(key)
         return inst, rt.handles.get(inst.seq, rep, CommandQueue)

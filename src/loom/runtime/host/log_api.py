@@ -9,7 +9,7 @@ from loom.runtime.host.common import iface
 from loom.runtime.wasm_ffi import STRING, ComponentLinker, enum
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("log")
 LEVEL = enum("debug", "info", "warning", "error")
@@ -18,7 +18,7 @@ _NAMES = ("debug", "info", "warning", "error")
 logger = logging.getLogger("loom.inferlet")
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def log(key: int, level: int, message: str) -> None:
         inst = rt.caller(key)
         text = message[: rt.config.max_message_bytes]

@@ -9,12 +9,12 @@ from loom.runtime.host.common import add_future_resource, iface
 from loom.runtime.wasm_ffi import STRING, ComponentLinker, HostCallError, borrow, own
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("messaging")
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     add_future_resource(linker, rt, NAME, "message-future", STRING)
 
     def take_next(stream: Any) -> str | None:

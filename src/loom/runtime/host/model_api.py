@@ -24,7 +24,7 @@ from loom.runtime.wasm_ffi import (
 )
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("model")
 MODEL_INFO = record(
@@ -44,7 +44,7 @@ class ModelHandle:
     """The host object behind a guest's ``model`` resource (one model per runtime)."""
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     linker.add_resource(NAME, "model", lambda key, rep: rt.handles.drop(rep))
     vocab_cache: list[list[bytes]] = []
 

@@ -10,13 +10,13 @@ from loom.runtime.host.common import add_future_resource, iface
 from loom.runtime.wasm_ffi import BOOL, ComponentLinker, borrow, enum, own
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("queue")
 PRIORITY = enum("low", "normal", "high")
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     linker.add_resource(NAME, "queue", lambda key, rep: rt.handles.drop(rep))
     add_future_resource(linker, rt, NAME, "sync-result", BOOL)
 

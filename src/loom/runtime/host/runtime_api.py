@@ -5,17 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loom.runtime.host.common import iface
+from loom.runtime.services import VERSION
 from loom.runtime.wasm_ffi import STRING, ComponentLinker, Err, Ok, list_of, result
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("runtime")
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
-    from loom.runtime.runtime import VERSION
-
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def launch(key: int, program: str, args: list[str]) -> Ok | Err:
         rt.caller(key)
         if program not in rt.programs:

@@ -8,12 +8,12 @@ from loom.runtime.host.common import iface
 from loom.runtime.wasm_ffi import BOOL, STRING, ComponentLinker, HostCallError, list_of, option
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("store")
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def set_value(key: int, k: str, v: str) -> None:
         rt.caller(key)
         if len(k.encode()) + len(v.encode()) > rt.config.max_message_bytes:

@@ -15,13 +15,13 @@ from loom.runtime.host.common import iface
 from loom.runtime.wasm_ffi import BOOL, U32, ComponentLinker, list_of
 
 if TYPE_CHECKING:
-    from loom.runtime.runtime import Runtime
+    from loom.runtime.services import RuntimeServices
 
 NAME = iface("types")
 _WAITABLE = (HostFuture, Stream)
 
 
-def register(linker: ComponentLinker, rt: Runtime) -> None:
+def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def wait_on(key: int, ids: list[int]) -> PollWait:
         inst = rt.caller(key)
         get, seq = rt.handles.get, inst.seq
