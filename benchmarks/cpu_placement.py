@@ -26,7 +26,7 @@ def main() -> None:
     add_arguments(ap, "cpu_placement")
     args = ap.parse_args()
 
-    from loom.runtime.cpu_placement import allowed_cpus
+    from loom.engine.worker.cpu_placement import allowed_cpus
 
     if len(allowed_cpus()) < 2:
         sys.exit("cpu_placement: needs two cores or more (pinning has nothing to split)")

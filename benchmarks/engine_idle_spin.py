@@ -36,7 +36,7 @@ TURN_S = 0.0001  # the runtime's turn between a result and the next batch
 
 
 def _reader_child(r: int, ack_w: int, spin_s: float, core: int) -> None:
-    from loom.runtime.pipe_reader import SpinningPipeReader
+    from loom.engine.worker.pipe_reader import SpinningPipeReader
 
     os.sched_setaffinity(0, {core})
     inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--pipe-writes", type=int, default=1000)
     args = ap.parse_args()
 
-    from loom.runtime.cpu_placement import allowed_cpus
-    from loom.runtime.engine_worker import IDLE_SPIN_S
+    from loom.engine.worker import IDLE_SPIN_S
+    from loom.engine.worker.cpu_placement import allowed_cpus
 
     cores = sorted(allowed_cpus())
     if len(cores) < 2:

@@ -29,8 +29,8 @@ from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
 from loom.engine.engine import Engine
 from loom.engine.page_pool import PagePool
-from loom.runtime.engine_worker import EngineWorker, ExecuteOp, ResetPagesOp, start_worker
-from loom.runtime.engine_worker import _dumps as wire_dumps  # what the process worker sends
+from loom.engine.worker import EngineWorker, ExecuteOp, ResetPagesOp, start_worker
+from loom.engine.worker.wire import _dumps as wire_dumps  # what the process worker sends
 
 SYSTEMS = ("direct", "thread", "process")
 

@@ -97,7 +97,7 @@ def test_no_layer_imports_one_above_it() -> None:
 
 def test_the_graph_sees_function_level_and_type_checking_imports() -> None:
     graph = import_graph()
-    # (engine_worker imports the KV transfer inside a method; host modules import the
+    # (the worker's executor imports the KV transfer inside a method; host modules import the
     # runtime's protocol under TYPE_CHECKING.)
-    assert "loom.engine.kv_transfer" in graph["loom.runtime.engine_worker"]
+    assert "loom.engine.kv_transfer" in graph["loom.engine.worker.executor"]
     assert "loom.runtime.services" in graph["loom.runtime.host.generate_api"]

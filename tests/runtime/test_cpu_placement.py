@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.config import EngineConfig
-from loom.runtime.cpu_placement import (
+from loom.engine.worker.cpu_placement import (
     UNPINNED,
     CpuPlacement,
     allowed_cpus,
@@ -63,7 +63,7 @@ def test_a_core_that_cannot_be_had_leaves_the_thread_where_it_was() -> None:
 def test_the_runtime_thread_reader_and_engine_process_run_where_placed(
     tiny_dir: Path, program_cache: Path, testkit_wasm: bytes, rt: Any, testkit: str
 ) -> None:
-    from loom.runtime.engine_worker import SubprocessWorker
+    from loom.engine.worker import SubprocessWorker
     from loom.runtime.runtime import start_runtime
 
     # The reference: the same decode on the unpinned in-process runtime of the module.
@@ -96,7 +96,7 @@ def test_the_runtime_thread_reader_and_engine_process_run_where_placed(
 
 
 def test_a_worker_runs_where_placed_and_anywhere_unplaced(tiny_dir: Path) -> None:
-    from loom.runtime.engine_worker import SubprocessWorker, start_worker
+    from loom.engine.worker import SubprocessWorker, start_worker
 
     cores = sorted(allowed_cpus())
     # Placed by hand, so that the plumbing is checked on a one-core machine too.

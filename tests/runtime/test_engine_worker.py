@@ -17,8 +17,7 @@ from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
 from loom.engine.engine import Engine
 from loom.engine.page_pool import PagePool
-from loom.errors import LoomError, ModelLoadError, RequestError
-from loom.runtime.engine_worker import (
+from loom.engine.worker import (
     CopySlotsOp,
     EngineWorker,
     ExecuteOp,
@@ -28,6 +27,7 @@ from loom.runtime.engine_worker import (
     WorkerOp,
     start_worker,
 )
+from loom.errors import LoomError, ModelLoadError, RequestError
 from tests.helpers import single_seq_batch
 
 TIMEOUT_S = 60.0  # generous: only reached when something is broken
@@ -265,7 +265,7 @@ def test_other_startup_failures_become_model_load_errors(tiny_dir: Path, mode: M
 def test_compact_execute_ops_cross_the_pipe_unchanged() -> None:
     # A decode step's op crosses as plain tuples; everything it carries must come back:
     # masks, logit masks, seeds, several samplers (shared ones stay equal), passes ahead.
-    from loom.runtime.engine_worker import _decode_execute, _encode_execute
+    from loom.engine.worker.wire import _decode_execute, _encode_execute
 
     greedy, hot = SamplerSpec(), SamplerSpec(temperature=0.8, top_k=40, top_p=0.9, seed=7)
     batch = ForwardBatch(
@@ -296,7 +296,7 @@ def test_ops_are_framed_as_send_bytes_frames_them(size: int) -> None:
     # every op with ``recv_bytes``, so both paths must give it header + payload intact.
     import multiprocessing
 
-    from loom.runtime.engine_worker import _HEADER, _write_message
+    from loom.engine.worker.wire import _HEADER, _write_message
 
     r, w = multiprocessing.Pipe(duplex=False)
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)

@@ -14,13 +14,13 @@ import pytest
 
 from loom.config import EngineConfig
 from loom.engine.batch import OutputSpec, SamplerSpec
-from loom.runtime.engine_worker import (
+from loom.engine.worker import (
     IDLE_SPIN_S,
     ExecuteOp,
     SubprocessWorker,
     start_worker,
 )
-from loom.runtime.pipe_reader import SpinningPipeReader
+from loom.engine.worker.pipe_reader import SpinningPipeReader
 from tests.helpers import single_seq_batch
 
 TIMEOUT_S = 10.0  # generous: only reached when something is broken
@@ -197,7 +197,7 @@ def test_an_idle_worker_stops_polling(tiny_dir: Path) -> None:
 
 
 def test_polling_is_on_only_where_the_engine_has_cores_of_its_own(tiny_dir: Path) -> None:
-    from loom.runtime.cpu_placement import CpuPlacement
+    from loom.engine.worker.cpu_placement import CpuPlacement
 
     with pytest.raises(ValueError, match="idle_spin_s"):
         SubprocessWorker(EngineConfig(model=str(tiny_dir)), idle_spin_s=-1.0)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from loom.engine.prefix_cache import chain_keys
-from loom.runtime.engine_worker import CopySlotsOp, ResetPagesOp
+from loom.engine.worker import CopySlotsOp, ResetPagesOp
 
 if TYPE_CHECKING:
     from loom.runtime.commands import ForwardCmd

@@ -27,14 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loom.engine.prefix_cache import chain_keys
-from loom.runtime.commands import ForwardCmd
-from loom.runtime.completions import (
-    CompletionRequest,
-    _failed,
-    new_host_instance,
-    start_completion,
-)
-from loom.runtime.engine_worker import (
+from loom.engine.worker import (
     KVRecvStartOp,
     KVReleaseOp,
     KVReserveOp,
@@ -42,6 +35,13 @@ from loom.runtime.engine_worker import (
     KVSendSpec,
     KVStatusOp,
     KVTransferResult,
+)
+from loom.runtime.commands import ForwardCmd
+from loom.runtime.completions import (
+    CompletionRequest,
+    _failed,
+    new_host_instance,
+    start_completion,
 )
 from loom.runtime.futures import HostFuture
 from loom.runtime.instance import Instance

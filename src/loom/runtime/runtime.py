@@ -34,6 +34,23 @@ from loom.engine.grammar import GrammarCompiler
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.engine.sampling_state import StateSpec
+from loom.engine.worker import (
+    ChunkStep,
+    EngineWorker,
+    ExecuteOp,
+    GenPlan,
+    NudgeOp,
+    SamplingStateOp,
+    SetLiveOp,
+    start_worker,
+)
+from loom.engine.worker.cpu_placement import (
+    UNPINNED,
+    CpuPlacement,
+    allowed_cpus,
+    pin_current_thread,
+    plan,
+)
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
 from loom.runtime import completions, context_cache, wasm_ffi
@@ -53,23 +70,6 @@ from loom.runtime.commands import (
     head_tokens,
 )
 from loom.runtime.completions import CompletionHandle, CompletionRequest
-from loom.runtime.cpu_placement import (
-    UNPINNED,
-    CpuPlacement,
-    allowed_cpus,
-    pin_current_thread,
-    plan,
-)
-from loom.runtime.engine_worker import (
-    ChunkStep,
-    EngineWorker,
-    ExecuteOp,
-    GenPlan,
-    NudgeOp,
-    SamplingStateOp,
-    SetLiveOp,
-    start_worker,
-)
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.host.forward_api import forward_output, output_spec
 from loom.runtime.host_core import register_core
