@@ -10,8 +10,10 @@ import itertools
 import operator
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult
@@ -62,13 +64,52 @@ class Engine:
         self.states = SamplingStates(self.tokenizer, cfg.vocab_size)
         self.runner.states = self.states
         self.pool = PagePool(num_pages, config.page_size)
-        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
-        eos = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + cfg.eos_token_ids))
-        processor = OutputProcessor(self.tokenizer, eos, self.max_model_len)
-        self.scheduler = Scheduler(config, self.pool, self.prefix_cache, processor)
         self.stats = EngineStats()
         self._step_s = config.step_time_ms / 1000.0
         self._ids = itertools.count()
+
+    @cached_property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The built-in scheduler's prefix cache over ``pool`` (None when disabled)."""
+        return PrefixCache(self.pool) if self.config.enable_prefix_caching else None
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """The built-in scheduler (the offline API), made on first use: an engine that
+        only executes batches for the runtime's worker never builds it."""
+        eos = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
+        processor = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        return Scheduler(self.config, self.pool, self.prefix_cache, processor)
+
+    # ===== KV slots (the worker's page operations; the runtime decides, this executes) =====
+
+    def reset_pages(self, pages: list[int]) -> None:
+        """Forget every slot of ``pages`` (a new owner must never see the old K/V)."""
+        self.runner.cache.reset_pages(pages)
+
+    def copy_slots(self, src_page: int, dst_page: int, src_offset: int, dst_offset: int,
+                   size: int) -> None:  # fmt: skip
+        """Copy ``size`` slots' K/V, positions and liveness between pages."""
+        self.runner.cache.copy_slots(src_page, dst_page, src_offset, dst_offset, size)
+
+    def set_live(self, page: int, live: list[bool]) -> None:
+        """Hide (False) or show a page's written slots in every later pass."""
+        self.runner.cache.set_live(page, live)
+
+    def place_slots(self, slots: list[int], positions: list[int]) -> None:
+        """Show slots whose K/V arrived from another engine, at ``positions``."""
+        self.runner.cache.place_slots(slots, positions)
+
+    @property
+    def kv(self) -> Any:
+        """The KV tensor [layers, 2, slots, kv_heads, head_dim] (KV transfer reads and
+        writes it directly)."""
+        return self.runner.cache.kv
+
+    def on_layer(self, hook: Callable[[int], None] | None) -> None:
+        """Call ``hook(layer)`` after each layer's K/V are written, in every pass until
+        unset (None): KV sends go out layer by layer while the next layer computes."""
+        self.runner.layer_hook = hook
 
     # ===== raw forward batches =====
 

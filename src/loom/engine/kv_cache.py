@@ -84,3 +84,11 @@ class KVCache:
         flags = torch.tensor(live, dtype=torch.bool, device=self.slot_live.device)
         written = self.slot_pos[start : start + self.page_size] != UNWRITTEN
         self.slot_live[start : start + self.page_size] = flags & written
+
+    def place_slots(self, slots: list[int], positions: list[int]) -> None:
+        """Make ``slots``, whose K/V were written outside a forward pass (received from
+        another engine), visible at ``positions``."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.slot_pos.device)
+        self.slot_pos[idx] = torch.tensor(positions, dtype=torch.long, device=idx.device)
+        self.slot_live[idx] = True
+        self.version += 1

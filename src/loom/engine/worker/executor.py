@@ -118,7 +118,7 @@ class _OpRunner:
 
     def run(self, op: WorkerOp) -> object:
         """Execute one op; raise ``RequestError`` for anything wrong with its arguments."""
-        cache = self.engine.runner.cache
+        engine = self.engine
         if isinstance(op, ExecuteOp):
             last, self.last_results = self.last_results, None  # a failure leaves None
             if op.chain:
@@ -127,7 +127,7 @@ class _OpRunner:
             # Reset before validating: the runtime allocated these pages for this batch,
             # and whether or not the batch runs, a previous owner's slots must never be
             # visible through them.
-            cache.reset_pages(list(op.fresh_pages))
+            engine.reset_pages(list(op.fresh_pages))
             try:
                 op.batch.validate(self.num_pages, self.page_size, self.vocab_size)
             except ValueError as e:
@@ -142,20 +142,20 @@ class _OpRunner:
             if op.size < 0:
                 raise RequestError(f"copy size must be >= 0, got {op.size}")
             try:
-                cache.copy_slots(op.src_page, op.dst_page, op.src_offset, op.dst_offset, op.size)
+                engine.copy_slots(op.src_page, op.dst_page, op.src_offset, op.dst_offset, op.size)
             except ValueError as e:
                 raise _request_error(e, "copy_slots") from e
             return None
         if isinstance(op, SetLiveOp):
             self._check_pages([op.page])
             try:
-                cache.set_live(op.page, list(op.live))
+                engine.set_live(op.page, list(op.live))
             except ValueError as e:
                 raise _request_error(e, "set_live") from e
             return None
         if isinstance(op, ResetPagesOp):
             self._check_pages(op.pages)
-            cache.reset_pages(list(op.pages))
+            engine.reset_pages(list(op.pages))
             return None
         if isinstance(op, NudgeOp):
             return None
@@ -173,7 +173,7 @@ class _OpRunner:
             return self._receiver().address
         if isinstance(op, KVReserveOp):
             self._check_pages(op.fresh_pages)
-            cache.reset_pages(list(op.fresh_pages))
+            engine.reset_pages(list(op.fresh_pages))
             self._check_slots(op.slots)
             self._receiver().reserve(op.rid, list(op.slots), list(op.positions))
             return None
@@ -186,7 +186,7 @@ class _OpRunner:
         if isinstance(op, KVSendCachedOp):
             for spec in op.sends:
                 self._check_slots(spec.local_slots)
-            for layer in range(cache.kv.shape[0]):
+            for layer in range(engine.kv.shape[0]):
                 self._send_layer(op.sends, layer)
             return self._flush_sends(op.sends)
         raise TypeError(f"not a worker op: {type(op).__name__}")
@@ -219,18 +219,17 @@ class _OpRunner:
     def _execute_sending(self, op: ExecuteOp) -> object:
         for spec in op.kv_sends:
             self._check_slots(spec.local_slots)
-        runner = self.engine.runner
-        runner.layer_hook = lambda layer: self._send_layer(op.kv_sends, layer)
+        self.engine.on_layer(lambda layer: self._send_layer(op.kv_sends, layer))
         try:
             result = self._execute(op)
         finally:
-            runner.layer_hook = None
+            self.engine.on_layer(None)
         return result, self._flush_sends(op.kv_sends)
 
     def _send_layer(self, sends: list[KVSendSpec], layer: int) -> None:
         import torch
 
-        kv = self.engine.runner.cache.kv[layer]  # [2, slots, kv_heads, head_dim]
+        kv = self.engine.kv[layer]  # [2, slots, kv_heads, head_dim]
         for spec in sends:
             idx = torch.tensor(spec.local_slots, dtype=torch.long, device=kv.device)
             # A copy: the sender thread writes it out while the next layer computes.
@@ -260,18 +259,7 @@ class _OpRunner:
         if self.receiver is None:
             from loom.engine.kv_transfer import KVReceiver
 
-            cache = self.engine.runner.cache
-
-            def on_complete(slots: list[int], positions: list[int]) -> None:
-                import torch
-
-                idx = torch.tensor(slots, dtype=torch.long, device=cache.slot_pos.device)
-                cache.slot_pos[idx] = torch.tensor(positions, dtype=torch.long,
-                                                   device=cache.slot_pos.device)  # fmt: skip
-                cache.slot_live[idx] = True
-                cache.version += 1
-
-            self.receiver = KVReceiver(cache.kv, on_complete)
+            self.receiver = KVReceiver(self.engine.kv, self.engine.place_slots)
         return self.receiver
 
     def _check_slots(self, slots: list[int]) -> None:
