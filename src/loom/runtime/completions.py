@@ -14,14 +14,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loom.engine.batch import OutputResult, SamplerSpec
 from loom.engine.prefix_cache import PrefixCache, chain_keys
 from loom.engine.stopping import new_token_budget
 from loom.runtime.commands import GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
-from loom.runtime.instance import Instance, InstanceHandle
+from loom.runtime.instance import Instance, InstanceHandle, Kill
 from loom.runtime.resources import InstancePages
 from loom.runtime.wasm_ffi import GuestStore
 
@@ -69,12 +69,12 @@ class CompletionResult:
 class CompletionHandle:
     """Cancel a submitted completion (a client that went away); safe from any thread."""
 
-    def __init__(self, job_id: str, post: Callable[[tuple[object, ...]], None]) -> None:
+    def __init__(self, job_id: str, post: Callable[[Any], None]) -> None:
         self.id = job_id
         self._post = post
 
     def cancel(self) -> None:
-        self._post(("kill", self.id, "cancelled by the client"))
+        self._post(Kill(self.id, "cancelled by the client"))
 
 
 @dataclass(eq=False)
@@ -90,7 +90,7 @@ class CompletionJob:
             self.request.on_done(result)
 
 
-def new_handle(post: Callable[[tuple[object, ...]], None]) -> CompletionHandle:
+def new_handle(post: Callable[[Any], None]) -> CompletionHandle:
     return CompletionHandle(f"cmpl-{next(_ids)}", post)
 
 

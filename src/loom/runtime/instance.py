@@ -29,6 +29,22 @@ class InstanceResult:
 EventListener = Callable[[str, Any], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Inbox message: hand ``message`` to the instance's ``messaging.receive``."""
+
+    instance_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """Inbox message: terminate the instance (a client's kill, a cancelled completion)."""
+
+    instance_id: str
+    reason: str
+
+
 class InstanceHandle:
     """The client's side of an instance; safe to use from any thread.
 
@@ -38,7 +54,9 @@ class InstanceHandle:
     must not block (the server hops each event onto its event loop).
     """
 
-    def __init__(self, instance_id: str, post: Any, listener: EventListener | None = None) -> None:
+    def __init__(
+        self, instance_id: str, post: Callable[[Any], None], listener: EventListener | None = None
+    ) -> None:
         self.id = instance_id
         self._post = post  # runtime inbox poster
         self.listener = listener
@@ -55,10 +73,10 @@ class InstanceHandle:
 
     def send(self, message: str) -> None:
         """Deliver a message to the instance's ``messaging.receive``."""
-        self._post(("message", self.id, message))
+        self._post(Deliver(self.id, message))
 
     def kill(self) -> None:
-        self._post(("kill", self.id, "killed by the client"))
+        self._post(Kill(self.id, "killed by the client"))
 
     def recv(self, timeout: float | None = None) -> str:
         """The next message the instance sent (raises ``queue.Empty`` on timeout)."""

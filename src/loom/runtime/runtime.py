@@ -73,7 +73,15 @@ from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.host.forward_api import forward_output, output_spec
 from loom.runtime.host_core import register_core
-from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
+from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
+from loom.runtime.instance import (
+    Deliver,
+    EventListener,
+    Instance,
+    InstanceHandle,
+    InstanceResult,
+    Kill,
+)
 from loom.runtime.limits import RuntimeConfig
 from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
@@ -160,7 +168,7 @@ class Runtime:
         self._seq = itertools.count()
         self._state_ids = itertools.count(1)
         self._runq: deque[Instance] = deque()
-        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._inbox: deque[InboxMessage] = deque()
         self._wake = wake or threading.Event()
         self._poked = False
         self._flight: dict[int, _Flight | None] = {}  # op id -> batch (None: a page op)
@@ -207,7 +215,7 @@ class Runtime:
         if program not in self.programs:
             raise KeyError(f"no program with hash {program}; add it first")
         handle = InstanceHandle(uuid.uuid4().hex[:12], self.post, listener)
-        self.post(("launch", handle, program, list(arguments or [])))
+        self.post(Launch(handle, program, list(arguments or [])))
         return handle
 
     def launch_batch(
@@ -221,13 +229,13 @@ class Runtime:
             raise KeyError(f"no program with hash {program}; add it first")
         handles = [InstanceHandle(uuid.uuid4().hex[:12], self.post, listener) for _ in arguments]
         args = [list(a) for a in arguments]
-        self.post(("launch_batch", handles, program, args))
+        self.post(LaunchBatch(handles, program, args))
         return handles
 
     def submit_completion(self, request: CompletionRequest) -> CompletionHandle:
         """Queue a host-driven generation (no guest); its steps batch with inferlet work."""
         handle = completions.new_handle(self.post)
-        self.post(("completion", handle.id, request))
+        self.post(StartCompletion(handle.id, request))
         return handle
 
     def start(self) -> Runtime:
@@ -264,7 +272,7 @@ class Runtime:
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the runtime thread (for inspection from tests and the server)."""
-        self.post(("call", fn))
+        self.post(Call(fn))
 
     def query(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the runtime thread and return its value."""
@@ -280,7 +288,8 @@ class Runtime:
             raise TimeoutError("runtime thread did not answer")
         return box[0]
 
-    def post(self, item: tuple[Any, ...]) -> None:
+    def post(self, item: InboxMessage) -> None:
+        """Hand the runtime thread a message (any thread); taken in order next turn."""
         self._inbox.append(item)
         self._wake.set()
 
@@ -332,23 +341,22 @@ class Runtime:
     def _process_inbox(self) -> None:
         while self._inbox:
             item = self._inbox.popleft()
-            kind = item[0]
-            if kind == "launch":
-                self._spawn(item[1], item[2], item[3])
-            elif kind == "launch_batch":
-                self._spawn_cohort(item[1], item[2], item[3])
-            elif kind == "message":
-                inst = self.instances.get(item[1])
+            if isinstance(item, Launch):
+                self._spawn(item.handle, item.program, item.args)
+            elif isinstance(item, LaunchBatch):
+                self._spawn_cohort(item.handles, item.program, item.args)
+            elif isinstance(item, Deliver):
+                inst = self.instances.get(item.instance_id)
                 if inst is not None:
-                    inst.inbox.deliver(item[2])
-            elif kind == "kill":
-                inst = self.instances.get(item[1])
+                    inst.inbox.deliver(item.message)
+            elif isinstance(item, Kill):
+                inst = self.instances.get(item.instance_id)
                 if inst is not None:
-                    self.kill(inst, item[2])
-            elif kind == "call":
-                item[1]()
-            elif kind == "completion":
-                completions.start_completion(self, self.prefix_cache, item[1], item[2])
+                    self.kill(inst, item.reason)
+            elif isinstance(item, Call):
+                item.fn()
+            elif isinstance(item, StartCompletion):
+                completions.start_completion(self, self.prefix_cache, item.handle_id, item.request)
 
     def _spawn_cohort(
         self, handles: list[InstanceHandle], program: str, args: list[list[str]]

@@ -121,6 +121,7 @@ class RuntimeServices(Protocol):
 
     def call_soon(self, fn: Callable[[], Any]) -> None: ...
 
-    def post(self, item: tuple[Any, ...]) -> None:
-        """Hand the runtime thread a message (any thread)."""
+    def post(self, item: Any) -> None:
+        """Hand the runtime thread a message (any thread): one of ``inbox.InboxMessage``
+        (typed loosely here: the inbox names completions, which see this protocol)."""
         ...
