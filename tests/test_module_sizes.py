@@ -1,0 +1,55 @@
+"""Small modules with one job: no module of ``src/loom`` over 400 lines, no class over 300.
+
+The modules and classes still over the limits are listed with their size when the check
+was written; they may shrink but not grow, and each leaves the list once it fits (the
+engine/runtime boundary issue splits them)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "loom"
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 300
+KNOWN_MODULES = {  # path under src/loom -> lines when listed
+    "runtime/runtime.py": 1293,
+    "runtime/wasm_codec.py": 705,
+    "runtime/wasm_ffi.py": 720,
+    "runtime/host/forward_api.py": 461,
+    "runtime/microserving.py": 435,
+    "sdk/guest/inferlet/context.py": 903,
+}
+KNOWN_CLASSES = {"runtime/runtime.py:Runtime": 1107, "sdk/guest/inferlet/context.py:Context": 825}
+
+
+def sizes() -> tuple[dict[str, int], dict[str, int]]:
+    modules, classes = {}, {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        text = path.read_text()
+        modules[rel] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                classes[f"{rel}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return modules, classes
+
+
+def test_no_module_over_400_lines_but_the_known_ones_which_do_not_grow() -> None:
+    modules, _ = sizes()
+    over = {m: n for m, n in modules.items() if n > MAX_MODULE_LINES and m not in KNOWN_MODULES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
+    for m, ceiling in KNOWN_MODULES.items():
+        n = modules.get(m, 0)
+        assert n <= ceiling, f"{m} grew to {n} lines (listed at {ceiling}): split it"
+        assert n > MAX_MODULE_LINES, f"{m} fits now ({n} lines): take it off KNOWN_MODULES"
+
+
+def test_no_class_over_300_lines_but_the_known_ones_which_do_not_grow() -> None:
+    _, classes = sizes()
+    over = {c: n for c, n in classes.items() if n > MAX_CLASS_LINES and c not in KNOWN_CLASSES}
+    assert not over, f"classes over {MAX_CLASS_LINES} lines: {over}"
+    for c, ceiling in KNOWN_CLASSES.items():
+        n = classes.get(c, 0)
+        assert n <= ceiling, f"{c} grew to {n} lines (listed at {ceiling}): split it"
+        assert n > MAX_CLASS_LINES, f"{c} fits now ({n} lines): take it off KNOWN_CLASSES"
