@@ -34,7 +34,7 @@ from typing import Any
 
 import wasmtime
 
-from loom.runtime import wasm_ffi
+from loom.runtime.wasm import ffi as wasm_ffi
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_WAT = """

@@ -13,9 +13,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loom"
 MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 300
 KNOWN_MODULES = {  # path under src/loom -> lines when listed
-    "runtime/runtime.py": 1293,
-    "runtime/wasm_codec.py": 705,
-    "runtime/wasm_ffi.py": 720,
+    "runtime/runtime.py": 1294,
+    "runtime/wasm/codec.py": 705,
+    "runtime/wasm/ffi.py": 721,
     "runtime/host/forward_api.py": 461,
     "runtime/microserving.py": 435,
     "sdk/guest/inferlet/context.py": 903,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from wasmtime import _ffi as ffi
 
-from loom.runtime import wasm_codec
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm import codec as wasm_codec
+from loom.runtime.wasm.ffi import (
     BOOL,
     F32,
     S64,
@@ -237,7 +237,7 @@ def test_own_resources_reuse_one_host_object_per_encoder(
     # out a resource rewrites it instead of making and freeing one each time; every
     # value must still carry its own rep (read back through wasmtime's conversion).
     # Without the probe's confirmation (another wasmtime) each value gets its own object.
-    from loom.runtime.wasm_ffi import GuestStore, WasmEngine, own
+    from loom.runtime.wasm.ffi import GuestStore, WasmEngine, own
 
     assert wasm_codec.HOST_REP_OFFSET is not None
     if not reuse:

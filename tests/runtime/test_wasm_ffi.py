@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import wasmtime
 
-from loom.runtime import wasm_ffi
+from loom.runtime.wasm import ffi as wasm_ffi
 
 GUEST = """
 (module

@@ -23,7 +23,7 @@ from loom.runtime.commands import GenerateCmd
 from loom.runtime.generate_task import GenerateTask, StopConditions
 from loom.runtime.instance import Instance, InstanceHandle, Kill
 from loom.runtime.resources import InstancePages
-from loom.runtime.wasm_ffi import GuestStore
+from loom.runtime.wasm.ffi import GuestStore
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

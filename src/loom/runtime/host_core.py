@@ -24,7 +24,7 @@ from loom.runtime.host.forward_api import (
     settle_ahead,
     submit_pass,
 )
-from loom.runtime.wasm_ffi import CoreLinker, CoreMemory, Err, HostCallError, Ok
+from loom.runtime.wasm.ffi import CoreLinker, CoreMemory, Err, HostCallError, Ok
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

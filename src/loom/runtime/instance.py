@@ -12,7 +12,7 @@ from typing import Any
 from loom.runtime.commands import CommandQueue
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.resources import InstancePages
-from loom.runtime.wasm_ffi import CallFuture, GuestStore
+from loom.runtime.wasm.ffi import CallFuture, GuestStore
 
 
 @dataclass

@@ -17,7 +17,7 @@ import wasmtime
 from wasmtime.component import Component
 
 from loom.paths import cache_root
-from loom.runtime.wasm_ffi import WASMTIME_VERSION, WasmEngine, WasmError
+from loom.runtime.wasm.ffi import WASMTIME_VERSION, WasmEngine, WasmError
 
 
 def is_core_module(wasm: bytes) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.engine.page_pool import PagePool
-from loom.runtime.wasm_ffi import HostCallError
+from loom.runtime.wasm.ffi import HostCallError
 
 
 class HandleTable:

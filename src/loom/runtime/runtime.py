@@ -53,7 +53,7 @@ from loom.engine.worker.cpu_placement import (
 )
 from loom.models.config import ModelConfig
 from loom.models.tokenizer import Tokenizer
-from loom.runtime import completions, context_cache, wasm_ffi
+from loom.runtime import completions, context_cache
 from loom.runtime.batcher import Batcher, take_forward_run, take_pass_ahead
 from loom.runtime.cohort import Cohort
 from loom.runtime.commands import (
@@ -87,7 +87,8 @@ from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
 from loom.runtime.resources import ExportRegistry, HandleTable, InstancePages
 from loom.runtime.services import RuntimeStats
-from loom.runtime.wasm_ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
+from loom.runtime.wasm import ffi as wasm_ffi
+from loom.runtime.wasm.ffi import ComponentLinker, GuestStore, HostCallError, WasmEngine
 
 _log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from loom.runtime.limits import RuntimeConfig
     from loom.runtime.program_cache import ProgramCache
     from loom.runtime.resources import ExportRegistry, HandleTable
-    from loom.runtime.wasm_ffi import WasmEngine
+    from loom.runtime.wasm.ffi import WasmEngine
 
 
 VERSION = "0.1.0"  # the runtime's, as ``runtime.version`` reports it

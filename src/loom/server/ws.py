@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 
 from loom import __version__
-from loom.runtime.wasm_ffi import WasmError
+from loom.runtime.wasm.ffi import WasmError
 from loom.server.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,

@@ -24,7 +24,7 @@ from loom.runtime.host import (
     store_api,
     types_api,
 )
-from loom.runtime.wasm_ffi import ComponentLinker
+from loom.runtime.wasm.ffi import ComponentLinker
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from loom.engine.batch import SamplerSpec
 from loom.runtime.futures import HostFuture, Stream
-from loom.runtime.wasm_ffi import U32, ComponentLinker, HostCallError, Ty, borrow, option
+from loom.runtime.wasm.ffi import U32, ComponentLinker, HostCallError, Ty, borrow, option
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

@@ -13,7 +13,7 @@ from loom.runtime.commands import CommandQueue, ForwardCmd
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
 from loom.runtime.host.types_sampler import SAMPLER
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     F32,
     STRING,
     U32,

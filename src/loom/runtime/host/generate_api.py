@@ -12,7 +12,7 @@ from loom.runtime.generate_task import GenerateTask, StopConditions
 from loom.runtime.host.common import add_future_resource, iface, sampler_spec
 from loom.runtime.host.grammar_api import HostMatcher
 from loom.runtime.host.types_sampler import SAMPLER
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     BOOL,
     F32,
     STRING,

@@ -17,7 +17,7 @@ import torch
 
 from loom.engine.grammar import GrammarError, allowed, fill_bitmask, new_bitmask, new_matcher
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     BOOL,
     STRING,
     U32,

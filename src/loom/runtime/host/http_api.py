@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import add_future_resource, iface
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     STRING,
     U8,
     U16,

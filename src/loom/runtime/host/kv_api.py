@@ -14,7 +14,7 @@ from loom.runtime.commands import (
     UnexportCmd,
 )
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     BOOL,
     STRING,
     U32,

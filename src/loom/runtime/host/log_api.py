@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import STRING, ComponentLinker, enum
+from loom.runtime.wasm.ffi import STRING, ComponentLinker, enum
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.host.common import add_future_resource, iface
-from loom.runtime.wasm_ffi import STRING, ComponentLinker, HostCallError, borrow, own
+from loom.runtime.wasm.ffi import STRING, ComponentLinker, HostCallError, borrow, own
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

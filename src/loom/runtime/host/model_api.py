@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import (
+from loom.runtime.wasm.ffi import (
     BOOL,
     STRING,
     U8,

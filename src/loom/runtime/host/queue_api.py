@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from loom.runtime.commands import CommandQueue, SyncCmd
 from loom.runtime.futures import HostFuture
 from loom.runtime.host.common import add_future_resource, iface
-from loom.runtime.wasm_ffi import BOOL, ComponentLinker, borrow, enum, own
+from loom.runtime.wasm.ffi import BOOL, ComponentLinker, borrow, enum, own
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

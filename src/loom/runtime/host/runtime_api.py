@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from loom.runtime.host.common import iface
 from loom.runtime.services import VERSION
-from loom.runtime.wasm_ffi import STRING, ComponentLinker, Err, Ok, list_of, result
+from loom.runtime.wasm.ffi import STRING, ComponentLinker, Err, Ok, list_of, result
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

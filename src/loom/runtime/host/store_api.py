@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import BOOL, STRING, ComponentLinker, HostCallError, list_of, option
+from loom.runtime.wasm.ffi import BOOL, STRING, ComponentLinker, HostCallError, list_of, option
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

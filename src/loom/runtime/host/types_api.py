@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from loom.runtime.futures import HostFuture, PollWait, Stream
 from loom.runtime.host.common import iface
-from loom.runtime.wasm_ffi import BOOL, U32, ComponentLinker, list_of
+from loom.runtime.wasm.ffi import BOOL, U32, ComponentLinker, list_of
 
 if TYPE_CHECKING:
     from loom.runtime.services import RuntimeServices

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loom.runtime.wasm_ffi import F32, U32, U64, option, record
+from loom.runtime.wasm.ffi import F32, U32, U64, option, record
 
 SAMPLER = record(
     ("temperature", F32),

@@ -34,9 +34,10 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from wasmtime.component import ResourceType as _ResourceType
 
-from loom.runtime import wasm_codec, wasm_trampoline
-from loom.runtime.wasm_codec import Err as Err  # re-exported for the host API
-from loom.runtime.wasm_codec import Ok as Ok
+from loom.runtime.wasm import codec as wasm_codec
+from loom.runtime.wasm import trampoline as wasm_trampoline
+from loom.runtime.wasm.codec import Err as Err  # re-exported for the host API
+from loom.runtime.wasm.codec import Ok as Ok
 
 WASMTIME_VERSION = "50.0.1"  # the private bindings below are checked against this release
 

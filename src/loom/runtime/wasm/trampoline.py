@@ -1,6 +1,6 @@
 """One generated ctypes callback per component host function.
 
-Part of the wasmtime C-API layer with ``wasm_ffi`` and ``wasm_codec``. Every guest call of
+Part of the wasmtime C-API layer with ``ffi`` and ``codec``. Every guest call of
 a host function enters Python through its callback, and right after the guest ran the
 host's code and data are out of the CPU caches: each Python function entered and each
 object touched then costs about a microsecond. A shared trampoline that looks the
@@ -24,7 +24,7 @@ from ctypes import byref, c_void_p
 from time import perf_counter
 from typing import Any
 
-from loom.runtime import wasm_codec
+from loom.runtime.wasm import codec as wasm_codec
 
 VAL = wasm_codec.VAL_SIZE
 PAYLOAD = wasm_codec.PAYLOAD

@@ -1,6 +1,6 @@
 """Component value codecs that read and write wasmtime's C value structs by address.
 
-Part of the wasmtime C-API layer with ``wasm_ffi`` (which owns engines, linkers, stores
+Part of the wasmtime C-API layer with ``ffi`` (which owns engines, linkers, stores
 and calls); this module only converts values. A host call's arguments arrive as an array
 of ``wasmtime_component_val_t`` and its result is written into one, so every guest call
 pays for these conversions. Building ctypes structure objects for every field cost
