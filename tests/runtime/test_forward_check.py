@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from loom.engine.batch import ForwardBatch, OutputSpec, SamplerSpec
-from loom.runtime.host.forward_api import ForwardPassBuilder, _check
+from loom.runtime.host.forward_pass import ForwardPassBuilder, _check
 
 VOCAB, PAGE, NUM_PAGES = 50, 4, 32
 RT: Any = SimpleNamespace(
@@ -90,7 +90,7 @@ def test_forward_output_groups_results_by_request_kind() -> None:
     import math
 
     from loom.engine.batch import OutputResult
-    from loom.runtime.host.forward_api import forward_output
+    from loom.runtime.host.forward_pass import forward_output
 
     greedy = SamplerSpec(0.0, 0, 1.0, 0.0, None)
     specs = [

@@ -71,7 +71,7 @@ from loom.runtime.commands import (
 )
 from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.futures import Mailbox, Stream
-from loom.runtime.host.forward_api import forward_output, output_spec
+from loom.runtime.host.forward_pass import forward_output, output_spec
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import (
