@@ -16,7 +16,6 @@ KNOWN_MODULES = {  # path under src/loom -> lines when listed
     "runtime/runtime.py": 1294,
     "runtime/wasm/codec.py": 705,
     "runtime/wasm/ffi.py": 721,
-    "runtime/microserving.py": 435,
     "sdk/guest/inferlet/context.py": 903,
 }
 KNOWN_CLASSES = {"runtime/runtime.py:Runtime": 1107, "sdk/guest/inferlet/context.py:Context": 825}

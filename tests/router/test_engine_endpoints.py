@@ -114,7 +114,7 @@ def test_received_kv_equals_local_recomputation(pair: tuple[Any, Any], tiny_dir:
 
 
 def _slots(info: str) -> list[int]:
-    from loom.runtime.microserving import decode_addr
+    from loom.runtime.microserving_wire import decode_addr
 
     return decode_addr(info)
 

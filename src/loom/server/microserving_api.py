@@ -13,7 +13,7 @@ from loom.api.errors import ApiError
 from loom.api.openai_models import _Sampling
 from loom.runtime.completions import CompletionHandle, new_handle
 from loom.runtime.completions import CompletionRequest as RuntimeRequest
-from loom.runtime.microserving import MicroservingError
+from loom.runtime.microserving_wire import MicroservingError
 from loom.server.auth import require_key
 from loom.server.openai_api import checked_prompt, serve_choices
 from loom.server.state import ServerState
