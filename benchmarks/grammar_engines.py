@@ -85,7 +85,7 @@ def walk_llguidance(tok: Any, vocab: int, walks: int, steps: int) -> dict[str, f
             t = time.perf_counter()
             fill_bitmask(m, bitmask, 0)
             mask_s.append(time.perf_counter() - t)
-            allowed = unpack(bitmask[0], vocab)
+            allowed = allowed_ids(bitmask, vocab)
             if not allowed or m.is_stopped():
                 break
             m.consume_token(rng.choice(allowed))
@@ -113,7 +113,7 @@ def walk_xgrammar(hf_tok: Any, vocab: int, walks: int, steps: int) -> dict[str, 
             t = time.perf_counter()
             m.fill_next_token_bitmask(bitmask, 0)
             mask_s.append(time.perf_counter() - t)
-            allowed = unpack(bitmask[0], vocab)
+            allowed = allowed_ids(bitmask, vocab)
             if not allowed or m.is_terminated():
                 break
             m.accept_token(rng.choice(allowed))
@@ -121,10 +121,11 @@ def walk_xgrammar(hf_tok: Any, vocab: int, walks: int, steps: int) -> dict[str, 
             **_mask_stats(mask_s)}  # fmt: skip
 
 
-def unpack(row: torch.Tensor, vocab: int) -> list[int]:
-    """Allowed ids of one packed int32 bitmask row."""
-    bits = (row.view(-1, 1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.flatten()[:vocab].nonzero().flatten().tolist()
+def allowed_ids(bitmask: torch.Tensor, vocab: int) -> list[int]:
+    """Allowed ids of the first row of a packed int32 bitmask."""
+    from loom.engine.grammar import allowed
+
+    return allowed(bitmask[:1], vocab)[0].nonzero().flatten().tolist()
 
 
 def _mask_stats(mask_s: list[float]) -> dict[str, float]:

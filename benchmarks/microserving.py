@@ -290,7 +290,7 @@ SUSTAINED_GROWTH = 2.0
 
 
 def targets(data: dict[str, Any], table: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's two targets, printed and returned: P/D's mean JCT against DP's at the
+    """The two targets, printed and returned: P/D's mean JCT against DP's at the
     highest load DP sustains (long workload), prefix-aware P/D's TTFT against P/D without
     prefix caches (shared workload)."""
     cell = {(r["workload"], r["load"], r["strategy"]): r for r in table}

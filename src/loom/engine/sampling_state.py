@@ -73,7 +73,7 @@ class SamplingStates:
             if spec.prefix:
                 matcher.consume_tokens(list(spec.prefix))
         state = _State(matcher, spec.presence, spec.frequency)
-        for t in spec.outputs:
+        for t in spec.outputs if (spec.presence or spec.frequency) else ():
             state.counts[t] = state.counts.get(t, 0) + 1
         self._live[spec.sid] = state
         while len(self._live) > MAX_LIVE_STATES:
@@ -123,6 +123,7 @@ class SamplingStates:
         state = self._live.get(sid)
         if state is None:
             return
-        state.counts[token] = state.counts.get(token, 0) + 1
+        if state.presence or state.frequency:  # (counts serve the penalties only)
+            state.counts[token] = state.counts.get(token, 0) + 1
         if state.matcher is not None and not state.matcher.is_stopped():
             state.matcher.consume_token(token)

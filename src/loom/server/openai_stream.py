@@ -122,6 +122,7 @@ async def stream(st: ServerState, body: Any, runs: Sequence[StreamedRun], rid: s
         return f"data: {json.dumps(frame)}\n\n"
 
     finished: list[CompletionResult | None] = [None] * len(runs)
+    position = {id(r): k for k, r in enumerate(runs)}  # (not ``runs.index`` per token)
     offsets = [0] * len(runs)
     try:
         if chat:
@@ -133,7 +134,7 @@ async def stream(st: ServerState, body: Any, runs: Sequence[StreamedRun], rid: s
             for fut in done:
                 run = pending.pop(fut)
                 item = fut.result()
-                k = runs.index(run)
+                k = position[id(run)]
                 if isinstance(item, CompletionResult):
                     finished[k] = item
                     if item.error is not None:
