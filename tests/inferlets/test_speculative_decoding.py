@@ -41,7 +41,7 @@ def test_the_suffix_cache_drafts_from_earlier_outputs(irt: Any, tiny_dir: Path) 
     # A prompt with nothing to look up in itself: the first run drafts little; a second
     # run of the same prompt finds its continuation in the cache of earlier outputs.
     prog = program(irt, "speculative_decoding")
-    irt.query(lambda: irt.store_kv.pop("speculative_decoding/suffix-cache", None))
+    irt.query(lambda: irt.messaging.store_kv.pop("speculative_decoding/suffix-cache", None))
     prompt = "Quietly, seven purple engines hummed"
     first = json.loads(reply(irt, prog, prompt, str(N), "suffix"))
     second = json.loads(reply(irt, prog, prompt, str(N), "suffix"))

@@ -422,10 +422,10 @@ def test_an_inferlet_launches_a_child(rt: Any, testkit: str) -> None:
     child_id = parent.recv(5)
     assert child_id and child_id != parent.id
     deadline = time.monotonic() + 30
-    while rt.query(lambda: rt.store_kv.get("child-key")) is None:
+    while rt.query(lambda: rt.messaging.store_kv.get("child-key")) is None:
         assert time.monotonic() < deadline, "the child never ran"
         time.sleep(0.02)
-    assert rt.query(lambda: rt.store_kv.get("child-key")) == "from the child"
+    assert rt.query(lambda: rt.messaging.store_kv.get("child-key")) == "from the child"
     bad = rt.launch(testkit, ["spawn", "no-such-program", "k", "v"]).wait(30)
     assert not bad.ok and "no-such-program" in (bad.error or "")
 

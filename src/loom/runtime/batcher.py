@@ -83,6 +83,22 @@ class Batcher:
         heads.sort(key=_PRIORITY, reverse=True)
         return heads
 
+    def guestless_work_ready(self) -> bool:
+        """A head that no guest's turn adds to: a host generation or a pass ahead."""
+        for q in self.queues:
+            cmds, head = q.cmds, q.head
+            if head < len(cmds) and not q.held:
+                cmd = cmds[head]
+                if isinstance(cmd, GenerateCmd) or (
+                    isinstance(cmd, ForwardCmd) and cmd.is_ahead and cmd.ready()
+                ):
+                    return True
+        return False
+
+    def any_queued(self) -> bool:
+        """Some queue holds a command."""
+        return any(q.head < len(q.cmds) for q in self.queues)
+
     def decide(
         self,
         engine_busy: bool,

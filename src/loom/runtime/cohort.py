@@ -15,6 +15,8 @@ member cannot stall the others.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loom.runtime.commands import CommandQueue
@@ -50,3 +52,41 @@ class Cohort:
         for q in self.queues:
             q.held = False
         self.queues.clear()
+
+
+class Cohorts:
+    """The cohorts still starting. ``on_release`` runs when one is released (its held
+    work is ready: the loop takes a turn more to fire it)."""
+
+    def __init__(self, hold_ms: float, on_release: Callable[[], None]) -> None:
+        self.hold_s = hold_ms / 1000.0
+        self.starting: list[Cohort] = []
+        self._on_release = on_release
+
+    def start(self, members: set[int]) -> Cohort | None:
+        """A cohort of the instances ``members`` (seqs); None when there are none."""
+        if not members:
+            return None
+        cohort = Cohort(members, time.perf_counter())
+        self.starting.append(cohort)
+        return cohort
+
+    def first_turn_over(self, cohort: Cohort, seq: int) -> None:
+        if cohort.first_turn_over(seq, time.perf_counter()):
+            self._release(cohort)
+
+    def release_stalled(self) -> float:
+        """Release cohorts none of whose members ended a first turn for the hold limit;
+        seconds until the next one would be."""
+        now = time.perf_counter()
+        for cohort in list(self.starting):
+            if cohort.stalled(now, self.hold_s):
+                self._release(cohort)
+        if not self.starting:
+            return self.hold_s
+        return max(0.0, min(c.last_progress for c in self.starting) + self.hold_s - now)
+
+    def _release(self, cohort: Cohort) -> None:
+        cohort.release()
+        self.starting.remove(cohort)
+        self._on_release()

@@ -65,7 +65,8 @@ def register_core(linker: CoreLinker, rt: RuntimeServices) -> None:
         return len(data)
 
     def send(key: int, mem: CoreMemory, ptr: int, n: int) -> None:
-        rt.send_to_client(inst_of(key), mem.read(ptr, n).decode("utf-8", errors="replace"))
+        text = mem.read(ptr, n).decode("utf-8", errors="replace")
+        rt.messaging.send_to_client(inst_of(key), text)
 
     def fail(key: int, mem: CoreMemory, ptr: int, n: int) -> None:
         inst_of(key).native_error = mem.read(ptr, n).decode("utf-8", errors="replace")

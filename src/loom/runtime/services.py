@@ -1,5 +1,6 @@
 """What the runtime's parts may use of the runtime: the host API modules, completions,
-the context cache and microserving take a ``RuntimeServices``, a protocol of the
+the context cache, microserving and the loop's own parts (guests, eager commands,
+dispatch) take a ``RuntimeServices``, a protocol of the
 attributes and calls they need, so they depend on this narrow view rather than on
 ``runtime.py`` (which imports them: no import cycle). ``Runtime`` satisfies it.
 """
@@ -20,9 +21,9 @@ if TYPE_CHECKING:
     from loom.models.config import ModelConfig
     from loom.models.tokenizer import Tokenizer
     from loom.runtime.commands import AllocateCmd, CommandQueue
-    from loom.runtime.futures import Mailbox, Stream
     from loom.runtime.instance import EventListener, Instance, InstanceHandle
     from loom.runtime.limits import RuntimeConfig
+    from loom.runtime.messaging import Messaging
     from loom.runtime.program_cache import ProgramCache
     from loom.runtime.resources import ExportRegistry, HandleTable
     from loom.runtime.wasm.ffi import WasmEngine
@@ -80,9 +81,7 @@ class RuntimeServices(Protocol):
     prefix_cache: PrefixCache
     handles: HandleTable
     exports: ExportRegistry
-    store_kv: dict[str, str]
-    topics: dict[str, list[tuple[Instance, Stream]]]
-    channels: dict[str, Mailbox]
+    messaging: Messaging
     instances: dict[str, Instance]
     stats: RuntimeStats
     wasm: WasmEngine
@@ -98,6 +97,10 @@ class RuntimeServices(Protocol):
 
     def end_instance(self, inst: Instance, ok: bool, error: str | None) -> None: ...
 
+    def kill(self, inst: Instance, reason: str) -> None:
+        """End ``inst`` between guest runs (safe from a host call)."""
+        ...
+
     def new_queue(self, inst: Instance) -> CommandQueue: ...
 
     def enqueue(self, q: CommandQueue, cmd: Any) -> None: ...
@@ -111,8 +114,6 @@ class RuntimeServices(Protocol):
     def submit_op(self, op: Any, callback: Callable[[Any], None]) -> None: ...
 
     def track_op(self, op: Any) -> None: ...
-
-    def send_to_client(self, inst: Instance, message: str) -> None: ...
 
     def launch(
         self, program: str, arguments: list[str] | None = None,

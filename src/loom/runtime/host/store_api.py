@@ -14,18 +14,20 @@ NAME = iface("store")
 
 
 def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
+    store = rt.messaging.store_kv
+
     def set_value(key: int, k: str, v: str) -> None:
         rt.caller(key)
         if len(k.encode()) + len(v.encode()) > rt.config.max_message_bytes:
             raise HostCallError("store: key plus value exceed the message-size cap")
-        rt.store_kv[k] = v
+        store[k] = v
 
     def delete(key: int, k: str) -> None:
         rt.caller(key)
-        rt.store_kv.pop(k, None)
+        store.pop(k, None)
 
-    linker.add_func(NAME, "get", [STRING], option(STRING), lambda key, k: rt.store_kv.get(k))
+    linker.add_func(NAME, "get", [STRING], option(STRING), lambda key, k: store.get(k))
     linker.add_func(NAME, "set", [STRING, STRING], None, set_value)
     linker.add_func(NAME, "delete", [STRING], None, delete)
-    linker.add_func(NAME, "exists", [STRING], BOOL, lambda key, k: k in rt.store_kv)
-    linker.add_func(NAME, "list-keys", [], list_of(STRING), lambda key: sorted(rt.store_kv))
+    linker.add_func(NAME, "exists", [STRING], BOOL, lambda key, k: k in store)
+    linker.add_func(NAME, "list-keys", [], list_of(STRING), lambda key: sorted(store))

@@ -1,0 +1,279 @@
+"""The guests: instances, their start, their turns on the runtime thread, and their end.
+
+Every instance runs on a wasmtime fiber. A turn (``resume``) runs it until it waits on a
+future (suspended inside ``types.poll``, costing nothing until woken), finishes, or its
+time slice (an epoch tick) ends. ``run_guests`` gives each runnable instance one turn
+and, after each, lets the dispatcher look at the engine (``after_turn``). An instance's
+end releases everything it holds: pages, exports, handles, queues, subscriptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+
+from loom.runtime import completions
+from loom.runtime.batcher import Batcher
+from loom.runtime.cohort import Cohorts
+from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
+from loom.runtime.messaging import Messaging
+from loom.runtime.resources import InstancePages
+from loom.runtime.services import RuntimeServices
+from loom.runtime.wasm import ffi as wasm_ffi
+from loom.runtime.wasm.ffi import ComponentLinker, CoreLinker, GuestStore, HostCallError
+
+
+class Guests:
+    """The live instances and the run queue of those ready for a turn."""
+
+    def __init__(
+        self,
+        rt: RuntimeServices,
+        batcher: Batcher,
+        messaging: Messaging,
+        linker: ComponentLinker,
+        core_linker: CoreLinker,
+        on_cohort_release: Callable[[], None],
+    ) -> None:
+        self.rt = rt
+        self.config = rt.config
+        self.batcher = batcher
+        self.messaging = messaging
+        self.linker = linker
+        self.core_linker = core_linker
+        self.instances: dict[str, Instance] = {}
+        self.by_ctx: dict[int, Instance] = {}  # by store key: the caller of a host call
+        self.by_seq: dict[int, Instance] = {}  # by launch order: the owner of a queue
+        self.runq: deque[Instance] = deque()
+        # Guests whose time slice ended in the middle of submitting forward work (sibling
+        # forks, say; or an instance starting, its prefill queued, still in Python): each
+        # gets one more slice before the batch fires, so its passes ride together. A guest
+        # leaves the set when it next waits or ends; the hold lasts one loop turn at most,
+        # so a guest that spins cannot stall the engine.
+        self.mid_submission: set[int] = set()
+        # Moving average of a guest's turn that ends waiting on a pass it submitted (the
+        # adaptive batch policy weighs it against an engine step).
+        self.guest_turn_s = 0.0
+        self.cohorts = Cohorts(self.config.cohort_hold_ms, on_cohort_release)
+        self._pending_end: list[Instance] = []
+        self._seq = itertools.count()
+
+    # ===== start =====
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def register(self, inst: Instance) -> None:
+        self.instances[inst.id] = inst
+        self.by_ctx[inst.store.key] = inst
+        self.by_seq[inst.seq] = inst
+
+    def spawn_cohort(
+        self, handles: list[InstanceHandle], program: str, args: list[list[str]]
+    ) -> None:
+        """Start one instance per argument list; their forward work waits for them all."""
+        members = [self.spawn(h, program, a) for h, a in zip(handles, args, strict=True)]
+        started = [inst for inst in members if inst is not None and inst.alive]
+        cohort = self.cohorts.start({inst.seq for inst in started})
+        for inst in started:
+            inst.cohort = cohort
+
+    def spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> Instance | None:
+        """Make an instance of ``program`` and put it on the run queue (a Python inferlet
+        instantiates in its first turn; a native one at once)."""
+        if len(self.instances) >= self.config.max_instances:
+            handle._finish(InstanceResult(handle.id, False, "too many instances", 0.0, 0))
+            return None
+        rt = self.rt
+        store = GuestStore(rt.wasm, memory_limit=self.config.memory_limit_bytes, slice_ticks=1)
+        inst = Instance(
+            seq=self.next_seq(),
+            id=handle.id,
+            program=program,
+            arguments=args,
+            store=store,
+            pages=InstancePages(rt.pool),
+            handle=handle,
+            spawned_at=time.perf_counter(),
+        )
+        self.register(inst)
+        if rt.programs.is_core(program):
+            # A native inferlet instantiates at once (no start code runs); `run` next.
+            try:
+                core = self.core_linker.instantiate(store, rt.programs.get_core(program))
+                inst.call = self.core_linker.call_async(store, core, "run")
+            except wasm_ffi.WasmError as e:
+                self.end(inst, False, f"cannot start the native inferlet: {e}")
+                return inst
+            self._started(inst)
+        else:
+            inst.call = wasm_ffi.instantiate_async(self.linker, store, rt.programs.get(program))
+        rt.stats.spawned += 1
+        self.make_runnable(inst)
+        return inst
+
+    def _started(self, inst: Instance) -> None:
+        inst.started = True
+        inst.spawn_s = time.perf_counter() - inst.spawned_at
+        self.rt.stats.spawn_s.append(inst.spawn_s)
+
+    # ===== turns =====
+
+    def make_runnable(self, inst: Instance) -> None:
+        if inst.alive and not inst.queued:
+            inst.queued = True
+            self.runq.append(inst)
+
+    def waker(self, inst: Instance) -> Callable[[], None]:
+        """A callable putting ``inst`` on the run queue (one per instance: every wait of
+        every forward pass needs one)."""
+        wake = inst.wake
+        if wake is None:
+            wake = inst.wake = lambda: self.make_runnable(inst)
+        return wake
+
+    def run_guests(self, after_turn: Callable[[], None]) -> bool:
+        """One turn for each instance runnable now; False when there was none."""
+        n = len(self.runq)
+        if not n:
+            return False
+        for _ in range(n):
+            inst = self.runq.popleft()
+            inst.queued = False
+            if not inst.alive or inst.call is None:
+                continue
+            if inst.blocked is not None and not inst.blocked.ready():
+                continue  # a spurious wake: still waiting
+            self.resume(inst)
+            if inst.seq in self.mid_submission and inst.alive and inst.blocked is None:
+                # Its slice ended in the middle of submitting (an instance starting, or
+                # sibling forks): one more slice now, so its work is whole before a batch
+                # fires, instead of holding every batch until the pass comes back to it.
+                self.resume(inst)
+            after_turn()
+        return True
+
+    def resume(self, inst: Instance) -> None:
+        """Run ``inst`` until it waits, finishes or its time slice ends."""
+        assert inst.call is not None
+        inst.blocked = None
+        inst.store.fresh_slice()
+        t0 = time.perf_counter()
+        done = inst.call.poll()
+        dt = time.perf_counter() - t0
+        inst.cpu_s += dt
+        stats = self.rt.stats
+        stats.poll_s += dt
+        stats.guest_polls += 1
+        if done or inst.blocked is not None:
+            self.mid_submission.discard(inst.seq)
+        if not done and inst.submitted:
+            if inst.blocked is None:
+                self.mid_submission.add(inst.seq)  # preempted: let it finish first
+            else:  # a whole turn: submitted a pass and waits for it (batching decisions)
+                self.guest_turn_s += 0.1 * (dt - self.guest_turn_s)
+        inst.submitted = False
+        if inst.cohort is not None and inst.started and (done or inst.blocked is not None):
+            self._first_turn_over(inst)
+        if inst.kill_reason is not None:
+            self.end(inst, False, inst.kill_reason)
+        elif done:
+            self._on_call_done(inst)
+        elif inst.cpu_s > self.config.cpu_budget_s:
+            self.end(inst, False, f"CPU budget of {self.config.cpu_budget_s:g} s exceeded")
+        elif inst.blocked is None or inst.blocked.ready():
+            self.make_runnable(inst)  # its time slice ended (or it is ready already)
+
+    def _first_turn_over(self, inst: Instance) -> None:
+        cohort = inst.cohort
+        inst.cohort = None
+        self.cohorts.first_turn_over(cohort, inst.seq)
+
+    def _on_call_done(self, inst: Instance) -> None:
+        assert inst.call is not None
+        programs = self.rt.programs
+        err = inst.call.error()
+        if err is not None:
+            host_msg = wasm_ffi.LAST_HOST_ERROR.get(inst.store.key)
+            self.end(inst, False, host_msg or trap_summary(err))
+            return
+        if not inst.started:
+            self._started(inst)
+            try:
+                inst.call = wasm_ffi.call_export_async(
+                    inst.store, programs.get(inst.program), "run"
+                )
+            except wasm_ffi.WasmError as e:
+                self.end(inst, False, str(e))
+                return
+            # Straight on into ``main``: its first forward can reach the engine while the
+            # other new instances are still being instantiated.
+            self.resume(inst)
+            return
+        if programs.is_core(inst.program):
+            code = int(inst.call.results[0].of.i32)
+            failure = None if code == 0 else (inst.native_error or f"run returned {code}")
+        else:
+            failure = wasm_ffi.decode_run_result(inst.call.results)
+        self.end(inst, failure is None, failure)
+
+    # ===== end =====
+
+    def caller(self, key: int) -> Instance:
+        inst = self.by_ctx.get(key)
+        if inst is None or not inst.alive:
+            raise HostCallError("call from an instance that has ended")
+        return inst
+
+    def kill(self, inst: Instance, reason: str) -> None:
+        """End an instance. Safe from host calls: the end happens between guest runs."""
+        if inst.alive and inst.kill_reason is None:
+            inst.kill_reason = reason
+            self._pending_end.append(inst)
+
+    def end_pending(self) -> None:
+        while self._pending_end:
+            inst = self._pending_end.pop()
+            if inst.alive:
+                self.end(inst, False, inst.kill_reason)
+
+    def end(self, inst: Instance, ok: bool, error: str | None) -> None:
+        """End ``inst`` now (outside a guest call) and release what it holds."""
+        if not inst.alive:
+            return
+        inst.alive = False
+        self.mid_submission.discard(inst.seq)
+        if inst.cohort is not None:
+            self._first_turn_over(inst)
+        if inst.call is not None:
+            inst.call.cancel()
+        inst.pages.release_all()
+        self.rt.exports.drop_owner(inst.seq)
+        self.rt.handles.drop_owner(inst.seq)
+        self.batcher.remove_owner(inst.seq)
+        self.messaging.drop_instance(inst)
+        inst.store.close()
+        self.by_ctx.pop(inst.store.key, None)
+        self.by_seq.pop(inst.seq, None)
+        self.instances.pop(inst.id, None)
+        if inst.job is not None:
+            completions.on_instance_end(inst, error)
+        inst.handle._finish(InstanceResult(inst.id, ok, error, inst.cpu_s, inst.tokens))
+
+    def end_all(self, reason: str) -> None:
+        for inst in list(self.instances.values()):
+            self.end(inst, False, reason)
+
+
+def trap_summary(err: str) -> str:
+    """The first line and the cause of a wasmtime error (the backtrace is noise to users)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    cause = ""
+    if "Caused by:" in err:
+        cause = err.split("Caused by:", 1)[1].strip().splitlines()[0].strip()
+    head = lines[0] if lines else err
+    if "wasm backtrace" in head:
+        head = "the inferlet trapped"
+    return f"{head}: {cause}" if cause else head

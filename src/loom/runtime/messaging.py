@@ -1,0 +1,87 @@
+"""Messages between inferlets and their clients: the client channel, topics (broadcast to
+every subscriber), named channels (each message to one puller) and the key-value store.
+
+All of it runs on the runtime thread; the caps (``max_message_bytes``,
+``max_pending_messages``) keep one inferlet from filling the server's memory with
+messages nobody reads.
+"""
+
+from __future__ import annotations
+
+from loom.runtime.futures import Mailbox, Stream
+from loom.runtime.instance import Instance
+from loom.runtime.limits import RuntimeConfig
+from loom.runtime.wasm.ffi import HostCallError
+
+
+class Messaging:
+    """The runtime's message state: topics, channels and the key-value store."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.store_kv: dict[str, str] = {}
+        self.topics: dict[str, list[tuple[Instance, Stream]]] = {}
+        self.channels: dict[str, Mailbox] = {}
+
+    def check_size(self, message: str) -> None:
+        n = len(message.encode())
+        if n > self.config.max_message_bytes:
+            raise HostCallError(
+                f"message of {n} bytes exceeds the cap of {self.config.max_message_bytes}"
+            )
+
+    def send_to_client(self, inst: Instance, message: str) -> None:
+        """Hand ``message`` to the instance's client (its listener, else its queue)."""
+        self.check_size(message)
+        listener = inst.handle.listener
+        if listener is not None:
+            listener("message", message)
+            return
+        if inst.handle.messages.qsize() >= self.config.max_pending_messages:
+            raise HostCallError(
+                f"more than {self.config.max_pending_messages} unread messages to the client"
+            )
+        inst.handle.messages.put(message)
+
+    def broadcast(self, topic: str, message: str) -> None:
+        """Put ``message`` on every subscription of ``topic``."""
+        self.check_size(message)
+        for _, stream in self.topics.get(topic, []):
+            if len(stream.items) >= self.config.max_pending_messages:
+                raise HostCallError(f"a subscriber of {topic!r} has too many unread messages")
+            stream.put(message)
+
+    def subscribe(self, inst: Instance, topic: str) -> Stream:
+        stream = Stream()
+        self.topics.setdefault(topic, []).append((inst, stream))
+        inst.subscriptions.append((topic, stream))
+        return stream
+
+    def unsubscribe(self, inst: Instance, stream: Stream) -> None:
+        for topic, s in list(inst.subscriptions):
+            if s is stream:
+                inst.subscriptions.remove((topic, s))
+                self._drop(topic, s)
+
+    def push(self, channel: str, message: str) -> None:
+        """Queue ``message`` on ``channel`` for one puller."""
+        self.check_size(message)
+        box = self.channels.setdefault(channel, Mailbox())
+        if len(box) >= self.config.max_pending_messages:
+            raise HostCallError(f"channel {channel!r} has too many unread messages")
+        box.deliver(message)
+
+    def channel(self, name: str) -> Mailbox:
+        return self.channels.setdefault(name, Mailbox())
+
+    def drop_instance(self, inst: Instance) -> None:
+        """An instance ended: its subscriptions go."""
+        for topic, stream in inst.subscriptions:
+            self._drop(topic, stream)
+
+    def _drop(self, topic: str, stream: Stream) -> None:
+        subs = [(i, s) for i, s in self.topics.get(topic, []) if s is not stream]
+        if subs:
+            self.topics[topic] = subs
+        else:
+            self.topics.pop(topic, None)
