@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from wasmtime import _ffi as ffi
 
-from loom.runtime.wasm import codec as wasm_codec
+from loom.runtime.wasm import values as wasm_values
+from loom.runtime.wasm.decode import decoder
+from loom.runtime.wasm.encode import encoder
 from loom.runtime.wasm.ffi import (
     BOOL,
     F32,
@@ -34,6 +36,7 @@ from loom.runtime.wasm.ffi import (
     result,
     tuple_of,
 )
+from loom.runtime.wasm.templates import TEMPLATES_PER_ENCODER
 
 
 def _no_resources(name: str) -> int:
@@ -44,8 +47,8 @@ def roundtrip(t: Ty, value: Any) -> tuple[Any, Any]:
     """Encode ``value`` into a fresh C value, decode it, free it; returns (decoded, val)."""
     val = ffi.wasmtime_component_val_t()
     addr = ctypes.addressof(val)
-    wasm_codec.encoder(t, _no_resources)(0, value, addr)
-    decoded = wasm_codec.decoder(t, _no_resources)(0, addr)
+    encoder(t, _no_resources)(0, value, addr)
+    decoded = decoder(t, _no_resources)(0, addr)
     kind = val.kind
     ffi.wasmtime_component_val_delete(ctypes.byref(val))
     return decoded, kind
@@ -54,10 +57,10 @@ def roundtrip(t: Ty, value: Any) -> tuple[Any, Any]:
 def test_layout_matches_wasmtime_structs() -> None:
     val = ffi.wasmtime_component_val_t
     entry = ffi.wasmtime_component_valrecord_entry_t
-    assert ctypes.sizeof(val) == wasm_codec.VAL_SIZE
-    assert val.of.offset == wasm_codec.PAYLOAD
-    assert ctypes.sizeof(entry) == wasm_codec.ENTRY_SIZE
-    assert entry.val.offset == wasm_codec.ENTRY_VAL
+    assert ctypes.sizeof(val) == wasm_values.VAL_SIZE
+    assert val.of.offset == wasm_values.PAYLOAD
+    assert ctypes.sizeof(entry) == wasm_values.ENTRY_SIZE
+    assert entry.val.offset == wasm_values.ENTRY_VAL
     assert ffi.wasmtime_component_vallist_t.data.offset == 8
     assert ffi.wasmtime_component_valresult_t.val.offset == 8
 
@@ -102,9 +105,9 @@ def test_results_carry_ok_and_err() -> None:
     t = result(list_of(U32), STRING)
     val = ffi.wasmtime_component_val_t()
     addr = ctypes.addressof(val)
-    enc = wasm_codec.encoder(t, _no_resources)
+    enc = encoder(t, _no_resources)
     enc(0, Ok([1, 2]), addr)
-    assert val.kind == wasm_codec.K_RESULT and val.of.result.is_ok
+    assert val.kind == wasm_values.K_RESULT and val.of.result.is_ok
     inner = val.of.result.val.contents
     assert [inner.of.list.data[i].of.u32 for i in range(inner.of.list.size)] == [1, 2]
     ffi.wasmtime_component_val_delete(ctypes.byref(val))
@@ -113,14 +116,14 @@ def test_results_carry_ok_and_err() -> None:
     s = val.of.result.val.contents.of.string
     assert ctypes.string_at(s.data, s.size) == b"boom"
     ffi.wasmtime_component_val_delete(ctypes.byref(val))
-    with pytest.raises(wasm_codec.CodecError):
+    with pytest.raises(wasm_values.CodecError):
         enc(0, [1, 2], addr)  # neither Ok nor Err
 
 
 def test_record_names_are_written() -> None:
     t = record(("token", U32), ("dist-ids", list_of(U32)))
     val = ffi.wasmtime_component_val_t()
-    wasm_codec.encoder(t, _no_resources)(0, (5, [6]), ctypes.addressof(val))
+    encoder(t, _no_resources)(0, (5, [6]), ctypes.addressof(val))
     rec = val.of.record
     names = [ctypes.string_at(rec.data[i].name.data, rec.data[i].name.size) for i in range(2)]
     assert names == [b"token", b"dist-ids"]
@@ -158,9 +161,9 @@ def test_records_of_lists_start_from_a_template_of_empty_lists() -> None:
     t = record(("a", list_of(U32)), ("b", list_of(F32)), ("c", list_of(U32)))
     for value in [([17], [], []), ([], [], []), ([1, 2, 3], [0.5], [9])]:
         decoded, kind = roundtrip(t, value)
-        assert decoded == value and kind == wasm_codec.K_RECORD
+        assert decoded == value and kind == wasm_values.K_RECORD
     val = ffi.wasmtime_component_val_t()
-    wasm_codec.encoder(t, _no_resources)(0, ([5], [], []), ctypes.addressof(val))
+    encoder(t, _no_resources)(0, ([5], [], []), ctypes.addressof(val))
     rec = val.of.record
     assert [ctypes.string_at(rec.data[i].name.data, rec.data[i].name.size) for i in range(3)] == [
         b"a",
@@ -176,8 +179,8 @@ def test_values_with_fields_are_copied_from_templates_of_their_shape() -> None:
     # another value's scalars, or of the wrong shape, would not).
     out = record(("tokens", list_of(U32)), ("probs", list_of(F32)), ("ids", list_of(U32)))
     t = option(result(out, STRING))
-    enc = wasm_codec.encoder(t, _no_resources)
-    dec = wasm_codec.decoder(t, _no_resources)
+    enc = encoder(t, _no_resources)
+    dec = decoder(t, _no_resources)
     values = [
         Ok(([7], [], [])),
         Ok(([8], [], [])),
@@ -196,18 +199,18 @@ def test_values_with_fields_are_copied_from_templates_of_their_shape() -> None:
             got = dec(0, addr)
             ffi.wasmtime_component_val_delete(ctypes.byref(val))
             assert _as_result(got) == _as_result(value)
-    tuples = wasm_codec.encoder(list_of(tuple_of(U32, option(F32))), _no_resources)
+    tuples = encoder(list_of(tuple_of(U32, option(F32))), _no_resources)
     for value in [[(1, None)], [(2, 0.5), (3, None)], [(4, None)], []]:
         tuples(0, value, addr)
-        got = wasm_codec.decoder(list_of(tuple_of(U32, option(F32))), _no_resources)(0, addr)
+        got = decoder(list_of(tuple_of(U32, option(F32))), _no_resources)(0, addr)
         ffi.wasmtime_component_val_delete(ctypes.byref(val))
         assert got == value
 
 
 def test_templates_are_bounded_and_bad_values_still_fail() -> None:
     t = record(("a", list_of(U32)), ("b", U32))
-    enc = wasm_codec.encoder(t, _no_resources)
-    n = wasm_codec.TEMPLATES_PER_ENCODER + 20  # past the cap values are built from scratch
+    enc = encoder(t, _no_resources)
+    n = TEMPLATES_PER_ENCODER + 20  # past the cap values are built from scratch
     for length in range(n):
         decoded, _ = roundtrip_with(enc, t, (list(range(length)), length))
         assert decoded == (list(range(length)), length)
@@ -215,15 +218,15 @@ def test_templates_are_bounded_and_bad_values_still_fail() -> None:
     # A string where a u32 goes: an error, and the copied template is freed.
     with pytest.raises((TypeError, struct.error)):
         enc(0, (["x"], 1), ctypes.addressof(val))
-    with pytest.raises(wasm_codec.CodecError):
-        wasm_codec.encoder(result(t, STRING), _no_resources)(0, (1, 2), ctypes.addressof(val))
+    with pytest.raises(wasm_values.CodecError):
+        encoder(result(t, STRING), _no_resources)(0, (1, 2), ctypes.addressof(val))
 
 
 def roundtrip_with(enc: Any, t: Ty, value: Any) -> tuple[Any, Any]:
     val = ffi.wasmtime_component_val_t()
     addr = ctypes.addressof(val)
     enc(0, value, addr)
-    decoded = wasm_codec.decoder(t, _no_resources)(0, addr)
+    decoded = decoder(t, _no_resources)(0, addr)
     kind = val.kind
     ffi.wasmtime_component_val_delete(ctypes.byref(val))
     return decoded, kind
@@ -239,13 +242,13 @@ def test_own_resources_reuse_one_host_object_per_encoder(
     # Without the probe's confirmation (another wasmtime) each value gets its own object.
     from loom.runtime.wasm.ffi import GuestStore, WasmEngine, own
 
-    assert wasm_codec.HOST_REP_OFFSET is not None
+    assert wasm_values.HOST_REP_OFFSET is not None
     if not reuse:
-        monkeypatch.setattr(wasm_codec, "HOST_REP_OFFSET", None)
+        monkeypatch.setattr(wasm_values, "HOST_REP_OFFSET", None)
     store = GuestStore(WasmEngine(), memory_limit=1 << 20)
     ids = {"thing": 3}
-    enc = wasm_codec.encoder(own("thing"), ids.__getitem__)
-    dec = wasm_codec.decoder(own("thing"), ids.__getitem__)
+    enc = encoder(own("thing"), ids.__getitem__)
+    dec = decoder(own("thing"), ids.__getitem__)
     vals = [ffi.wasmtime_component_val_t() for _ in range(3)]
     for rep, val in zip([7, 123456, 2**32 - 1], vals, strict=True):
         enc(store.key, rep, ctypes.addressof(val))

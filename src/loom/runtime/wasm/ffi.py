@@ -34,10 +34,10 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from wasmtime.component import ResourceType as _ResourceType
 
-from loom.runtime.wasm import codec as wasm_codec
 from loom.runtime.wasm import trampoline as wasm_trampoline
-from loom.runtime.wasm.codec import Err as Err  # re-exported for the host API
-from loom.runtime.wasm.codec import Ok as Ok
+from loom.runtime.wasm import values as wasm_values
+from loom.runtime.wasm.values import Err as Err  # re-exported for the host API
+from loom.runtime.wasm.values import Ok as Ok
 
 WASMTIME_VERSION = "50.0.1"  # the private bindings below are checked against this release
 
@@ -186,7 +186,7 @@ def context_key(ctx: Any) -> ContextKey:
     return ctypes.cast(ctx, c_void_p).value or 0
 
 
-_VAL = wasm_codec.VAL_SIZE
+_VAL = wasm_values.VAL_SIZE
 
 
 class HostCallError(Exception):
@@ -198,7 +198,7 @@ class HostCallError(Exception):
 LAST_HOST_ERROR: dict[ContextKey, str] = {}
 
 # Parked async calls by continuation key: (pending, result encoder, context, result address).
-_PENDING: dict[int, tuple[Pending, wasm_codec.Encoder | None, int, int]] = {}
+_PENDING: dict[int, tuple[Pending, wasm_values.Encoder | None, int, int]] = {}
 _CALLBACKS: list[Any] = []  # every generated callback stays alive with the process
 _pending_ids = iter(range(1, 1 << 62))
 _DTORS: list[Callable[[ContextKey, int], None]] = []
@@ -214,7 +214,7 @@ _future_poll = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)(("wasmtime_call_future_
 
 def _fail(ctx: int, message: str) -> int:
     LAST_HOST_ERROR[ctx] = message
-    return wasm_codec.error_new(message.encode()) or 0
+    return wasm_values.error_new(message.encode()) or 0
 
 
 def _error_message(name: str, e: Exception) -> str:
@@ -231,7 +231,7 @@ def _sync_error(ctx: int, name: str, e: Exception) -> int:
 def _async_error(ctx: int, name: str, e: Exception, err_ret: int, cont: int) -> None:
     msg = _error_message(name, e)
     LAST_HOST_ERROR[ctx] = msg
-    _ptr_at(err_ret).value = wasm_codec.error_new(msg.encode()) or 0
+    _ptr_at(err_ret).value = wasm_values.error_new(msg.encode()) or 0
     _set_continuation(cont, _ALREADY_DONE_FN, 0, _NO_FINALIZER_FN)
 
 

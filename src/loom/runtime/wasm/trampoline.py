@@ -1,6 +1,6 @@
 """One generated ctypes callback per component host function.
 
-Part of the wasmtime C-API layer with ``ffi`` and ``codec``. Every guest call of
+Part of the wasmtime C-API layer with ``ffi`` and the codecs. Every guest call of
 a host function enters Python through its callback, and right after the guest ran the
 host's code and data are out of the CPU caches: each Python function entered and each
 object touched then costs about a microsecond. A shared trampoline that looks the
@@ -13,7 +13,7 @@ decoder, and a resource result is written inline.
 
 Resource arguments (``borrow``/``own``) are converted with wasmtime's
 ``resource_any_to_host``; an ``own`` result reuses one host object per function with its
-rep rewritten (``wasm_codec.HOST_REP_OFFSET``), else makes and frees one.
+rep rewritten (``wasm_values.HOST_REP_OFFSET``), else makes and frees one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from ctypes import byref, c_void_p
 from time import perf_counter
 from typing import Any
 
-from loom.runtime.wasm import codec as wasm_codec
+from loom.runtime.wasm import values as wasm_values
+from loom.runtime.wasm.decode import decoder
+from loom.runtime.wasm.encode import encoder
 
-VAL = wasm_codec.VAL_SIZE
-PAYLOAD = wasm_codec.PAYLOAD
+VAL = wasm_values.VAL_SIZE
+PAYLOAD = wasm_values.PAYLOAD
 
 SYNC_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_size_t, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_size_t, c_void_p,
@@ -46,8 +48,8 @@ def _argument_lines(
     lines = []
     for i, p in enumerate(params):
         at = i * VAL
-        if p.kind in wasm_codec.SCALAR_CTYPES:
-            ns[f"_at{i}"] = wasm_codec.SCALAR_CTYPES[p.kind].from_address
+        if p.kind in wasm_values.CTYPES:
+            ns[f"_at{i}"] = wasm_values.CTYPES[p.kind].from_address
             lines.append(f"a{i} = _at{i}(args + {at + PAYLOAD}).value")
         elif p.kind in ("borrow", "own"):
             lines += [
@@ -59,8 +61,8 @@ def _argument_lines(
             ]
         elif p.kind == "list" and p.args[0].kind in ("u32", "s32", "u64", "s64"):
             # The decode step's lists hold one element: read it in place.
-            ns[f"_dec{i}"] = wasm_codec.decoder(p, resource_ids)
-            ns[f"_at{i}"] = wasm_codec.SCALAR_CTYPES[p.args[0].kind].from_address
+            ns[f"_dec{i}"] = decoder(p, resource_ids)
+            ns[f"_at{i}"] = wasm_values.CTYPES[p.args[0].kind].from_address
             lines += [
                 f"n = _ptr_at(args + {at + PAYLOAD}).value",
                 "if n == 1:",
@@ -69,7 +71,7 @@ def _argument_lines(
                 f"    a{i} = _dec{i}(ctx, args + {at}) if n else []",
             ]
         else:
-            ns[f"_dec{i}"] = wasm_codec.decoder(p, resource_ids)
+            ns[f"_dec{i}"] = decoder(p, resource_ids)
             lines.append(f"a{i} = _dec{i}(ctx, args + {at})")
     return lines
 
@@ -78,9 +80,9 @@ def _result_lines(result: Any, resource_ids: Callable[[str], int], ns: dict[str,
     """Statements writing ``out`` to ``res``."""
     if result is None:
         return []
-    if result.kind == "own" and wasm_codec.HOST_REP_OFFSET is not None:
-        host = wasm_codec.host_new(True, 0, resource_ids(result.args[0]))
-        ns["_own_rep"] = ctypes.c_uint32.from_address(host + wasm_codec.HOST_REP_OFFSET)
+    if result.kind == "own" and wasm_values.HOST_REP_OFFSET is not None:
+        host = wasm_values.host_new(True, 0, resource_ids(result.args[0]))
+        ns["_own_rep"] = ctypes.c_uint32.from_address(host + wasm_values.HOST_REP_OFFSET)
         ns["_own_host"] = host
         return [
             "_own_rep.value = out",
@@ -89,7 +91,7 @@ def _result_lines(result: Any, resource_ids: Callable[[str], int], ns: dict[str,
             "    _resource_error(err, 'could not hand a resource to the guest')",
             "_memmove(res, _pack_resource(_K_RESOURCE, _any.value or 0), 16)",
         ]
-    ns["_enc"] = wasm_codec.encoder(result, resource_ids)
+    ns["_enc"] = encoder(result, resource_ids)
     return ["_enc(ctx, out, res)"]
 
 
@@ -108,18 +110,18 @@ def _namespace(**bound: Any) -> dict[str, Any]:
     host, anyp = c_void_p(), c_void_p()
     return bound | {
         "_ptr_at": ctypes.c_size_t.from_address,
-        "_to_host": wasm_codec.any_to_host,
-        "_to_any": wasm_codec.host_to_any,
-        "_host_rep": wasm_codec.host_rep,
-        "_host_delete": wasm_codec.host_delete,
+        "_to_host": wasm_values.any_to_host,
+        "_to_any": wasm_values.host_to_any,
+        "_host_rep": wasm_values.host_rep,
+        "_host_delete": wasm_values.host_delete,
         "_host": host,
         "_host_ref": byref(host),
         "_any": anyp,
         "_any_ref": byref(anyp),
-        "_resource_error": wasm_codec.resource_error,
+        "_resource_error": wasm_values.resource_error,
         "_memmove": ctypes.memmove,
-        "_pack_resource": wasm_codec.KIND_PTR.pack,
-        "_K_RESOURCE": wasm_codec.K_RESOURCE,
+        "_pack_resource": wasm_values.KIND_PTR.pack,
+        "_K_RESOURCE": wasm_values.K_RESOURCE,
         "_perf": perf_counter,
     }
 
@@ -181,7 +183,7 @@ def async_trampoline(
     context and the result address; the guest's continuation is ``continuation``
     (callback and finalizer addresses) with that key. A raised exception ends the guest
     (``on_error(ctx, name, e, err_ret, cont)``)."""
-    enc = None if result is None else wasm_codec.encoder(result, resource_ids)
+    enc = None if result is None else encoder(result, resource_ids)
     ns = _namespace(_fn=fn, _name=name, _on_error=on_error, _parked=parked, _keys=keys,
                     _cont_fn=continuation[0], _cont_fin=continuation[1], _stats=stats,
                     _enc=enc)  # fmt: skip
