@@ -231,9 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     counts = [int(x) for x in args.instances.split(",")]
 
-    from loom.config import EngineConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.models.tiny import ensure_tiny_model
-    from loom.runtime.limits import RuntimeConfig
     from loom.runtime.runtime import start_runtime
     from loom.sdk.build import build_inferlet
 

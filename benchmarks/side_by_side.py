@@ -46,9 +46,8 @@ def compare(
     """Run both ``sides`` (name -> ``start_runtime`` keyword arguments; the first is the
     baseline) alternately; return a row per instance count and the runtimes' placements.
     ``mode``: how the guests make their passes (``runtime_overhead.python_guest``)."""
-    from loom.config import EngineConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.models.tiny import ensure_tiny_model
-    from loom.runtime.limits import RuntimeConfig
     from loom.runtime.runtime import start_runtime
     from loom.sdk.build import build_inferlet
     from runtime_overhead import python_guest

@@ -113,81 +113,36 @@ def _cmd_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from loom.config import SERVE_SECTIONS, ServeConfig, settings_of
     from loom.errors import LoomError
-    from loom.server.settings import field_names, load_settings
 
-    overrides = {name: getattr(args, name, None) for name in field_names()}
-    overrides["api_keys"] = args.api_key or None
+    overrides = {s.name: getattr(args, s.name) for c in SERVE_SECTIONS for s in settings_of(c)}
     try:
-        settings = load_settings(args.config, overrides)
+        config = ServeConfig.load(args.config, overrides)
     except (OSError, ValueError, TypeError) as exc:
         print(f"loom: error: {exc}", file=sys.stderr)
         return 2
     from loom.server.app import serve
 
     try:
-        return serve(settings)
+        return serve(config)
     except LoomError as exc:
         print(f"loom: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from loom.config import SERVE_SECTIONS, add_flags
+
     serve = sub.add_parser(
         "serve",
         help="serve a model: inferlets over WebSocket, the OpenAI API over HTTP",
         description="Start the engine, the inferlet runtime and the HTTP/WebSocket server. "
-        "Every flag is also a key of the --config TOML file (flags win).",
+        "Every flag is also a key of the --config TOML file (flags win; --num-pages 64 is "
+        "num_pages = 64 there).",
     )
-    # Defaults are None here so that a config file's value is not overridden by a default.
-    serve.add_argument("--model", help="HF model directory, or 'tiny' (default)")
-    serve.add_argument("--served-model-name", help="the model's name in the API")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--config", help="TOML file with the same settings")
-    serve.add_argument("--api-key", action="append", help="accept this key (repeatable)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    serve.add_argument("--device", help="cpu, cuda or cuda:N")
-    serve.add_argument("--num-pages", type=int, help="KV pages (default: from memory)")
-    serve.add_argument("--kv-cache-memory-mb", type=int)
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument(
-        "--prefix-cache",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV of earlier prompts' pages (default on)",
-    )
-    serve.add_argument("--worker", choices=["process", "thread"], help="engine placement")
-    serve.add_argument("--engine-threads", type=int)
-    serve.add_argument(
-        "--pin-cpus",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="runtime thread on one core, the engine worker on the others, polling for its "
-        "next batch for up to 2 ms after each (default on)",
-    )
-    serve.add_argument(
-        "--engine-step-ms",
-        type=float,
-        help="benchmarks only: pad every engine pass to this wall time, as a launch-bound "
-        "GPU step behaves (default 0: off)",
-    )
-    serve.add_argument("--batch-policy", choices=["adaptive", "k", "t", "k_or_t"])
-    serve.add_argument("--out-of-pages", choices=["wait", "kill-newest"])
-    serve.add_argument("--max-instances", type=int)
-    serve.add_argument("--max-upload-mb", type=int)
-    serve.add_argument("--cpu-budget-s", type=float, help="guest CPU seconds per instance")
-    serve.add_argument("--memory-limit-mb", type=int, help="memory cap per instance")
-    serve.add_argument("--http-allow-hosts", nargs="*", help="hosts inferlets may call")
-    serve.add_argument("--http-timeout-s", type=float, help="inferlets' outgoing HTTP timeout")
-    serve.add_argument("--program-dir", help="where uploaded programs are kept")
-    serve.add_argument("--event-backlog", type=int, help="events kept for late attachers")
-    serve.add_argument("--reservation-ttl-s", type=float, help="microserving reservation TTL")
-    serve.add_argument(
-        "--kv-transport",
-        choices=["tcp", "shm", "gloo"],
-        help="how KV goes to other engines (microserving)",
-    )
+    add_flags(serve, *SERVE_SECTIONS)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -202,10 +157,10 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
+    from loom.config import ServeConfig
     from loom.server.app import serve
-    from loom.server.settings import ServeSettings
 
-    settings = ServeSettings(
+    config = ServeConfig.of(
         model=args.model,
         host=args.host,
         port=args.port,
@@ -216,13 +171,21 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         kv_transport=args.kv_transport,
         prefix_cache=args.prefix_cache,
     )
-    return serve(settings)
+    return serve(config)
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
+    from loom.config import RouterConfig, settings_of
+    from loom.config.fields import build
     from loom.router.serve import run_router
 
-    return run_router(args)
+    given = {s.name: getattr(args, s.name) for s in settings_of(RouterConfig)}
+    try:
+        config = build(RouterConfig, {k: v for k, v in given.items() if v is not None})
+    except (ValueError, TypeError) as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+    return run_router(config)
 
 
 def _add_microserving(sub: argparse._SubParsersAction) -> None:
@@ -253,42 +216,12 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
         help="reuse the KV of earlier prompts' pages (default on)",
     )
     engine.set_defaults(func=_cmd_engine)
+    from loom.config import RouterConfig, add_flags
+
     router = sub.add_parser(
         "router", help="route OpenAI requests over engines with a microserving strategy"
     )
-    router.add_argument("--engines", type=int, default=2, help="local engines to start")
-    router.add_argument(
-        "--engine-url",
-        action="append",
-        default=[],
-        help="use this running engine instead (repeatable)",
-    )
-    router.add_argument(
-        "--strategy",
-        default="pd",
-        help="dp, pd, balanced-pd, prefix-pd, migrate or dynamic (default pd)",
-    )
-    router.add_argument(
-        "--balance",
-        type=float,
-        default=0.0,
-        help="share of the prompt the decode engine prefills (balanced P/D)",
-    )
-    router.add_argument("--model", default="tiny")
-    router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=8080)
-    router.add_argument(
-        "--kv-transport",
-        default="tcp",
-        choices=["tcp", "shm", "gloo"],
-        help="KV transport of the engines it starts (shm: shared memory)",
-    )
-    router.add_argument(
-        "--prefix-cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="prefix caches of the engines it starts (default on)",
-    )
+    add_flags(router, RouterConfig)
     router.set_defaults(func=_cmd_router)
 
 

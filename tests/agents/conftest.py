@@ -15,8 +15,7 @@ INFERLETS = Path(__file__).resolve().parents[2] / "inferlets"
 
 @pytest.fixture(scope="module")
 def art(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from loom.config import EngineConfig
-    from loom.runtime.limits import RuntimeConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     runtime = start_runtime(

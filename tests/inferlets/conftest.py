@@ -13,8 +13,7 @@ INFERLETS = Path(__file__).resolve().parents[2] / "inferlets"
 
 @pytest.fixture(scope="module")
 def irt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from loom.config import EngineConfig
-    from loom.runtime.limits import RuntimeConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     runtime = start_runtime(

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
+from loom.config import ServeConfig
 from loom.server.app import BackgroundServer
-from loom.server.settings import ServeSettings
 from tests.helpers import kv_bytes_per_token
 
 
@@ -21,7 +21,7 @@ from tests.helpers import kv_bytes_per_token
 def pair(tiny_dir: Path) -> Iterator[tuple[Any, Any]]:
     def make() -> BackgroundServer:
         return BackgroundServer(
-            ServeSettings(
+            ServeConfig.of(
                 model=str(tiny_dir), port=0, worker="thread", num_pages=128, reservation_ttl_s=1.0
             )
         )
@@ -230,7 +230,7 @@ def test_other_transports_give_the_same_kv(
     _, d = pair
     prompt = [len(transport), *((i * 53) % 1900 + 60 for i in range(36))]
     segments = set(os.listdir("/dev/shm"))
-    settings = ServeSettings(
+    settings = ServeConfig.of(
         model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport=transport
     )
     with BackgroundServer(settings) as p:
@@ -264,7 +264,7 @@ def test_an_engine_without_prefix_cache_matches_nothing(
 ) -> None:
     _, d = pair
     prompt = [7, *((i * 41) % 1900 + 70 for i in range(40))]
-    settings = ServeSettings(
+    settings = ServeConfig.of(
         model=str(tiny_dir), port=0, worker="thread", num_pages=64, prefix_cache=False
     )
     with BackgroundServer(settings) as off:

@@ -26,8 +26,7 @@ def program_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rt(tiny_dir: Path, program_cache: Path) -> Iterator[object]:
-    from loom.config import EngineConfig
-    from loom.runtime.limits import RuntimeConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     runtime = start_runtime(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from loom.config import RuntimeConfig
 from loom.runtime.batcher import Batcher
 from loom.runtime.commands import CommandQueue, ForwardCmd
 from loom.runtime.futures import HostFuture
-from loom.runtime.limits import RuntimeConfig
 
 
 def _queues(n: int, submitted_at: float) -> list[CommandQueue]:

@@ -124,14 +124,13 @@ def test_a_pass_ahead_that_has_not_run_is_dropped_when_settled(rt: Any, testkit:
     free0 = free_pages(rt)
     want_result, want = run(rt, testkit, "wait-decode", "5,6,7", "4")
     assert want_result.ok, want_result.error
-    saved = (rt.config.batch_policy, rt.config.batch_k)
-    rt.config.batch_policy, rt.config.batch_k = "k", 64
+    saved = rt.reconfigure(batch_policy="k", batch_k=64)
     try:
         start = rt.query(lambda: rt.stats.forward_cmds)
         result, messages = run(rt, testkit, "chain-decode", "5,6,7", "4")
         passes = rt.query(lambda: rt.stats.forward_cmds) - start
     finally:
-        rt.config.batch_policy, rt.config.batch_k = saved
+        rt.reconfigure(saved)
     assert result.ok, result.error
     assert json.loads(messages[0]) == {"tokens": json.loads(want[0]), "settled": None}
     assert passes == 4  # the prefill and three passes ahead; the fourth was dropped
@@ -303,7 +302,7 @@ def test_wait_policy_holds_the_allocation_until_pages_return(rt: Any, testkit: s
 
 def test_kill_newest_policy_terminates_the_newer_instance(rt: Any, testkit: str) -> None:
     free0 = free_pages(rt)
-    rt.config.out_of_pages = "kill-newest"
+    saved = rt.reconfigure(out_of_pages="kill-newest")
     try:
         older = rt.launch(testkit, ["echo"])  # launched first: it has priority
         newer = rt.launch(testkit, ["hold", str(free0 - 1)])
@@ -322,7 +321,7 @@ def test_kill_newest_policy_terminates_the_newer_instance(rt: Any, testkit: str)
         end = holder.wait(0.01) if holder.done else None
         assert end is None
     finally:
-        rt.config.out_of_pages = "wait"
+        rt.reconfigure(saved)
     holder.send("release")
     holder.wait(30)
     assert free_pages(rt) == free0
@@ -333,8 +332,7 @@ def test_a_thousand_concurrent_inferlets_all_finish_correctly(
     tiny_dir: Any, program_cache: Any, testkit_wasm: bytes
 ) -> None:
     """1000 Python inferlets x 50 forward calls each; results match a single-guest run."""
-    from loom.config import EngineConfig
-    from loom.runtime.limits import RuntimeConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     n, steps = 1000, 49  # prefill + 49 decode steps = 50 forward calls each
@@ -371,8 +369,7 @@ def test_every_policy_finishes_fewer_guests_than_k(rt: Any, testkit: str, policy
 
     prompts = ["5,6,7", "9,8", "3,3,3,3"]
     baseline = [json.loads(rt.launch(testkit, ["decode", p, "6"]).recv(30)) for p in prompts]
-    saved = (rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms)
-    rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms = policy, 64, 5.0
+    saved = rt.reconfigure(batch_policy=policy, batch_k=64, batch_t_ms=5.0)
     try:
         rt.query(lambda: setattr(rt, "stats", RuntimeStats()))
         handles = [rt.launch(testkit, ["decode", p, "6"]) for p in prompts]
@@ -383,7 +380,7 @@ def test_every_policy_finishes_fewer_guests_than_k(rt: Any, testkit: str, policy
         if policy == "k":  # fires only when every guest waits: the guests run in lockstep
             assert max(sizes) == 3
     finally:
-        rt.config.batch_policy, rt.config.batch_k, rt.config.batch_t_ms = saved
+        rt.reconfigure(saved)
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -403,16 +400,16 @@ def test_http_fetch_reaches_allowed_hosts_only(rt: Any, testkit: str) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/x"
-    saved = rt.config.http_allow_hosts
+    saved = rt.config
     try:
         denied = rt.launch(testkit, ["http", url]).wait(30)
         assert not denied.ok and "not allowed by the server's HTTP policy" in (denied.error or "")
-        rt.config.http_allow_hosts = ("127.0.0.1",)
+        rt.reconfigure(http_allow_hosts=("127.0.0.1",))
         h = rt.launch(testkit, ["http", url])
         assert h.wait(30).ok
         assert h.recv(5) == "200 echo:ping:1"
     finally:
-        rt.config.http_allow_hosts = saved
+        rt.reconfigure(saved)
         server.shutdown()
 
 
@@ -437,10 +434,10 @@ def test_generation_chunks_in_the_worker_equal_step_by_step(rt: Any, testkit: st
 
     free0 = free_pages(rt)
     outs = {}
-    saved = rt.config.generate_chunk
+    saved = rt.config
     try:
         for chunk in (0, 5):
-            rt.config.generate_chunk = chunk
+            rt.reconfigure(generate_chunk=chunk)
             rt.query(lambda: setattr(rt, "stats", RuntimeStats()))
             handles = [rt.launch(testkit, ["generate", text, "23"])
                        for text in ("Once upon a time", "The quick brown fox")]  # fmt: skip
@@ -448,7 +445,7 @@ def test_generation_chunks_in_the_worker_equal_step_by_step(rt: Any, testkit: st
             outs[chunk] = ([json.loads(h.recv(5)) for h in handles], rt.stats.batches,
                            rt.stats.continued_tokens)  # fmt: skip
     finally:
-        rt.config.generate_chunk = saved
+        rt.reconfigure(saved)
     (plain, plain_batches, none), (chunked, chunked_batches, continued) = outs[0], outs[5]
     assert none == 0 and continued > 0
     assert chunked == plain

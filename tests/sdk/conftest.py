@@ -12,8 +12,7 @@ APPS = Path(__file__).parent / "apps"
 
 @pytest.fixture(scope="module")
 def srt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from loom.config import EngineConfig
-    from loom.runtime.limits import RuntimeConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     runtime = start_runtime(

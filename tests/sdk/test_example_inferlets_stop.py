@@ -33,9 +33,8 @@ def _first_new(seq: list[int], avoid: set[int]) -> int:
 
 
 def test_text_completion_and_chat_stop_at_end_of_sequence(tiny_dir: Path, tmp_path: Path) -> None:
-    from loom.config import EngineConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.models.tokenizer import Tokenizer
-    from loom.runtime.limits import RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     prompt, message = "Once upon a time", "Tell me a story"

@@ -201,8 +201,7 @@ def test_http_and_child_inferlets(srt: Any, sdkkit: str) -> None:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    saved = srt.config.http_allow_hosts
-    srt.config.http_allow_hosts = ("127.0.0.1",)
+    saved = srt.reconfigure(http_allow_hosts=("127.0.0.1",))
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         puller = srt.launch(sdkkit, ["channel", "pull"])
@@ -213,7 +212,7 @@ def test_http_and_child_inferlets(srt: Any, sdkkit: str) -> None:
         # The child pushed to the channel the puller waits on.
         assert puller.wait(30).ok and puller.recv(5) == "pulled from-child"
     finally:
-        srt.config.http_allow_hosts = saved
+        srt.reconfigure(saved)
         server.shutdown()
 
 

@@ -13,10 +13,10 @@ API_KEY = "test-key-1"
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from loom.config import ServeConfig
     from loom.server.app import BackgroundServer
-    from loom.server.settings import ServeSettings
 
-    settings = ServeSettings(
+    settings = ServeConfig.of(
         model=str(tiny_dir),
         port=0,
         worker="thread",

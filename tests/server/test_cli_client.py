@@ -67,31 +67,45 @@ def test_loom_ps_and_kill(server: Any, sdkkit_wasm: bytes) -> None:
 
 
 def test_settings_file_and_flags(tmp_path: Path) -> None:
-    from loom.server.settings import load_settings
+    from loom.config import ServeConfig
 
     cfg = tmp_path / "loom.toml"
     cfg.write_text('port = 9001\nmodel = "tiny"\napi_keys = ["a", "b"]\nnum_pages = 64\n')
-    s = load_settings(cfg, {"port": 9100, "host": None})
-    assert (s.port, s.host, s.api_keys, s.num_pages) == (9100, "127.0.0.1", ["a", "b"], 64)
-    assert s.engine_config().num_pages == 64
+    s = ServeConfig.load(cfg, {"port": 9100, "host": None})
+    got = (s.server.port, s.server.host, s.server.api_keys, s.engine.num_pages)
+    assert got == (9100, "127.0.0.1", ("a", "b"), 64)
     cfg.write_text("prot = 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
-        load_settings(cfg, {})
+        ServeConfig.load(cfg, {})
     with pytest.raises(ValueError, match="port"):
-        load_settings(None, {"port": 70000})
+        ServeConfig.load(None, {"port": 70000})
+    with pytest.raises(ValueError, match="batch policy"):
+        ServeConfig.of(batch_policy="sometimes")
     bad = loom("serve", "--config", str(cfg))
     assert bad.returncode == 2 and "unknown setting(s) prot" in bad.stderr
 
 
-def test_every_setting_is_a_serve_flag() -> None:
+def test_every_setting_is_a_serve_flag_with_its_default_in_the_help() -> None:
     from loom.cli import build_parser
-    from loom.server.settings import field_names
+    from loom.config import SERVE_SECTIONS, settings_of
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    dests = {a.dest for a in sub.choices["serve"]._actions}  # type: ignore[attr-defined]
-    assert set(field_names()) - dests == {"api_keys"}  # given as --api-key, repeatable
-    assert "api_key" in dests
+    serve = sub.choices["serve"]  # type: ignore[attr-defined]
+    by_dest = {a.dest: a for a in serve._actions}
+    settings = [s for c in SERVE_SECTIONS for s in settings_of(c)]
+    assert len(settings) == len({s.name for s in settings})  # one name, one setting
+    for s in settings:
+        assert s.name in by_dest, s.name
+        assert s.flag in by_dest[s.name].option_strings
+        if s.default not in (None, ()) and not isinstance(s.default, bool):
+            assert f"(default: {s.default})" in by_dest[s.name].help
+    assert "--api-key" in by_dest["api_keys"].option_strings  # repeatable, one key each
+    args = parser.parse_args(["serve", "--api-key", "a", "--api-key", "b", "--no-prefix-cache",
+                              "--http-allow-hosts", "x", "y", "--batch-k", "3"])  # fmt: skip
+    assert (args.api_keys, args.prefix_cache, args.http_allow_hosts) == (["a", "b"], False,
+                                                                         ["x", "y"])  # fmt: skip
+    assert args.batch_k == 3 and args.num_pages is None  # not given: the file's value stands
 
 
 # Small arguments that exercise each technique inferlet end to end.

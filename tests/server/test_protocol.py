@@ -97,7 +97,7 @@ def test_uploads_are_checked_against_size_and_hash(server: Any) -> None:
 
 
 def test_an_upload_over_the_cap_is_refused(server: Any) -> None:
-    cap = server.state.settings.max_upload_mb << 20
+    cap = server.state.config.server.max_upload_mb << 20
     (ok, r) = asyncio.run(raw_exchange(server, [
         hello(), frame(type="upload_start", id=1, hash="b" * 64, size=cap + 1),
     ]))  # fmt: skip
@@ -196,7 +196,7 @@ def test_inferlet_run_over_sse(server: Any, sdkkit_wasm: bytes) -> None:
 def test_two_clients_fifty_instances_each(server: Any, sdkkit_wasm: bytes) -> None:
     from loom import LLM, SamplingParams
 
-    llm = LLM(server.state.settings.model, num_pages=64)
+    llm = LLM(server.state.config.engine.model, num_pages=64)
     prompts = [f"Story number {i}:" for i in range(10)]
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     # The SDK's `fill` adds no special tokens.

@@ -296,10 +296,10 @@ def test_presence_and_frequency_penalties_apply_streamed_or_not(
 
 
 def test_the_served_model_name_is_the_one_clients_use(tiny_dir: Any, tmp_path: Any) -> None:
+    from loom.config import ServeConfig
     from loom.server.app import BackgroundServer
-    from loom.server.settings import ServeSettings
 
-    settings = ServeSettings(model=str(tiny_dir), port=0, worker="thread", num_pages=64,
+    settings = ServeConfig.of(model=str(tiny_dir), port=0, worker="thread", num_pages=64,
                              served_model_name="my-llm", program_dir=str(tmp_path))  # fmt: skip
     with BackgroundServer(settings) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import httpx
 
+from loom.config import RouterConfig
 
-def run_router(args: argparse.Namespace) -> int:
+
+def run_router(args: RouterConfig) -> int:
+    """Start the engines (unless ``engine_urls`` names running ones) and serve until
+    interrupted."""
     import uvicorn
 
     from loom.api.shutdown import exit_cleanly_on_sigterm
@@ -25,7 +28,7 @@ def run_router(args: argparse.Namespace) -> int:
         return 2
     exit_cleanly_on_sigterm()  # the engines started here stop with the router
     procs = []
-    urls = list(args.engine_url)
+    urls = list(args.engine_urls)
     if not urls:
         print(f"loom: starting {args.engines} engines ({args.model})", file=sys.stderr)
         extra = ["--kv-transport", args.kv_transport]

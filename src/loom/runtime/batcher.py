@@ -36,6 +36,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+from loom.config import RuntimeConfig
 from loom.runtime.commands import (
     FORWARD_KINDS,
     CommandQueue,
@@ -43,7 +44,6 @@ from loom.runtime.commands import (
     GenerateCmd,
     head_tokens,
 )
-from loom.runtime.limits import RuntimeConfig
 
 _PRIORITY = operator.attrgetter("priority")
 

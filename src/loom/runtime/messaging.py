@@ -8,9 +8,9 @@ messages nobody reads.
 
 from __future__ import annotations
 
+from loom.config import RuntimeConfig
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.instance import Instance
-from loom.runtime.limits import RuntimeConfig
 from loom.runtime.wasm.ffi import HostCallError
 
 

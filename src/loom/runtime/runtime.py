@@ -29,10 +29,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from loom.config import EngineConfig
+from loom.config import EngineConfig, RuntimeConfig
 from loom.engine.grammar import GrammarCompiler
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
@@ -56,7 +57,6 @@ from loom.runtime.guests import Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
-from loom.runtime.limits import RuntimeConfig
 from loom.runtime.messaging import Messaging
 from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
@@ -81,7 +81,6 @@ class Runtime:
         the loop's thread runs on ``placement.runtime`` (the worker's placement)."""
         self.config = config = config or RuntimeConfig()
         self.placement = placement
-        config.validate()
         self.worker = worker
         info = worker.info
         self.page_size = info.page_size
@@ -202,6 +201,17 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def reconfigure(self, config: RuntimeConfig | None = None, **changes: Any) -> RuntimeConfig:
+        """Change settings of the running runtime: ``config`` whole, or ``changes`` to
+        fields of the current one (checked); returns the settings before, for a caller
+        that puts them back. The parts take the new settings at their next decision."""
+        before = self.config
+        config = replace(config or before, **changes)
+        self.config = self.batcher.config = self.messaging.config = config
+        self.guests.config = self.dispatch.config = config
+        self.guests.cohorts.hold_s = config.cohort_hold_ms / 1000.0
+        return before
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the runtime thread (for inspection from tests and the server)."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from loom.runtime.histogram import BATCH_SIZES, STEP_SECONDS, Histogram
 
 if TYPE_CHECKING:
+    from loom.config import RuntimeConfig
     from loom.engine.grammar import GrammarCompiler
     from loom.engine.page_pool import PagePool
     from loom.engine.prefix_cache import PrefixCache
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from loom.models.tokenizer import Tokenizer
     from loom.runtime.commands import AllocateCmd, CommandQueue
     from loom.runtime.instance import EventListener, Instance, InstanceHandle
-    from loom.runtime.limits import RuntimeConfig
     from loom.runtime.messaging import Messaging
     from loom.runtime.program_cache import ProgramCache
     from loom.runtime.resources import ExportRegistry, HandleTable

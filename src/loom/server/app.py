@@ -15,9 +15,9 @@ from fastapi.responses import Response
 
 from loom import __version__
 from loom.api.errors import install_error_handlers
+from loom.config import ServeConfig
 from loom.server import inferlets_api, microserving_api, openai_api
 from loom.server.metrics import make_registry, render
-from loom.server.settings import ServeSettings
 from loom.server.state import ServerState
 from loom.server.ws import Session
 
@@ -59,38 +59,40 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def start_state(settings: ServeSettings, log: Any = None) -> ServerState:
-    """Start the engine worker and the runtime described by ``settings``."""
+def start_state(config: ServeConfig, log: Any = None) -> ServerState:
+    """Start the engine worker and the runtime described by ``config``."""
     from loom.runtime.runtime import start_runtime
 
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    say(f"loom: loading model {settings.model!r} ({settings.dtype}, {settings.device}, "
-        f"{settings.worker} worker)")  # fmt: skip
+    engine, server = config.engine, config.server
+    say(f"loom: loading model {engine.model!r} ({engine.dtype}, {engine.device}, "
+        f"{server.worker} worker)")  # fmt: skip
     t0 = time.perf_counter()
     runtime = start_runtime(
-        settings.engine_config(),
-        settings.runtime_config(),
-        worker_mode=settings.worker,  # type: ignore[arg-type]
-        engine_threads=settings.engine_threads,
-        pin_cpus=settings.pin_cpus,
+        engine,
+        config.runtime,
+        worker_mode=server.worker,
+        engine_threads=server.engine_threads,
+        pin_cpus=server.pin_cpus,
     )
     say(f"loom: model ready in {time.perf_counter() - t0:.1f} s: {runtime.model_name}, "
         f"{runtime.pool.num_pages} KV pages of {runtime.page_size} tokens, "
         f"context {runtime.max_model_len}; {runtime.placement.describe()}")  # fmt: skip
-    return ServerState(runtime, settings, settings.served_model_name or runtime.model_name)
+    return ServerState(runtime, config, server.served_model_name or runtime.model_name)
 
 
-def serve(settings: ServeSettings) -> int:
+def serve(config: ServeConfig) -> int:
     """``loom serve``: run until interrupted."""
     import uvicorn
 
     from loom.api.shutdown import exit_cleanly_on_sigterm
 
-    state = start_state(settings)
+    state = start_state(config)
     app = create_app(state)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            ws_max_size=8 << 20)  # fmt: skip
-    server = _AnnouncingServer(config, state)
+    where = config.server
+    uv_config = uvicorn.Config(app, host=where.host, port=where.port, log_level="warning",
+                               ws_max_size=8 << 20)  # fmt: skip
+    server = _AnnouncingServer(uv_config, state)
     exit_cleanly_on_sigterm()  # the engine worker stops with the server
     try:
         server.run()
@@ -123,18 +125,19 @@ class _AnnouncingServer:
 
 class BackgroundServer:
     """The whole server in a background thread on 127.0.0.1 (tests, benchmarks, embedding):
-    ``with BackgroundServer(settings) as srv: use(srv.url)``. Port 0 picks a free port."""
+    ``with BackgroundServer(config) as srv: use(srv.url)``. Port 0 picks a free port."""
 
-    def __init__(self, settings: ServeSettings, state: ServerState | None = None) -> None:
+    def __init__(self, config: ServeConfig, state: ServerState | None = None) -> None:
         import threading
 
         import uvicorn
 
-        self.state = state or start_state(settings, log=lambda msg: None)
+        self.state = state or start_state(config, log=lambda msg: None)
         self.app = create_app(self.state)
-        config = uvicorn.Config(self.app, host=settings.host, port=settings.port,
-                                log_level="warning", ws_max_size=8 << 20)  # fmt: skip
-        self.server = uvicorn.Server(config)
+        where = config.server
+        uv_config = uvicorn.Config(self.app, host=where.host, port=where.port,
+                                   log_level="warning", ws_max_size=8 << 20)  # fmt: skip
+        self.server = uvicorn.Server(uv_config)
         self._thread = threading.Thread(target=self.server.run, name="loom-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30

@@ -9,7 +9,7 @@ from loom.api.errors import ApiError
 
 async def require_key(request: Request) -> None:
     state = request.app.state.loom
-    if not state.settings.api_keys:
+    if not state.config.server.api_keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")

@@ -31,7 +31,7 @@ async def run_inferlet(body: RunRequest, request: Request) -> StreamingResponse:
     if not await asyncio.to_thread(state.has_program, body.program):
         raise ApiError(404, f"no program with hash {body.program}; upload it first",
                        param="program", code="unknown_program", kind="not_found_error")  # fmt: skip
-    if len(state.instances) >= state.settings.max_instances:
+    if len(state.instances) >= state.config.runtime.max_instances:
         raise ApiError(503, "too many instances; try again later", kind="server_error")
     record = state.launch(body.program, body.args)
     events: asyncio.Queue[Event] = asyncio.Queue()

@@ -82,7 +82,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 
 def _check_model(st: ServerState, model: str) -> None:
-    if model not in (st.model_name, st.settings.model):
+    if model not in (st.model_name, st.config.engine.model):
         raise ApiError(404, f"model {model!r} does not exist (this server has {st.model_name!r})",
                        param="model", code="model_not_found", kind="not_found_error")  # fmt: skip
 

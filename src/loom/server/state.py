@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loom.config import ServeConfig
 from loom.paths import cache_root
 from loom.runtime.instance import InstanceResult
 from loom.runtime.runtime import Runtime
-from loom.server.settings import ServeSettings
 
 Event = dict[str, Any]  # {"type": "event", "instance", "event", "data"}
 Subscriber = Callable[[Event], None]
@@ -67,15 +67,15 @@ class InstanceRecord:
 
 
 class ServerState:
-    def __init__(self, runtime: Runtime, settings: ServeSettings, model_name: str) -> None:
+    def __init__(self, runtime: Runtime, config: ServeConfig, model_name: str) -> None:
         self.runtime = runtime
-        self.settings = settings
+        self.config = config
         self.model_name = model_name
         self.started_at = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.instances: dict[str, InstanceRecord] = {}
         self.finished: OrderedDict[str, InstanceRecord] = OrderedDict()  # the most recent
-        self.program_dir = Path(settings.program_dir or cache_root() / "uploads")
+        self.program_dir = Path(config.server.program_dir or cache_root() / "uploads")
         self.requests_total: dict[str, int] = {}
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -83,11 +83,13 @@ class ServerState:
     # ----- authentication -----
 
     def check_key(self, key: str | None) -> bool:
-        if not self.settings.api_keys:
+        if not self.config.server.api_keys:
             return True
         if not key:
             return False
-        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.settings.api_keys)
+        return any(
+            hmac.compare_digest(key.encode(), k.encode()) for k in self.config.server.api_keys
+        )
 
     # ----- programs -----
 
@@ -134,7 +136,7 @@ class ServerState:
 
         handle = self.runtime.launch(program, args, listener=on_event)
         record = InstanceRecord(
-            handle.id, program, args, backlog_cap=self.settings.event_backlog, handle=handle
+            handle.id, program, args, backlog_cap=self.config.server.event_backlog, handle=handle
         )
         self.instances[record.id] = record
         for kind, payload in early:

@@ -126,7 +126,7 @@ class Session:
     async def upload_start(self, frame: dict[str, Any]) -> dict[str, Any]:
         digest = _hash_field(frame)
         size = field(frame, "size", int)
-        cap = self.state.settings.max_upload_mb << 20
+        cap = self.state.config.server.max_upload_mb << 20
         if not 0 < size <= cap:
             raise ProtocolError(Code.TOO_LARGE, f"program size must be 1..{cap} bytes")
         self.uploads[digest] = _Upload(digest, size)
@@ -170,7 +170,7 @@ class Session:
             raise ProtocolError(Code.BAD_REQUEST, "launch: 'args' must be a list of strings")
         if not await asyncio.to_thread(self.state.has_program, digest):
             raise ProtocolError(Code.UNKNOWN_PROGRAM, f"no program with hash {digest}; upload it")
-        if len(self.state.instances) >= self.state.settings.max_instances:
+        if len(self.state.instances) >= self.state.config.runtime.max_instances:
             raise ProtocolError(Code.BUSY, "too many instances; try again later")
         record = self.state.launch(digest, args)
         if field(frame, "attach", bool, True):

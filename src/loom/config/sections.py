@@ -1,0 +1,200 @@
+"""The configuration of every part, frozen and checked when made.
+
+``EngineConfig`` (the model, its engine and KV cache), ``RuntimeConfig`` (the inferlet
+runtime: batching, limits, out-of-pages policy), ``ServerConfig`` (``loom serve``'s
+sockets, clients and engine placement) and ``RouterConfig`` (``loom router``).
+``ServeConfig`` composes the first three for ``loom serve``. Every field is a setting
+(``fields.setting``): one flag and one TOML key, with its help text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loom.config.fields import build, merged, names, setting
+
+BatchPolicy = Literal["adaptive", "k", "t", "k_or_t"]
+OutOfPagesPolicy = Literal["wait", "kill-newest"]
+KVTransport = Literal["tcp", "shm", "gloo"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The model and its engine: weights, device, KV cache, step budgets."""
+
+    model: str = setting("tiny", "a Hugging Face model directory, or 'tiny' (embedded)")
+    dtype: str = setting("float32", "weights and activations", choices=DTYPES)
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    page_size: int = setting(16, "tokens per KV page")
+    num_pages: int | None = setting(None, "KV pages (default: from kv_cache_memory_mb)")
+    kv_cache_memory_mb: int = setting(256, "KV cache budget when num_pages is not given")
+    max_num_batched_tokens: int = setting(2048, "tokens of one offline step (chunked prefill)")
+    max_num_seqs: int = setting(256, "sequences the offline scheduler runs at once")
+    max_model_len: int | None = setting(None, "context length (default: the model's)")
+    enable_prefix_caching: bool = setting(
+        True, "reuse the KV of earlier prompts' full pages", name="prefix_cache"
+    )
+    # Pads every pass to this wall time whatever its size, the way a launch-bound GPU
+    # step behaves: passes and idle gaps then cost here what they would cost there.
+    step_time_ms: float = setting(
+        0.0, "benchmarks only: pad every engine pass to this wall time (0: off)",
+        name="engine_step_ms",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _require(self.page_size > 0 and (self.num_pages is None or self.num_pages > 0),
+                 "page_size and num_pages must be positive")  # fmt: skip
+        _require(self.max_num_batched_tokens > 0 and self.max_num_seqs > 0,
+                 "max_num_batched_tokens and max_num_seqs must be positive")  # fmt: skip
+        _require(self.kv_cache_memory_mb > 0, "kv_cache_memory_mb must be positive")
+        _require(0 <= self.step_time_ms < 60_000,
+                 f"step_time_ms must be in [0, 60000), got {self.step_time_ms}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The inferlet runtime: batching, per-instance limits, out-of-pages policy."""
+
+    # "adaptive" fires as soon as the engine is free with everything that arrived
+    # meanwhile (work-conserving); "k" waits for `batch_k` forward commands, "t" for
+    # `batch_t_ms` after the oldest arrived, "k_or_t" for whichever comes first.
+    batch_policy: BatchPolicy = setting("adaptive", "when a batch of forward work fires")
+    batch_k: int = setting(8, "forward commands the k policies wait for")
+    batch_t_ms: float = setting(16.0, "milliseconds the t policies wait")
+    max_batch_tokens: int = setting(8192, "tokens in one engine batch")
+    # A batch of nothing but host-driven generations, while no guest can add work, lets
+    # the worker continue them for up to this many tokens without a round trip each.
+    generate_chunk: int = setting(16, "steps the worker runs host generations alone (0: off)")
+    # A launch cohort (``launch_batch``) holds its members' forward work until all have
+    # reached their first wait, or until none has for this long.
+    cohort_hold_ms: float = setting(200.0, "longest hold of a launch cohort's work")
+    memory_limit_mb: int = setting(256, "memory cap per instance")  # guests start ~12 MiB
+    cpu_budget_s: float = setting(60.0, "guest CPU seconds per instance")
+    token_budget: int = setting(1 << 30, "tokens an instance may put through the model")
+    max_message_bytes: int = setting(1 << 20, "largest message, topic or store value")
+    max_pending_messages: int = setting(10_000, "unread messages per client or channel")
+    max_instances: int = setting(4096, "instances running at once")
+    slice_ms: float = setting(10.0, "a running guest yields to the others this often")
+    # "wait" holds the allocating queue until pages are freed (failing the inferlet after
+    # `page_wait_timeout_s`); "kill-newest" ends the newest instance holding pages.
+    out_of_pages: OutOfPagesPolicy = setting("wait", "what happens when KV pages run out")
+    page_wait_timeout_s: float = setting(30.0, "longest wait for KV pages")
+    # Moves the objects alive at start (torch, compiled programs) out of the collector's
+    # generations, so collections scan only what instances create.
+    freeze_gc: bool = setting(True, "freeze start-up objects out of the garbage collector")
+    reservation_ttl_s: float = setting(60.0, "microserving: unused KV reservations expire")
+    # "shm": for receivers on this host, the socket carries only frame names; "gloo":
+    # torch.distributed send/recv, the socket carries only frame headers.
+    kv_transport: KVTransport = setting("tcp", "microserving: how KV goes to other engines")
+    http_allow_hosts: tuple[str, ...] = setting((), "hosts inferlets may call ('*': any)",
+                                                many=True)  # fmt: skip
+    http_timeout_s: float = setting(30.0, "inferlets' outgoing HTTP timeout")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        return self.memory_limit_mb << 20
+
+    def validate(self) -> None:
+        _require(self.batch_policy in ("adaptive", "k", "t", "k_or_t"),
+                 f"unknown batch policy {self.batch_policy!r}")  # fmt: skip
+        _require(self.out_of_pages in ("wait", "kill-newest"),
+                 f"unknown out-of-pages policy {self.out_of_pages!r}")  # fmt: skip
+        _require(self.kv_transport in ("tcp", "shm", "gloo"),
+                 f"kv_transport must be tcp, shm or gloo, got {self.kv_transport!r}")  # fmt: skip
+        _require(self.http_timeout_s > 0, f"http_timeout_s must be > 0, got {self.http_timeout_s}")
+        _require(self.cohort_hold_ms >= 0,
+                 f"cohort_hold_ms must be >= 0, got {self.cohort_hold_ms}")  # fmt: skip
+        _require(self.batch_k >= 1 and self.batch_t_ms >= 0 and self.slice_ms > 0,
+                 "batch_k must be >= 1, batch_t_ms >= 0 and slice_ms > 0")  # fmt: skip
+        _require(self.memory_limit_mb > 0 and self.max_instances > 0,
+                 "memory_limit_mb and max_instances must be positive")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``loom serve``: where it listens, who may use it, where the engine runs."""
+
+    # Only loopback by default: exposing a server is a decision.
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8080, "port")
+    # WebSocket `auth` and HTTP `Authorization: Bearer`; none: no authentication.
+    api_keys: tuple[str, ...] = setting((), "accept this API key (repeatable)", repeat=True)
+    served_model_name: str | None = setting(None, "the model's name in the API "
+                                                  "(default: its directory's name)")  # fmt: skip
+    worker: Literal["process", "thread"] = setting("process", "the engine's own process, "
+                                                   "or a thread (tests, debugging)")  # fmt: skip
+    engine_threads: int | None = setting(None, "torch threads of a process worker "
+                                                "(default: every core but one)")  # fmt: skip
+    # The runtime thread on the first of this process's cores, the engine on the others,
+    # polling for its next op for up to 2 ms after each one.
+    pin_cpus: bool = setting(True, "runtime thread and engine worker on cores of their own")
+    max_upload_mb: int = setting(64, "largest program a client may upload")
+    program_dir: str | None = setting(None, "where uploaded programs are kept "
+                                             "(default: <cache>/uploads)")  # fmt: skip
+    event_backlog: int = setting(1000, "events kept per instance for late attachers")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, f"port must be in 0..65535 (0: any free), got {self.port}")
+        _require(self.worker in ("process", "thread"),
+                 f"worker must be 'process' or 'thread', got {self.worker!r}")  # fmt: skip
+        _require(self.max_upload_mb > 0 and self.event_backlog >= 0,
+                 "max_upload_mb must be positive and event_backlog >= 0")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``loom router``: the engines it routes over and how."""
+
+    engines: int = setting(2, "local engines to start")
+    engine_urls: tuple[str, ...] = setting((), "use this running engine instead (repeatable)",
+                                           repeat=True)  # fmt: skip
+    strategy: str = setting("pd", "dp, pd, balanced-pd, prefix-pd, migrate or dynamic")
+    balance: float = setting(0.0, "share of the prompt the decode engine prefills "
+                                  "(balanced-pd)")  # fmt: skip
+    model: str = setting("tiny", "a Hugging Face model directory, or 'tiny' (embedded)")
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8080, "port")
+    kv_transport: KVTransport = setting("tcp", "KV transport of the engines it starts")
+    prefix_cache: bool = setting(True, "prefix caches of the engines it starts")
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
+        _require(self.engines >= 1 or bool(self.engine_urls), "engines must be >= 1")
+        _require(0.0 <= self.balance <= 1.0, f"balance must be in [0, 1], got {self.balance}")
+
+
+SERVE_SECTIONS: tuple[type, ...] = (EngineConfig, RuntimeConfig, ServerConfig)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``loom serve`` runs with."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def of(cls, **settings: Any) -> ServeConfig:
+        """From settings by name (``ServeConfig.of(model="tiny", port=0)``)."""
+        unknown = sorted(set(settings) - set(names(*SERVE_SECTIONS)))
+        _require(not unknown, f"unknown setting(s) {', '.join(unknown)}")
+        return cls(*(build(section, settings) for section in SERVE_SECTIONS))
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: Mapping[str, Any]) -> ServeConfig:
+        """Defaults, then the TOML file (unknown keys are an error), then ``overrides``
+        (the flags given; None values are ignored)."""
+        return cls.of(**merged(path, overrides, names(*SERVE_SECTIONS)))
