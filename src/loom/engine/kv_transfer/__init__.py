@@ -15,10 +15,14 @@ length | header (JSON) | payload``. A data frame's header is ``{"rid", "layer", 
 (run-length: [start, len, ...]), "dtype", "shape"}`` and its payload the raw K/V of
 those slots for that layer (``[2, n, kv_heads, head_dim]``). An end frame is ``{"rid",
 "end": true}`` with no payload; the receiver answers it with one frame ``{"rid", "ok",
-"error", "bytes"}``.
+"error", "bytes"}``. How the payload travels is a transport of ``transports.TRANSPORTS``
+(``tcp``: after the header; ``shm``: in a shared-memory segment the header names;
+``gloo``: by ``torch.distributed`` send/recv, the header carrying a tag).
 """
 
 from loom.engine.kv_transfer.receiver import KVReceiver, Reservation
 from loom.engine.kv_transfer.sender import KVSender, SendStats
+from loom.engine.kv_transfer.transports import TRANSPORTS, Transport, transport
 
-__all__ = ["KVReceiver", "KVSender", "Reservation", "SendStats"]
+__all__ = ["TRANSPORTS", "KVReceiver", "KVSender", "Reservation", "SendStats", "Transport",
+           "transport"]  # fmt: skip

@@ -10,13 +10,8 @@ from typing import Any
 
 import torch
 
-from loom.engine.kv_transfer.wire import (
-    join_gloo,
-    recv_frame,
-    send_frame,
-    take_shm,
-    unrle,
-)
+from loom.engine.kv_transfer.transports import Channel, GlooTransport, arriving
+from loom.engine.kv_transfer.wire import recv_frame, send_frame, unrle
 
 
 @dataclass
@@ -86,7 +81,7 @@ class KVReceiver:
 
     def _serve(self, conn: socket.socket) -> None:
         row = self.kv[0, :, :1].numel() * self.kv.element_size()  # bytes per slot per layer
-        group: Any = None  # a torch.distributed (gloo) pair group, when the sender asks
+        ch = Channel(conn)
         with conn:
             try:
                 while True:
@@ -95,19 +90,13 @@ class KVReceiver:
                     if header.get("end"):
                         send_frame(conn, self._finish(rid))
                         continue
-                    if "gloo_store" in header:
-                        group = join_gloo(str(header["gloo_store"]))
+                    if GlooTransport.handshake(ch, header):
                         continue
                     # Take the data off its channel before judging the frame, so a refused
                     # frame leaves no segment behind and the stream stays in step.
-                    tensor = None
-                    if header.get("gloo"):
-                        if group is None:
-                            raise ValueError("a gloo frame before the gloo handshake")
-                        tensor = self._gloo_buffer(header)
-                        group.recv([tensor], 0, int(header["tag"])).wait()
-                    elif "shm" in header:
-                        payload = take_shm(str(header["shm"]), int(header["nbytes"]))
+                    via = arriving(header)
+                    like = self._gloo_buffer(header) if via.name == "gloo" else None
+                    payload, tensor = via.take(ch, header, payload, like)
                     self._write(rid, header, payload, tensor)
             except (ConnectionError, OSError, ValueError, RuntimeError, KeyError, TypeError):
                 return  # the sender went away or spoke nonsense: its requests stay incomplete

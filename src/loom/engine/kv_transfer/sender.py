@@ -12,13 +12,8 @@ from typing import Any
 
 import torch
 
-from loom.engine.kv_transfer.wire import (
-    open_gloo,
-    put_shm,
-    recv_frame,
-    rle,
-    send_frame,
-)
+from loom.engine.kv_transfer.transports import Channel, transport
+from loom.engine.kv_transfer.wire import recv_frame, rle, send_frame
 
 
 @dataclass
@@ -38,15 +33,13 @@ class SendStats:
 class KVSender:
     """Queues frames per destination; one thread per destination writes them in order.
 
-    ``mode="tcp"`` sends K/V bytes on the socket; ``mode="shm"`` (engines on one host)
-    puts each frame's bytes in a shared-memory segment and sends only its name, so the
-    data never goes through the socket; ``mode="gloo"`` sends the tensors with
-    ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling) and
-    only frame headers on the socket."""
+    ``mode`` names the transport of the K/V bytes (``transports.TRANSPORTS``): ``tcp`` on
+    the socket, ``shm`` in shared memory (engines on one host), ``gloo`` through
+    ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling);
+    frame headers always go on the socket."""
 
     def __init__(self, timeout_s: float = 60.0, mode: str = "tcp") -> None:
-        if mode not in ("tcp", "shm", "gloo"):
-            raise ValueError(f"KV transport must be 'tcp', 'shm' or 'gloo', got {mode!r}")
+        self.transport = transport(mode)
         self.timeout_s = timeout_s
         self.mode = mode
         self._links: dict[str, _Link] = {}
@@ -111,8 +104,7 @@ class _Link:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.owner = owner
         self.alive = True
-        self.group: Any = None  # (gloo group, its store) once the first gloo frame goes
-        self.tag = 0
+        self.channel = Channel(self.sock)
         self.queue: queue.Queue[tuple[str, dict[str, Any], Any] | None] = queue.Queue()
         threading.Thread(target=self._run, name=f"loom-kv-send-{dst}", daemon=True).start()
 
@@ -132,26 +124,9 @@ class _Link:
                     done.set()
                     continue
                 t0 = time.perf_counter()
-                data = b""
-                if self.owner.mode != "gloo":
-                    data = body.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
                 meta = {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header}
-                if self.owner.mode == "gloo":
-                    if self.group is None:
-                        self.group = open_gloo(self.sock)
-                    self.tag += 1
-                    send_frame(self.sock, {**meta, "gloo": True, "tag": self.tag})
-                    tensor = body.detach().contiguous().cpu()
-                    self.group[0].send([tensor], 1, self.tag).wait()
-                    data = b""
-                    st.bytes += tensor.numel() * tensor.element_size()
-                elif self.owner.mode == "shm":
-                    meta.update(shm=put_shm(data), nbytes=len(data))
-                    send_frame(self.sock, meta)
-                else:
-                    send_frame(self.sock, meta, data)
+                st.bytes += self.owner.transport.send(self.channel, meta, body)
                 st.send_s += time.perf_counter() - t0
-                st.bytes += len(data)
                 st.frames += 1
             except (OSError, ValueError, RuntimeError) as e:
                 self.alive = False
