@@ -16,10 +16,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _check_unicode(value: Any, where: str = "") -> None:
+    """Every string in a request must be encodable text: JSON lets a lone surrogate
+    (``"\\ud800"``) through, which no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            what = where or "a string"
+            raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, where)
+            _check_unicode(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{where}[{i}]")
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)

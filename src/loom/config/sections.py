@@ -88,6 +88,8 @@ class RuntimeConfig:
     # `page_wait_timeout_s`); "kill-newest" ends the newest instance holding pages.
     out_of_pages: OutOfPagesPolicy = setting("wait", "what happens when KV pages run out")
     page_wait_timeout_s: float = setting(30.0, "longest wait for KV pages")
+    max_export_share: float = setting(0.5, "share of the KV pool one program's persistent "
+                                           "exports may hold")  # fmt: skip
     # Moves the objects alive at start (torch, compiled programs) out of the collector's
     # generations, so collections scan only what instances create.
     freeze_gc: bool = setting(True, "freeze start-up objects out of the garbage collector")
@@ -98,6 +100,7 @@ class RuntimeConfig:
     http_allow_hosts: tuple[str, ...] = setting((), "hosts inferlets may call ('*': any)",
                                                 many=True)  # fmt: skip
     http_timeout_s: float = setting(30.0, "inferlets' outgoing HTTP timeout")
+    max_http_requests: int = setting(8, "HTTP requests one instance may have in flight")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +123,8 @@ class RuntimeConfig:
                  "batch_k must be >= 1, batch_t_ms >= 0 and slice_ms > 0")  # fmt: skip
         _require(self.memory_limit_mb > 0 and self.max_instances > 0,
                  "memory_limit_mb and max_instances must be positive")  # fmt: skip
+        _require(self.max_http_requests > 0, "max_http_requests must be positive")
+        _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def generate_inputs(
     task = cmd.task
     extra = task.pages_needed(rt.page_size)
     if extra:
-        phys = eager.allocate_pages(inst, extra)
+        phys = eager.allocate_pages(inst, extra, cmd)
         if phys is None:
             return None
         task.pages += inst.pages.adopt(phys)

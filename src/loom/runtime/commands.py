@@ -55,6 +55,7 @@ class ForwardCmd:
 class GenerateCmd:
     task: GenerateTask
     submitted_at: float = 0.0
+    since: float = 0.0  # when its next step first found the pool short (wait timeout)
 
     @property
     def num_tokens(self) -> int:

@@ -279,6 +279,15 @@ class Dispatcher:
 
         return after_turn
 
+    def reset(self) -> None:
+        """Forget every batch and op in flight (their worker is gone)."""
+        self.flights.clear()
+        self._op_callbacks.clear()
+        self.batch_inflight = False
+        self.last_flight = self._chunk_flight = None
+        self.idle_since = None
+        self._largest_since_fire = 0
+
     # ===== results =====
 
     def drain_engine(self) -> None:

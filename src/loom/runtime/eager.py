@@ -85,8 +85,12 @@ class EagerCommands:
                 rt.track_op(SetLiveOp(page, cmd.keep))
             elif isinstance(cmd, ExportCmd):
                 pages = inst.pages.physical(cmd.virtual)
-                rt.exports.add(cmd.name, pages, inst.seq, cmd.persistent)
+                if cmd.persistent:
+                    self._check_quota(inst, len(pages))
+                rt.exports.add(cmd.name, pages, inst.seq, cmd.persistent, inst.program)
             elif isinstance(cmd, UnexportCmd):
+                if not rt.exports.may_remove(cmd.name, inst.seq, inst.program):
+                    raise HostCallError(f"unexport: {cmd.name!r} belongs to another inferlet")
                 rt.exports.remove(cmd.name)
             elif isinstance(cmd, SyncCmd):
                 if q.inflight:
@@ -97,12 +101,25 @@ class EagerCommands:
             return False
         return True
 
+    def _check_quota(self, inst: Instance, n: int) -> None:
+        """Persistent exports outlive their exporter: a program's may hold at most
+        ``max_export_share`` of the pool, so that one cannot hoard it for good."""
+        pool, share = self.rt.pool, self.rt.config.max_export_share
+        held = self.rt.exports.persistent_pages(inst.program)
+        if held + n > share * pool.num_pages:
+            raise HostCallError(f"export: this program's persistent exports would hold "
+                                f"{held + n} of {pool.num_pages} KV pages (at most {share:g} "
+                                f"of them)")  # fmt: skip
+
     def allocate_pages(
-        self, inst: Instance, n: int, cmd: AllocateCmd | None = None
+        self, inst: Instance, n: int, cmd: AllocateCmd | GenerateCmd | None = None
     ) -> list[int] | None:
-        """Physical pages for ``inst``, or None to wait (the out-of-pages policy)."""
+        """Physical pages for ``inst``, or None to wait (the out-of-pages policy). ``cmd``:
+        the command that waits, which the wait timeout ends (without one, no timeout)."""
         pool, config, guests = self.rt.pool, self.rt.config, self.guests
         if pool.can_allocate(n):
+            if cmd is not None:
+                cmd.since = 0.0
             return pool.allocate(n)
         if n > pool.num_pages:
             guests.kill(inst, f"asked for {n} KV pages; the pool has {pool.num_pages}")

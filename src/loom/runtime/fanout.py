@@ -167,20 +167,25 @@ class ResultFanout:
         if q.peek() is cmd:
             q.pop()
         self.trim_pages(inst, task)
-        task.future.resolve(
-            wasm_ffi.Ok(
-                (
-                    task.tokens,
-                    task.text,
-                    task.finish_reason,
-                    task.pages,
-                    task.last_page_len(self.rt.page_size),
-                    [o.logprob or 0.0 for o in task.outputs] if task.logprobs is not None else [],
-                )
-            )
-        )
+        reason = task.finish_reason or ""
+        if reason.startswith("error"):  # the guest gets an exception, not a short text
+            task.future.resolve(wasm_ffi.Err(f"generation failed: {reason.partition(': ')[2]}"))
+        else:
+            task.future.resolve(self._result(task))
         if task.on_finish is not None:
             task.on_finish(task)
+
+    def _result(self, task: Any) -> Any:
+        return wasm_ffi.Ok(
+            (
+                task.tokens,
+                task.text,
+                task.finish_reason,
+                task.pages,
+                task.last_page_len(self.rt.page_size),
+                [o.logprob or 0.0 for o in task.outputs] if task.logprobs is not None else [],
+            )
+        )
 
 
 def fill_ahead(q: CommandQueue, cmd: ForwardCmd, token: int | None) -> None:

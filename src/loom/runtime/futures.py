@@ -52,6 +52,18 @@ class Stream:
 Waitable = HostFuture | Stream
 
 
+class Take(HostFuture):
+    """A pending ``take`` of a ``Mailbox``. Dropped unresolved (its handle dropped, its
+    instance ended) it is withdrawn: no message is handed to a reader that is gone."""
+
+    __slots__ = ()
+
+    def withdraw(self) -> None:
+        if not self.done:
+            self.done = True
+            self.waiters = []
+
+
 class Mailbox:
     """Messages for one receiver, delivered to its pending ``take`` futures in order."""
 
@@ -59,7 +71,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.messages: deque[str] = deque()
-        self.takers: deque[HostFuture] = deque()
+        self.takers: deque[Take] = deque()
 
     def deliver(self, message: str) -> None:
         while self.takers:
@@ -69,12 +81,15 @@ class Mailbox:
                 return
         self.messages.append(message)
 
-    def take(self) -> HostFuture:
-        fut = HostFuture()
+    def take(self) -> Take:
+        fut = Take()
         if self.messages:
             fut.resolve(self.messages.popleft())
         else:
-            self.takers.append(fut)
+            takers = self.takers
+            while takers and takers[0].done:  # withdrawn ones: let them go
+                takers.popleft()
+            takers.append(fut)
         return fut
 
     def __len__(self) -> int:

@@ -80,9 +80,12 @@ class Guests:
         for inst in started:
             inst.cohort = cohort
 
-    def spawn(self, handle: InstanceHandle, program: str, args: list[str]) -> Instance | None:
+    def spawn(
+        self, handle: InstanceHandle, program: str, args: list[str], parent: Instance | None = None
+    ) -> Instance | None:
         """Make an instance of ``program`` and put it on the run queue (a Python inferlet
-        instantiates in its first turn; a native one at once)."""
+        instantiates in its first turn; a native one at once). ``parent``: the instance it
+        belongs to (it ends with it)."""
         if len(self.instances) >= self.config.max_instances:
             handle._finish(InstanceResult(handle.id, False, "too many instances", 0.0, 0))
             return None
@@ -97,7 +100,10 @@ class Guests:
             pages=InstancePages(rt.pool),
             handle=handle,
             spawned_at=time.perf_counter(),
+            parent=parent,
         )
+        if parent is not None:
+            parent.children.append(inst)
         self.register(inst)
         if rt.programs.is_core(program):
             # A native inferlet instantiates at once (no start code runs); `run` next.
@@ -245,6 +251,13 @@ class Guests:
             return
         inst.alive = False
         self.mid_submission.discard(inst.seq)
+        for child in inst.children:  # they belong to it (ended between guest runs)
+            child.parent = None
+            self.kill(child, f"its parent {inst.id} ended")
+        inst.children = []
+        if inst.parent is not None:
+            inst.parent.children.remove(inst)
+            inst.parent = None
         if inst.cohort is not None:
             self._first_turn_over(inst)
         if inst.call is not None:

@@ -134,3 +134,7 @@ class Instance:
     job: Any = None  # a host-driven completion (no guest code) when set
     wake: Callable[[], None] | None = None  # puts it on the run queue (made once)
     cohort: Any = None  # its launch ``Cohort`` while its first turn has not ended
+    # The instance that launched it (None: a client did, or it was launched detached),
+    # and its own live children, terminated when it ends.
+    parent: Instance | None = None
+    children: list[Instance] = field(default_factory=list)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.engine.page_pool import PagePool
+from loom.runtime.futures import Take
 from loom.runtime.wasm.ffi import HostCallError
 
 
@@ -39,11 +40,16 @@ class HandleTable:
         return entry[1]
 
     def drop(self, rep: int) -> None:
-        self._objects.pop(rep, None)
+        entry = self._objects.pop(rep, None)
+        if entry is not None and isinstance(entry[1], Take):
+            entry[1].withdraw()  # a message for it goes to the next reader instead
 
     def drop_owner(self, owner: int) -> None:
+        """An instance ended: its objects go, its pending takes are withdrawn."""
         for rep in [r for r, (o, _) in self._objects.items() if o == owner]:
-            del self._objects[rep]
+            _, obj = self._objects.pop(rep)
+            if isinstance(obj, Take):
+                obj.withdraw()
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -118,6 +124,7 @@ class Export:
     pages: list[int]  # physical, one reference each held by the export
     owner: int
     persistent: bool
+    program: str = ""  # the exporter's program: it may unexport a persistent export
 
 
 class ExportRegistry:
@@ -125,11 +132,24 @@ class ExportRegistry:
         self.pool = pool
         self.exports: dict[str, Export] = {}
 
-    def add(self, name: str, pages: list[int], owner: int, persistent: bool) -> None:
+    def add(
+        self, name: str, pages: list[int], owner: int, persistent: bool, program: str = ""
+    ) -> None:
         if name in self.exports:
             raise HostCallError(f"an export named {name!r} already exists")
         self.pool.incref(pages)
-        self.exports[name] = Export(list(pages), owner, persistent)
+        self.exports[name] = Export(list(pages), owner, persistent, program)
+
+    def persistent_pages(self, program: str) -> int:
+        """KV pages the persistent exports of ``program`` hold (its quota's use)."""
+        return sum(len(e.pages) for e in self.exports.values()
+                   if e.persistent and e.program == program)  # fmt: skip
+
+    def may_remove(self, name: str, owner: int, program: str) -> bool:
+        """Only the exporter removes an export; a persistent one (its exporter may have
+        ended), any instance of the exporter's program. No such export: nothing to guard."""
+        exp = self.exports.get(name)
+        return exp is None or exp.owner == owner or (exp.persistent and exp.program == program)
 
     def take(self, name: str) -> list[int] | None:
         """References to the exported pages for an importer (None: no such export)."""

@@ -120,6 +120,10 @@ class RuntimeServices(Protocol):
         listener: EventListener | None = None,
     ) -> InstanceHandle: ...  # fmt: skip
 
+    def launch_child(
+        self, parent: Instance, program: str, args: list[str], detached: bool = False
+    ) -> InstanceHandle | str: ...
+
     def call_soon(self, fn: Callable[[], Any]) -> None: ...
 
     def post(self, item: Any) -> None:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from loom import __version__
 from loom.api.errors import install_error_handlers
@@ -39,13 +39,16 @@ def create_app(state: ServerState) -> FastAPI:
     registry = make_registry(state)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> Any:
+        supervisor = state.runtime.supervisor
+        body = {
+            "status": supervisor.status,  # "ok", or why the engine cannot serve
             "model": state.model_name,
             "instances": len(state.instances),
+            "engine_restarts": len(supervisor.restarts),
             "uptime_s": round(time.time() - state.started_at, 3),
         }
+        return body if supervisor.failure is None else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loom.api.errors import ApiError
 from loom.api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -27,6 +27,12 @@ from loom.server.state import ServerState
 from loom.server.structured import compile_off_loop, template_messages
 
 router = APIRouter(dependencies=[Depends(require_key)])
+
+# A prompt longer than this many characters per token of the context cannot fit, whatever
+# the tokenizer: refused before tokenizing. Prompts longer than OFF_LOOP_CHARS are
+# tokenized on a thread, so a large one does not hold up every other request.
+MAX_CHARS_PER_TOKEN = 128
+OFF_LOOP_CHARS = 50_000
 
 
 def _state(request: Request) -> ServerState:
@@ -55,8 +61,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     st = _state(request)
     st.count("completions")
     _check_model(st, body.model)
-    prompts = _completion_prompts(st, body)
-    return await serve_choices(st, body, prompts, chat=False, logprobs=body.logprobs)
+    prompts = await _completion_prompts(st, body)
+    return await serve_choices(st, body, prompts, chat=False, logprobs=body.logprobs,
+                               request=request)  # fmt: skip
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -65,6 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     st.count("chat_completions")
     _check_model(st, body.model)
     tok = st.runtime.tokenizer
+    _check_length(st, sum(len(m.text()) for m in body.messages), "messages")
     messages, tools = template_messages(body, tok.chat_template)
     try:
         text = tok.apply_chat_template(messages, tools=tools)
@@ -72,10 +80,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    prompt = checked_prompt(st, tok.encode(text), "messages")
+    prompt = checked_prompt(st, await _encode(st, text, "messages"), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     grammar = await compile_off_loop(st.runtime.grammars.compile, body)
-    return await serve_choices(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar)
+    return await serve_choices(st, body, [prompt], chat=True, logprobs=logprobs, grammar=grammar,
+                               request=request)  # fmt: skip
 
 
 # ===== shared =====
@@ -87,13 +96,27 @@ def _check_model(st: ServerState, model: str) -> None:
                        param="model", code="model_not_found", kind="not_found_error")  # fmt: skip
 
 
-def _completion_prompts(st: ServerState, body: CompletionRequest) -> list[list[int]]:
-    p = body.prompt
+def _check_length(st: ServerState, chars: int, param: str) -> None:
+    limit = st.runtime.max_model_len * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise ApiError(400, f"the prompt has {chars} characters; this model's context of "
+                       f"{st.runtime.max_model_len} tokens holds fewer", param=param)  # fmt: skip
+
+
+async def _encode(st: ServerState, text: str, param: str) -> list[int]:
+    _check_length(st, len(text), param)
     enc = st.runtime.tokenizer.encode
+    if len(text) > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(enc, text)
+    return enc(text)
+
+
+async def _completion_prompts(st: ServerState, body: CompletionRequest) -> list[list[int]]:
+    p = body.prompt
     if isinstance(p, str):
-        raw = [enc(p)]
+        raw = [await _encode(st, p, "prompt")]
     elif all(isinstance(x, str) for x in p):
-        raw = [enc(x) for x in p]  # type: ignore[arg-type]
+        raw = [await _encode(st, x, "prompt") for x in p]  # type: ignore[arg-type]
     elif all(isinstance(x, int) for x in p):
         raw = [list(p)]  # type: ignore[arg-type]
     else:
@@ -178,6 +201,33 @@ def _logit_bias(st: ServerState, body: Any) -> tuple[tuple[int, ...], tuple[floa
     return ids, tuple(float(v) for v in body.logit_bias.values())
 
 
+DISCONNECT_POLL_S = 0.25
+
+
+class _ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer."""
+
+
+async def _unless_gone(request: Request | None, work: asyncio.Future[Any]) -> Any:
+    """``work``'s result; ``_ClientGone`` (``work`` cancelled) once the client left."""
+    if request is None:
+        return await work
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work not in done:
+        work.cancel()
+        raise _ClientGone
+    return work.result()
+
+
 def _error_of(error: str) -> ApiError:
     """A failed generation as an HTTP error: refusals carry their status as a prefix
     (``"409 transfer_incomplete: ..."``), anything else is the server's fault."""
@@ -195,10 +245,11 @@ def _set(fut: asyncio.Future[CompletionResult], result: CompletionResult) -> Non
 
 async def serve_choices(st: ServerState, body: Any, prompts: list[list[int]], *, chat: bool,
                  logprobs: int | None, submit: Submit | None = None,
-                 grammar: str | None = None) -> Any:  # fmt: skip
+                 grammar: str | None = None, request: Request | None = None) -> Any:  # fmt: skip
     """Run every choice of every prompt (``submit`` starts one; default: a runtime
     completion; ``grammar``: checked grammar text every choice follows) and answer as
-    OpenAI does, streaming or not."""
+    OpenAI does, streaming or not. With ``request``, a non-streaming answer is abandoned
+    (its completions cancelled) when the client goes away."""
     runs = [
         _Run(st, body, prompt, i * body.n + j, logprobs, body.stream, submit, grammar)
         for i, prompt in enumerate(prompts)
@@ -213,10 +264,12 @@ async def serve_choices(st: ServerState, body: Any, prompts: list[list[int]], *,
             headers={"Cache-Control": "no-cache"},
         )
     try:
-        results = await asyncio.gather(*(r.done for r in runs))
-    except asyncio.CancelledError:  # the client went away
+        results = await _unless_gone(request, asyncio.gather(*(r.done for r in runs)))
+    except (asyncio.CancelledError, _ClientGone) as gone:  # the client went away
         for r in runs:
             r.handle.cancel()
+        if isinstance(gone, _ClientGone):  # nobody reads it: the status is for the logs
+            return Response(status_code=499)
         raise
     for res in results:
         if res.error is not None:

@@ -42,6 +42,8 @@ class InstanceRecord:
     terminated_by_client: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     handle: Any = None  # the runtime's InstanceHandle
+    parent: str | None = None  # the instance that launched it (a child)
+    detached: bool = False  # a child that outlives its parent
 
     def emit(self, kind: str, data: Any) -> None:
         event: Event = {"type": "event", "instance": self.id, "event": kind, "data": data}
@@ -63,12 +65,15 @@ class InstanceRecord:
             "status": self.status,
             "started_at": self.started_at,
             "attached": len(self.subscribers),
+            "parent": self.parent,
+            "detached": self.detached,
         }
 
 
 class ServerState:
     def __init__(self, runtime: Runtime, config: ServeConfig, model_name: str) -> None:
         self.runtime = runtime
+        runtime.child_listener = self.on_child  # children are listed as clients' are
         self.config = config
         self.model_name = model_name
         self.started_at = time.time()
@@ -142,6 +147,27 @@ class ServerState:
         for kind, payload in early:
             self._on_runtime_event(record, kind, payload)
         return record
+
+    def on_child(self, handle: Any, program: str, args: list[str], parent: str,
+                 detached: bool) -> Callable[[str, Any], None] | None:  # fmt: skip
+        """Runtime thread: an instance launched a child. It gets a record as a client's
+        instance does (listed, attachable, terminable); its events hop to the loop."""
+        loop = self.loop
+        if loop is None:
+            return None
+        cap = self.config.server.event_backlog
+        record = InstanceRecord(handle.id, program, args, handle=handle, parent=parent,
+                                detached=detached, backlog_cap=cap)  # fmt: skip
+
+        def register() -> None:  # event loop, before any of its events (FIFO)
+            self.instances[record.id] = record
+
+        loop.call_soon_threadsafe(register)
+
+        def on_event(kind: str, payload: Any) -> None:  # runtime thread
+            loop.call_soon_threadsafe(self._on_runtime_event, record, kind, payload)
+
+        return on_event
 
     def _on_runtime_event(self, record: InstanceRecord, kind: str, payload: Any) -> None:
         if kind == "message":

@@ -61,6 +61,15 @@ class _WorkerBase:
             self._notify()
         return op_id
 
+    @property
+    def failure(self) -> str | None:
+        """Why the worker can run nothing more (read without the lock: set once)."""
+        return self._failure
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def drain(self) -> list[tuple[int, object | BaseException]]:
         with self._lock:
             done, self._done = self._done, []

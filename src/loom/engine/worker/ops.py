@@ -243,6 +243,16 @@ class EngineWorker(Protocol):
         to ``LoomError``."""
         ...
 
+    @property
+    def failure(self) -> str | None:
+        """Why the worker can run nothing more (it died), or None."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+        ...
+
 
 class RemoteTraceback(Exception):
     """Set as ``__cause__`` of an exception raised in the child, to show where it came from."""

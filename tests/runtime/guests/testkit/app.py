@@ -97,8 +97,9 @@ class WitWorld(wit_world.WitWorld):
         elif mode == "put":
             store.set(args[1], args[2])
         elif mode == "spawn":
-            # A child of the same program (args[1]) that stores args[2] = args[3].
-            messaging.send(unwrap(runtime.launch(args[1], ["put", args[2], args[3]])))
+            # A child of the same program (args[1]) that stores args[2] = args[3], after
+            # this one has ended (detached: it outlives its parent).
+            messaging.send(unwrap(runtime.launch_detached(args[1], ["put", args[2], args[3]])))
         elif mode == "fork":
             ctx = [int(x) for x in args[1].split(",")]
             assert len(ctx) % ps == 0
@@ -217,6 +218,9 @@ class WitWorld(wit_world.WitWorld):
             res = kv.import_pages(q, args[1])
             pages = unwrap(res)
             messaging.send(json.dumps({"pages": len(pages), "exports": kv.list_exports()}))
+        elif mode == "unexport":
+            kv.unexport_pages(q, args[1])
+            messaging.send("unexported" if wait(q.synchronize()) else "failed")
         elif mode == "hold":
             kv.allocate(q, int(args[1]))
             wait(q.synchronize())

@@ -277,6 +277,8 @@ async def pubsub(args):
 async def channel(args):
     if args[0] == "pull":
         return "pulled " + await inferlet.pull("jobs")
+    if args[0] == "pull-from":
+        return "pulled " + await inferlet.pull(args[1])
     inferlet.push("jobs", args[1])
     return None
 
@@ -309,8 +311,16 @@ async def misc(args):
 async def net(args):
     """HTTP through the policy, then a child inferlet of this program."""
     got = await inferlet.http_post(args[0], "ping", {"x-test": "sdk"})
-    child = await inferlet.launch(args[1], ["channel", "push", "from-child"])
+    child = await inferlet.launch(args[1], ["channel", "push", "from-child"], detached=True)
     return json.dumps({"status": got.status, "text": got.text, "child": child})
+
+
+async def family(args):
+    """Launch a child of this program that waits on channel ``args[1]``, report its id,
+    then wait for a message from the client before returning (the child ends with us)."""
+    child = await inferlet.launch(args[0], ["channel", "pull-from", args[1]])
+    inferlet.send(child)
+    return "parent done: " + await inferlet.receive()
 
 
 SCENARIOS = {
@@ -333,5 +343,6 @@ SCENARIOS = {
     "import": import_ctx,
     "pubsub": pubsub,
     "channel": channel,
+    "family": family,
     "misc": misc,
 }

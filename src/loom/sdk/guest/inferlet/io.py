@@ -108,10 +108,13 @@ async def http_post(url: str, body: bytes | str, headers: dict[str, str] | None 
     return await http_request("POST", url, data, headers)
 
 
-async def launch(program: str, args: list[str]) -> str:
-    """Start a child inferlet from a program the server holds (by hash); its instance id."""
+async def launch(program: str, args: list[str], detached: bool = False) -> str:
+    """Start a child inferlet from a program the server holds (by hash); its instance id.
+    The child ends when this inferlet ends, unless ``detached``. Raises ``RuntimeError``
+    when the server refuses it (no such program, too many instances)."""
+    start = runtime.launch_detached if detached else runtime.launch
     try:
-        return str(runtime.launch(program, list(args)))
+        return str(start(program, list(args)))
     except Err as e:
         raise RuntimeError(f"launch failed: {e.value}") from None
 

@@ -1,0 +1,40 @@
+"""Exports have owners and a quota: only the exporter (or, for a persistent export whose
+exporter ended, an instance of its program) unexports it, and one program's persistent
+exports cannot hold more than their share of the KV pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def test_only_the_owner_unexports(rrt: Any, testkit: str) -> None:
+    owner = rrt.launch(testkit, ["export", "mine", "plain", "wait"])
+    assert owner.recv(30) == "exported"
+    thief = rrt.launch(testkit, ["unexport", "mine"]).wait(30)
+    assert not thief.ok and "belongs to another inferlet" in (thief.error or "")
+    assert rrt.query(lambda: "mine" in rrt.exports.exports)
+    owner.send("done")
+    assert owner.wait(30).ok
+    assert rrt.query(lambda: "mine" not in rrt.exports.exports)  # a plain one ends with it
+
+
+def test_a_persistent_export_is_removed_by_its_program(rrt: Any, testkit: str) -> None:
+    assert rrt.launch(testkit, ["export", "kept", "persistent"]).wait(30).ok
+    h = rrt.launch(testkit, ["unexport", "kept"])
+    assert h.wait(30).ok and h.recv(5) == "unexported"
+    assert rrt.query(lambda: "kept" not in rrt.exports.exports)
+
+
+def test_persistent_exports_are_held_to_their_share_of_the_pool(rrt: Any, testkit: str) -> None:
+    free0 = rrt.query(lambda: rrt.pool.num_available())
+    saved = rrt.reconfigure(max_export_share=3 / rrt.pool.num_pages)  # 3 pages
+    try:
+        assert rrt.launch(testkit, ["export", "first", "persistent"]).wait(30).ok  # 2 pages
+        end = rrt.launch(testkit, ["export", "second", "persistent"]).wait(30)
+        assert not end.ok and "persistent exports would hold 4" in (end.error or "")
+        assert rrt.query(lambda: "second" not in rrt.exports.exports)
+    finally:
+        rrt.reconfigure(saved)
+        h = rrt.launch(testkit, ["unexport", "first"])
+        assert h.wait(30).ok
+    assert rrt.query(lambda: rrt.pool.num_available()) == free0

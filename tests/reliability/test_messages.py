@@ -1,0 +1,55 @@
+"""No message goes to an instance that is gone: a pull left pending by an instance that
+ended (or whose handle was dropped) is withdrawn, and the next push reaches a live reader."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def pending_pulls(rt: Any, channel: str) -> int:
+    def count() -> int:
+        box = rt.messaging.channels.get(channel)
+        return 0 if box is None else sum(not t.done for t in box.takers)
+
+    return rt.query(count)  # type: ignore[no-any-return]
+
+
+def wait_for(cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_push_after_a_killed_puller_reaches_the_next_reader(rrt: Any, kit: str) -> None:
+    dead = rrt.launch(kit, ["channel", "pull"])
+    wait_for(lambda: pending_pulls(rrt, "jobs") == 1)
+    dead.kill()
+    assert not dead.wait(30).ok
+    assert pending_pulls(rrt, "jobs") == 0  # its pull went with it
+    assert rrt.launch(kit, ["channel", "push", "job-1"]).wait(30).ok
+    live = rrt.launch(kit, ["channel", "pull"])
+    result = live.wait(30)
+    assert result.ok, result.error
+    assert live.recv(5) == "pulled job-1"
+
+
+def test_an_ended_puller_keeps_no_message_and_no_memory(rrt: Any, kit: str) -> None:
+    # Several pullers come and go; the messages pushed after are all still there.
+    for _ in range(3):
+        h = rrt.launch(kit, ["channel", "pull"])
+        wait_for(lambda: pending_pulls(rrt, "jobs") == 1)
+        h.kill()
+        h.wait(30)
+    for i in range(3):
+        assert rrt.launch(kit, ["channel", "push", f"m{i}"]).wait(30).ok
+    box = rrt.query(lambda: rrt.messaging.channels["jobs"])
+    assert list(box.messages) == ["m0", "m1", "m2"]
+    assert not box.takers  # withdrawn takers were let go when the messages came
+    got = []
+    for _ in range(3):
+        h = rrt.launch(kit, ["channel", "pull"])
+        assert h.wait(30).ok
+        got.append(h.recv(5))
+    assert got == ["pulled m0", "pulled m1", "pulled m2"]
