@@ -170,7 +170,9 @@ def test_health_and_metrics(server: Any, client: openai.OpenAI, model_name: str)
     client.completions.create(model=model_name, prompt="x", max_tokens=2)
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == model_name
-    text = httpx.get(server.url + "/metrics").text
+    assert httpx.get(server.url + "/metrics").status_code == 401  # behind the key
+    key = {"authorization": f"Bearer {API_KEY}"}
+    text = httpx.get(server.url + "/metrics", headers=key).text
     for name in ("loom_instances_running", "loom_commands_queued", "loom_kv_pages_free",
                  "loom_kv_pages_used", "loom_tokens_per_second", "loom_batch_size_bucket",
                  "loom_step_seconds_bucket", "loom_generated_tokens_total"):  # fmt: skip

@@ -44,8 +44,6 @@ def test_bad_frames_get_errors_and_the_session_goes_on(server: Any) -> None:
         frame(type="list", id=1),          # before hello
         msgpack.packb([1, 2, 3]),          # not a map
         frame(id=2),                       # no type
-        hello("wrong-key"),                # wrong API key
-        frame(type="hello", id=3),         # missing API key
         frame(type="hello", id=4, version=99, api_key=API_KEY),
         hello(),
         frame(type="teleport", id=5),      # unknown message type
@@ -59,13 +57,29 @@ def test_bad_frames_get_errors_and_the_session_goes_on(server: Any) -> None:
     ]))  # fmt: skip
     codes = [r.get("code") if r["type"] == "error" else "ok" for r in replies]
     assert codes == [
-        "bad_frame", "unauthenticated", "bad_frame", "bad_frame", "unauthenticated",
-        "unauthenticated", "unsupported_version", "ok", "unknown_type", "unknown_program",
+        "bad_frame", "unauthenticated", "bad_frame", "bad_frame",
+        "unsupported_version", "ok", "unknown_type", "unknown_program",
         "bad_request", "unknown_instance", "no_upload", "too_large", "bad_request", "ok",
     ]  # fmt: skip
-    assert [r["id"] for r in replies[5:]] == [3, 4, 0, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert [r["id"] for r in replies[4:]] == [4, 0, 5, 6, 7, 8, 9, 10, 11, 12]
     assert all(r["message"] for r in replies if r["type"] == "error")
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("key", ["wrong-key", None])
+def test_a_failed_hello_closes_the_connection(server: Any, key: str | None) -> None:
+    # No second guess on the same socket: a client with a wrong key reconnects.
+    async def exchange() -> tuple[dict[str, Any], int | None]:
+        async with websockets.connect(ws_url(server)) as ws:
+            await ws.send(hello(key) if key else frame(type="hello", id=3))
+            reply = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10))
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.send(hello())
+                await asyncio.wait_for(ws.recv(), 10)
+            return reply, ws.close_code
+
+    reply, code = asyncio.run(exchange())
+    assert reply["code"] == "unauthenticated" and code == 1008
 
 
 def test_uploads_are_checked_against_size_and_hash(server: Any) -> None:

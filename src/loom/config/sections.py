@@ -149,6 +149,7 @@ class ServerConfig:
     program_dir: str | None = setting(None, "where uploaded programs are kept "
                                              "(default: <cache>/uploads)")  # fmt: skip
     event_backlog: int = setting(1000, "events kept per instance for late attachers")
+    metrics_public: bool = setting(False, "serve /metrics without the API key")
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, f"port must be in 0..65535 (0: any free), got {self.port}")

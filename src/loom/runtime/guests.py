@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.cohort import Cohorts
-from loom.runtime.instance import Instance, InstanceHandle, InstanceResult
+from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages
 from loom.runtime.services import RuntimeServices
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.ffi import ComponentLinker, CoreLinker, GuestStore, HostCallError
+
+ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
 
 
 class Guests:
@@ -36,8 +40,10 @@ class Guests:
         linker: ComponentLinker,
         core_linker: CoreLinker,
         on_cohort_release: Callable[[], None],
+        post: Callable[[Any], None],
     ) -> None:
         self.rt = rt
+        self._post = post
         self.config = rt.config
         self.batcher = batcher
         self.messaging = messaging
@@ -59,6 +65,10 @@ class Guests:
         self.cohorts = Cohorts(self.config.cohort_hold_ms, on_cohort_release)
         self._pending_end: list[Instance] = []
         self._seq = itertools.count()
+        # Called for each child an instance launches (``handle, program, args, parent id,
+        # detached``): the listener of its events, if any (the server's, so children are
+        # listed and reachable as client-launched ones are).
+        self.child_listener: ChildListener | None = None
 
     # ===== start =====
 
@@ -119,6 +129,20 @@ class Guests:
         rt.stats.spawned += 1
         self.make_runnable(inst)
         return inst
+
+    def launch_child(
+        self, parent: Instance, program: str, args: list[str], detached: bool = False
+    ) -> InstanceHandle | str:
+        """A host call of ``parent``: start a child instance at once; it ends with
+        ``parent`` unless ``detached``. The error, when it cannot start."""
+        cap = self.config.max_instances
+        if len(self.instances) >= cap:
+            return f"too many instances (the cap is {cap})"
+        handle = InstanceHandle(uuid.uuid4().hex[:12], self._post)
+        if self.child_listener is not None:
+            handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
+        inst = self.spawn(handle, program, list(args), None if detached else parent)
+        return handle if inst is not None else "too many instances"
 
     def _started(self, inst: Instance) -> None:
         inst.started = True

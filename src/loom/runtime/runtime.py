@@ -66,8 +66,6 @@ from loom.runtime.supervision import WorkerSupervisor
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.ffi import ComponentLinker, WasmEngine
 
-ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
-
 
 class Runtime:
     def __init__(
@@ -116,7 +114,7 @@ class Runtime:
         self.core_linker = wasm_ffi.CoreLinker(self.wasm)  # native (C/Zig) inferlets
         self.guests = Guests(
             self, self.batcher, self.messaging, self.linker, self.core_linker,
-            on_cohort_release=self._on_cohort_release,
+            on_cohort_release=self._on_cohort_release, post=self.post,
         )  # fmt: skip
         self.instances = self.guests.instances
         self.eager = EagerCommands(self, self.batcher, self.guests)
@@ -131,10 +129,6 @@ class Runtime:
         register_core(self.core_linker, self)
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self.supervisor = WorkerSupervisor(self, restart_worker)
-        # Called on the runtime thread for each child an instance launches (``handle,
-        # program, args, parent id, detached``): the listener of its events, if any (the
-        # server's, so children are listed and reachable as client-launched ones are).
-        self.child_listener: ChildListener | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
@@ -174,20 +168,6 @@ class Runtime:
         args = [list(a) for a in arguments]
         self.post(LaunchBatch(handles, program, args))
         return handles
-
-    def launch_child(
-        self, parent: Instance, program: str, args: list[str], detached: bool = False
-    ) -> InstanceHandle | str:
-        """Runtime thread (a host call of ``parent``): start a child instance at once; it
-        ends with ``parent`` unless ``detached``. The error, when it cannot start."""
-        cap = self.config.max_instances
-        if len(self.guests.instances) >= cap:
-            return f"too many instances (the cap is {cap})"
-        handle = InstanceHandle(uuid.uuid4().hex[:12], self.post)
-        if self.child_listener is not None:
-            handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
-        inst = self.guests.spawn(handle, program, list(args), None if detached else parent)
-        return handle if inst is not None else "too many instances"
 
     def submit_completion(self, request: CompletionRequest) -> CompletionHandle:
         """Queue a host-driven generation (no guest); its steps batch with inferlet work."""
@@ -345,6 +325,7 @@ class Runtime:
         self.register_instance: Callable[[Instance], None] = guests.register
         self.end_instance: Callable[[Instance, bool, str | None], None] = guests.end
         self.kill: Callable[[Instance, str], None] = guests.kill
+        self.launch_child: Callable[..., InstanceHandle | str] = guests.launch_child
         self.waker: Callable[[Instance], Callable[[], None]] = guests.waker
         self.enqueue: Callable[[CommandQueue, Any], None] = dispatch.enqueue
         self.submit_op: Callable[[Any, Callable[[Any], None]], None] = dispatch.submit_op

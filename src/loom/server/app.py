@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, WebSocket
+from fastapi import Depends, FastAPI, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from loom import __version__
 from loom.api.errors import install_error_handlers
 from loom.config import ServeConfig
 from loom.server import inferlets_api, microserving_api, openai_api
+from loom.server.auth import require_key
 from loom.server.metrics import make_registry, render
 from loom.server.state import ServerState
 from loom.server.ws import Session
@@ -50,7 +51,10 @@ def create_app(state: ServerState) -> FastAPI:
         }
         return body if supervisor.failure is None else JSONResponse(body, status_code=503)
 
-    @app.get("/metrics")
+    # Behind the API key unless the operator opens it (a scraper without the key).
+    guard = [] if state.config.server.metrics_public else [Depends(require_key)]
+
+    @app.get("/metrics", dependencies=guard)
     async def metrics() -> Response:
         body = await asyncio.to_thread(render, registry)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

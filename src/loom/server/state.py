@@ -73,7 +73,7 @@ class InstanceRecord:
 class ServerState:
     def __init__(self, runtime: Runtime, config: ServeConfig, model_name: str) -> None:
         self.runtime = runtime
-        runtime.child_listener = self.on_child  # children are listed as clients' are
+        runtime.guests.child_listener = self.on_child  # children listed as clients' are
         self.config = config
         self.model_name = model_name
         self.started_at = time.time()

@@ -37,12 +37,17 @@ class _Upload:
         self.received = 0
 
 
+_CLOSE = b""  # (compared by identity: never a packed frame)
+
+
 class Session:
     def __init__(self, state: ServerState, ws: WebSocket) -> None:
         self.state = state
         self.ws = ws
         self.id = next(_session_ids)
         self.authenticated = False
+        # Frames to send; None ends the sender, CLOSE closes the socket after the frames
+        # before it (a failed authentication: its error reply goes out first).
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.uploads: dict[str, _Upload] = {}
         self.attached: set[str] = set()
@@ -75,6 +80,9 @@ class Session:
             if frame is None:
                 return
             try:
+                if frame is _CLOSE:
+                    await self.ws.close(code=1008, reason="authentication failed")
+                    return
                 await self.ws.send_bytes(frame)
             except Exception:  # the client is gone; the receive side ends the session
                 return
@@ -84,6 +92,7 @@ class Session:
 
     async def _handle(self, data: bytes) -> None:
         corr: Any = None
+        kind: Any = None
         try:
             if len(data) > MAX_FRAME:
                 raise ProtocolError(Code.TOO_LARGE, f"frame over {MAX_FRAME} bytes")
@@ -99,6 +108,9 @@ class Session:
             self._send({"type": "ok", "id": corr, **(reply or {})})
         except ProtocolError as e:
             self._send({"type": "error", "id": corr, "code": e.code, "message": e.message})
+            if e.code == Code.UNAUTHENTICATED and kind == "hello":
+                # A wrong key ends the connection: no second guess on the same socket.
+                self.outbox.put_nowait(_CLOSE)
         except Exception as e:  # a bug must not end the session or the server
             logger.exception("protocol handler failed")
             self._send({"type": "error", "id": corr, "code": "internal", "message": str(e)})

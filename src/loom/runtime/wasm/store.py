@@ -49,7 +49,11 @@ class GuestStore:
         _set_epoch_deadline(self.key, self._slice_ticks)
 
     def close(self) -> None:
+        """Free the store now (its memories and instances), not when the cycle collector
+        finds the instance's last reference: an ended instance's memory is returned at
+        once. Nothing may run in it afterwards (its call future is cancelled first)."""
         HOST_CALLS.last_error.pop(self.key, None)
+        self.store.close()
 
 
 class CallFuture:

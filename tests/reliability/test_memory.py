@@ -1,0 +1,51 @@
+"""Finished instances give their memory back: the store of an instance that ended is
+freed when it ends, not whenever the cycle collector next runs. Measured in a process of
+its own (as a server runs), where 1,000 finished inferlets, 50 at a time, left RSS 40-70 %
+above where the first round of 50 left it before stores were freed at the end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from loom.config import EngineConfig, RuntimeConfig
+from loom.runtime.runtime import start_runtime
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+rt = start_runtime(EngineConfig(model=sys.argv[1], num_pages=256), RuntimeConfig(),
+                   worker_mode="thread", cache_dir=Path(sys.argv[3]))
+program = rt.add_program(Path(sys.argv[2]).read_bytes())
+def rounds(n):
+    for _ in range(n):
+        handles = [rt.launch(program, ["fast", "Once upon a time", "4"]) for _ in range(50)]
+        for h in handles:
+            assert h.wait(60).ok, h.result
+rounds(1)
+before = rss_mb()
+rounds(20)
+print(json.dumps({"before": before, "after": rss_mb()}))
+rt.close()
+"""
+
+
+def test_rss_after_a_thousand_finished_inferlets_stays_within_ten_percent(
+    tiny_dir: Path, sdkkit_wasm: bytes, tmp_path: Path
+) -> None:
+    wasm = tmp_path / "sdkkit.wasm"
+    wasm.write_bytes(sdkkit_wasm)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_dir), str(wasm), str(tmp_path / "programs")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rss["after"] <= rss["before"] * 1.10, rss
