@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from loom.engine.kv_transfer.transports import Channel, GlooTransport, arriving
-from loom.engine.kv_transfer.wire import recv_frame, send_frame, unrle
+from loom.engine.kv_transfer.wire import GREETING, recv_frame, send_frame, unrle
 
 
 @dataclass
@@ -84,6 +84,7 @@ class KVReceiver:
         ch = Channel(conn)
         with conn:
             try:
+                send_frame(conn, GREETING)  # a sender checks it is talking to a receiver
                 while True:
                     header, payload = recv_frame(conn, max_payload=row * self.kv.shape[2])
                     rid = str(header.get("rid"))

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from loom.engine.kv_transfer.transports import Channel, transport
-from loom.engine.kv_transfer.wire import recv_frame, rle, send_frame
+from loom.engine.kv_transfer.wire import (
+    GREETING_TIMEOUT_S,
+    expect_greeting,
+    recv_frame,
+    rle,
+    send_frame,
+)
 
 
 @dataclass
@@ -98,10 +104,17 @@ class KVSender:
 class _Link:
     def __init__(self, dst: str, owner: KVSender) -> None:
         host, _, port = dst.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=owner.timeout_s)
+        # A short connect: an engine is on the same network or it is not there.
+        self.sock = socket.create_connection((host, int(port)), timeout=GREETING_TIMEOUT_S)
         # Small frames (headers, end frames, answers) must not wait for Nagle's algorithm
         # (40 ms of delayed ACK per exchange on loopback).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            expect_greeting(self.sock)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(owner.timeout_s)
         self.owner = owner
         self.alive = True
         self.channel = Channel(self.sock)

@@ -12,6 +12,27 @@ from typing import Any
 MAGIC = b"LKV1"
 PREFIX = struct.Struct("<4sIQ")
 MAX_HEADER = 1 << 20
+# A receiver's first frame on every connection. A sender hears it within
+# GREETING_TIMEOUT_S or gives up: an address that is not a Loom KV receiver (a wrong
+# port, another service) fails the transfer at once instead of after the full timeout.
+GREETING = {"loom_kv": 1}
+GREETING_TIMEOUT_S = 2.0
+
+
+def expect_greeting(sock: socket.socket) -> None:
+    """Sender side: the receiver's greeting, or ``OSError`` saying what answered."""
+    timeout = sock.gettimeout()
+    sock.settimeout(GREETING_TIMEOUT_S)
+    try:
+        header, _ = recv_frame(sock, max_payload=0)
+    except TimeoutError:
+        raise OSError("no answer: not a Loom KV receiver") from None
+    except ValueError as e:
+        raise OSError(f"not a Loom KV receiver ({e})") from None
+    finally:
+        sock.settimeout(timeout)
+    if header != GREETING:
+        raise OSError("not a Loom KV receiver (no greeting)")
 
 
 def rle(slots: list[int]) -> list[int]:
