@@ -64,3 +64,19 @@ def test_the_server_lists_children_and_terminates_them_with_the_parent(
         assert httpx.get(server.url + "/health", timeout=10).json()["instances"] == 2
         client.terminate(parent.id)
         wait_for(lambda: not client.list())  # the child went with it
+
+
+def test_an_idle_instance_is_ended_but_one_waiting_on_the_engine_is_not(rrt: Any, kit: str) -> None:
+    saved = rrt.reconfigure(idle_timeout_s=0.5)
+    try:
+        idle = rrt.launch(kit, ["channel", "pull-from", "nobody-pushes"])
+        end = idle.wait(30)
+        assert not end.ok and "idle for more than 0.5 s" in (end.error or "")
+        # A host generation longer than the limit is work, not idleness.
+        t0 = time.monotonic()
+        busy = rrt.launch(kit, ["fast", "Once upon a time", "1500"])
+        result = busy.wait(120)
+        assert result.ok, result.error
+        assert time.monotonic() - t0 > 1.0  # (it did outlast the limit)
+    finally:
+        rrt.reconfigure(saved)

@@ -38,3 +38,27 @@ def test_persistent_exports_are_held_to_their_share_of_the_pool(rrt: Any, testki
         h = rrt.launch(testkit, ["unexport", "first"])
         assert h.wait(30).ok
     assert rrt.query(lambda: rrt.pool.num_available()) == free0
+
+
+def test_an_export_hoard_leaves_room_for_completions(rrt: Any, testkit: str) -> None:
+    import threading
+
+    from loom.engine.batch import SamplerSpec
+    from loom.runtime.completions import CompletionRequest
+
+    names = []
+    for i in range(rrt.pool.num_pages):  # export until the quota refuses
+        end = rrt.launch(testkit, ["export", f"hoard-{i}", "persistent"]).wait(30)
+        if not end.ok:
+            assert "persistent exports would hold" in (end.error or "")
+            break
+        names.append(f"hoard-{i}")
+    assert names and len(names) < rrt.pool.num_pages // 2
+    done, box = threading.Event(), []
+    prompt = rrt.tokenizer.encode("Once upon a time", add_special_tokens=False)
+    rrt.submit_completion(CompletionRequest(prompt, SamplerSpec(temperature=0.0), 32,
+                                            lambda r: (box.append(r), done.set()),
+                                            stop_at_eos=False))  # fmt: skip
+    assert done.wait(60) and box[0].error is None and len(box[0].tokens) == 32
+    for name in names:
+        assert rrt.launch(testkit, ["unexport", name]).wait(30).ok

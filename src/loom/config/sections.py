@@ -84,6 +84,9 @@ class RuntimeConfig:
     max_pending_messages: int = setting(10_000, "unread messages per client or channel")
     max_instances: int = setting(4096, "instances running at once")
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
+    # An instance that waits on anything but its own engine work (a message, a channel, a
+    # child) for this long is ended; 0: never.
+    idle_timeout_s: float = setting(3600.0, "end an instance idle this long (0: never)")
     # "wait" holds the allocating queue until pages are freed (failing the inferlet after
     # `page_wait_timeout_s`); "kill-newest" ends the newest instance holding pages.
     out_of_pages: OutOfPagesPolicy = setting("wait", "what happens when KV pages run out")
@@ -124,6 +127,7 @@ class RuntimeConfig:
         _require(self.memory_limit_mb > 0 and self.max_instances > 0,
                  "memory_limit_mb and max_instances must be positive")  # fmt: skip
         _require(self.max_http_requests > 0, "max_http_requests must be positive")
+        _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
 
 

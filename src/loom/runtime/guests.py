@@ -192,7 +192,8 @@ class Guests:
         inst.store.fresh_slice()
         t0 = time.perf_counter()
         done = inst.call.poll()
-        dt = time.perf_counter() - t0
+        inst.ran_at = now = time.perf_counter()
+        dt = now - t0
         inst.cpu_s += dt
         stats = self.rt.stats
         stats.poll_s += dt
@@ -249,6 +250,17 @@ class Guests:
             failure = wasm_ffi.decode_run_result(inst.call.results)
         self.end(inst, failure is None, failure)
 
+    def end_idle(self) -> None:
+        """End instances that waited longer than ``idle_timeout_s`` on anything but their
+        own engine work (queued or running commands, a host generation, are work)."""
+        limit = self.config.idle_timeout_s
+        if not limit:
+            return
+        before = time.perf_counter() - limit
+        for inst in list(self.instances.values()):
+            if _idle_since(inst, before):
+                self.kill(inst, f"idle for more than {limit:g} s")
+
     # ===== end =====
 
     def caller(self, key: int) -> Instance:
@@ -302,6 +314,15 @@ class Guests:
     def end_all(self, reason: str) -> None:
         for inst in list(self.instances.values()):
             self.end(inst, False, reason)
+
+
+def _idle_since(inst: Instance, before: float) -> bool:
+    """A guest (not a host-driven job) that last ran before ``before`` and has no engine
+    work queued or running."""
+    if inst.job is not None or inst.call is None or inst.queued or not inst.ran_at:
+        return False
+    return inst.ran_at < before and not any(q.inflight or q.head < len(q.cmds)
+                                            for q in inst.queues)  # fmt: skip
 
 
 def trap_summary(err: str) -> str:

@@ -129,6 +129,7 @@ class Instance:
     queues: list[CommandQueue] = field(default_factory=list)
     subscriptions: list[tuple[str, Stream]] = field(default_factory=list)
     spawned_at: float = 0.0
+    ran_at: float = 0.0  # perf_counter time its last turn ended (the idle limit)
     submitted: bool = False  # queued forward work during its current time slice
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)
     job: Any = None  # a host-driven completion (no guest code) when set
