@@ -9,12 +9,7 @@ from typing import Any
 
 import httpx
 
-
-def wait_for(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+from tests.reliability.support import wait_for
 
 
 def test_children_end_with_their_parent(rrt: Any, kit: str) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.reliability.support import complete
+
 
 def test_only_the_owner_unexports(rrt: Any, testkit: str) -> None:
     owner = rrt.launch(testkit, ["export", "mine", "plain", "wait"])
@@ -41,11 +43,6 @@ def test_persistent_exports_are_held_to_their_share_of_the_pool(rrt: Any, testki
 
 
 def test_an_export_hoard_leaves_room_for_completions(rrt: Any, testkit: str) -> None:
-    import threading
-
-    from loom.engine.batch import SamplerSpec
-    from loom.runtime.completions import CompletionRequest
-
     names = []
     for i in range(rrt.pool.num_pages):  # export until the quota refuses
         end = rrt.launch(testkit, ["export", f"hoard-{i}", "persistent"]).wait(30)
@@ -54,11 +51,7 @@ def test_an_export_hoard_leaves_room_for_completions(rrt: Any, testkit: str) -> 
             break
         names.append(f"hoard-{i}")
     assert names and len(names) < rrt.pool.num_pages // 2
-    done, box = threading.Event(), []
-    prompt = rrt.tokenizer.encode("Once upon a time", add_special_tokens=False)
-    rrt.submit_completion(CompletionRequest(prompt, SamplerSpec(temperature=0.0), 32,
-                                            lambda r: (box.append(r), done.set()),
-                                            stop_at_eos=False))  # fmt: skip
+    done, box = complete(rrt, 32)
     assert done.wait(60) and box[0].error is None and len(box[0].tokens) == 32
     for name in names:
         assert rrt.launch(testkit, ["unexport", name]).wait(30).ok

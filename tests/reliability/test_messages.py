@@ -3,8 +3,9 @@ ended (or whose handle was dropped) is withdrawn, and the next push reaches a li
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
+from tests.reliability.support import wait_for
 
 
 def pending_pulls(rt: Any, channel: str) -> int:
@@ -13,13 +14,6 @@ def pending_pulls(rt: Any, channel: str) -> int:
         return 0 if box is None else sum(not t.done for t in box.takers)
 
     return rt.query(count)  # type: ignore[no-any-return]
-
-
-def wait_for(cond: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_push_after_a_killed_puller_reaches_the_next_reader(rrt: Any, kit: str) -> None:

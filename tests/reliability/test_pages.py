@@ -4,21 +4,9 @@ gets its pages in time completes."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-
-def complete(rt: Any, max_tokens: int) -> tuple[threading.Event, list[Any]]:
-    from loom.engine.batch import SamplerSpec
-    from loom.runtime.completions import CompletionRequest
-
-    done, box = threading.Event(), []
-    prompt = rt.tokenizer.encode("Once upon a time", add_special_tokens=False)
-    rt.submit_completion(
-        CompletionRequest(prompt, SamplerSpec(temperature=0.0), max_tokens,
-                          lambda r: (box.append(r), done.set()), stop_at_eos=False)
-    )  # fmt: skip
-    return done, box
+from tests.reliability.support import complete
 
 
 def test_a_completion_waiting_for_pages_times_out_with_a_clear_error(

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.reliability.support import complete
+
 
 @pytest.fixture(scope="module")
 def prt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
@@ -26,20 +28,6 @@ def prt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
                        cache_dir=tmp_path_factory.mktemp("worker-programs"))  # fmt: skip
     yield rt
     rt.close()
-
-
-def complete(rt: Any, max_tokens: int, first: threading.Event | None = None) -> Any:
-    from loom.engine.batch import SamplerSpec
-    from loom.runtime.completions import CompletionRequest
-
-    done, box = threading.Event(), []
-    prompt = rt.tokenizer.encode("Once upon a time", add_special_tokens=False)
-    rt.submit_completion(
-        CompletionRequest(prompt, SamplerSpec(temperature=0.0), max_tokens,
-                          lambda r: (box.append(r), done.set()), stop_at_eos=False,
-                          on_delta=(lambda *_: first.set()) if first else None)
-    )  # fmt: skip
-    return done, box
 
 
 def kill_worker(rt: Any) -> None:

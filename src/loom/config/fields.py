@@ -50,7 +50,6 @@ class Setting:
     default: Any
     help: str
     kind: type  # bool, int, float, str or tuple (of str)
-    optional: bool  # None is a value
     choices: tuple[Any, ...] | None
     repeat: bool
     many: bool
@@ -67,30 +66,26 @@ def settings_of(cls: type) -> list[Setting]:
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
-        kind, optional = _kind(hints[f.name])
+        kind = _kind(hints[f.name])
         choices = f.metadata["choices"]
         if choices is None and typing.get_origin(hints[f.name]) is Literal:
             choices = typing.get_args(hints[f.name])
         found.append(Setting(cls, f.name, f.metadata["name"] or f.name, f.default,
-                             f.metadata["help"], kind, optional, choices,
+                             f.metadata["help"], kind, choices,
                              f.metadata["repeat"], f.metadata["many"]))  # fmt: skip
     return found
 
 
-def _kind(hint: Any) -> tuple[type, bool]:
-    """(the value kind, whether None is allowed) of a field's type hint."""
-    args = typing.get_args(hint)
-    optional = False
+def _kind(hint: Any) -> type:
+    """The value kind of a field's type hint (``X | None`` counts as ``X``)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        (hint,) = [a for a in args if a is not type(None)]
-        args = typing.get_args(hint)
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
     if origin is Literal:
-        return type(args[0]), optional
+        return type(typing.get_args(hint)[0])
     if origin is tuple:
-        return tuple, optional
-    return hint, optional
+        return tuple
+    return hint  # type: ignore[no-any-return]
 
 
 def _describe(s: Setting) -> str:

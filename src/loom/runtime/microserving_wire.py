@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loom.engine.kv_transfer.wire import rle
+
 
 class MicroservingError(Exception):
     """A refused call: ``status`` is the HTTP status the server answers with."""
@@ -19,12 +21,7 @@ class MicroservingError(Exception):
 
 def encode_addr(slots: list[int]) -> str:
     """Slot ids as base64(JSON ``[n_segments, start_1, len_1, ...]``), runs merged."""
-    runs: list[int] = []
-    for s in slots:
-        if runs and runs[-2] + runs[-1] == s:
-            runs[-1] += 1
-        else:
-            runs += [s, 1]
+    runs = rle(slots)
     return base64.b64encode(json.dumps([len(runs) // 2, *runs]).encode()).decode()
 
 
