@@ -52,7 +52,7 @@ def pages_in_use(rt: Any) -> int:
 
 def drop_exports(rt: Any) -> None:
     def drop() -> None:
-        for name, _ in rt.exports.listing():
+        for name in list(rt.exports.exports):
             rt.exports.remove(name)
 
     rt.query(drop)

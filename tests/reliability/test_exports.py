@@ -4,6 +4,7 @@ exports cannot hold more than their share of the KV pool."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.reliability.support import complete
@@ -55,3 +56,42 @@ def test_an_export_hoard_leaves_room_for_completions(rrt: Any, testkit: str) -> 
     assert done.wait(60) and box[0].error is None and len(box[0].tokens) == 32
     for name in names:
         assert rrt.launch(testkit, ["unexport", name]).wait(30).ok
+
+
+PROMPT = "a prompt that spans more than one page of the KV cache"
+
+
+def test_only_the_exporters_program_imports_until_it_publishes(
+    rrt: Any, testkit: str, kit: str
+) -> None:
+    assert rrt.launch(kit, ["export", PROMPT, "sdk-private"]).wait(60).ok
+    assert rrt.launch(kit, ["export", PROMPT, "sdk-public", "public"]).wait(60).ok
+    try:
+        # Another program neither imports nor lists the private export...
+        end = rrt.launch(testkit, ["import", "sdk-private"]).wait(30)
+        assert not end.ok and "another program's, not published" in (end.error or "")
+        assert rrt.query(lambda: rrt.exports.listing(testkit)) == [("sdk-public", 2)]
+        # ...the exporter's program does, and everyone imports the published one.
+        assert rrt.launch(kit, ["import", "sdk-private"]).wait(60).ok
+        h = rrt.launch(testkit, ["import", "sdk-public"])
+        assert h.wait(30).ok and json.loads(h.recv(5))["pages"] == 2
+    finally:
+        rrt.query(lambda: [rrt.exports.remove(n) for n in ("sdk-private", "sdk-public")])
+
+
+def test_store_values_are_held_to_a_quota_per_program(rrt: Any, testkit: str) -> None:
+    saved = rrt.reconfigure(store_quota_mb=1)
+    store, big = rrt.messaging.store_kv, "x" * 400_000
+    used0 = rrt.query(lambda: store.used(testkit))  # keys earlier tests left
+    try:
+        for i in range(2):
+            assert rrt.launch(testkit, ["put", f"big-{i}", big]).wait(30).ok
+        end = rrt.launch(testkit, ["put", "big-2", big]).wait(30)
+        assert not end.ok and "values would take" in (end.error or "")
+        assert rrt.query(lambda: "big-2" not in store and store.used(testkit)) == used0 + 800_010
+        # Overwriting a key gives its old bytes back first.
+        assert rrt.launch(testkit, ["put", "big-1", big]).wait(30).ok
+    finally:
+        rrt.query(lambda: [store.pop(f"big-{i}") for i in range(3)])
+        rrt.reconfigure(saved)
+    assert rrt.query(lambda: store.used(testkit)) == used0

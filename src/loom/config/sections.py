@@ -82,6 +82,8 @@ class RuntimeConfig:
     token_budget: int = setting(1 << 30, "tokens an instance may put through the model")
     max_message_bytes: int = setting(1 << 20, "largest message, topic or store value")
     max_pending_messages: int = setting(10_000, "unread messages per client or channel")
+    store_quota_mb: int = setting(64, "MiB one program's keys and values in the store "
+                                      "may take")  # fmt: skip
     max_instances: int = setting(4096, "instances running at once")
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
     # An instance that waits on anything but its own engine work (a message, a channel, a
@@ -128,6 +130,7 @@ class RuntimeConfig:
                  "memory_limit_mb and max_instances must be positive")  # fmt: skip
         _require(self.max_http_requests > 0, "max_http_requests must be positive")
         _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
+        _require(self.store_quota_mb > 0, "store_quota_mb must be positive")
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
 
 

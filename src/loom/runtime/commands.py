@@ -102,6 +102,13 @@ class UnexportCmd:
 
 
 @dataclass(eq=False)
+class PublishCmd:
+    """Let every program import the export ``name`` (its owner's call)."""
+
+    name: str
+
+
+@dataclass(eq=False)
 class SyncCmd:
     future: HostFuture
 
@@ -115,6 +122,7 @@ Command = (
     | MaskCmd
     | ExportCmd
     | UnexportCmd
+    | PublishCmd
     | SyncCmd
 )
 FORWARD_KINDS = (ForwardCmd, GenerateCmd)

@@ -25,6 +25,7 @@ from loom.runtime.commands import (
     FreeCmd,
     GenerateCmd,
     MaskCmd,
+    PublishCmd,
     SyncCmd,
     UnexportCmd,
 )
@@ -92,6 +93,11 @@ class EagerCommands:
                 if not rt.exports.may_remove(cmd.name, inst.seq, inst.program):
                     raise HostCallError(f"unexport: {cmd.name!r} belongs to another inferlet")
                 rt.exports.remove(cmd.name)
+            elif isinstance(cmd, PublishCmd):
+                if not rt.exports.may_remove(cmd.name, inst.seq, inst.program):
+                    raise HostCallError(f"publish: {cmd.name!r} belongs to another inferlet")
+                if not rt.exports.publish(cmd.name):
+                    raise HostCallError(f"publish: no export named {cmd.name!r}")
             elif isinstance(cmd, SyncCmd):
                 if q.inflight:
                     return False

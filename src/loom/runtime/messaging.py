@@ -11,6 +11,7 @@ from __future__ import annotations
 from loom.config import RuntimeConfig
 from loom.runtime.futures import Mailbox, Stream
 from loom.runtime.instance import Instance
+from loom.runtime.shared_store import SharedStore
 from loom.runtime.wasm.ffi import HostCallError
 
 
@@ -19,7 +20,7 @@ class Messaging:
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
-        self.store_kv: dict[str, str] = {}
+        self.store_kv = SharedStore()
         self.topics: dict[str, list[tuple[Instance, Stream]]] = {}
         self.channels: dict[str, Mailbox] = {}
 

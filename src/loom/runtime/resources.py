@@ -125,6 +125,7 @@ class Export:
     owner: int
     persistent: bool
     program: str = ""  # the exporter's program: it may unexport a persistent export
+    public: bool = False  # importable by any program (else by the exporter's program only)
 
 
 class ExportRegistry:
@@ -151,13 +152,28 @@ class ExportRegistry:
         exp = self.exports.get(name)
         return exp is None or exp.owner == owner or (exp.persistent and exp.program == program)
 
-    def take(self, name: str) -> list[int] | None:
-        """References to the exported pages for an importer (None: no such export)."""
+    def visible(self, name: str, program: str) -> bool:
+        """Whether instances of ``program`` may see and import the export ``name``: those
+        of the exporter's program, and anyone once its owner made it public."""
         exp = self.exports.get(name)
-        if exp is None:
+        return exp is not None and (exp.public or exp.program == program)
+
+    def take(self, name: str, program: str) -> list[int] | None:
+        """References to the exported pages for an importer of ``program`` (None: no
+        such export, or one it may not import: the two look the same to the importer)."""
+        if not self.visible(name, program):
             return None
+        exp = self.exports[name]
         self.pool.incref(exp.pages)
         return list(exp.pages)
+
+    def publish(self, name: str) -> bool:
+        """Let any program import ``name``; False when there is no such export."""
+        exp = self.exports.get(name)
+        if exp is None:
+            return False
+        exp.public = True
+        return True
 
     def remove(self, name: str) -> bool:
         exp = self.exports.pop(name, None)
@@ -171,5 +187,7 @@ class ExportRegistry:
         for name in [n for n, e in self.exports.items() if e.owner == owner and not e.persistent]:
             self.remove(name)
 
-    def listing(self) -> list[tuple[str, int]]:
-        return [(n, len(e.pages)) for n, e in sorted(self.exports.items())]
+    def listing(self, program: str) -> list[tuple[str, int]]:
+        """The exports instances of ``program`` may import, with their page counts."""
+        return [(n, len(e.pages)) for n, e in sorted(self.exports.items())
+                if e.public or e.program == program]  # fmt: skip

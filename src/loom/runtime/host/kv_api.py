@@ -11,6 +11,7 @@ from loom.runtime.commands import (
     ExportCmd,
     FreeCmd,
     MaskCmd,
+    PublishCmd,
     UnexportCmd,
 )
 from loom.runtime.host.common import iface
@@ -78,14 +79,22 @@ def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
 
     def import_pages(key: int, q: int, name: str) -> Ok | Err:
         inst, _ = queue_of(key, q)
-        physical = rt.exports.take(name)
+        physical = rt.exports.take(name, inst.program)
         if physical is None:
-            return Err(f"no KV pages are exported under the name {name!r}")
+            return Err(f"no KV pages are exported under the name {name!r} (or they are "
+                       f"another program's, not published)")  # fmt: skip
         return Ok(inst.pages.adopt(physical))
 
     def unexport(key: int, q: int, name: str) -> None:
         _, queue = queue_of(key, q)
         rt.enqueue(queue, UnexportCmd(name))
+
+    def publish(key: int, q: int, name: str) -> None:
+        _, queue = queue_of(key, q)
+        rt.enqueue(queue, PublishCmd(name))
+
+    def listing(key: int) -> list[tuple[str, int]]:
+        return rt.exports.listing(rt.caller(key).program)
 
     qt = borrow("queue")
     pages_t = list_of(U32)
@@ -96,7 +105,6 @@ def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     linker.add_func(NAME, "mask", [qt, U32, list_of(BOOL)], None, mask)
     linker.add_func(NAME, "export-pages", [qt, pages_t, STRING, BOOL], None, export_pages)
     linker.add_func(NAME, "import-pages", [qt, STRING], result(pages_t, STRING), import_pages)
-    linker.add_func(
-        NAME, "list-exports", [], list_of(tuple_of(STRING, U32)), lambda key: rt.exports.listing()
-    )
+    linker.add_func(NAME, "list-exports", [], list_of(tuple_of(STRING, U32)), listing)
     linker.add_func(NAME, "unexport-pages", [qt, STRING], None, unexport)
+    linker.add_func(NAME, "publish-export", [qt, STRING], None, publish)

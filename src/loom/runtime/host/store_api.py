@@ -1,4 +1,5 @@
-"""``store``: one persistent in-memory key-value store shared by all inferlets."""
+"""``store``: one persistent in-memory key-value store shared by all inferlets, each
+program's keys and values held to ``--store-quota-mb``."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     store = rt.messaging.store_kv
 
     def set_value(key: int, k: str, v: str) -> None:
-        rt.caller(key)
+        inst = rt.caller(key)
         if len(k.encode()) + len(v.encode()) > rt.config.max_message_bytes:
             raise HostCallError("store: key plus value exceed the message-size cap")
-        store[k] = v
+        store.set(inst.program, k, v, rt.config.store_quota_mb << 20)
 
     def delete(key: int, k: str) -> None:
         rt.caller(key)

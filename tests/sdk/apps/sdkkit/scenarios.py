@@ -249,7 +249,7 @@ async def export_ctx(args):
     ctx = inferlet.get_model().create_context()
     ctx.fill(args[0])
     tok = await ctx.decode_step()  # the prompt is written now: export it
-    await ctx.export(args[1], persistent=True)
+    await ctx.export(args[1], persistent=True, public=args[2:] == ["public"])
     inferlet.send(json.dumps(tok))
     ctx.release()
     return None

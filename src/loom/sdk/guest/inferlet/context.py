@@ -243,16 +243,19 @@ class Context(_DecodeMixin, _GenerateMixin, _SearchMixin, _MaskingMixin):
         child.matcher = self.matcher.fork() if self.matcher is not None else None
         return child
 
-    async def export(self, name: str, persistent: bool = False) -> None:
+    async def export(self, name: str, persistent: bool = False, public: bool = False) -> None:
         """Publish this context's written KV (and its tokens) under ``name``; returns once
         the export is visible to other inferlets. A persistent export outlives this
-        inferlet; a plain one ends with it."""
+        inferlet; a plain one ends with it. Only instances of this program may import it,
+        unless ``public`` (then any inferlet may)."""
         self._check_open()
         if self.kv_len != self.written or not self.written:
             raise ValueError("only a context with written, undropped KV can be exported")
         held = self.pages[: _kv.pages_for(self.kv_len, self.page_size)]
         store.set(_export_key(name), json.dumps(self.tokens[: self.written]))
         kv.export_pages(self.queue, held, name, persistent)
+        if public:
+            kv.publish_export(self.queue, name)
         if not await wait_for(self.queue.synchronize()):
             raise RuntimeError(f"exporting {name!r} failed: an earlier queued command failed")
 
