@@ -1,9 +1,11 @@
 """Children belong to their parent: an instance's children end with it (unless launched
 detached), are listed with their parent by the server, and a launch the instance cap
-refuses fails in the parent instead of reporting a child that never runs."""
+refuses fails in the parent instead of reporting a child that never runs; the parent
+waits for them and ends them."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -75,3 +77,14 @@ def test_an_idle_instance_is_ended_but_one_waiting_on_the_engine_is_not(rrt: Any
         assert time.monotonic() - t0 > 1.0  # (it did outlast the limit)
     finally:
         rrt.reconfigure(saved)
+
+
+def test_a_parent_waits_for_and_ends_its_children(rrt: Any, kit: str) -> None:
+    h = rrt.launch(kit, ["join", kit])
+    end = h.wait(60)
+    assert end.ok, end.error
+    out = json.loads(h.recv(5))
+    assert out["ok"] == "ok"
+    assert "boom from the app" in out["failed"]
+    assert "ended by its parent" in out["killed"]
+    assert "not a child of this instance" in out["stranger"]

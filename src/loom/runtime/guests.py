@@ -24,7 +24,14 @@ from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages
 from loom.runtime.services import RuntimeServices
 from loom.runtime.wasm import ffi as wasm_ffi
-from loom.runtime.wasm.ffi import ComponentLinker, CoreLinker, GuestStore, HostCallError
+from loom.runtime.wasm.ffi import (
+    ComponentLinker,
+    CoreLinker,
+    Err,
+    GuestStore,
+    HostCallError,
+    Ok,
+)
 
 ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
 
@@ -142,7 +149,14 @@ class Guests:
         if self.child_listener is not None:
             handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
         inst = self.spawn(handle, program, list(args), None if detached else parent)
-        return handle if inst is not None else "too many instances"
+        if inst is None:
+            return "too many instances"
+        ends = parent.child_ends
+        if len(ends) >= 4096:  # a long-lived launcher: forget children that ended long ago
+            for child_id in [c for c, end in ends.items() if end.done][:2048]:
+                del ends[child_id]
+        ends[inst.id] = inst.ended
+        return handle
 
     def _started(self, inst: Instance) -> None:
         inst.started = True
@@ -309,6 +323,8 @@ class Guests:
         self.instances.pop(inst.id, None)
         if inst.job is not None:
             completions.on_instance_end(inst, error)
+        inst.child_ends = {}
+        inst.ended.resolve(Ok(None) if ok else Err(error or "ended"))
         inst.handle._finish(InstanceResult(inst.id, ok, error, inst.cpu_s, inst.tokens))
 
     def end_all(self, reason: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.runtime.commands import CommandQueue
-from loom.runtime.futures import Mailbox, Stream
+from loom.runtime.futures import HostFuture, Mailbox, Stream
 from loom.runtime.resources import InstancePages
 from loom.runtime.wasm.ffi import CallFuture, GuestStore
 
@@ -139,3 +139,7 @@ class Instance:
     # and its own live children, terminated when it ends.
     parent: Instance | None = None
     children: list[Instance] = field(default_factory=list)
+    # Its end as a future (``Ok(None)``, or ``Err(why)``), and those of every child it
+    # launched (detached ones too), by id: what ``runtime.wait-child`` hands out.
+    ended: HostFuture = field(default_factory=HostFuture)
+    child_ends: dict[str, HostFuture] = field(default_factory=dict)

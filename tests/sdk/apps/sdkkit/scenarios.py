@@ -323,7 +323,30 @@ async def family(args):
     return "parent done: " + await inferlet.receive()
 
 
+async def join(args):
+    """Children waited on and ended from here: one that ends well, one that fails, one
+    ended by this parent; then a wait on an id that is no child of ours."""
+    program, out = args[0], {}
+    done = await inferlet.launch(program, ["channel", "push", "x"])
+    await done.wait()
+    out["ok"] = "ok"
+    for key, child_args in (("failed", ["fail"]), ("killed", ["channel", "pull-from", "n"])):
+        child = await inferlet.launch(program, child_args)
+        if key == "killed":
+            child.kill()
+        try:
+            await child.wait()
+        except RuntimeError as e:
+            out[key] = str(e)
+    try:
+        await inferlet.Child("not-a-child").wait()
+    except RuntimeError as e:
+        out["stranger"] = str(e)
+    return json.dumps(out)
+
+
 SCENARIOS = {
+    "join": join,
     "net": net,
     "spec_tree": spec_tree,
     "steps": steps,

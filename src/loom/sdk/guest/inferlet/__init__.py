@@ -18,6 +18,7 @@ __all__ = [
 from inferlet.context import Completion, Context, Drafter, decode_all
 from inferlet.grammar import Choice, Constraint, Grammar, JsonObject, JsonSchema, Matcher, Regex
 from inferlet.io import (
+    Child,
     Response,
     broadcast,
     get_arguments,
@@ -40,7 +41,7 @@ from inferlet.io import (
 from inferlet.model import Model, Tokenizer, get_model
 
 __all__ += [
-    "Choice", "Completion", "Constraint", "Context", "Drafter", "Grammar", "JsonObject",
+    "Child", "Choice", "Completion", "Constraint", "Context", "Drafter", "Grammar", "JsonObject",
     "JsonSchema", "Matcher", "Model", "Regex", "Response", "Tokenizer", "broadcast", "decode_all",
     "get_arguments", "get_model", "http_get", "http_post", "http_request",
     "instance_id", "launch", "log", "pull", "push", "receive", "send", "store_delete",

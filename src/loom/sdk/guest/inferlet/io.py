@@ -108,13 +108,37 @@ async def http_post(url: str, body: bytes | str, headers: dict[str, str] | None 
     return await http_request("POST", url, data, headers)
 
 
-async def launch(program: str, args: list[str], detached: bool = False) -> str:
-    """Start a child inferlet from a program the server holds (by hash); its instance id.
-    The child ends when this inferlet ends, unless ``detached``. Raises ``RuntimeError``
-    when the server refuses it (no such program, too many instances)."""
+class Child(str):
+    """A child inferlet: its instance id (a ``str``), which can also be waited on or
+    ended from the inferlet that launched it."""
+
+    async def wait(self) -> None:
+        """Wait for the child to end; ``RuntimeError`` saying why when it failed or was
+        ended."""
+        try:
+            end = runtime.wait_child(str(self))
+        except Err as e:
+            raise RuntimeError(e.value) from None
+        outcome = await wait_for(end)
+        if type(outcome).__name__ == "Err":
+            raise RuntimeError(f"child {self} failed: {outcome.value}")
+
+    def kill(self) -> None:
+        """End the child now (nothing when it has ended already)."""
+        try:
+            runtime.kill_child(str(self))
+        except Err as e:
+            raise RuntimeError(e.value) from None
+
+
+async def launch(program: str, args: list[str], detached: bool = False) -> Child:
+    """Start a child inferlet from a program the server holds (by hash). The child ends
+    when this inferlet ends, unless ``detached``; ``await child.wait()`` waits for its end,
+    ``child.kill()`` ends it. Raises ``RuntimeError`` when the server refuses it (no such
+    program, too many instances)."""
     start = runtime.launch_detached if detached else runtime.launch
     try:
-        return str(start(program, list(args)))
+        return Child(start(program, list(args)))
     except Err as e:
         raise RuntimeError(f"launch failed: {e.value}") from None
 
