@@ -10,6 +10,10 @@ frame can never write into pages that were given to someone else) and writes acc
 K/V straight into the KV tensor. Positions and liveness of the slots are set only once
 every layer of every reserved slot has arrived, so a partial transfer stays invisible.
 
+Every connection opens with the receiver's greeting ``{"loom_kv": 1}``; a receiver with a
+secret adds ``"nonce"``, the sender answers ``{"auth": HMAC-SHA256(secret, nonce)}`` and
+the receiver ``{"auth": "ok"}`` (or an error, and hangs up) before any frame is taken.
+
 Wire format, both directions little-endian: ``b"LKV1" | u32 header length | u64 payload
 length | header (JSON) | payload``. A data frame's header is ``{"rid", "layer", "slots"
 (run-length: [start, len, ...]), "dtype", "shape"}`` and its payload the raw K/V of

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 
 from loom.engine.kv_transfer.transports import Channel, GlooTransport, arriving
-from loom.engine.kv_transfer.wire import GREETING, recv_frame, send_frame, unrle
+from loom.engine.kv_transfer.wire import GREETING_TIMEOUT_S, greet, recv_frame, send_frame, unrle
+
+# Connections served at once: engines keep one per sender and transport; more than this
+# is someone else's (each holds a thread), and is closed at once.
+MAX_CONNECTIONS = 64
 
 
 @dataclass
@@ -26,7 +30,11 @@ class Reservation:
 
 class KVReceiver:
     """Accepts KV frames into ``kv`` ([layers, 2, slots, kv_heads, head_dim]); call
-    ``on_complete(slots, positions)`` (under the lock) once a reservation is whole."""
+    ``on_complete(slots, positions)`` (under the lock) once a reservation is whole.
+
+    With a ``secret``, a connection is served only once its sender proved it holds the
+    secret (``wire.greet``); a frame that starts must arrive whole with no gap longer
+    than ``progress_s``, or its connection is closed (its requests stay incomplete)."""
 
     def __init__(
         self,
@@ -34,8 +42,13 @@ class KVReceiver:
         on_complete: Callable[[list[int], list[int]], None],
         host: str = "127.0.0.1",
         port: int = 0,
+        secret: str | None = None,
+        progress_s: float = 10.0,
     ) -> None:
         self.kv = kv
+        self.secret, self.progress_s = secret, progress_s
+        self.connections = 0  # being served now
+        self.refused = 0  # connections closed for a wrong or missing secret
         self.num_layers = kv.shape[0]
         self.on_complete = on_complete
         self.lock = threading.Lock()
@@ -76,31 +89,61 @@ class KVReceiver:
                 conn, _ = self._server.accept()
             except OSError:
                 return
+            with self.lock:
+                full = self.connections >= MAX_CONNECTIONS
+                if not full:
+                    self.connections += 1
+            if full:
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._frames(conn)
+        finally:
+            with self.lock:
+                self.connections -= 1
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Greet ``conn``; with a secret, whether its sender proved it holds it in time."""
+        conn.settimeout(GREETING_TIMEOUT_S)
+        try:
+            ok = greet(conn, self.secret)
+        except (OSError, ValueError):
+            ok = False
+        conn.settimeout(None)
+        if not ok:
+            with self.lock:
+                self.refused += 1
+        return ok
+
+    def _frames(self, conn: socket.socket) -> None:
         row = self.kv[0, :, :1].numel() * self.kv.element_size()  # bytes per slot per layer
         ch = Channel(conn)
-        with conn:
-            try:
-                send_frame(conn, GREETING)  # a sender checks it is talking to a receiver
-                while True:
-                    header, payload = recv_frame(conn, max_payload=row * self.kv.shape[2])
-                    rid = str(header.get("rid"))
-                    if header.get("end"):
-                        send_frame(conn, self._finish(rid))
-                        continue
-                    if GlooTransport.handshake(ch, header):
-                        continue
-                    # Take the data off its channel before judging the frame, so a refused
-                    # frame leaves no segment behind and the stream stays in step.
-                    via = arriving(header)
-                    like = self._gloo_buffer(header) if via.name == "gloo" else None
-                    payload, tensor = via.take(ch, header, payload, like)
-                    self._write(rid, header, payload, tensor)
-            except (ConnectionError, OSError, ValueError, RuntimeError, KeyError, TypeError):
-                return  # the sender went away or spoke nonsense: its requests stay incomplete
+        if not self._admit(conn):
+            return
+        try:
+            while True:
+                header, payload = recv_frame(
+                    conn, max_payload=row * self.kv.shape[2], progress_s=self.progress_s
+                )
+                rid = str(header.get("rid"))
+                if header.get("end"):
+                    send_frame(conn, self._finish(rid))
+                    continue
+                if GlooTransport.handshake(ch, header):
+                    continue
+                # Take the data off its channel before judging the frame, so a refused
+                # frame leaves no segment behind and the stream stays in step.
+                via = arriving(header)
+                like = self._gloo_buffer(header) if via.name == "gloo" else None
+                payload, tensor = via.take(ch, header, payload, like)
+                self._write(rid, header, payload, tensor)
+        except (ConnectionError, OSError, ValueError, RuntimeError, KeyError, TypeError):
+            return  # the sender went away or spoke nonsense: its requests stay incomplete
 
     def _gloo_buffer(self, header: dict[str, Any]) -> torch.Tensor:
         shape = [int(x) for x in header["shape"]]

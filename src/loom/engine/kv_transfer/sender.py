@@ -42,12 +42,24 @@ class KVSender:
     ``mode`` names the transport of the K/V bytes (``transports.TRANSPORTS``): ``tcp`` on
     the socket, ``shm`` in shared memory (engines on one host), ``gloo`` through
     ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling);
-    frame headers always go on the socket."""
+    frame headers always go on the socket.
 
-    def __init__(self, timeout_s: float = 60.0, mode: str = "tcp") -> None:
+    Three clocks bound a transfer: the connection and the receiver's greeting (2 s each:
+    ``wire.GREETING_TIMEOUT_S``), progress (a socket wait that moves no byte for
+    ``progress_s`` fails it), and the whole (``timeout_s``, for the receiver's verdict).
+    ``secret`` answers a receiver that asks for it (``wire.expect_greeting``)."""
+
+    def __init__(
+        self,
+        timeout_s: float = 60.0,
+        mode: str = "tcp",
+        secret: str | None = None,
+        progress_s: float = 10.0,
+    ) -> None:
         self.transport = transport(mode)
         self.timeout_s = timeout_s
         self.mode = mode
+        self.secret, self.progress_s = secret, progress_s
         self._links: dict[str, _Link] = {}
         self.stats: dict[str, SendStats] = {}
 
@@ -66,6 +78,8 @@ class KVSender:
         waits: list[tuple[str, threading.Event, dict[str, Any]]] = []
         for rid, dst in requests.items():
             st = self.stats.setdefault(rid, SendStats())
+            if st.error is not None:
+                continue  # it failed already (no second wait on a receiver that is not there)
             link = self._link(dst, st)
             if link is None:
                 continue
@@ -110,11 +124,13 @@ class _Link:
         # (40 ms of delayed ACK per exchange on loopback).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            expect_greeting(self.sock)
+            expect_greeting(self.sock, owner.secret)
         except OSError:
             self.sock.close()
             raise
-        self.sock.settimeout(owner.timeout_s)
+        # Every later wait on the socket (room to write, the receiver's verdict) must see
+        # progress within progress_s: a receiver that stops reading fails the transfer then.
+        self.sock.settimeout(owner.progress_s)
         self.owner = owner
         self.alive = True
         self.channel = Channel(self.sock)
@@ -143,11 +159,13 @@ class _Link:
                 st.frames += 1
             except (OSError, ValueError, RuntimeError) as e:
                 self.alive = False
-                st.error = f"KV transfer failed: {e}"
+                stalled = isinstance(e, TimeoutError)
+                why = f"no progress for {self.owner.progress_s:g} s" if stalled else str(e)
+                st.error = f"KV transfer failed: {why}"
                 if header.get("end"):
                     body[1].update({"ok": False, "error": st.error})
                     body[0].set()
-                self._fail_rest(str(e))
+                self._fail_rest(why)
                 return
 
     def _fail_rest(self, why: str) -> None:

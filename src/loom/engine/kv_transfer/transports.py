@@ -112,7 +112,7 @@ class GlooTransport:
         """Receiver: join the sender's group when ``header`` is its handshake."""
         if "gloo_store" not in header:
             return False
-        ch.group = join_gloo(str(header["gloo_store"]))
+        ch.group = join_gloo(str(header["gloo_store"]), ch.sock.getpeername()[0])
         return True
 
 

@@ -53,7 +53,7 @@ class _OpRunner:
         engine = self.engine
         self.num_pages, self.page_size = engine.pool.num_pages, engine.pool.page_size
         self.vocab_size = engine.model_config.vocab_size
-        self.senders: dict[str, Any] = {}  # KV transports by kind, made on first use
+        self.senders: dict[tuple[Any, ...], Any] = {}  # KV senders by _link_key, made on first use
         # Whether an op waits behind the current one (set by the worker that owns this
         # runner): a generation chunk ends early for it.
         self.pending: Callable[[], bool] = lambda: False
@@ -170,7 +170,7 @@ class _OpRunner:
                     raise RequestError(f"grammar: {e}") from e
             return None
         if isinstance(op, KVRecvStartOp):
-            return self._receiver().address
+            return self._receiver(op).address
         if isinstance(op, KVReserveOp):
             self._check_pages(op.fresh_pages)
             engine.reset_pages(list(op.fresh_pages))
@@ -233,33 +233,37 @@ class _OpRunner:
         for spec in sends:
             idx = torch.tensor(spec.local_slots, dtype=torch.long, device=kv.device)
             # A copy: the sender thread writes it out while the next layer computes.
-            self._sender(spec.transport).put(spec.dst, spec.rid, spec.remote_slots, layer,
-                               kv.index_select(1, idx))  # fmt: skip
+            self._sender(spec).put(spec.dst, spec.rid, spec.remote_slots, layer,
+                                   kv.index_select(1, idx))  # fmt: skip
 
     def _flush_sends(self, sends: list[KVSendSpec]) -> list[KVTransferResult]:
         out = []
-        for transport in sorted({s.transport for s in sends}):
-            group = {s.rid: s.dst for s in sends if s.transport == transport}
-            stats = self._sender(transport).flush(group)
+        for spec in {_link_key(s): s for s in sends}.values():
+            group = {s.rid: s.dst for s in sends if _link_key(s) == _link_key(spec)}
+            stats = self._sender(spec).flush(group)
             out += [
                 KVTransferResult(rid, st.error is None, st.error, st.bytes, st.send_s, st.exposed_s)
                 for rid, st in stats.items()
             ]
         return out
 
-    def _sender(self, transport: str = "tcp") -> Any:
+    def _sender(self, spec: KVSendSpec) -> Any:
         from loom.engine.kv_transfer import KVSender
 
-        sender = self.senders.get(transport)
+        key = _link_key(spec)
+        sender = self.senders.get(key)
         if sender is None:
-            sender = self.senders[transport] = KVSender(mode=transport)
+            sender = self.senders[key] = KVSender(mode=spec.transport, secret=spec.secret,
+                                                  progress_s=spec.progress_s)  # fmt: skip
         return sender
 
-    def _receiver(self) -> Any:
+    def _receiver(self, op: KVRecvStartOp | None = None) -> Any:
         if self.receiver is None:
             from loom.engine.kv_transfer import KVReceiver
 
-            self.receiver = KVReceiver(self.engine.kv, self.engine.place_slots)
+            op = op or KVRecvStartOp()
+            self.receiver = KVReceiver(self.engine.kv, self.engine.place_slots, port=op.port,
+                                       secret=op.secret, progress_s=op.progress_s)  # fmt: skip
         return self.receiver
 
     def _check_slots(self, slots: list[int]) -> None:
@@ -296,3 +300,8 @@ def _startup_error(e: BaseException) -> ModelLoadError:
     err = ModelLoadError(f"engine worker failed to start: {type(e).__name__}: {e}")
     err.__cause__ = e
     return err
+
+
+def _link_key(spec: KVSendSpec) -> tuple[str, str | None, float]:
+    """Sends that may share a ``KVSender`` (and its connections)."""
+    return spec.transport, spec.secret, spec.progress_s

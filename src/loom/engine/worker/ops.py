@@ -85,6 +85,8 @@ class KVSendSpec:
     local_slots: list[int]
     remote_slots: list[int]
     transport: str = "tcp"  # "tcp", or "shm" for a receiver on this host
+    secret: str | None = None  # the KV channel's shared secret, for a receiver that asks
+    progress_s: float = 10.0  # a transfer that moves no byte this long fails
 
 
 @dataclass
@@ -162,7 +164,12 @@ class NudgeOp:
 
 @dataclass
 class KVRecvStartOp:
-    """Start the KV receiver (once; later calls return the same address): ``"host:port"``."""
+    """Start the KV receiver (once; later calls return the same address): ``"host:port"``.
+    With a ``secret``, it takes frames only from senders proving they hold it."""
+
+    secret: str | None = None
+    port: int = 0  # 0: any free port
+    progress_s: float = 10.0  # a frame whose bytes stop this long closes its connection
 
 
 @dataclass
