@@ -160,6 +160,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     from loom.config import ServeConfig
     from loom.server.app import serve
 
+    # A router hands the engines it starts their secrets in the environment.
+    keys = args.api_key or [k for k in [os.environ.get("LOOM_API_KEY")] if k]
     config = ServeConfig.of(
         model=args.model,
         host=args.host,
@@ -170,6 +172,11 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         reservation_ttl_s=args.reservation_ttl,
         kv_transport=args.kv_transport,
         prefix_cache=args.prefix_cache,
+        api_keys=tuple(keys),
+        kv_secret=args.kv_secret or os.environ.get("LOOM_KV_SECRET") or None,
+        kv_peers=tuple(args.kv_peers or ()),
+        kv_port=args.kv_port,
+        max_reserved_share=args.max_reserved_share,
     )
     return serve(config)
 
@@ -215,6 +222,16 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="reuse the KV of earlier prompts' pages (default on)",
     )
+    engine.add_argument("--api-key", action="append", help="accept this API key (repeatable; "
+                        "default: $LOOM_API_KEY)")  # fmt: skip
+    engine.add_argument("--kv-secret", help="shared secret of the KV channel (default: "
+                        "$LOOM_KV_SECRET, else the first API key)")  # fmt: skip
+    engine.add_argument("--kv-peers", nargs="*", help="KV receivers (host:port) this engine "
+                        "may send to, besides those a router registers")  # fmt: skip
+    engine.add_argument("--kv-port", type=int, default=0, help="port of its KV receiver, "
+                        "for other engines' --kv-peers (default: any free)")  # fmt: skip
+    engine.add_argument("--max-reserved-share", type=float, default=0.5, help="share of the "
+                        "KV pool one client's reservations may hold (default 0.5)")  # fmt: skip
     engine.set_defaults(func=_cmd_engine)
     from loom.config import RouterConfig, add_flags
 

@@ -3,6 +3,7 @@ local recomputation, expiry, failed transfers, aborts."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +28,19 @@ def pair(tiny_dir: Path) -> Iterator[tuple[Any, Any]]:
         )
 
     with make() as p, make() as d:
+        introduce(p, d)
         yield p, d
 
 
 def post(srv: Any, path: str, **body: Any) -> httpx.Response:
     return httpx.post(srv.url + "/microserving/" + path, json=body, timeout=60)
+
+
+def introduce(sender: Any, receiver: Any) -> None:
+    """Register ``receiver``'s KV receiver as a peer of ``sender`` (what a router does)."""
+    addr = httpx.get(receiver.url + "/microserving/peers").json()["recv_engine"]
+    r = post(sender, "peers", peers=[addr])
+    assert r.status_code == 200 and addr in r.json()["peers"], r.text
 
 
 def cache_of(srv: Any) -> Any:
@@ -187,7 +196,8 @@ def test_an_unused_reservation_expires_and_frees_its_pages(pair: tuple[Any, Any]
 def test_a_failed_transfer_is_never_decoded(pair: tuple[Any, Any]) -> None:
     p, d = pair
     prep = post(d, "prep_recv", prompt=PROMPT, end=-1, request_id="fail-1").json()
-    # The prefill engine cannot reach the receiver: the send fails ...
+    # The prefill engine cannot reach the receiver (a peer that died): the send fails ...
+    assert post(p, "peers", peers=["127.0.0.1:9"]).status_code == 200
     r = send_to(p, prep, "fail-1", recv_engine="127.0.0.1:9")
     assert r.status_code == 502 and "KV transfer failed" in r.json()["error"]["message"]
     # ... and the decode engine refuses to generate from the missing KV.
@@ -230,10 +240,19 @@ def test_other_transports_give_the_same_kv(
     _, d = pair
     prompt = [len(transport), *((i * 53) % 1900 + 60 for i in range(36))]
     segments = set(os.listdir("/dev/shm"))
+    # The receiver named in the configuration (--kv-peers) rather than registered; the
+    # sender's own receiver on the port given (--kv-port).
+    d_recv = httpx.get(d.url + "/microserving/peers").json()["recv_engine"]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        kv_port = free.getsockname()[1]
     settings = ServeConfig.of(
-        model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport=transport
-    )
+        model=str(tiny_dir), port=0, worker="thread", num_pages=64, kv_transport=transport,
+        kv_peers=(d_recv,), kv_port=kv_port,
+    )  # fmt: skip
     with BackgroundServer(settings) as p:
+        own = httpx.get(p.url + "/microserving/peers").json()
+        assert own == {"recv_engine": f"127.0.0.1:{kv_port}", "peers": []}
         prep = post(d, "prep_recv", prompt=prompt, end=-1, request_id=f"{transport}-1").json()
         sent = send_to(p, prep, f"{transport}-1", prompt=prompt)
         assert sent.status_code == 200, sent.text

@@ -10,7 +10,7 @@ sockets, clients and engine placement) and ``RouterConfig`` (``loom router``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +102,21 @@ class RuntimeConfig:
     # "shm": for receivers on this host, the socket carries only frame names; "gloo":
     # torch.distributed send/recv, the socket carries only frame headers.
     kv_transport: KVTransport = setting("tcp", "microserving: how KV goes to other engines")
+    # The KV channel's shared secret: a receiver takes frames only from senders that prove
+    # they hold it (HMAC of a per-connection nonce). None: the first API key, if any.
+    kv_secret: str | None = setting(None, "microserving: shared secret of the KV channel "
+                                          "(default: the first --api-key)")  # fmt: skip
+    # remote_send goes only to these KV receivers, to those a router registered (POST
+    # /microserving/peers) and to this engine's own.
+    kv_peers: tuple[str, ...] = setting((), "microserving: KV receivers (host:port) this "
+                                            "engine may send to", many=True)  # fmt: skip
+    kv_port: int = setting(0, "microserving: port of this engine's KV receiver (0: any free)")
+    kv_progress_timeout_s: float = setting(10.0, "microserving: fail a KV transfer that "
+                                                 "moves no byte this long")  # fmt: skip
+    # prep_recv reservations of one client (API key; address without keys) may hold at
+    # most this share of the pool; more is refused with 429 until some end or expire.
+    max_reserved_share: float = setting(0.5, "microserving: share of the KV pool one "
+                                             "client's reservations may hold")  # fmt: skip
     http_allow_hosts: tuple[str, ...] = setting((), "hosts inferlets may call ('*': any)",
                                                 many=True)  # fmt: skip
     http_timeout_s: float = setting(30.0, "inferlets' outgoing HTTP timeout")
@@ -132,6 +147,9 @@ class RuntimeConfig:
         _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
         _require(self.store_quota_mb > 0, "store_quota_mb must be positive")
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
+        _require(0 < self.max_reserved_share <= 1, "max_reserved_share must be in (0, 1]")
+        _require(self.kv_progress_timeout_s > 0, "kv_progress_timeout_s must be > 0")
+        _require(0 <= self.kv_port < 65536, f"kv_port must be in 0..65535, got {self.kv_port}")
 
 
 @dataclass(frozen=True)
@@ -181,9 +199,24 @@ class RouterConfig:
     port: int = setting(8080, "port")
     kv_transport: KVTransport = setting("tcp", "KV transport of the engines it starts")
     prefix_cache: bool = setting(True, "prefix caches of the engines it starts")
+    # Clients send `Authorization: Bearer KEY`; none: no authentication. /health is open.
+    api_keys: tuple[str, ...] = setting((), "accept this API key (repeatable)", repeat=True)
+    # The engines it starts get this key (and a fresh KV secret of their own) through
+    # their environment, not their command line, which every local user can read.
+    engine_api_key: str | None = setting(None, "API key of the router's calls to engines "
+                                               "(default: its first --api-key)")  # fmt: skip
+    # Besides each /health request: a dead engine is out of the strategies' choices within
+    # this long even when no request found it dead.
+    health_interval_s: float = setting(2.0, "how often engines' /health is probed (0: never)")
+    # SIGTERM: stop accepting, let requests in flight finish for up to this long, then stop
+    # the engines it started and exit 0.
+    shutdown_timeout_s: float = setting(60.0, "how long requests in flight may finish on "
+                                              "SIGTERM")  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
+        _require(self.health_interval_s >= 0 and self.shutdown_timeout_s >= 0,
+                 "health_interval_s and shutdown_timeout_s must be >= 0")  # fmt: skip
         _require(self.engines >= 1 or bool(self.engine_urls), "engines must be >= 1")
         _require(0.0 <= self.balance <= 1.0, f"balance must be in [0, 1], got {self.balance}")
 
@@ -198,6 +231,13 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        # The KV channel's secret defaults to the API key: engines that share a key
+        # authenticate each other's KV without a second secret to distribute.
+        if self.runtime.kv_secret is None and self.server.api_keys:
+            runtime = replace(self.runtime, kv_secret=self.server.api_keys[0])
+            object.__setattr__(self, "runtime", runtime)
 
     @classmethod
     def of(cls, **settings: Any) -> ServeConfig:

@@ -1,9 +1,10 @@
 """The router's HTTP face: ``/v1/completions`` and ``/v1/chat/completions`` served by a
 strategy over engines, ``/admin/strategy`` to switch strategies live, ``/health`` and
-``/metrics``."""
+``/metrics``. With API keys every route but ``/health`` needs one."""
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import time
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,12 +33,41 @@ class StrategyChange(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+def key_check(api_keys: tuple[str, ...]) -> Any:
+    """A dependency refusing requests without one of ``api_keys`` (none: everyone passes)."""
+
+    async def check(request: Request) -> None:
+        if not api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        given = key.strip().encode()
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(given, k.encode()) for k in api_keys
+        ):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", kind="authentication_error")  # fmt: skip
+
+    return Depends(check)
+
+
+def create_router_app(
+    router: StrategyRouter,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_keys: tuple[str, ...] = (),
+    health_interval_s: float = 2.0,
+) -> FastAPI:
+    """The app over ``router`` (closed when the app shuts down); ``api_keys``: what its
+    clients must send; ``health_interval_s``: how often engines are probed (0: only on
+    ``/health``)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        router.start_probing(health_interval_s)
         yield
         await router.close()
 
+    guard = [key_check(tuple(api_keys))]
     app = FastAPI(title="Loom router", lifespan=lifespan)
     install_error_handlers(app)
     counts: dict[str, int] = {}
@@ -107,7 +137,7 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             "choices": [choice],
         })  # fmt: skip
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, dependencies=guard)
     async def completions(body: CompletionRequest) -> Any:
         check_model(body.model)
         p = body.prompt
@@ -119,7 +149,7 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             raise ApiError(400, "the router takes one prompt (text or token ids)", param="prompt")
         return await respond(prompt, body, chat=False)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=guard)
     async def chat(body: ChatCompletionRequest) -> Any:
         check_model(body.model)
         if body.max_completion_tokens is not None:
@@ -131,18 +161,18 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
             raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
         return await respond(prompt, body, chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guard)
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "owned_by": "loom"}],
         }
 
-    @app.get("/admin/strategy")
+    @app.get("/admin/strategy", dependencies=guard)
     async def get_strategy() -> dict[str, Any]:
         return router.strategy.describe()
 
-    @app.post("/admin/strategy")
+    @app.post("/admin/strategy", dependencies=guard)
     async def set_strategy(change: StrategyChange) -> dict[str, Any]:
         try:
             router.strategy = make_strategy(change.strategy, change.balance, **change.options)
@@ -151,15 +181,17 @@ def create_router_app(router: StrategyRouter, tokenizer: Tokenizer, model_name: 
         return router.strategy.describe()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "engines": [
-                {"url": e.url, "alive": e.alive, "running": e.running} for e in router.engines
-            ],
-        }
+    async def health() -> Any:
+        """Every engine probed now: "ok", "degraded" (some down) or "down" (503)."""
+        await router.probe()
+        alive = sum(e.alive for e in router.engines)
+        status = "ok" if alive == len(router.engines) else "degraded" if alive else "down"
+        engines = [{"url": e.url, "alive": e.alive, "running": e.running, "error": e.error}
+                   for e in router.engines]  # fmt: skip
+        return JSONResponse({"status": status, "engines": engines},
+                            status_code=200 if alive else 503)  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=guard)
     async def metrics() -> Response:
         lines = ["# TYPE loom_router_requests_total counter"]
         lines += [f'loom_router_requests_total{{strategy="{k}"}} {v}' for k, v in counts.items()]

@@ -53,9 +53,11 @@ def start_engines(
     extra_args: list[str] | None = None,
     timeout_s: float = 300.0,
     quiet: bool = False,
+    env: dict[str, str] | None = None,
 ) -> list[EngineProcess]:
     """Start ``n`` engines on 127.0.0.1 and wait until each serves; stops them all if any
-    fails to come up."""
+    fails to come up. ``env`` is added to their environment (secrets go there: a command
+    line is readable by every local user)."""
     engines: list[EngineProcess] = []
     for cpus in cpu_sets(n):
         port = free_port()
@@ -64,7 +66,7 @@ def start_engines(
             cmd += ["--cpus", ",".join(map(str, cpus))]
         cmd += extra_args or []
         out = subprocess.DEVNULL if quiet else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, **(env or {})})
         engines.append(EngineProcess(f"http://127.0.0.1:{port}", cpus, proc))
     deadline = time.monotonic() + timeout_s
     try:

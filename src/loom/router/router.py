@@ -3,7 +3,10 @@
 ``Router.translate_request(req)`` is the one method a strategy provides: an async
 generator of OpenAI completion chunks (dicts) produced from ``prep_recv`` /
 ``remote_send`` / ``start_generate`` calls on ``self.engines``. ``Router.handle`` runs it
-and starts it over when an engine answers ``preempt`` or dies (on the remaining engines).
+and starts it over when an engine answers ``preempt`` or dies (on the remaining engines),
+even after text reached the client: the new run's text is checked against what was sent
+and only the rest is passed on (a request without a seed gets one, so a sampled
+generation replays the same tokens).
 
     class MyRouter(Router):
         async def translate_request(self, req):
@@ -15,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from loom.router.fleet import Engine, introduce, probe
+
+__all__ = ["Engine", "EngineDown", "Preempted", "RoutedRequest", "Router", "RouterError"]
 
 
 class RouterError(Exception):
@@ -39,20 +46,6 @@ class EngineDown(Exception):
     def __init__(self, engine: Engine, why: str) -> None:
         super().__init__(f"engine {engine.url} is unreachable: {why}")
         self.engine = engine
-
-
-@dataclass(eq=False)
-class Engine:
-    url: str
-    index: int
-    running: int = 0  # requests this router has in flight on it
-    down_until: float = 0.0
-    served: int = 0
-    sent_bytes: int = 0
-
-    @property
-    def alive(self) -> bool:
-        return time.monotonic() >= self.down_until
 
 
 @dataclass
@@ -74,15 +67,42 @@ class RoutedRequest:
 class Router:
     max_attempts = 4
 
-    def __init__(self, engine_urls: list[str], timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, engine_urls: list[str], timeout_s: float = 600.0, api_key: str | None = None
+    ) -> None:
+        """``api_key``: sent on every call to the engines (engines with keys need it)."""
         if not engine_urls:
             raise ValueError("a router needs at least one engine")
         self.engines = [Engine(u.rstrip("/"), i) for i, u in enumerate(engine_urls)]
-        self.http = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=256))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(
+            timeout=timeout_s, limits=httpx.Limits(max_connections=256), headers=headers
+        )
         self.retries = 0
+        self._probing: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         await self.http.aclose()
+
+    # ----- the engines' health -----
+
+    async def probe(self) -> None:
+        """Ask every engine's ``/health`` now; a dead one leaves the choices."""
+        await probe(self.http, self.engines)
+
+    def start_probing(self, interval_s: float) -> None:
+        """Probe every ``interval_s`` in the background (until ``close``)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                with contextlib.suppress(Exception):
+                    await self.probe()
+
+        if interval_s > 0 and self._probing is None:
+            self._probing = asyncio.create_task(loop())
 
     # ----- what a strategy overrides -----
 
@@ -94,19 +114,26 @@ class Router:
     # ----- the outer loop -----
 
     async def handle(self, req: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
-        """Run the strategy; on ``preempt`` or a dead engine start it over (nothing has
-        reached the client yet in either case, or the error is passed on)."""
+        """Run the strategy; on ``preempt`` or a dead engine start it over on the engines
+        left, passing on only the text the client does not have yet."""
+        if req.sampling.get("temperature", 1.0) != 0 and req.sampling.get("seed") is None:
+            req.sampling["seed"] = random.getrandbits(63)  # a rerun samples the same tokens
+        sent = ""  # text that reached the client
         while True:
-            started = False
+            replay = sent  # what this run must reproduce before anything new goes out
             try:
                 async for chunk in self.translate_request(req):
-                    started = True
+                    if replay:
+                        chunk, replay = _unsent(chunk, replay)
+                        if not chunk["choices"] and chunk.get("usage") is None:
+                            continue  # all of it was sent before
+                    sent += "".join(c.get("text") or "" for c in chunk.get("choices", []))
                     yield chunk
                 return
             except (Preempted, EngineDown) as e:
                 if isinstance(e, EngineDown):
-                    e.engine.down_until = time.monotonic() + 5.0
-                if started or req.attempt + 1 >= self.max_attempts or not self.live_engines():
+                    e.engine.mark_down(str(e))
+                if req.attempt + 1 >= self.max_attempts or not self.live_engines():
                     raise RouterError(
                         503, f"request failed after {req.attempt + 1} attempts: {e}", "unavailable"
                     ) from None
@@ -149,6 +176,7 @@ class Router:
     ) -> dict[str, Any]:
         """Compute ``prompt[:end]`` on ``engine`` and push ``[begin:end]`` to the receiver;
         returns once the receiver has it all."""
+        await introduce(self.http, self.engines)  # engines send KV only to peers they know
         engine.running += 1
         try:
             r = await self._post(
@@ -225,13 +253,38 @@ class Router:
             self._raise(engine, resp)
         return resp.json()  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _raise(engine: Engine, resp: httpx.Response) -> None:
+    def _raise(self, engine: Engine, resp: httpx.Response) -> None:
         try:
             err = resp.json().get("error", {})
         except ValueError:
             err = {}
         code, message = err.get("code"), err.get("message") or resp.text
-        if code == "preempt" or resp.status_code == 503:
+        if code == "unknown_peer":  # an engine restarted (new receiver) or forgot: again
+            for e in self.engines:
+                e.forget()
+        # Worth another run: a full engine, a client over its reservation quota (its
+        # reservations end soon), a transfer whose receiver died, a stale peer list.
+        if code in ("preempt", "reservation_quota", "transfer_failed", "unknown_peer"):
             raise Preempted(f"engine {engine.url}: {message}")
+        if resp.status_code == 503:
+            raise Preempted(f"engine {engine.url}: {message}")
+        if resp.status_code == 401:  # the client's key is fine; the router's is not
+            message = f"the router's API key was refused (--engine-api-key): {message}"
+            raise RouterError(502, f"engine {engine.url}: {message}", "engine_auth")
         raise RouterError(resp.status_code, f"engine {engine.url}: {message}", code)
+
+
+def _unsent(chunk: dict[str, Any], replay: str) -> tuple[dict[str, Any], str]:
+    """``chunk`` less the text the client already has (``replay``, which it must start
+    or continue), and what of ``replay`` is left to match."""
+    choices = []
+    for c in chunk.get("choices", []):
+        text = c.get("text") or ""
+        n = min(len(text), len(replay))
+        if text[:n] != replay[:n] or (c.get("finish_reason") and n < len(replay)):
+            raise RouterError(503, "an engine died mid-answer and the rerun on another engine "
+                                   "gave different text", "unavailable")  # fmt: skip
+        replay = replay[n:]
+        if text[n:] or c.get("finish_reason"):
+            choices.append({**c, "text": text[n:]})
+    return {**chunk, "choices": choices}, replay

@@ -236,8 +236,10 @@ STRATEGIES = ("dp", "pd", "balanced-pd", "prefix-pd", "migrate", "dynamic")
 class StrategyRouter(Router):
     """A router whose ``translate_request`` runs a replaceable ``Strategy``."""
 
-    def __init__(self, engine_urls: list[str], strategy: Strategy | None = None) -> None:
-        super().__init__(engine_urls)
+    def __init__(
+        self, engine_urls: list[str], strategy: Strategy | None = None, api_key: str | None = None
+    ) -> None:
+        super().__init__(engine_urls, api_key=api_key)
         self.strategy = strategy or DataParallel()
 
     async def translate_request(self, req: RoutedRequest) -> Chunks:

@@ -4,10 +4,12 @@
 - ``prep_recv``: match the prompt's full pages in the prefix cache, take pages for the
   rest of ``prompt[:end]``, and tell the engine worker's KV receiver which slots may be
   written under the request id. The pages sit in a guest-less instance until the
-  matching ``start_generate`` or until the reservation expires.
+  matching ``start_generate`` or until the reservation expires, and count against the
+  calling client's share of the pool (``max_reserved_share``).
 - ``remote_send``: compute the KV of ``prompt[:end]`` (what the local prefix cache lacks)
   in an ordinary engine batch whose step ships ``prompt[begin:end]`` layer by layer to the
-  receiver; answer once the receiver confirmed every layer.
+  receiver, a known peer (``register_peers``, ``kv_peers``) only; answer once the
+  receiver confirmed every layer.
 - ``start_generate``: turn the reservation into a completion whose KV already holds
   ``prompt[:begin]``: with one token left it is fed as the first decode step's input, with
   more the rest is prefilled here. A reservation whose transfer did not complete is never
@@ -44,11 +46,14 @@ from loom.runtime.completions import (
 from loom.runtime.futures import HostFuture
 from loom.runtime.instance import Instance
 from loom.runtime.microserving_wire import (
+    KnownPeers,
     MicroservingError,
+    ReservationQuota,
     TransferCounters,
-    decode_addr,
+    check_prompt,
     encode_addr,
     resolve_window,
+    send_window,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +72,7 @@ class Reservation:
     pages: list[int]  # virtual ids covering prompt[:end]
     deadline: float
     ms: Microserving
+    client: str = ""  # who reserved it: its pages count against that client's quota
     verified: bool = False  # the receiver confirmed every slot of every layer
 
     def on_end(self, error: str | None) -> None:  # the instance was killed or the runtime stopped
@@ -93,47 +99,80 @@ class Microserving:
         self.sending: set[str] = set()
         self.recv_addr: str | None = None
         self.counters = TransferCounters()
+        self.peers = KnownPeers()
+        self.quota = ReservationQuota()
+
+    # ----- the receiver and its peers -----
+
+    def _start_receiver(self, then: Reply | None = None) -> None:
+        """Start the worker's KV receiver (once: later ops answer its address)."""
+        cfg = self.rt.config
+
+        def started(result: Any) -> None:
+            if not isinstance(result, BaseException):
+                self.recv_addr = str(result)
+            if then is not None:
+                then(result)
+
+        op = KVRecvStartOp(cfg.kv_secret, cfg.kv_port, cfg.kv_progress_timeout_s)
+        self.rt.submit_op(op, started)
+
+    def register_peers(self, addresses: list[str], reply: Reply) -> None:
+        """Add KV receivers ``remote_send`` may send to; answer this engine's own
+        receiver's address and the peers it knows."""
+        try:
+            self.peers.add(addresses)
+        except MicroservingError as e:
+            reply(e)
+            return
+
+        def answer(result: Any) -> None:
+            if isinstance(result, BaseException):
+                reply(MicroservingError(500, f"cannot start the KV receiver: {result}", "internal"))
+                return
+            reply({"recv_engine": self.recv_addr, "peers": sorted(self.peers.registered)})
+
+        self._start_receiver(answer)
 
     # ----- prep_recv -----
 
-    def prep_recv(self, rid: str, prompt: list[int], end: int, reply: Reply) -> None:
+    def prep_recv(
+        self, rid: str, prompt: list[int], end: int, reply: Reply, client: str = ""
+    ) -> None:
         rt, ps = self.rt, self.rt.page_size
         try:
             self._check_prompt(prompt)
             end = resolve_window(end, len(prompt), "end")
             if rid in self.reservations or rid in rt.instances:
                 raise MicroservingError(409, f"request id {rid!r} is already in use")
+            share = rt.config.max_reserved_share
+            self.quota.take(client, -(-end // ps), share, rt.pool.num_pages)
         except MicroservingError as e:
             reply(e)
             return
         taken = self._pages_for(prompt, end, reply)
         if taken is None:
+            self.quota.give(client, -(-end // ps))
             return
         physical, matched = taken
         inst = new_host_instance(rt, f"recv-{rid}", None)
         pages = inst.pages.adopt(physical)
-        r = Reservation(
-            rid, inst, list(prompt), end, matched, pages, time.monotonic() + self.ttl_s, self
-        )
+        deadline = time.monotonic() + self.ttl_s
+        r = Reservation(rid, inst, list(prompt), end, matched, pages, deadline, self, client)
         inst.job = r
         self.reservations[rid] = r
         positions = list(range(matched, end))
         slots = [physical[p // ps] * ps + p % ps for p in positions]
         if self.recv_addr is None:
-            rt.submit_op(KVRecvStartOp(), self._on_receiver)
+            self._start_receiver()
 
         def reserved(result: Any) -> None:
             if isinstance(result, BaseException):
                 self.drop(rid)
                 reply(MicroservingError(500, f"cannot reserve KV slots: {result}", "internal"))
                 return
-            reply(
-                {
-                    "kv_addr_info": encode_addr(slots),
-                    "prefix_matched_length": matched,
-                    "recv_engine": self.recv_addr,
-                }
-            )
+            reply({"kv_addr_info": encode_addr(slots), "prefix_matched_length": matched,
+                   "recv_engine": self.recv_addr})  # fmt: skip
 
         rt.submit_op(KVReserveOp(rid, slots, positions, rt.pool.drain_fresh()), reserved)
 
@@ -150,10 +189,6 @@ class Microserving:
             return None
         return cached + (rt.pool.allocate(need) if need > 0 else []), len(cached) * ps
 
-    def _on_receiver(self, result: Any) -> None:
-        if not isinstance(result, BaseException):
-            self.recv_addr = str(result)
-
     # ----- remote_send -----
 
     def remote_send(
@@ -162,19 +197,8 @@ class Microserving:
         rt, ps = self.rt, self.rt.page_size
         try:
             self._check_prompt(prompt)
-            end = resolve_window(end, len(prompt), "end")
-            begin = resolve_window(begin, len(prompt), "begin")
-            if begin >= end:
-                raise MicroservingError(400, f"begin ({begin}) must be less than end ({end})")
-            remote = decode_addr(addr)
-            if len(remote) != end - begin:
-                raise MicroservingError(
-                    400,
-                    f"kv_addr_info holds {len(remote)} slots; the window [{begin}:{end}] "
-                    f"has {end - begin} tokens",
-                )
-            if not dst or ":" not in dst:
-                raise MicroservingError(400, "recv_engine must be the receiver's 'host:port'")
+            begin, end, remote = send_window(len(prompt), begin, end, addr)
+            dst = self.peers.check(dst, rt.config.kv_peers, self.recv_addr)
             if rid in self.sending:
                 raise MicroservingError(409, f"request id {rid!r} is already sending")
         except MicroservingError as e:
@@ -188,7 +212,9 @@ class Microserving:
         inst = new_host_instance(rt, f"send-{rid}-{rt.next_seq()}", job)
         pages = inst.pages.adopt(physical)
         local = [physical[p // ps] * ps + p % ps for p in range(begin, end)]
-        spec = KVSendSpec(rid, dst, local, remote, rt.config.kv_transport)
+        cfg = rt.config
+        spec = KVSendSpec(rid, dst, local, remote, cfg.kv_transport, cfg.kv_secret,
+                          cfg.kv_progress_timeout_s)  # fmt: skip
         self.sending.add(rid)
 
         def finish(result: Any) -> None:
@@ -203,7 +229,7 @@ class Microserving:
                 rt.end_instance(inst, False, str(err))
                 return
             t: KVTransferResult = result
-            self._count(t, end - begin)
+            self.counters.count(t, end - begin)
             if not t.ok:
                 reply(MicroservingError(502, f"KV transfer failed: {t.error}", "transfer_failed"))
                 rt.end_instance(inst, False, t.error)
@@ -211,15 +237,9 @@ class Microserving:
             # The KV of prompt[:end] is computed here now: keep its full pages for later.
             full = end // ps
             rt.prefix_cache.insert(chain_keys(prompt, ps, full), physical[:full])
-            reply(
-                {
-                    "bytes": t.bytes,
-                    "tokens": end - begin,
-                    "send_s": t.send_s,
-                    "hidden_s": max(0.0, t.send_s - t.exposed_s),
-                    "computed_tokens": end - matched,
-                }
-            )
+            reply({"bytes": t.bytes, "tokens": end - begin, "send_s": t.send_s,
+                   "hidden_s": max(0.0, t.send_s - t.exposed_s),
+                   "computed_tokens": end - matched})  # fmt: skip
             rt.end_instance(inst, True, None)
 
         if matched >= end:  # everything is cached here: send straight from the cache
@@ -244,23 +264,6 @@ class Microserving:
             lambda: finish(cmd.kv_result if cmd.kv_result is not None else _future_error(future))
         )
         rt.enqueue(rt.new_queue(inst), cmd)
-
-    def _count(self, t: KVTransferResult, tokens: int) -> None:
-        c = self.counters
-        c.sends += 1
-        c.sent_bytes += t.bytes
-        c.send_s += t.send_s
-        c.hidden_s += max(0.0, t.send_s - t.exposed_s)
-        c.recent.append(
-            {
-                "rid": t.rid,
-                "bytes": t.bytes,
-                "tokens": tokens,
-                "send_s": t.send_s,
-                "exposed_s": t.exposed_s,
-            }
-        )
-        del c.recent[:-1000]
 
     # ----- start_generate -----
 
@@ -321,7 +324,7 @@ class Microserving:
         ordinary completion); the result goes to ``req.on_done``."""
         rt = self.rt
         begin = begin + len(req.prompt) if begin < 0 else begin
-        r = self.reservations.pop(rid, None)
+        r = self._take(rid)
         if r is None:
             if begin != 0:
                 req.on_done(_failed(req, f"no reservation for request id {rid!r}"))
@@ -355,8 +358,15 @@ class Microserving:
     def abort(self, rid: str) -> bool:
         return self.drop(rid)
 
-    def drop(self, rid: str, release_pages: bool = True) -> bool:
+    def _take(self, rid: str) -> Reservation | None:
+        """Take ``rid``'s reservation off the books (and its pages off its client's quota)."""
         r = self.reservations.pop(rid, None)
+        if r is not None:
+            self.quota.give(r.client, len(r.pages))
+        return r
+
+    def drop(self, rid: str, release_pages: bool = True) -> bool:
+        r = self._take(rid)
         if r is None:
             return False
         self.rt.submit_op(KVReleaseOp(rid), lambda _: None)
@@ -370,13 +380,7 @@ class Microserving:
             self.drop(rid)
 
     def _check_prompt(self, prompt: list[int]) -> None:
-        rt = self.rt
-        if not prompt:
-            raise MicroservingError(400, "the prompt is empty")
-        if len(prompt) >= rt.max_model_len:
-            raise MicroservingError(400, f"the prompt exceeds the context ({rt.max_model_len})")
-        if any(not 0 <= t < rt.vocab_size for t in prompt):
-            raise MicroservingError(400, f"token ids must lie in [0, {rt.vocab_size})")
+        check_prompt(prompt, self.rt.max_model_len, self.rt.vocab_size)
 
 
 def _future_error(future: HostFuture) -> Any:

@@ -1,9 +1,14 @@
 """Microserving endpoints of an engine: ``/microserving/prep_recv``, ``remote_send``,
-``start_generate`` (and ``abort``), over ``Runtime.microserving``."""
+``start_generate`` (and ``abort``), over ``Runtime.microserving``; ``/microserving/peers``
+to register the KV receivers ``remote_send`` may send to (a router, for its engines).
+
+Every route needs the API key when the engine has one. Reservations count against the
+calling client: its API key (by a digest, never the key) or, without keys, its address."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -50,6 +55,11 @@ class StartGenerateRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
+class PeersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    peers: list[str] = Field(max_length=256, description="KV receivers, 'host:port' each")
+
+
 class AbortRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str = RequestId
@@ -57,6 +67,15 @@ class AbortRequest(BaseModel):
 
 def _state(request: Request) -> ServerState:
     return request.app.state.loom  # type: ignore[no-any-return]
+
+
+def _client(request: Request) -> str:
+    """Whose quota a reservation counts against: the API key when the server has keys
+    (``require_key`` checked it), else the client's address."""
+    if _state(request).config.server.api_keys:
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "?")
 
 
 def _tokens(st: ServerState, prompt: list[int] | str) -> list[int]:
@@ -90,7 +109,10 @@ async def prep_recv(body: PrepRecvRequest, request: Request) -> dict[str, Any]:
     st.count("prep_recv")
     prompt = _tokens(st, body.prompt)
     ms = st.runtime.microserving
-    return await _call(st, lambda reply: ms.prep_recv(body.request_id, prompt, body.end, reply))
+    client = _client(request)
+    return await _call(
+        st, lambda reply: ms.prep_recv(body.request_id, prompt, body.end, reply, client)
+    )
 
 
 @router.post("/microserving/remote_send")
@@ -133,6 +155,20 @@ async def start_generate(body: StartGenerateRequest, request: Request) -> Any:
     return await serve_choices(
         st, body, [prompt], chat=False, logprobs=body.logprobs, submit=submit
     )
+
+
+@router.get("/microserving/peers")
+async def peers(request: Request) -> dict[str, Any]:
+    """This engine's KV receiver (started now if need be) and the peers registered."""
+    ms = _state(request).runtime.microserving
+    return await _call(_state(request), lambda reply: ms.register_peers([], reply))
+
+
+@router.post("/microserving/peers")
+async def add_peers(body: PeersRequest, request: Request) -> dict[str, Any]:
+    """Let ``remote_send`` send to these KV receivers (added to those known)."""
+    ms = _state(request).runtime.microserving
+    return await _call(_state(request), lambda reply: ms.register_peers(body.peers, reply))
 
 
 @router.post("/microserving/abort")
