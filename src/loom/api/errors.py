@@ -19,11 +19,13 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind
         )  # fmt: skip
+        self.headers = headers
 
 
 def error_body(message: str, kind: str, param: str | None = None,
@@ -34,9 +36,8 @@ def error_body(message: str, kind: str, param: str | None = None,
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status
-        )
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code),
+                            status_code=exc.status, headers=exc.headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -81,7 +81,10 @@ class RuntimeConfig:
     cpu_budget_s: float = setting(60.0, "guest CPU seconds per instance")
     token_budget: int = setting(1 << 30, "tokens an instance may put through the model")
     max_message_bytes: int = setting(1 << 20, "largest message, topic or store value")
-    max_pending_messages: int = setting(10_000, "unread messages per client or channel")
+    max_pending_messages: int = setting(10_000, "unread messages per reader (a client, an "
+                                                "inferlet, a channel, a subscription)")  # fmt: skip
+    max_pending_mb: int = setting(16, "MiB of unread messages per reader")
+    max_subscriptions: int = setting(1024, "topic subscriptions per instance")
     store_quota_mb: int = setting(64, "MiB one program's keys and values in the store "
                                       "may take")  # fmt: skip
     max_instances: int = setting(4096, "instances running at once")
@@ -146,6 +149,8 @@ class RuntimeConfig:
         _require(self.max_http_requests > 0, "max_http_requests must be positive")
         _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
         _require(self.store_quota_mb > 0, "store_quota_mb must be positive")
+        _require(self.max_pending_mb > 0 and self.max_subscriptions > 0,
+                 "max_pending_mb and max_subscriptions must be positive")  # fmt: skip
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
         _require(0 < self.max_reserved_share <= 1, "max_reserved_share must be in (0, 1]")
         _require(self.kv_progress_timeout_s > 0, "kv_progress_timeout_s must be > 0")
@@ -174,6 +179,13 @@ class ServerConfig:
     program_dir: str | None = setting(None, "where uploaded programs are kept "
                                              "(default: <cache>/uploads)")  # fmt: skip
     event_backlog: int = setting(1000, "events kept per instance for late attachers")
+    # Finished instances keep their backlogs too (the last 1000 of them), at most four
+    # times this in all: a late attacher still gets the result.
+    event_backlog_mb: int = setting(16, "MiB of events kept per instance for late attachers")
+    client_outbox_mb: int = setting(64, "MiB of events a slow client may leave unread "
+                                        "before it is disconnected")  # fmt: skip
+    auth_failures_per_minute: int = setting(20, "failed API-key checks per client address "
+                                                "before it is refused for a minute")  # fmt: skip
     metrics_public: bool = setting(False, "serve /metrics without the API key")
 
     def __post_init__(self) -> None:
@@ -182,6 +194,10 @@ class ServerConfig:
                  f"worker must be 'process' or 'thread', got {self.worker!r}")  # fmt: skip
         _require(self.max_upload_mb > 0 and self.event_backlog >= 0,
                  "max_upload_mb must be positive and event_backlog >= 0")  # fmt: skip
+        _require(min(self.event_backlog_mb, self.client_outbox_mb,
+                     self.auth_failures_per_minute) > 0,
+                 "event_backlog_mb, client_outbox_mb and auth_failures_per_minute must be "
+                 "positive")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -30,23 +30,35 @@ class HostFuture:
 
 
 class Stream:
-    """A future that resolves each time an item arrives (messages, subscriptions)."""
+    """A future that resolves each time a message arrives (a subscription). ``size``:
+    the characters of the messages waiting (a str of n characters holds at least n
+    bytes), which the byte caps count."""
 
-    __slots__ = ("items", "waiters")
+    __slots__ = ("items", "size", "waiters")
 
     def __init__(self) -> None:
-        self.items: list[Any] = []
+        self.items: deque[str] = deque()
+        self.size = 0
         self.waiters: list[Callable[[], None]] = []
 
     @property
     def done(self) -> bool:
         return bool(self.items)
 
-    def put(self, item: Any) -> None:
+    def put(self, item: str) -> None:
         self.items.append(item)
+        self.size += len(item)
         waiters, self.waiters = self.waiters, []
         for wake in waiters:
             wake()
+
+    def pop(self) -> str | None:
+        """The oldest waiting message (taken), or None."""
+        if not self.items:
+            return None
+        item = self.items.popleft()
+        self.size -= len(item)
+        return item
 
 
 Waitable = HostFuture | Stream
@@ -67,10 +79,11 @@ class Take(HostFuture):
 class Mailbox:
     """Messages for one receiver, delivered to its pending ``take`` futures in order."""
 
-    __slots__ = ("messages", "takers")
+    __slots__ = ("messages", "size", "takers")
 
     def __init__(self) -> None:
         self.messages: deque[str] = deque()
+        self.size = 0  # characters of the messages waiting (as ``Stream.size``)
         self.takers: deque[Take] = deque()
 
     def deliver(self, message: str) -> None:
@@ -80,11 +93,14 @@ class Mailbox:
                 fut.resolve(message)
                 return
         self.messages.append(message)
+        self.size += len(message)
 
     def take(self) -> Take:
         fut = Take()
         if self.messages:
-            fut.resolve(self.messages.popleft())
+            message = self.messages.popleft()
+            self.size -= len(message)
+            fut.resolve(message)
         else:
             takers = self.takers
             while takers and takers[0].done:  # withdrawn ones: let them go

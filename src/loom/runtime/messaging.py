@@ -1,9 +1,9 @@
 """Messages between inferlets and their clients: the client channel, topics (broadcast to
 every subscriber), named channels (each message to one puller) and the key-value store.
 
-All of it runs on the runtime thread; the caps (``max_message_bytes``,
-``max_pending_messages``) keep one inferlet from filling the server's memory with
-messages nobody reads.
+All of it runs on the runtime thread; the caps (``max_message_bytes``, and per reader
+``max_pending_messages`` and ``max_pending_mb``, ``max_subscriptions`` per instance) keep
+one inferlet or client from filling the server's memory with messages nobody reads.
 """
 
 from __future__ import annotations
@@ -31,6 +31,24 @@ class Messaging:
                 f"message of {n} bytes exceeds the cap of {self.config.max_message_bytes}"
             )
 
+    def has_room(self, count: int, size: int, message: str) -> bool:
+        """Whether a reader holding ``count`` unread messages of ``size`` characters may
+        take ``message`` too (a str of n characters holds at least n bytes)."""
+        config = self.config
+        return (count < config.max_pending_messages
+                and size + len(message) <= config.max_pending_mb << 20)  # fmt: skip
+
+    def deliver_from_client(self, inst: Instance, message: str) -> str | None:
+        """Hand a client's message to ``inst``; past the caps, the message is dropped and
+        the reason returned: an instance that leaves its client's messages unread is
+        ended (they would otherwise pile up without bound)."""
+        box = inst.inbox
+        if not self.has_room(len(box), box.size, message):
+            return (f"more than {self.config.max_pending_messages} messages or "
+                    f"{self.config.max_pending_mb} MiB from its client unread")  # fmt: skip
+        box.deliver(message)
+        return None
+
     def send_to_client(self, inst: Instance, message: str) -> None:
         """Hand ``message`` to the instance's client (its listener, else its queue)."""
         self.check_size(message)
@@ -48,11 +66,13 @@ class Messaging:
         """Put ``message`` on every subscription of ``topic``."""
         self.check_size(message)
         for _, stream in self.topics.get(topic, []):
-            if len(stream.items) >= self.config.max_pending_messages:
+            if not self.has_room(len(stream.items), stream.size, message):
                 raise HostCallError(f"a subscriber of {topic!r} has too many unread messages")
             stream.put(message)
 
     def subscribe(self, inst: Instance, topic: str) -> Stream:
+        if len(inst.subscriptions) >= self.config.max_subscriptions:
+            raise HostCallError(f"more than {self.config.max_subscriptions} subscriptions")
         stream = Stream()
         self.topics.setdefault(topic, []).append((inst, stream))
         inst.subscriptions.append((topic, stream))
@@ -68,7 +88,7 @@ class Messaging:
         """Queue ``message`` on ``channel`` for one puller."""
         self.check_size(message)
         box = self.channels.setdefault(channel, Mailbox())
-        if len(box) >= self.config.max_pending_messages:
+        if not self.has_room(len(box), box.size, message):
             raise HostCallError(f"channel {channel!r} has too many unread messages")
         box.deliver(message)
 

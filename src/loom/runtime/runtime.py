@@ -304,7 +304,9 @@ class Runtime:
             elif isinstance(item, Deliver):
                 inst = guests.instances.get(item.instance_id)
                 if inst is not None:
-                    inst.inbox.deliver(item.message)
+                    overflow = self.messaging.deliver_from_client(inst, item.message)
+                    if overflow:
+                        guests.kill(inst, overflow)
             elif isinstance(item, Kill):
                 inst = guests.instances.get(item.instance_id)
                 if inst is not None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loom.api.errors import ApiError
 from loom.server.auth import require_key
-from loom.server.state import FINAL_EVENTS, Event, ServerState
+from loom.server.state import FINAL_EVENTS, Event, ServerState, event_size
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -35,7 +35,18 @@ async def run_inferlet(body: RunRequest, request: Request) -> StreamingResponse:
         raise ApiError(503, "too many instances; try again later", kind="server_error")
     record = state.launch(body.program, body.args)
     events: asyncio.Queue[Event] = asyncio.Queue()
-    record.subscribers[-id(events)] = events.put_nowait
+    unread = [0]  # bytes of the events queued for this client, as event_size counts them
+    cap = state.config.server.client_outbox_mb << 20
+
+    def put(event: Event) -> None:
+        if unread[0] > cap:  # a client that does not read: end its stream (and instance)
+            record.subscribers.pop(-id(events), None)
+            event = {**event, "event": "error", "data": {
+                "message": f"over {cap >> 20} MiB of events unread: disconnected"}}  # fmt: skip
+        unread[0] += event_size(event)
+        events.put_nowait(event)
+
+    record.subscribers[-id(events)] = put
 
     async def stream() -> AsyncIterator[str]:
         finished = False
@@ -43,9 +54,10 @@ async def run_inferlet(body: RunRequest, request: Request) -> StreamingResponse:
             yield _sse("launched", {"instance": record.id})
             while True:
                 event = await events.get()
+                unread[0] -= event_size(event)
                 yield _sse(event["event"], event["data"])
                 if event["event"] in FINAL_EVENTS:
-                    finished = True
+                    finished = record.status != "running"  # (not a slow client's end)
                     return
         finally:
             record.subscribers.pop(-id(events), None)

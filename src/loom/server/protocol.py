@@ -56,6 +56,7 @@ class Code:
     UNKNOWN_INSTANCE = "unknown_instance"
     NOT_RUNNING = "not_running"  # a message to an instance that has ended
     BUSY = "busy"  # too many instances
+    TOO_SLOW = "too_slow"  # a client that leaves too many events unread
 
 
 class ProtocolError(Exception):

@@ -23,10 +23,18 @@ from loom.config import ServeConfig
 from loom.paths import cache_root
 from loom.runtime.instance import InstanceResult
 from loom.runtime.runtime import Runtime
+from loom.server.auth import FailedAuthLimit
 
 Event = dict[str, Any]  # {"type": "event", "instance", "event", "data"}
 Subscriber = Callable[[Event], None]
 FINAL_EVENTS = ("result", "error", "terminated")
+
+
+def event_size(event: Event) -> int:
+    """What an event holds, near enough for the byte caps: a message's characters (a str
+    of n characters holds at least n bytes), a little for anything else."""
+    data = event["data"]
+    return 64 + (len(data) if isinstance(data, str) else 0)
 
 
 @dataclass(eq=False)
@@ -38,6 +46,8 @@ class InstanceRecord:
     status: str = "running"  # running | finished | failed | terminated
     backlog: deque[Event] = field(default_factory=deque)
     backlog_cap: int = 1000
+    backlog_bytes_cap: int = 16 << 20
+    backlog_bytes: int = 0  # (as ``event_size`` counts them)
     subscribers: dict[int, Subscriber] = field(default_factory=dict)
     terminated_by_client: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,9 +59,11 @@ class InstanceRecord:
         event: Event = {"type": "event", "instance": self.id, "event": kind, "data": data}
         if self.backlog_cap:
             self.backlog.append(event)
+            self.backlog_bytes += event_size(event)
             # The final event is never dropped; the oldest messages go first.
-            while len(self.backlog) > self.backlog_cap:
-                self.backlog.popleft()
+            backlog, cap, bytes_cap = self.backlog, self.backlog_cap, self.backlog_bytes_cap
+            while len(backlog) > 1 and (len(backlog) > cap or self.backlog_bytes > bytes_cap):
+                self.backlog_bytes -= event_size(backlog.popleft())
         for deliver in list(self.subscribers.values()):
             deliver(event)
         if kind in FINAL_EVENTS:
@@ -80,7 +92,9 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.instances: dict[str, InstanceRecord] = {}
         self.finished: OrderedDict[str, InstanceRecord] = OrderedDict()  # the most recent
+        self.finished_bytes = 0  # their backlogs' (at most 4 x event_backlog_mb)
         self.program_dir = Path(config.server.program_dir or cache_root() / "uploads")
+        self.auth_limit = FailedAuthLimit(config.server.auth_failures_per_minute)
         self.requests_total: dict[str, int] = {}
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -140,13 +154,18 @@ class ServerState:
                 self._on_runtime_event(record, kind, payload)
 
         handle = self.runtime.launch(program, args, listener=on_event)
-        record = InstanceRecord(
-            handle.id, program, args, backlog_cap=self.config.server.event_backlog, handle=handle
-        )
+        record = self._record(handle, program, args)
         self.instances[record.id] = record
         for kind, payload in early:
             self._on_runtime_event(record, kind, payload)
         return record
+
+    def _record(self, handle: Any, program: str, args: list[str], parent: str | None = None,
+                detached: bool = False) -> InstanceRecord:  # fmt: skip
+        server = self.config.server
+        return InstanceRecord(handle.id, program, args, handle=handle, parent=parent,
+                              detached=detached, backlog_cap=server.event_backlog,
+                              backlog_bytes_cap=server.event_backlog_mb << 20)  # fmt: skip
 
     def on_child(self, handle: Any, program: str, args: list[str], parent: str,
                  detached: bool) -> Callable[[str, Any], None] | None:  # fmt: skip
@@ -155,9 +174,7 @@ class ServerState:
         loop = self.loop
         if loop is None:
             return None
-        cap = self.config.server.event_backlog
-        record = InstanceRecord(handle.id, program, args, handle=handle, parent=parent,
-                                detached=detached, backlog_cap=cap)  # fmt: skip
+        record = self._record(handle, program, args, parent, detached)
 
         def register() -> None:  # event loop, before any of its events (FIFO)
             self.instances[record.id] = record
@@ -188,8 +205,10 @@ class ServerState:
                 record.emit("error", {"message": result.error or "the instance failed"})
             self.instances.pop(record.id, None)
             self.finished[record.id] = record
-            while len(self.finished) > 1000:
-                self.finished.popitem(last=False)
+            self.finished_bytes += record.backlog_bytes
+            cap = 4 * self.config.server.event_backlog_mb << 20
+            while len(self.finished) > 1000 or self.finished_bytes > cap:
+                self.finished_bytes -= self.finished.popitem(last=False)[1].backlog_bytes
 
     def find(self, instance_id: str) -> InstanceRecord | None:
         return self.instances.get(instance_id) or self.finished.get(instance_id)

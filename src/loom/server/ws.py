@@ -7,12 +7,14 @@ import contextlib
 import hashlib
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 
 from loom import __version__
 from loom.runtime.wasm.ffi import WasmError
+from loom.server.auth import refusal
 from loom.server.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,
@@ -37,7 +39,15 @@ class _Upload:
         self.received = 0
 
 
-_CLOSE = b""  # (compared by identity: never a packed frame)
+@dataclass(frozen=True)
+class _Close:
+    """In the outbox: close the socket after the frames before it."""
+
+    code: int
+    reason: str
+
+
+_AUTH_FAILED = _Close(1008, "authentication failed")
 
 
 class Session:
@@ -46,9 +56,12 @@ class Session:
         self.ws = ws
         self.id = next(_session_ids)
         self.authenticated = False
-        # Frames to send; None ends the sender, CLOSE closes the socket after the frames
-        # before it (a failed authentication: its error reply goes out first).
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # Frames to send; None ends the sender, a _Close closes the socket after the frames
+        # before it (a failed authentication: its error reply goes out first). A client
+        # that leaves more than ``client_outbox_mb`` unsent is disconnected.
+        self.outbox: asyncio.Queue[bytes | _Close | None] = asyncio.Queue()
+        self.outbox_bytes = 0
+        self.too_slow = False
         self.uploads: dict[str, _Upload] = {}
         self.attached: set[str] = set()
 
@@ -80,15 +93,18 @@ class Session:
             if frame is None:
                 return
             try:
-                if frame is _CLOSE:
-                    await self.ws.close(code=1008, reason="authentication failed")
+                if isinstance(frame, _Close):
+                    await self.ws.close(code=frame.code, reason=frame.reason)
                     return
+                self.outbox_bytes -= len(frame)
                 await self.ws.send_bytes(frame)
             except Exception:  # the client is gone; the receive side ends the session
                 return
 
     def _send(self, frame: dict[str, Any]) -> None:
-        self.outbox.put_nowait(pack(frame))
+        data = pack(frame)
+        self.outbox_bytes += len(data)
+        self.outbox.put_nowait(data)
 
     async def _handle(self, data: bytes) -> None:
         corr: Any = None
@@ -110,7 +126,7 @@ class Session:
             self._send({"type": "error", "id": corr, "code": e.code, "message": e.message})
             if e.code == Code.UNAUTHENTICATED and kind == "hello":
                 # A wrong key ends the connection: no second guess on the same socket.
-                self.outbox.put_nowait(_CLOSE)
+                self.outbox.put_nowait(_AUTH_FAILED)
         except Exception as e:  # a bug must not end the session or the server
             logger.exception("protocol handler failed")
             self._send({"type": "error", "id": corr, "code": "internal", "message": str(e)})
@@ -124,8 +140,15 @@ class Session:
                 Code.VERSION, f"protocol version {version} is not supported (server speaks 1)"
             )
         key = field(frame, "api_key", (str, type(None)), None)
-        if not self.state.check_key(key):
-            raise ProtocolError(Code.UNAUTHENTICATED, "missing or wrong API key")
+        if self.state.config.server.api_keys:
+            client = self.ws.client
+            address = client.host if client else ""
+            wait_s = self.state.auth_limit.wait_s(address)
+            if wait_s:
+                raise ProtocolError(Code.UNAUTHENTICATED, refusal(wait_s))
+            if not self.state.check_key(key):
+                self.state.auth_limit.failed(address)
+                raise ProtocolError(Code.UNAUTHENTICATED, "missing or wrong API key")
         self.authenticated = True
         return {"version": PROTOCOL_VERSION, "server": f"loom {__version__}",
                 "model": self.state.model_name}  # fmt: skip
@@ -253,7 +276,23 @@ class Session:
             record.subscribers.pop(self.id, None)
 
     def _deliver(self, event: Event) -> None:
-        self.outbox.put_nowait(pack(event))
+        if self.too_slow:
+            return
+        cap = self.state.config.server.client_outbox_mb
+        if self.outbox_bytes > cap << 20:
+            # It does not read what it asked for: let it go rather than hold the events
+            # (it may attach again and replay the instance's backlog).
+            self.too_slow = True
+            for iid in list(self.attached):
+                self._detach(iid)
+            while not self.outbox.empty():  # what it did not read goes (it ends the sender)
+                self.outbox.get_nowait()
+            self.outbox_bytes = 0
+            self._send({"type": "error", "id": None, "code": Code.TOO_SLOW,
+                        "message": f"over {cap} MiB of events unread: disconnected"})  # fmt: skip
+            self.outbox.put_nowait(_Close(1008, "client too slow"))
+            return
+        self._send(event)
         if event["event"] in ("result", "error", "terminated"):
             self._detach(event["instance"])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loom.runtime.futures import Stream
 from loom.runtime.host.common import add_future_resource, iface
@@ -17,10 +17,7 @@ NAME = iface("messaging")
 def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     add_future_resource(linker, rt, NAME, "message-future", STRING)
 
-    def take_next(stream: Any) -> str | None:
-        return stream.items.pop(0) if stream.items else None
-
-    add_future_resource(linker, rt, NAME, "subscription", STRING, get=take_next)
+    add_future_resource(linker, rt, NAME, "subscription", STRING, get=lambda s: s.pop())
 
     bus = rt.messaging
 

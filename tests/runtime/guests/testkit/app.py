@@ -203,6 +203,12 @@ class WitWorld(wit_world.WitWorld):
         elif mode == "import-unknown":
             res = kv.import_pages(q, "no-such-export")
             messaging.send("error:" + res.value if type(res).__name__ == "Err" else "ok")
+        elif mode == "subscribe-flood":
+            subs = []  # held: each stays subscribed
+            while True:
+                subs.append(messaging.subscribe("flood-topic"))
+                if len(subs) % 100 == 0:
+                    messaging.send(str(len(subs)))
         elif mode == "flood":
             while True:
                 messaging.send("x" * 100)

@@ -279,6 +279,9 @@ async def channel(args):
         return "pulled " + await inferlet.pull("jobs")
     if args[0] == "pull-from":
         return "pulled " + await inferlet.pull(args[1])
+    if args[0] == "push-to":
+        inferlet.push(args[1], args[2])
+        return None
     inferlet.push("jobs", args[1])
     return None
 
