@@ -78,6 +78,10 @@ class RuntimeConfig:
     # reached their first wait, or until none has for this long.
     cohort_hold_ms: float = setting(200.0, "longest hold of a launch cohort's work")
     memory_limit_mb: int = setting(256, "memory cap per instance")  # guests start ~12 MiB
+    # What all instances together may add to the server process's resident memory; over
+    # it, the instance that grew it most is ended.
+    memory_budget_mb: int = setting(0, "memory budget of all instances together "
+                                       "(0: half the memory available at start)")  # fmt: skip
     cpu_budget_s: float = setting(60.0, "guest CPU seconds per instance")
     token_budget: int = setting(1 << 30, "tokens an instance may put through the model")
     max_message_bytes: int = setting(1 << 20, "largest message, topic or store value")
@@ -149,6 +153,7 @@ class RuntimeConfig:
         _require(self.max_http_requests > 0, "max_http_requests must be positive")
         _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
         _require(self.store_quota_mb > 0, "store_quota_mb must be positive")
+        _require(self.memory_budget_mb >= 0, "memory_budget_mb must be >= 0")
         _require(self.max_pending_mb > 0 and self.max_subscriptions > 0,
                  "max_pending_mb and max_subscriptions must be positive")  # fmt: skip
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")

@@ -20,6 +20,7 @@ from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.cohort import Cohorts
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
+from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages
 from loom.runtime.services import RuntimeServices
@@ -71,6 +72,8 @@ class Guests:
         self.guest_turn_s = 0.0
         self.cohorts = Cohorts(self.config.cohort_hold_ms, on_cohort_release)
         self._pending_end: list[Instance] = []
+        self.memory = MemoryBudget()
+        self._next_idle_check = 0.0
         self._seq = itertools.count()
         # Called for each child an instance launches (``handle, program, args, parent id,
         # detached``): the listener of its events, if any (the server's, so children are
@@ -204,9 +207,13 @@ class Guests:
         assert inst.call is not None
         inst.blocked = None
         inst.store.fresh_slice()
+        memory = self.memory
+        rss = memory.rss() if memory.watching else 0
         t0 = time.perf_counter()
         done = inst.call.poll()
         inst.ran_at = now = time.perf_counter()
+        if rss:
+            memory.turn_grew(inst, rss)
         dt = now - t0
         inst.cpu_s += dt
         stats = self.rt.stats
@@ -264,6 +271,16 @@ class Guests:
             failure = wasm_ffi.decode_run_result(inst.call.results)
         self.end(inst, failure is None, failure)
 
+    def check_limits(self, now: float) -> None:
+        """The limits on all instances together (ten times a second): the memory budget,
+        and once a second the idle limit."""
+        over = self.memory.over_budget(self.instances.values(), self.config)
+        if over is not None:
+            self.kill(*over)
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + 1.0
+            self.end_idle()
+
     def end_idle(self) -> None:
         """End instances that waited longer than ``idle_timeout_s`` on anything but their
         own engine work (queued or running commands, a host generation, are work)."""
@@ -318,6 +335,7 @@ class Guests:
         self.batcher.remove_owner(inst.seq)
         self.messaging.drop_instance(inst)
         inst.store.close()
+        self.memory.forget(inst)
         self.by_ctx.pop(inst.store.key, None)
         self.by_seq.pop(inst.seq, None)
         self.instances.pop(inst.id, None)

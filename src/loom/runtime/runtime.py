@@ -254,7 +254,7 @@ class Runtime:
         pin_current_thread(self.placement.runtime_cores)
         guests, dispatch = self.guests, self.dispatch
         cohorts = guests.cohorts
-        next_idle_check = 0.0
+        next_check = 0.0
         while not self._stop:
             t0 = time.perf_counter()
             self.stats.turns += 1
@@ -266,9 +266,9 @@ class Runtime:
             if self.microserving.reservations:
                 self.microserving.expire(time.monotonic())
             cohort_s = cohorts.release_stalled() if cohorts.starting else None
-            if t0 >= next_idle_check:  # about once a second: every instance is looked at
-                guests.end_idle()
-                next_idle_check = t0 + 1.0
+            if t0 >= next_check:  # the memory budget; once a second, the idle limit
+                guests.check_limits(t0)
+                next_check = t0 + 0.1
             dispatch.drain_engine()
             if self.worker.failure is not None:
                 self.supervisor.check()  # it died: fail what it held, start another

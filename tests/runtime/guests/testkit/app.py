@@ -182,6 +182,10 @@ class WitWorld(wit_world.WitWorld):
             x = 0
             while True:
                 x += 1
+        elif mode == "hold-mb":
+            held = [bytearray(1 << 20) for _ in range(int(args[1]))]
+            messaging.send(f"holding {len(held)}")
+            wait(messaging.receive())
         elif mode == "grow":
             hog = []
             while True:
