@@ -65,11 +65,41 @@ def test_a_client_that_does_not_read_is_disconnected(keyed: Any) -> None:
     frames, code, iid = asyncio.run(flood_unread())
     assert code == 1008
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "too_slow"
-    # The instance's own backlog is held to its byte cap meanwhile (16 MiB).
+    # The instance's own backlog is held to its byte cap meanwhile (16 MiB); with nobody
+    # reading, once it has sent that much again the instance is ended (not left to run
+    # to its CPU budget).
     record = keyed.state.find(iid)
     assert record.backlog_bytes <= 16 << 20
+    wait_for(lambda: record.status == "failed", 60)
+    assert "dropped unread" in record.backlog[-1]["data"]["message"]
     with SyncClient(keyed.url, api_key=KEY) as client:
-        client.terminate(iid)
+        wait_for(lambda: not client.list())
+
+
+def test_a_flood_goes_at_its_readers_pace_and_the_server_answers_meanwhile(
+    keyed: Any,
+) -> None:
+    from loom.client import SyncClient
+    from loom.sdk.build import build_inferlet
+    from loom.server.event_hop import HOP_EVENTS
+
+    guest = Path(__file__).parents[1] / "runtime" / "guests" / "testkit"
+    with SyncClient(keyed.url, api_key=KEY) as client:
+        program = client.upload(build_inferlet(guest, sdk=False).read_bytes())
+        flood = client.launch(program, ["flood"])
+        slowest = 0.0
+        for i in range(20_000):
+            assert flood.recv(30) == "x" * 100
+            if i % 2000 == 0:  # the loop is never a flood's backlog away from a request
+                r = httpx.get(keyed.url + "/health", timeout=30)
+                assert r.status_code == 200
+                slowest = max(slowest, r.elapsed.total_seconds())
+        hop = keyed.state.instances[flood.id].handle.drained
+        # The sender paused whenever a batch's worth waited for the loop (a few messages
+        # may go between the pause and its next time-slice check).
+        assert HOP_EVENTS <= hop.peak <= HOP_EVENTS + 64
+        assert slowest < 5.0
+        flood.terminate()
         wait_for(lambda: not client.list())
 
 

@@ -91,7 +91,14 @@ class RuntimeConfig:
     max_subscriptions: int = setting(1024, "topic subscriptions per instance")
     store_quota_mb: int = setting(64, "MiB one program's keys and values in the store "
                                       "may take")  # fmt: skip
-    max_instances: int = setting(4096, "instances running at once")
+    max_instances: int = setting(4096, "inferlet instances running at once (completions "
+                                       "of the OpenAI API are not counted)")  # fmt: skip
+    # A client's instance and all it launches (children, detached ones, theirs) form a
+    # tree: a fork bomb fills its tree, not the server.
+    max_tree_instances: int = setting(64, "instances one launch and its descendants may "
+                                          "run at once")  # fmt: skip
+    max_tree_page_share: float = setting(0.5, "share of the KV pool one launch and its "
+                                              "descendants may hold")  # fmt: skip
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
     # An instance that waits on anything but its own engine work (a message, a channel, a
     # child) for this long is ended; 0: never.
@@ -157,6 +164,8 @@ class RuntimeConfig:
         _require(self.max_pending_mb > 0 and self.max_subscriptions > 0,
                  "max_pending_mb and max_subscriptions must be positive")  # fmt: skip
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
+        _require(self.max_tree_instances > 0, "max_tree_instances must be positive")
+        _require(0 < self.max_tree_page_share <= 1, "max_tree_page_share must be in (0, 1]")
         _require(0 < self.max_reserved_share <= 1, "max_reserved_share must be in (0, 1]")
         _require(self.kv_progress_timeout_s > 0, "kv_progress_timeout_s must be > 0")
         _require(0 <= self.kv_port < 65536, f"kv_port must be in 0..65535, got {self.kv_port}")

@@ -123,6 +123,13 @@ class EagerCommands:
         """Physical pages for ``inst``, or None to wait (the out-of-pages policy). ``cmd``:
         the command that waits, which the wait timeout ends (without one, no timeout)."""
         pool, config, guests = self.rt.pool, self.rt.config, self.guests
+        tree = inst.tree
+        if tree is not None and tree.pages + n > config.max_tree_page_share * pool.num_pages:
+            guests.kill(inst, f"out of KV pages: this inferlet and those launched with it "
+                              f"would hold {tree.pages + n} of {pool.num_pages} (at most "
+                              f"{config.max_tree_page_share:g} of them: "
+                              f"--max-tree-page-share)")  # fmt: skip
+            return None
         if pool.can_allocate(n):
             if cmd is not None:
                 cmd.since = 0.0

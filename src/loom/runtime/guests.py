@@ -22,7 +22,7 @@ from loom.runtime.cohort import Cohorts
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
-from loom.runtime.resources import InstancePages
+from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.services import RuntimeServices
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.ffi import (
@@ -75,6 +75,7 @@ class Guests:
         self.memory = MemoryBudget()
         self._next_idle_check = 0.0
         self._seq = itertools.count()
+        self.live_guests = 0  # instances that run code (completions are not counted)
         # Called for each child an instance launches (``handle, program, args, parent id,
         # detached``): the listener of its events, if any (the server's, so children are
         # listed and reachable as client-launched ones are).
@@ -101,30 +102,40 @@ class Guests:
             inst.cohort = cohort
 
     def spawn(
-        self, handle: InstanceHandle, program: str, args: list[str], parent: Instance | None = None
+        self,
+        handle: InstanceHandle,
+        program: str,
+        args: list[str],
+        parent: Instance | None = None,
+        tree: InstanceTree | None = None,
     ) -> Instance | None:
         """Make an instance of ``program`` and put it on the run queue (a Python inferlet
         instantiates in its first turn; a native one at once). ``parent``: the instance it
-        belongs to (it ends with it)."""
-        if len(self.instances) >= self.config.max_instances:
-            handle._finish(InstanceResult(handle.id, False, "too many instances", 0.0, 0))
+        belongs to (it ends with it); ``tree``: the launcher's tree (None: a new one)."""
+        if self.live_guests >= self.config.max_instances:
+            cap = self.config.max_instances
+            handle._finish(InstanceResult(handle.id, False, too_many(cap), 0.0, 0))
             return None
         rt = self.rt
         store = GuestStore(rt.wasm, memory_limit=self.config.memory_limit_bytes, slice_ticks=1)
+        tree = tree if tree is not None else InstanceTree()
         inst = Instance(
             seq=self.next_seq(),
             id=handle.id,
             program=program,
             arguments=args,
             store=store,
-            pages=InstancePages(rt.pool),
+            pages=InstancePages(rt.pool, tree),
             handle=handle,
             spawned_at=time.perf_counter(),
             parent=parent,
+            tree=tree,
         )
         if parent is not None:
             parent.children.append(inst)
         self.register(inst)
+        self.live_guests += 1
+        tree.live += 1
         if rt.programs.is_core(program):
             # A native inferlet instantiates at once (no start code runs); `run` next.
             try:
@@ -145,15 +156,18 @@ class Guests:
     ) -> InstanceHandle | str:
         """A host call of ``parent``: start a child instance at once; it ends with
         ``parent`` unless ``detached``. The error, when it cannot start."""
-        cap = self.config.max_instances
-        if len(self.instances) >= cap:
-            return f"too many instances (the cap is {cap})"
+        config, tree = self.config, parent.tree
+        if self.live_guests >= config.max_instances:
+            return too_many(config.max_instances)
+        if tree is not None and tree.live >= config.max_tree_instances:
+            return (f"too many instances launched from one client's launch (the cap is "
+                    f"{config.max_tree_instances}: --max-tree-instances)")  # fmt: skip
         handle = InstanceHandle(uuid.uuid4().hex[:12], self._post)
         if self.child_listener is not None:
             handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
-        inst = self.spawn(handle, program, list(args), None if detached else parent)
+        inst = self.spawn(handle, program, list(args), None if detached else parent, tree)
         if inst is None:
-            return "too many instances"
+            return too_many(config.max_instances)
         ends = parent.child_ends
         if len(ends) >= 4096:  # a long-lived launcher: forget children that ended long ago
             for child_id in [c for c, end in ends.items() if end.done][:2048]:
@@ -317,6 +331,9 @@ class Guests:
         if not inst.alive:
             return
         inst.alive = False
+        if inst.tree is not None:
+            self.live_guests -= 1
+            inst.tree.live -= 1
         self.mid_submission.discard(inst.seq)
         for child in inst.children:  # they belong to it (ended between guest runs)
             child.parent = None
@@ -357,6 +374,10 @@ def _idle_since(inst: Instance, before: float) -> bool:
         return False
     return inst.ran_at < before and not any(q.inflight or q.head < len(q.cmds)
                                             for q in inst.queues)  # fmt: skip
+
+
+def too_many(cap: int) -> str:
+    return f"too many instances (the cap is {cap}: --max-instances)"
 
 
 def trap_summary(err: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from loom.runtime.commands import CommandQueue
 from loom.runtime.futures import HostFuture, Mailbox, Stream
-from loom.runtime.resources import InstancePages
+from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.wasm.ffi import CallFuture, GuestStore
 
 
@@ -60,6 +60,9 @@ class InstanceHandle:
         self.id = instance_id
         self._post = post  # runtime inbox poster
         self.listener = listener
+        # The listener's backlog, when it has one: ``full`` after a message, the sender
+        # pauses until ``when_drained(fn)`` calls ``fn`` (any thread; False: no wait).
+        self.drained: Any = None
         self.messages: queue.Queue[str] = queue.Queue()
         self.result: InstanceResult | None = None
         self.launched_at = time.perf_counter()
@@ -75,8 +78,8 @@ class InstanceHandle:
         """Deliver a message to the instance's ``messaging.receive``."""
         self._post(Deliver(self.id, message))
 
-    def kill(self) -> None:
-        self._post(Kill(self.id, "killed by the client"))
+    def kill(self, reason: str = "killed by the client") -> None:
+        self._post(Kill(self.id, reason))
 
     def recv(self, timeout: float | None = None) -> str:
         """The next message the instance sent (raises ``queue.Empty`` on timeout)."""
@@ -139,6 +142,8 @@ class Instance:
     # and its own live children, terminated when it ends.
     parent: Instance | None = None
     children: list[Instance] = field(default_factory=list)
+    # The tree of instances it belongs to (a guest's; None for host-driven ones).
+    tree: InstanceTree | None = None
     # Its end as a future (``Ok(None)``, or ``Err(why)``), and those of every child it
     # launched (detached ones too), by id: what ``runtime.wait-child`` hands out.
     ended: HostFuture = field(default_factory=HostFuture)

@@ -5,6 +5,8 @@
 - ``InstancePages``: the instance's virtual KV page ids. A virtual id is created at once
   (so a guest can queue allocate -> forward without a round trip) and bound to a physical
   page when its allocate command reaches the head of its queue.
+- ``InstanceTree``: an instance a client launched and every instance launched from it:
+  one cap on how many of them live at once and one on the KV pages they hold together.
 - ``ExportRegistry``: pages published under a name, by reference: an export holds its own
   reference on every page, so it survives the exporter freeing them; a persistent export
   also survives the exporter ending.
@@ -58,11 +60,23 @@ class HandleTable:
 UNBOUND = -1
 
 
-class InstancePages:
-    """Virtual page ids of one instance; each bound physical page holds one reference."""
+@dataclass(slots=True)
+class InstanceTree:
+    """A client's instance and every instance launched from it or from its descendants
+    (detached ones too): a fork bomb or a launch flood fills its own tree's caps, not the
+    server's. ``pages``: physical pages bound in all their ``InstancePages``."""
 
-    def __init__(self, pool: PagePool) -> None:
+    live: int = 0
+    pages: int = 0
+
+
+class InstancePages:
+    """Virtual page ids of one instance; each bound physical page holds one reference.
+    Bound pages are counted on the instance's ``tree`` as well."""
+
+    def __init__(self, pool: PagePool, tree: InstanceTree | None = None) -> None:
         self.pool = pool
+        self.tree = tree if tree is not None else InstanceTree()
         self.table: dict[int, int] = {}  # virtual -> physical (UNBOUND until allocated)
         self._next = 0
 
@@ -74,8 +88,11 @@ class InstancePages:
         return ids
 
     def bind(self, virtual: list[int], physical: list[int]) -> None:
+        tree = self.tree
         for v, p in zip(virtual, physical, strict=True):
             if v in self.table:
+                if self.table[v] == UNBOUND:
+                    tree.pages += 1
                 self.table[v] = p
             else:  # freed before its allocation ran: give the page straight back
                 self.pool.free([p])
@@ -109,6 +126,7 @@ class InstancePages:
         for v in virtual:
             p = self.table.pop(v, None)
             if p is not None and p != UNBOUND:
+                self.tree.pages -= 1
                 self.pool.free([p])
 
     def release_all(self) -> None:

@@ -2,7 +2,7 @@
 launched (with their events, fanned out to every attached client), and counters.
 
 Everything here lives on the server's event loop. Runtime events arrive on the runtime
-thread and hop over with ``call_soon_threadsafe``.
+thread and hop over in batches (``EventHop``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from loom.paths import cache_root
 from loom.runtime.instance import InstanceResult
 from loom.runtime.runtime import Runtime
 from loom.server.auth import FailedAuthLimit
+from loom.server.event_hop import EventHop
 
 Event = dict[str, Any]  # {"type": "event", "instance", "event", "data"}
 Subscriber = Callable[[Event], None]
@@ -48,6 +49,7 @@ class InstanceRecord:
     backlog_cap: int = 1000
     backlog_bytes_cap: int = 16 << 20
     backlog_bytes: int = 0  # (as ``event_size`` counts them)
+    unread_dropped: int = 0  # bytes dropped from the backlog while nobody was attached
     subscribers: dict[int, Subscriber] = field(default_factory=dict)
     terminated_by_client: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,11 +65,26 @@ class InstanceRecord:
             # The final event is never dropped; the oldest messages go first.
             backlog, cap, bytes_cap = self.backlog, self.backlog_cap, self.backlog_bytes_cap
             while len(backlog) > 1 and (len(backlog) > cap or self.backlog_bytes > bytes_cap):
-                self.backlog_bytes -= event_size(backlog.popleft())
+                dropped = event_size(backlog.popleft())
+                self.backlog_bytes -= dropped
+                if not self.subscribers:
+                    self._dropped_unread(dropped)
         for deliver in list(self.subscribers.values()):
             deliver(event)
         if kind in FINAL_EVENTS:
             self.done.set()
+
+    def _dropped_unread(self, size: int) -> None:
+        """No client is attached and the backlog dropped an event: an instance that
+        sends on with nobody reading (its client left) is ended once it has sent more
+        than the backlog holds again (it would otherwise run to its CPU budget)."""
+        self.unread_dropped += size
+        if (self.unread_dropped > self.backlog_bytes_cap and self.status == "running"
+                and self.handle is not None):  # fmt: skip
+            self.unread_dropped = -(1 << 62)  # (ended once)
+            mib = self.backlog_bytes_cap >> 20
+            self.handle.kill(f"more than {mib} MiB of its messages dropped unread (no client "
+                             f"attached)")  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -144,16 +161,15 @@ class ServerState:
         record: InstanceRecord | None = None
         early: list[tuple[str, Any]] = []
 
-        def on_event(kind: str, payload: Any) -> None:  # runtime thread
-            loop.call_soon_threadsafe(deliver, kind, payload)
-
         def deliver(kind: str, payload: Any) -> None:  # event loop
             if record is None:
                 early.append((kind, payload))
             else:
                 self._on_runtime_event(record, kind, payload)
 
-        handle = self.runtime.launch(program, args, listener=on_event)
+        hop = EventHop(loop, deliver)
+        handle = self.runtime.launch(program, args, listener=hop)
+        handle.drained = hop  # (its first messages may go by before: unpaused, harmless)
         record = self._record(handle, program, args)
         self.instances[record.id] = record
         for kind, payload in early:
@@ -180,11 +196,9 @@ class ServerState:
             self.instances[record.id] = record
 
         loop.call_soon_threadsafe(register)
-
-        def on_event(kind: str, payload: Any) -> None:  # runtime thread
-            loop.call_soon_threadsafe(self._on_runtime_event, record, kind, payload)
-
-        return on_event
+        hop = EventHop(loop, lambda kind, payload: self._on_runtime_event(record, kind, payload))
+        handle.drained = hop
+        return hop
 
     def _on_runtime_event(self, record: InstanceRecord, kind: str, payload: Any) -> None:
         if kind == "message":

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from loom.runtime.futures import Stream
 from loom.runtime.host.common import add_future_resource, iface
+from loom.runtime.messaging import pause_if_backlogged
 from loom.runtime.wasm.ffi import STRING, ComponentLinker, borrow, own
 
 if TYPE_CHECKING:
@@ -22,7 +23,9 @@ def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     bus = rt.messaging
 
     def send(key: int, message: str) -> None:
-        bus.send_to_client(rt.caller(key), message)
+        inst = rt.caller(key)
+        bus.send_to_client(inst, message)
+        pause_if_backlogged(inst, rt.call_soon, rt.waker(inst))
 
     def receive(key: int) -> int:
         inst = rt.caller(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loom.runtime.host_core.handles import MODULE
+from loom.runtime.messaging import pause_if_backlogged
 from loom.runtime.wasm.ffi import CoreLinker, CoreMemory, HostCallError
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ def register(linker: CoreLinker, rt: RuntimeServices) -> None:
 
     def send(key: int, mem: CoreMemory, ptr: int, n: int) -> None:
         text = mem.read(ptr, n).decode("utf-8", errors="replace")
-        rt.messaging.send_to_client(rt.caller(key), text)
+        inst = rt.caller(key)
+        rt.messaging.send_to_client(inst, text)
+        pause_if_backlogged(inst, rt.call_soon, rt.waker(inst))
 
     def fail(key: int, mem: CoreMemory, ptr: int, n: int) -> None:
         rt.caller(key).native_error = mem.read(ptr, n).decode("utf-8", errors="replace")

@@ -48,6 +48,10 @@ class GuestStore:
         batch's guests then missed the batch they were woken for."""
         _set_epoch_deadline(self.key, self._slice_ticks)
 
+    def end_slice(self) -> None:
+        """End the guest's time slice at its next epoch check (it yields, as at a tick)."""
+        _set_epoch_deadline(self.key, 0)
+
     def close(self) -> None:
         """Free the store now (its memories and instances), not when the cycle collector
         finds the instance's last reference: an ended instance's memory is returned at

@@ -213,6 +213,17 @@ class WitWorld(wit_world.WitWorld):
                 subs.append(messaging.subscribe("flood-topic"))
                 if len(subs) % 100 == 0:
                     messaging.send(str(len(subs)))
+        elif mode == "bomb":
+            # Children of itself (args[1]) holding args[2] pages each, launched until one
+            # is refused: "<how many> <why>", then it waits.
+            n = 0
+            try:
+                while True:
+                    unwrap(runtime.launch(args[1], ["hold", args[2]]))
+                    n += 1
+            except Err as e:
+                messaging.send(f"{n} {e.value}")
+            wait(messaging.receive())
         elif mode == "flood":
             while True:
                 messaging.send("x" * 100)
