@@ -25,6 +25,7 @@ from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.services import RuntimeServices
 from loom.runtime.wasm import ffi as wasm_ffi
+from loom.runtime.wasm.engine import trap_summary
 from loom.runtime.wasm.ffi import (
     ComponentLinker,
     CoreLinker,
@@ -35,6 +36,9 @@ from loom.runtime.wasm.ffi import (
 )
 
 ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
+
+
+SLICE_TICKS = 10  # epoch ticks a slice while some guest is CPU-bound
 
 
 class Guests:
@@ -67,6 +71,11 @@ class Guests:
         # leaves the set when it next waits or ends; the hold lasts one loop turn at most,
         # so a guest that spins cannot stall the engine.
         self.mid_submission: set[int] = set()
+        # Guests whose last turn ran to the end of its slice (CPU-bound, by seq). While
+        # there are any, the epoch ticks SLICE_TICKS times a slice: they get one tick a
+        # turn, after the others' turns, so one that spins delays another's next step by
+        # a tick, not a whole slice.
+        self.cpu_bound: set[int] = set()
         # Moving average of a guest's turn that ends waiting on a pass it submitted (the
         # adaptive batch policy weighs it against an engine step).
         self.guest_turn_s = 0.0
@@ -197,11 +206,14 @@ class Guests:
 
     def run_guests(self, after_turn: Callable[[], None]) -> bool:
         """One turn for each instance runnable now; False when there was none."""
-        n = len(self.runq)
+        runq, n = self.runq, len(self.runq)
         if not n:
             return False
-        for _ in range(n):
-            inst = self.runq.popleft()
+        turn = [runq.popleft() for _ in range(n)]
+        if self.cpu_bound and n > 1:
+            cpu_bound = self.cpu_bound
+            turn.sort(key=lambda i: i.seq in cpu_bound)  # (stable: FIFO otherwise)
+        for inst in turn:
             inst.queued = False
             if not inst.alive or inst.call is None:
                 continue
@@ -220,7 +232,11 @@ class Guests:
         """Run ``inst`` until it waits, finishes or its time slice ends."""
         assert inst.call is not None
         inst.blocked = None
-        inst.store.fresh_slice()
+        cpu_bound = self.cpu_bound
+        if cpu_bound:  # the epoch ticks fast: one tick for CPU-bound guests, a slice else
+            inst.store.fresh_slice(1 if inst.seq in cpu_bound else SLICE_TICKS)
+        else:
+            inst.store.fresh_slice()
         memory = self.memory
         rss = memory.rss() if memory.watching else 0
         t0 = time.perf_counter()
@@ -235,6 +251,9 @@ class Guests:
         stats.guest_polls += 1
         if done or inst.blocked is not None:
             self.mid_submission.discard(inst.seq)
+            cpu_bound.discard(inst.seq)
+        else:
+            cpu_bound.add(inst.seq)
         if not done and inst.submitted:
             if inst.blocked is None:
                 self.mid_submission.add(inst.seq)  # preempted: let it finish first
@@ -331,6 +350,7 @@ class Guests:
         if not inst.alive:
             return
         inst.alive = False
+        self.cpu_bound.discard(inst.seq)
         if inst.tree is not None:
             self.live_guests -= 1
             inst.tree.live -= 1
@@ -378,15 +398,3 @@ def _idle_since(inst: Instance, before: float) -> bool:
 
 def too_many(cap: int) -> str:
     return f"too many instances (the cap is {cap}: --max-instances)"
-
-
-def trap_summary(err: str) -> str:
-    """The first line and the cause of a wasmtime error (the backtrace is noise to users)."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    cause = ""
-    if "Caused by:" in err:
-        cause = err.split("Caused by:", 1)[1].strip().splitlines()[0].strip()
-    head = lines[0] if lines else err
-    if "wasm backtrace" in head:
-        head = "the inferlet trapped"
-    return f"{head}: {cause}" if cause else head

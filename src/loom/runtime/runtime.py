@@ -53,7 +53,7 @@ from loom.runtime.commands import CommandQueue
 from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.dispatch import Dispatcher
 from loom.runtime.eager import EagerCommands
-from loom.runtime.guests import Guests
+from loom.runtime.guests import SLICE_TICKS, Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
@@ -242,10 +242,12 @@ class Runtime:
         self._wake.set()
 
     def _tick(self) -> None:
-        # The epoch clock: each tick ends the running guest's time slice.
-        period = self.config.slice_ms / 1000.0
+        # The epoch clock: a guest's time slice ends at a tick. While some guest is
+        # CPU-bound, ticks come SLICE_TICKS times as often (see ``Guests.resume``).
+        config, cpu_bound = self.config, self.guests.cpu_bound
         while not self._stop:
-            time.sleep(period)
+            period = config.slice_ms / 1000.0
+            time.sleep(period / SLICE_TICKS if cpu_bound else period)
             self.wasm.increment_epoch()
 
     # ===== the loop =====

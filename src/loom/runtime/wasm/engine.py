@@ -29,6 +29,18 @@ def error_text(err: Any) -> str:
     return str(wasmtime.WasmtimeError._from_ptr(err))
 
 
+def trap_summary(err: str) -> str:
+    """The first line and the cause of a wasmtime error (the backtrace is noise to users)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    cause = ""
+    if "Caused by:" in err:
+        cause = err.split("Caused by:", 1)[1].strip().splitlines()[0].strip()
+    head = lines[0] if lines else err
+    if "wasm backtrace" in head:
+        head = "the inferlet trapped"
+    return f"{head}: {cause}" if cause else head
+
+
 class WasmEngine:
     """One wasmtime engine for every inferlet of a server.
 

@@ -41,12 +41,13 @@ class GuestStore:
         self.instance = ffi.wasmtime_component_instance_t()
         self._slice_ticks = slice_ticks
 
-    def fresh_slice(self) -> None:
-        """Give the guest a whole time slice from now (call before resuming it). A guest
-        that waited, or sat in the run queue, past a tick finds its deadline gone and would
-        yield at its first instruction: a wasted turn, and (measured) the decode steps of a
-        batch's guests then missed the batch they were woken for."""
-        _set_epoch_deadline(self.key, self._slice_ticks)
+    def fresh_slice(self, ticks: int = 0) -> None:
+        """Give the guest a whole time slice (``ticks`` epoch ticks; 0: the store's own)
+        from now (call before resuming it). A guest that waited, or sat in the run queue,
+        past a tick finds its deadline gone and would yield at its first instruction: a
+        wasted turn, and (measured) the decode steps of a batch's guests then missed the
+        batch they were woken for."""
+        _set_epoch_deadline(self.key, ticks or self._slice_ticks)
 
     def end_slice(self) -> None:
         """End the guest's time slice at its next epoch check (it yields, as at a tick)."""
