@@ -3,8 +3,8 @@ hostile inferlets and bad input beside it and one engine-worker kill, then count
 errors of well-behaved clients and what was leaked.
 
 A real ``loom serve`` (the embedded tiny model, engine worker in its own process, an API
-key, ``--http-allow-hosts 127.0.0.1``, ``--max-instances``, ``--idle-timeout-s``) on
-127.0.0.1. The run:
+key, ``--http-allow-hosts 127.0.0.1``, ``--max-instances``, ``--max-tree-instances``,
+``--idle-timeout-s``) on 127.0.0.1. The run:
 
 1. warm-up: the well-behaved clients for ``--warmup-s``, then every hostile actor once for
    ``--warmup-slot-s`` (programs loaded, the server's memory at the working set each
@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-kill", action="store_true", help="no engine-worker kill")
     ap.add_argument("--max-instances", type=int, default=128)
     ap.add_argument("--idle-timeout-s", type=float, default=20)
+    ap.add_argument(
+        "--max-tree-instances",
+        type=int,
+        default=32,
+        help="a quarter of --max-instances: a fork bomb's tree, a launch flood's detached "
+        "children left to the idle timeout and the next actor's fit beside the clients",
+    )
     ap.add_argument(
         "--serve-arg",
         action="append",
@@ -244,6 +251,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         str(args.max_instances),
         "--idle-timeout-s",
         str(args.idle_timeout_s),
+        "--max-tree-instances",
+        str(args.max_tree_instances),
         *args.serve_arg,
     ]
     server = Server(args.model, API_KEY, extra)
