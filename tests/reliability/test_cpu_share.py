@@ -1,6 +1,7 @@
 """A guest that spins is CPU-bound: its turns come after the others' and last one tick
 (a tenth of ``--slice-ms``), so it delays another inferlet's next step by a tick, not by
-a whole slice per step."""
+a whole slice per step; beside other instances, spinners share ``--cpu-bound-share`` of
+the runtime thread."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def test_a_spinning_guest_delays_others_by_a_tick_per_step(rrt: Any, testkit: st
         # A whole slice of each spinner per step would add >= steps * slice_s / 2 (the
         # slice ends at the next tick: half a slice on average, each of two spinners).
         assert beside - alone < steps * slice_s / 4, (alone, beside)
+        # Beside another live instance, spinners get --cpu-bound-share of the thread.
+        waiter = rrt.launch(testkit, ["echo"])
+        cpu_s = [rrt.query(lambda s=s: rrt.instances[s.id].cpu_s) for s in spinners]
+        t0 = time.perf_counter()
+        time.sleep(2.0)
+        used = sum(rrt.query(lambda s=s: rrt.instances[s.id].cpu_s) for s in spinners)
+        share = (used - sum(cpu_s)) / (time.perf_counter() - t0)
+        assert 0.05 < share < 0.4, share  # (0.25 by default; ~1.0 unheld)
+        waiter.send("bye")
+        assert waiter.wait(30).ok
     finally:
         for s in spinners:
             s.kill()

@@ -100,6 +100,10 @@ class RuntimeConfig:
     max_tree_page_share: float = setting(0.5, "share of the KV pool one launch and its "
                                               "descendants may hold")  # fmt: skip
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
+    # Guests that run whole slices (spin) get at most this share of the runtime thread
+    # while other instances live (see runtime/cpu_share.py).
+    cpu_bound_share: float = setting(0.25, "share of the runtime thread CPU-bound guests "
+                                           "get beside other instances")  # fmt: skip
     # An instance that waits on anything but its own engine work (a message, a channel, a
     # child) for this long is ended; 0: never.
     idle_timeout_s: float = setting(3600.0, "end an instance idle this long (0: never)")
@@ -164,6 +168,7 @@ class RuntimeConfig:
         _require(self.max_pending_mb > 0 and self.max_subscriptions > 0,
                  "max_pending_mb and max_subscriptions must be positive")  # fmt: skip
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")
+        _require(0 < self.cpu_bound_share <= 1, "cpu_bound_share must be in (0, 1]")
         _require(self.max_tree_instances > 0, "max_tree_instances must be positive")
         _require(0 < self.max_tree_page_share <= 1, "max_tree_page_share must be in (0, 1]")
         _require(0 < self.max_reserved_share <= 1, "max_reserved_share must be in (0, 1]")

@@ -19,6 +19,7 @@ from typing import Any
 from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.cohort import Cohorts
+from loom.runtime.cpu_share import CpuShare
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
@@ -36,9 +37,6 @@ from loom.runtime.wasm.ffi import (
 )
 
 ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
-
-
-SLICE_TICKS = 10  # epoch ticks a slice while some guest is CPU-bound
 
 
 class Guests:
@@ -71,11 +69,8 @@ class Guests:
         # leaves the set when it next waits or ends; the hold lasts one loop turn at most,
         # so a guest that spins cannot stall the engine.
         self.mid_submission: set[int] = set()
-        # Guests whose last turn ran to the end of its slice (CPU-bound, by seq). While
-        # there are any, the epoch ticks SLICE_TICKS times a slice: they get one tick a
-        # turn, after the others' turns, so one that spins delays another's next step by
-        # a tick, not a whole slice.
-        self.cpu_bound: set[int] = set()
+        self.cpu_share = CpuShare(self.config.cpu_bound_share)
+        self.cpu_bound = self.cpu_share.bound  # (the epoch clock ticks fast while any)
         # Moving average of a guest's turn that ends waiting on a pass it submitted (the
         # adaptive batch policy weighs it against an engine step).
         self.guest_turn_s = 0.0
@@ -206,13 +201,15 @@ class Guests:
 
     def run_guests(self, after_turn: Callable[[], None]) -> bool:
         """One turn for each instance runnable now; False when there was none."""
-        runq, n = self.runq, len(self.runq)
+        runq, share = self.runq, self.cpu_share
+        if share.held:
+            runq.extend(share.readmit(len(self.instances) > len(share.bound)))
+        n = len(runq)
         if not n:
             return False
         turn = [runq.popleft() for _ in range(n)]
-        if self.cpu_bound and n > 1:
-            cpu_bound = self.cpu_bound
-            turn.sort(key=lambda i: i.seq in cpu_bound)  # (stable: FIFO otherwise)
+        if share.bound:
+            turn = share.order(turn, len(self.instances) > len(share.bound))
         for inst in turn:
             inst.queued = False
             if not inst.alive or inst.call is None:
@@ -232,11 +229,7 @@ class Guests:
         """Run ``inst`` until it waits, finishes or its time slice ends."""
         assert inst.call is not None
         inst.blocked = None
-        cpu_bound = self.cpu_bound
-        if cpu_bound:  # the epoch ticks fast: one tick for CPU-bound guests, a slice else
-            inst.store.fresh_slice(1 if inst.seq in cpu_bound else SLICE_TICKS)
-        else:
-            inst.store.fresh_slice()
+        inst.store.fresh_slice(self.cpu_share.ticks(inst))
         memory = self.memory
         rss = memory.rss() if memory.watching else 0
         t0 = time.perf_counter()
@@ -249,11 +242,9 @@ class Guests:
         stats = self.rt.stats
         stats.poll_s += dt
         stats.guest_polls += 1
+        self.cpu_share.ran(inst, dt, not done and inst.blocked is None)
         if done or inst.blocked is not None:
             self.mid_submission.discard(inst.seq)
-            cpu_bound.discard(inst.seq)
-        else:
-            cpu_bound.add(inst.seq)
         if not done and inst.submitted:
             if inst.blocked is None:
                 self.mid_submission.add(inst.seq)  # preempted: let it finish first
@@ -350,7 +341,7 @@ class Guests:
         if not inst.alive:
             return
         inst.alive = False
-        self.cpu_bound.discard(inst.seq)
+        self.cpu_share.forget(inst)
         if inst.tree is not None:
             self.live_guests -= 1
             inst.tree.live -= 1

@@ -51,9 +51,10 @@ from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.commands import CommandQueue
 from loom.runtime.completions import CompletionHandle, CompletionRequest
+from loom.runtime.cpu_share import SLICE_TICKS
 from loom.runtime.dispatch import Dispatcher
 from loom.runtime.eager import EagerCommands
-from loom.runtime.guests import SLICE_TICKS, Guests
+from loom.runtime.guests import Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
@@ -215,6 +216,7 @@ class Runtime:
         config = replace(config or before, **changes)
         self.config = self.batcher.config = self.messaging.config = config
         self.guests.config = self.dispatch.config = config
+        self.guests.cpu_share.share = config.cpu_bound_share
         self.guests.cohorts.hold_s = config.cohort_hold_ms / 1000.0
         return before
 
@@ -255,7 +257,7 @@ class Runtime:
     def _loop(self) -> None:
         pin_current_thread(self.placement.runtime_cores)
         guests, dispatch = self.guests, self.dispatch
-        cohorts = guests.cohorts
+        cohorts, cpu_share = guests.cohorts, guests.cpu_share
         next_check = 0.0
         while not self._stop:
             t0 = time.perf_counter()
@@ -289,7 +291,7 @@ class Runtime:
             if not guests.runq and not self._inbox and not dispatch.poked:
                 if wait_s is None and not dispatch.batch_inflight:
                     dispatch.idle_since = None  # nothing to run: idle for want of work
-                timeout = 0.05 if wait_s is None else max(0.0, wait_s)
+                timeout = min(0.05 if wait_s is None else max(0.0, wait_s), cpu_share.wait_s())
                 if cohort_s is not None:
                     timeout = min(timeout, cohort_s)
                 self._wake.wait(timeout)
