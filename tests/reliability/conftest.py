@@ -17,8 +17,7 @@ def rrt(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
 
     runtime = start_runtime(
         EngineConfig(model=str(tiny_dir), num_pages=128),
-        # (A 128-page pool: one test's inferlet may need most of it.)
-        RuntimeConfig(page_wait_timeout_s=20, max_tree_page_share=1.0),
+        RuntimeConfig(page_wait_timeout_s=20),
         worker_mode="thread",
         cache_dir=tmp_path_factory.mktemp("reliability-programs"),
     )

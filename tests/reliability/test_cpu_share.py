@@ -29,7 +29,7 @@ def test_a_spinning_guest_delays_others_by_a_tick_per_step(rrt: Any, testkit: st
         _decode_s(rrt, testkit, steps)  # (warm)
         alone = _decode_s(rrt, testkit, steps)
         spinners = [rrt.launch(testkit, ["spin"]) for _ in range(2)]
-        wait_for(lambda: rrt.query(lambda: len(rrt.guests.cpu_bound)) == 2)
+        wait_for(lambda: rrt.query(lambda: len(rrt.guests.cpu_share.bound)) == 2)
         beside = _decode_s(rrt, testkit, steps)
         # A whole slice of each spinner per step would add >= steps * slice_s / 2 (the
         # slice ends at the next tick: half a slice on average, each of two spinners).
@@ -49,4 +49,4 @@ def test_a_spinning_guest_delays_others_by_a_tick_per_step(rrt: Any, testkit: st
             s.kill()
         rrt.reconfigure(saved)
     assert all(not s.wait(30).ok for s in spinners)
-    wait_for(lambda: rrt.query(lambda: not rrt.guests.cpu_bound))
+    wait_for(lambda: rrt.query(lambda: not rrt.guests.cpu_share.bound))

@@ -97,7 +97,9 @@ class RuntimeConfig:
     # tree: a fork bomb fills its tree, not the server.
     max_tree_instances: int = setting(64, "instances one launch and its descendants may "
                                           "run at once")  # fmt: skip
-    max_tree_page_share: float = setting(0.5, "share of the KV pool one launch and its "
+    # Off by default (one client may use the whole pool, as the out-of-pages policies
+    # assume); on a server shared by clients that do not trust each other, 0.5 say.
+    max_tree_page_share: float = setting(1.0, "share of the KV pool one launch and its "
                                               "descendants may hold")  # fmt: skip
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
     # Guests that run whole slices (spin) get at most this share of the runtime thread

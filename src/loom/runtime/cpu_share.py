@@ -63,15 +63,18 @@ class CpuShare:
             return 0
         return 1 if inst.seq in self.bound else SLICE_TICKS
 
-    def ran(self, inst: Instance, dt: float, preempted: bool) -> None:
-        """A turn of ``dt`` s ended: its slice ran out (``preempted``) or not."""
-        if preempted:
-            if self.bound:
-                self._refill()
-                self._credit -= dt
-            self.bound.add(inst.seq)
-        else:
-            self.bound.discard(inst.seq)
+    def ran(self, inst: Instance, dt: float, preempted: bool, slice_s: float) -> None:
+        """A turn of ``dt`` s ended: its slice ran out (``preempted``) or not. A slice
+        ends at the next tick, anywhere in the first one: only a guest that ran most of
+        a whole slice (``slice_s``) is taken for CPU-bound, not one a tick caught early."""
+        bound = self.bound
+        if not preempted:
+            bound.discard(inst.seq)
+        elif inst.seq in bound:
+            self._refill()
+            self._credit -= dt
+        elif dt >= 0.8 * slice_s:
+            bound.add(inst.seq)
 
     def forget(self, inst: Instance) -> None:
         self.bound.discard(inst.seq)

@@ -25,6 +25,7 @@ from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.services import RuntimeServices
+from loom.runtime.trees import refuse_child, too_many
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.engine import trap_summary
 from loom.runtime.wasm.ffi import (
@@ -63,21 +64,17 @@ class Guests:
         self.by_ctx: dict[int, Instance] = {}  # by store key: the caller of a host call
         self.by_seq: dict[int, Instance] = {}  # by launch order: the owner of a queue
         self.runq: deque[Instance] = deque()
-        # Guests whose time slice ended in the middle of submitting forward work (sibling
-        # forks, say; or an instance starting, its prefill queued, still in Python): each
-        # gets one more slice before the batch fires, so its passes ride together. A guest
-        # leaves the set when it next waits or ends; the hold lasts one loop turn at most,
-        # so a guest that spins cannot stall the engine.
+        # Guests whose slice ended in the middle of submitting forward work (sibling forks;
+        # an instance starting): one more slice each before the batch fires, so its passes
+        # ride together. Left when it next waits or ends (one loop turn at most).
         self.mid_submission: set[int] = set()
         self.cpu_share = CpuShare(self.config.cpu_bound_share)
-        self.cpu_bound = self.cpu_share.bound  # (the epoch clock ticks fast while any)
         # Moving average of a guest's turn that ends waiting on a pass it submitted (the
         # adaptive batch policy weighs it against an engine step).
         self.guest_turn_s = 0.0
         self.cohorts = Cohorts(self.config.cohort_hold_ms, on_cohort_release)
         self._pending_end: list[Instance] = []
         self.memory = MemoryBudget()
-        self._next_idle_check = 0.0
         self._seq = itertools.count()
         self.live_guests = 0  # instances that run code (completions are not counted)
         # Called for each child an instance launches (``handle, program, args, parent id,
@@ -123,18 +120,9 @@ class Guests:
         rt = self.rt
         store = GuestStore(rt.wasm, memory_limit=self.config.memory_limit_bytes, slice_ticks=1)
         tree = tree if tree is not None else InstanceTree()
-        inst = Instance(
-            seq=self.next_seq(),
-            id=handle.id,
-            program=program,
-            arguments=args,
-            store=store,
-            pages=InstancePages(rt.pool, tree),
-            handle=handle,
-            spawned_at=time.perf_counter(),
-            parent=parent,
-            tree=tree,
-        )
+        inst = Instance(seq=self.next_seq(), id=handle.id, program=program, arguments=args,
+                        store=store, pages=InstancePages(rt.pool, tree), handle=handle,
+                        spawned_at=time.perf_counter(), parent=parent, tree=tree)  # fmt: skip
         if parent is not None:
             parent.children.append(inst)
         self.register(inst)
@@ -160,18 +148,15 @@ class Guests:
     ) -> InstanceHandle | str:
         """A host call of ``parent``: start a child instance at once; it ends with
         ``parent`` unless ``detached``. The error, when it cannot start."""
-        config, tree = self.config, parent.tree
-        if self.live_guests >= config.max_instances:
-            return too_many(config.max_instances)
-        if tree is not None and tree.live >= config.max_tree_instances:
-            return (f"too many instances launched from one client's launch (the cap is "
-                    f"{config.max_tree_instances}: --max-tree-instances)")  # fmt: skip
+        refused = refuse_child(self.config, self.live_guests, parent.tree)
+        if refused:
+            return refused
         handle = InstanceHandle(uuid.uuid4().hex[:12], self._post)
         if self.child_listener is not None:
             handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
-        inst = self.spawn(handle, program, list(args), None if detached else parent, tree)
+        inst = self.spawn(handle, program, list(args), None if detached else parent, parent.tree)
         if inst is None:
-            return too_many(config.max_instances)
+            return too_many(self.config.max_instances)
         ends = parent.child_ends
         if len(ends) >= 4096:  # a long-lived launcher: forget children that ended long ago
             for child_id in [c for c, end in ends.items() if end.done][:2048]:
@@ -207,10 +192,13 @@ class Guests:
         n = len(runq)
         if not n:
             return False
-        turn = [runq.popleft() for _ in range(n)]
-        if share.bound:
-            turn = share.order(turn, len(self.instances) > len(share.bound))
-        for inst in turn:
+        if share.bound:  # (in place: the run queue shrinks as turns go, batching sees it)
+            turn = share.order([runq.popleft() for _ in range(n)],
+                               len(self.instances) > len(share.bound))  # fmt: skip
+            runq.extendleft(reversed(turn))
+            n = len(turn)
+        for _ in range(n):
+            inst = runq.popleft()
             inst.queued = False
             if not inst.alive or inst.call is None:
                 continue
@@ -242,7 +230,8 @@ class Guests:
         stats = self.rt.stats
         stats.poll_s += dt
         stats.guest_polls += 1
-        self.cpu_share.ran(inst, dt, not done and inst.blocked is None)
+        preempted = not done and inst.blocked is None
+        self.cpu_share.ran(inst, dt, preempted, self.config.slice_ms / 1000.0)
         if done or inst.blocked is not None:
             self.mid_submission.discard(inst.seq)
         if not done and inst.submitted:
@@ -269,52 +258,21 @@ class Guests:
 
     def _on_call_done(self, inst: Instance) -> None:
         assert inst.call is not None
-        programs = self.rt.programs
-        err = inst.call.error()
-        if err is not None:
-            host_msg = wasm_ffi.LAST_HOST_ERROR.get(inst.store.key)
-            self.end(inst, False, host_msg or trap_summary(err))
+        if inst.started or inst.call.error() is not None:
+            failure = call_failure(self.rt.programs, inst)
+            self.end(inst, failure is None, failure)
             return
-        if not inst.started:
-            self._started(inst)
-            try:
-                inst.call = wasm_ffi.call_export_async(
-                    inst.store, programs.get(inst.program), "run"
-                )
-            except wasm_ffi.WasmError as e:
-                self.end(inst, False, str(e))
-                return
-            # Straight on into ``main``: its first forward can reach the engine while the
-            # other new instances are still being instantiated.
-            self.resume(inst)
+        self._started(inst)
+        try:
+            inst.call = wasm_ffi.call_export_async(
+                inst.store, self.rt.programs.get(inst.program), "run"
+            )
+        except wasm_ffi.WasmError as e:
+            self.end(inst, False, str(e))
             return
-        if programs.is_core(inst.program):
-            code = int(inst.call.results[0].of.i32)
-            failure = None if code == 0 else (inst.native_error or f"run returned {code}")
-        else:
-            failure = wasm_ffi.decode_run_result(inst.call.results)
-        self.end(inst, failure is None, failure)
-
-    def check_limits(self, now: float) -> None:
-        """The limits on all instances together (ten times a second): the memory budget,
-        and once a second the idle limit."""
-        over = self.memory.over_budget(self.instances.values(), self.config)
-        if over is not None:
-            self.kill(*over)
-        if now >= self._next_idle_check:
-            self._next_idle_check = now + 1.0
-            self.end_idle()
-
-    def end_idle(self) -> None:
-        """End instances that waited longer than ``idle_timeout_s`` on anything but their
-        own engine work (queued or running commands, a host generation, are work)."""
-        limit = self.config.idle_timeout_s
-        if not limit:
-            return
-        before = time.perf_counter() - limit
-        for inst in list(self.instances.values()):
-            if _idle_since(inst, before):
-                self.kill(inst, f"idle for more than {limit:g} s")
+        # Straight on into ``main``: its first forward can reach the engine while the
+        # other new instances are still being instantiated.
+        self.resume(inst)
 
     # ===== end =====
 
@@ -378,14 +336,13 @@ class Guests:
             self.end(inst, False, reason)
 
 
-def _idle_since(inst: Instance, before: float) -> bool:
-    """A guest (not a host-driven job) that last ran before ``before`` and has no engine
-    work queued or running."""
-    if inst.job is not None or inst.call is None or inst.queued or not inst.ran_at:
-        return False
-    return inst.ran_at < before and not any(q.inflight or q.head < len(q.cmds)
-                                            for q in inst.queues)  # fmt: skip
-
-
-def too_many(cap: int) -> str:
-    return f"too many instances (the cap is {cap}: --max-instances)"
+def call_failure(programs: Any, inst: Instance) -> str | None:
+    """Why ``inst``'s finished call failed (a trap, a host error, run's result), if it did."""
+    assert inst.call is not None
+    err = inst.call.error()
+    if err is not None:
+        return wasm_ffi.LAST_HOST_ERROR.get(inst.store.key) or trap_summary(err)
+    if programs.is_core(inst.program):
+        code = int(inst.call.results[0].of.i32)
+        return None if code == 0 else (inst.native_error or f"run returned {code}")
+    return wasm_ffi.decode_run_result(inst.call.results)

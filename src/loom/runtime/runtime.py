@@ -58,6 +58,7 @@ from loom.runtime.guests import Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
+from loom.runtime.limits import InstanceLimits
 from loom.runtime.messaging import Messaging
 from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
@@ -246,9 +247,9 @@ class Runtime:
     def _tick(self) -> None:
         # The epoch clock: a guest's time slice ends at a tick. While some guest is
         # CPU-bound, ticks come SLICE_TICKS times as often (see ``Guests.resume``).
-        config, cpu_bound = self.config, self.guests.cpu_bound
+        cpu_bound = self.guests.cpu_share.bound
         while not self._stop:
-            period = config.slice_ms / 1000.0
+            period = self.config.slice_ms / 1000.0  # (``reconfigure`` replaces the config)
             time.sleep(period / SLICE_TICKS if cpu_bound else period)
             self.wasm.increment_epoch()
 
@@ -257,7 +258,7 @@ class Runtime:
     def _loop(self) -> None:
         pin_current_thread(self.placement.runtime_cores)
         guests, dispatch = self.guests, self.dispatch
-        cohorts, cpu_share = guests.cohorts, guests.cpu_share
+        cohorts, cpu_share, limits = guests.cohorts, guests.cpu_share, InstanceLimits(guests)
         next_check = 0.0
         while not self._stop:
             t0 = time.perf_counter()
@@ -271,7 +272,7 @@ class Runtime:
                 self.microserving.expire(time.monotonic())
             cohort_s = cohorts.release_stalled() if cohorts.starting else None
             if t0 >= next_check:  # the memory budget; once a second, the idle limit
-                guests.check_limits(t0)
+                limits.check(t0)
                 next_check = t0 + 0.1
             dispatch.drain_engine()
             if self.worker.failure is not None:
