@@ -4,7 +4,7 @@ errors of well-behaved clients and what was leaked.
 
 A real ``loom serve`` (the embedded tiny model, engine worker in its own process, an API
 key, ``--http-allow-hosts 127.0.0.1``, ``--max-instances``, ``--max-tree-instances``,
-``--idle-timeout-s``) on 127.0.0.1. The run:
+``--max-tree-page-share 0.5``, ``--idle-timeout-s``) on 127.0.0.1. The run:
 
 1. warm-up: the well-behaved clients for ``--warmup-s``, then every hostile actor once for
    ``--warmup-slot-s`` (programs loaded, the server's memory at the working set each
@@ -253,6 +253,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         str(args.idle_timeout_s),
         "--max-tree-instances",
         str(args.max_tree_instances),
+        "--max-tree-page-share",
+        "0.5",  # (off by default; a server shared by strangers sets it)
         *args.serve_arg,
     ]
     server = Server(args.model, API_KEY, extra)
