@@ -94,7 +94,7 @@ def test_a_flood_goes_at_its_readers_pace_and_the_server_answers_meanwhile(
                 r = httpx.get(keyed.url + "/health", timeout=30)
                 assert r.status_code == 200
                 slowest = max(slowest, r.elapsed.total_seconds())
-        hop = keyed.state.instances[flood.id].handle.drained
+        hop = keyed.state.instances[flood.id].handle.listener
         # The sender paused whenever a batch's worth waited for the loop (a few messages
         # may go between the pause and its next time-slice check).
         assert HOP_EVENTS <= hop.peak <= HOP_EVENTS + 64

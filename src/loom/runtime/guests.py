@@ -155,8 +155,7 @@ class Guests:
         if self.child_listener is not None:
             handle.listener = self.child_listener(handle, program, list(args), parent.id, detached)
         inst = self.spawn(handle, program, list(args), None if detached else parent, parent.tree)
-        if inst is None:
-            return too_many(self.config.max_instances)
+        assert inst is not None  # (refuse_child held it to the cap)
         ends = parent.child_ends
         if len(ends) >= 4096:  # a long-lived launcher: forget children that ended long ago
             for child_id in [c for c, end in ends.items() if end.done][:2048]:

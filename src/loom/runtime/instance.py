@@ -51,7 +51,10 @@ class InstanceHandle:
     Without a ``listener``, messages the instance sends queue up in ``messages``. With one,
     every event is handed to it on the runtime thread as ``(kind, payload)``: ``("message",
     str)``, ``("log", (level, str))`` and finally ``("end", InstanceResult)``. The listener
-    must not block (the server hops each event onto its event loop).
+    must not block (the server hops each event onto its event loop). A listener with a
+    backlog of its own also has ``full`` (read after each message) and
+    ``when_drained(fn)`` (calls ``fn``, from any thread, once the backlog has been taken;
+    False when there is none): a sender it is full for pauses until then.
     """
 
     def __init__(
@@ -60,9 +63,6 @@ class InstanceHandle:
         self.id = instance_id
         self._post = post  # runtime inbox poster
         self.listener = listener
-        # The listener's backlog, when it has one: ``full`` after a message, the sender
-        # pauses until ``when_drained(fn)`` calls ``fn`` (any thread; False: no wait).
-        self.drained: Any = None
         self.messages: queue.Queue[str] = queue.Queue()
         self.result: InstanceResult | None = None
         self.launched_at = time.perf_counter()

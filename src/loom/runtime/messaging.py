@@ -9,6 +9,7 @@ one inferlet or client from filling the server's memory with messages nobody rea
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from loom.config import RuntimeConfig
 from loom.runtime.futures import HostFuture, Mailbox, PollWait, Stream
@@ -18,18 +19,20 @@ from loom.runtime.wasm.ffi import HostCallError
 
 
 def pause_if_backlogged(
-    inst: Instance, call_soon: Callable[[Callable[[], None]], None], wake: Callable[[], None]
+    inst: Instance,
+    call_soon: Callable[[Callable[[], None]], None],
+    waker: Callable[[Instance], Callable[[], None]],
 ) -> None:
     """After a message to its client: while the messages on their way to the client
     (the server's loop) are over its hop's bound, the sender's time slice ends now and it
     waits until they are taken. A flood then goes at the pace its client is served at,
     and the loop never has more than a bounded batch of one instance's messages to do."""
-    hop = inst.handle.drained
-    if hop is None or not hop.full or inst.blocked is not None:
+    hop: Any = inst.handle.listener  # (see ``InstanceHandle``: a listener with a backlog)
+    if not getattr(hop, "full", False) or inst.blocked is not None:
         return
     drained = HostFuture()
     if hop.when_drained(lambda: call_soon(lambda: drained.resolve(None))):
-        inst.blocked = PollWait([drained], wake)
+        inst.blocked = PollWait([drained], waker(inst))
         inst.store.end_slice()
 
 

@@ -246,7 +246,7 @@ class Runtime:
 
     def _tick(self) -> None:
         # The epoch clock: a guest's time slice ends at a tick. While some guest is
-        # CPU-bound, ticks come SLICE_TICKS times as often (see ``Guests.resume``).
+        # CPU-bound, ticks come SLICE_TICKS times as often (see ``cpu_share``).
         cpu_bound = self.guests.cpu_share.bound
         while not self._stop:
             period = self.config.slice_ms / 1000.0  # (``reconfigure`` replaces the config)

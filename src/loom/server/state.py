@@ -50,6 +50,7 @@ class InstanceRecord:
     backlog_bytes_cap: int = 16 << 20
     backlog_bytes: int = 0  # (as ``event_size`` counts them)
     unread_dropped: int = 0  # bytes dropped from the backlog while nobody was attached
+    ended_for_unread: bool = False  # (the instance was told to end for it, once)
     subscribers: dict[int, Subscriber] = field(default_factory=dict)
     terminated_by_client: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,8 +81,8 @@ class InstanceRecord:
         than the backlog holds again (it would otherwise run to its CPU budget)."""
         self.unread_dropped += size
         if (self.unread_dropped > self.backlog_bytes_cap and self.status == "running"
-                and self.handle is not None):  # fmt: skip
-            self.unread_dropped = -(1 << 62)  # (ended once)
+                and self.handle is not None and not self.ended_for_unread):  # fmt: skip
+            self.ended_for_unread = True
             mib = self.backlog_bytes_cap >> 20
             self.handle.kill(f"more than {mib} MiB of its messages dropped unread (no client "
                              f"attached)")  # fmt: skip
@@ -169,7 +170,6 @@ class ServerState:
 
         hop = EventHop(loop, deliver)
         handle = self.runtime.launch(program, args, listener=hop)
-        handle.drained = hop  # (its first messages may go by before: unpaused, harmless)
         record = self._record(handle, program, args)
         self.instances[record.id] = record
         for kind, payload in early:
@@ -196,9 +196,7 @@ class ServerState:
             self.instances[record.id] = record
 
         loop.call_soon_threadsafe(register)
-        hop = EventHop(loop, lambda kind, payload: self._on_runtime_event(record, kind, payload))
-        handle.drained = hop
-        return hop
+        return EventHop(loop, lambda kind, payload: self._on_runtime_event(record, kind, payload))
 
     def _on_runtime_event(self, record: InstanceRecord, kind: str, payload: Any) -> None:
         if kind == "message":

@@ -25,7 +25,7 @@ def register(linker: ComponentLinker, rt: RuntimeServices) -> None:
     def send(key: int, message: str) -> None:
         inst = rt.caller(key)
         bus.send_to_client(inst, message)
-        pause_if_backlogged(inst, rt.call_soon, rt.waker(inst))
+        pause_if_backlogged(inst, rt.call_soon, rt.waker)
 
     def receive(key: int) -> int:
         inst = rt.caller(key)

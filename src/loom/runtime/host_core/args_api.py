@@ -28,7 +28,7 @@ def register(linker: CoreLinker, rt: RuntimeServices) -> None:
         text = mem.read(ptr, n).decode("utf-8", errors="replace")
         inst = rt.caller(key)
         rt.messaging.send_to_client(inst, text)
-        pause_if_backlogged(inst, rt.call_soon, rt.waker(inst))
+        pause_if_backlogged(inst, rt.call_soon, rt.waker)
 
     def fail(key: int, mem: CoreMemory, ptr: int, n: int) -> None:
         rt.caller(key).native_error = mem.read(ptr, n).decode("utf-8", errors="replace")
