@@ -43,6 +43,10 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(
         True, "reuse the KV of earlier prompts' full pages", name="prefix_cache"
     )
+    # One torch thread fewer for each core other processes keep busy (engine/cpu_threads.py):
+    # losing a core then costs about a core's share instead of stalling every barrier.
+    adapt_threads: bool = setting(True, "give up torch threads while other processes "
+                                        "keep this engine's cores busy (CPU)")  # fmt: skip
     # Pads every pass to this wall time whatever its size, the way a launch-bound GPU
     # step behaves: passes and idle gaps then cost here what they would cost there.
     step_time_ms: float = setting(

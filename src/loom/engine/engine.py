@@ -17,6 +17,7 @@ from typing import Any
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.cpu_threads import ThreadGovernor
 from loom.engine.kv_cache import KVCache
 from loom.engine.model_runner import ModelRunner
 from loom.engine.output_processor import OutputProcessor
@@ -66,6 +67,9 @@ class Engine:
         self.pool = PagePool(num_pages, config.page_size)
         self.stats = EngineStats()
         self._step_s = config.step_time_ms / 1000.0
+        self.threads: ThreadGovernor | None = None
+        if config.adapt_threads and self.runner.device.type == "cpu":
+            self.threads = ThreadGovernor()
         self._ids = itertools.count()
 
     @cached_property
@@ -120,6 +124,8 @@ class Engine:
 
     def _run(self, batch: ForwardBatch) -> list[OutputResult]:
         t0 = time.perf_counter()
+        if self.threads is not None:
+            self.threads.poll()
         self.runner.cache.reset_pages(self.pool.drain_fresh())
         results = self.runner.execute(batch)
         if self._step_s:

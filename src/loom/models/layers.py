@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,14 +21,17 @@ def _mkldnn_linear_available() -> bool:
 class Linear(nn.Linear):
     """``nn.Linear`` with faster CPU bf16 paths once ``prepack()`` has run.
 
-    NOTE: on these CPUs, for bf16 weights (measured on the 41.6M model's shapes):
-    - one row (batch-1 decode) is weight-bandwidth bound, and ``torch.mv`` streams the
-      weights ~1.7x faster than the GEMM ``F.linear`` takes (LM head 2.1 -> 1.2 ms);
+    NOTE: for bf16 weights (measured on the 41.6M model's shapes):
     - several rows run 1.2-2.5x faster on weights prepacked into oneDNN's blocked
       layout (LM head at 32 rows 3.1 -> 1.2 ms). The packed copy doubles weight memory.
+    - one row (batch-1 decode) is weight-bandwidth bound, and which kernel streams the
+      weights fastest depends on the CPU: on Sapphire Rapids ``torch.mv`` beat the GEMM
+      ~1.7x, on Zen 4 the packed GEMM beats ``torch.mv`` 2-9x. ``prepack`` times both
+      on the weight itself and keeps the faster one.
     """
 
     _packed: torch.Tensor | None = None
+    _mv_for_one_row = True
 
     def prepack(self) -> None:
         w = self.weight
@@ -37,10 +42,12 @@ class Linear(nn.Linear):
                 # oneDNN's bf16 path needs AVX-512 (or AVX-NE-CONVERT); without it the
                 # plain GEMM serves (an AVX2-only CPU refuses the reorder at load time).
                 self._packed = None
+        if self._packed is not None:
+            self._mv_for_one_row = _one_row_mv_is_faster(w.detach(), self._packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.bfloat16 and not x.is_cuda:
-            if x.shape[0] == 1:
+            if x.shape[0] == 1 and self._mv_for_one_row:
                 y = torch.mv(self.weight, x[0])
                 return (y if self.bias is None else y + self.bias)[None]
             if self._packed is not None:
@@ -49,6 +56,23 @@ class Linear(nn.Linear):
                 )
                 return out
         return super().forward(x)
+
+
+def _one_row_mv_is_faster(weight: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Time ``torch.mv`` and the packed GEMM on one row of ``weight`` [N, K] (best of 3)."""
+    x = torch.ones(1, weight.shape[1], dtype=weight.dtype)
+
+    def best(fn: Callable[[], Any]) -> float:
+        fn()  # first call: oneDNN builds its kernel
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    packed_s = best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    return best(lambda: torch.mv(weight, x[0])) < packed_s
 
 
 class RMSNorm(nn.Module):
