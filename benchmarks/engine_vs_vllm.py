@@ -68,13 +68,8 @@ def _load(system: str, model: str, max_batch: int) -> Any:
     if system == "loom":
         from loom import LLM, SamplingParams
 
-        llm = LLM(
-            model,
-            dtype="bfloat16",
-            enable_prefix_caching=False,
-            max_num_batched_tokens=max(max_batch * 128, 512),
-            kv_cache_memory_mb=2048,
-        )
+        # Each engine with its own step budget (chunked prefill) and batch defaults.
+        llm = LLM(model, dtype="bfloat16", enable_prefix_caching=False, kv_cache_memory_mb=2048)
 
         def loom_generate(prompts: list[list[int]], new: int) -> list[list[int]]:
             p = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -90,8 +85,6 @@ def _load(system: str, model: str, max_batch: int) -> Any:
             model=model,
             dtype="bfloat16",
             max_model_len=1024,
-            max_num_seqs=max_batch,
-            max_num_batched_tokens=max(max_batch * 128, 1024),
             enable_prefix_caching=False,
         )
 

@@ -101,3 +101,20 @@ def test_bf16_fast_paths_track_the_float32_reference(tmp_path: Path) -> None:
     scale = ref.abs().max()
     assert (got - ref).abs().max() / scale < 0.05
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("use_mv", [True, False])
+def test_one_row_kernels_agree_with_the_gemm(use_mv: bool) -> None:
+    """Whichever one-row kernel ``prepack`` times faster on this CPU, both compute the
+    same product as ``F.linear`` (bf16 rounding aside)."""
+    from loom.models.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 40, bias=True, dtype=torch.bfloat16)
+    layer.prepack()
+    layer._mv_for_one_row = use_mv
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    got = layer(x).float()
+    assert got.shape == (1, 40)
+    assert (got - ref).abs().max() / ref.abs().max() < 0.02

@@ -38,6 +38,7 @@ class AttentionMetadata:
     # attention work by that length (an agent's 80-token observation in a pass of 32
     # decodes: ~80x). Each group: the token rows it owns [T_g] and its own metadata.
     groups: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
+    mask_free: bool = False  # ``allowed`` is all true: attend without it
 
 
 def _is_fresh_causal(
@@ -119,6 +120,10 @@ def build_metadata(
         meta.mirror_mode = mirror.plan(batch, kv_lens, cache.version)
         if meta.mirror_mode != "off":
             meta.new_key_index = key_index
+    if meta.max_q == 1 and meta.allowed is not None and bool(meta.allowed.all()):
+        # Decode where every query sees all its keys (equal lengths, nothing hidden): SDPA
+        # without a mask skips building and applying one per layer.
+        meta.mask_free = True
     return meta
 
 
@@ -237,15 +242,16 @@ class PagedAttention:
                 if m.mirror_mode == "fill":
                     assert self.mirror is not None
                     self.mirror.fill(layer, keys, values)
-            out = _attend_grouped(qs, keys, values, m.allowed)
+            out = _attend_grouped(qs, keys, values, None if m.mask_free else m.allowed)
         out = out.transpose(1, 2).reshape(s * ql, heads * dim)
         return out if m.q_scatter is None else out.index_select(0, m.q_scatter)
 
 
 def _attend_grouped(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None
 ) -> torch.Tensor:
-    """SDPA of q [S, H, Q, D] over keys/values [S, KVH, L, D] under ``allowed`` [S, 1, Q, L].
+    """SDPA of q [S, H, Q, D] over keys/values [S, KVH, L, D] under ``allowed`` [S, 1, Q, L]
+    (None: every key).
 
     The query heads that share a KV head are folded into the query axis ([S, KVH, g*Q, D],
     the mask repeated g times): the same arithmetic as ``enable_gqa``, but the CPU kernel
@@ -258,6 +264,6 @@ def _attend_grouped(
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
     group = heads // kv_heads
     folded = q.reshape(s, kv_heads, group * ql, dim)  # rows ordered (group, query)
-    mask = allowed if ql == 1 else allowed.repeat(1, 1, group, 1)
+    mask = allowed if ql == 1 or allowed is None else allowed.repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
     return out.view(s, heads, ql, dim)

@@ -10,7 +10,9 @@ thread fewer the engine loses about that core's share instead.
 ``ThreadGovernor`` reads, every ``interval_s``, the busy time of the cores this process
 may run on (``/proc/stat``) minus this process's own CPU time: the rest is other
 processes (and the hypervisor's steal). Each core's worth of that time, rounded from 0.35
-up, takes one thread away; when it is gone the threads come back. Waiting policies do not
+up, takes one thread away; when it is gone the threads come back. A window that spans an
+idle engine is not used: the load of a burst that ended meanwhile would cost the next
+pass a thread for nothing. Waiting policies do not
 fix this: passive waiting (``OMP_WAIT_POLICY=PASSIVE``) holds up under load but costs
 35-45% on an idle machine, since every barrier then sleeps and wakes.
 """
@@ -67,6 +69,7 @@ class ThreadGovernor:
         now = time.monotonic()
         if now < self._next or self._last is None:
             return self.threads
+        stale = now > self._next + 3 * self.interval_s
         self._next = now + self.interval_s
         cur = self._read()
         if cur is None:
@@ -74,6 +77,10 @@ class ThreadGovernor:
         busy, total, own = cur
         prev_busy, prev_total, prev_own = self._last
         self._last = cur
+        if stale:
+            # The engine sat idle: what others did meanwhile (a burst that has ended) says
+            # little about now. Keep the threads; the next window decides.
+            return self.threads
         if total <= prev_total:
             return self.threads
         # Wall seconds of the window: ``total`` counts every core's ticks.

@@ -18,7 +18,9 @@ import torch
 from loom.engine.batch import ForwardBatch
 
 _CAP_STEP = 128  # dense length grows in these steps, so refills are rare
-_MAX_MIRROR_BYTES = 512 * 2**20
+# The mirror's size cap unless the KV cache is larger; a 350M model's decode batch of 64
+# (24 layers, 256-key capacity) needs 805 MB, and gathering instead doubled its step time.
+MIN_MIRROR_CAP_BYTES = 512 * 2**20
 
 
 @dataclass(slots=True)
@@ -36,13 +38,17 @@ class DecodeMirror:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_bytes: int = MIN_MIRROR_CAP_BYTES,
     ) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_bytes = max_bytes
         self.dtype, self.device = dtype, device
         self._cohort: _Cohort | None = None
         self._k: list[torch.Tensor] = []  # per layer [S, kv_heads, cap, D]
         self._v: list[torch.Tensor] = []
         self.num_reused = self.num_filled = 0  # steps, for tests and metrics
+        self._flat_of: torch.Tensor | None = None  # the step's ``index`` _flat was built for
+        self._flat = torch.empty(0, dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:
@@ -64,7 +70,7 @@ class DecodeMirror:
             return "reuse"
         cap = -(-(max(kv_lens) + _CAP_STEP) // _CAP_STEP) * _CAP_STEP
         size = 2 * self.num_layers * len(kv_lens) * self.kv_heads * cap * self.head_dim
-        if size * torch.finfo(self.dtype).bits // 8 > _MAX_MIRROR_BYTES:
+        if size * torch.finfo(self.dtype).bits // 8 > self.max_bytes:
             self._cohort = None
             return "off"
         shape = (len(kv_lens), self.kv_heads, cap, self.head_dim)
@@ -101,8 +107,15 @@ class DecodeMirror:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one new token per sequence (k, v: [S, kv_heads, D]) at ``index`` [S];
         return the layer's dense keys and values [S, kv_heads, length, D]."""
-        rows = torch.arange(k.shape[0], device=k.device)
         km, vm = self._k[layer], self._v[layer]
-        km[rows, :, index] = k
-        vm[rows, :, index] = v
+        s_count, kv_heads, cap, dim = km.shape
+        if self._flat_of is not index:
+            # Row of (s, h, index[s]) in the [S * kv_heads * cap, D] view; the same for
+            # every layer of the step, so built once (an index_copy_ into the flat view
+            # costs a fraction of the advanced-indexing write per layer).
+            heads = torch.arange(s_count * kv_heads, device=k.device).view(s_count, kv_heads)
+            self._flat = (heads * cap + index[:, None]).view(-1)
+            self._flat_of = index
+        km.view(-1, dim).index_copy_(0, self._flat, k.reshape(-1, dim))
+        vm.view(-1, dim).index_copy_(0, self._flat, v.reshape(-1, dim))
         return km[:, :, :length], vm[:, :, :length]

@@ -8,7 +8,7 @@ import torch
 
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
-from loom.engine.decode_mirror import DecodeMirror
+from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import sample
 from loom.engine.sampling_state import SamplingStates
@@ -25,9 +25,12 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)
         cfg = self.config
+        # The mirror may grow as large as the KV cache (at least MIN_MIRROR_CAP_BYTES).
+        kv_bytes = self.cache.kv.numel() * self.cache.kv.element_size()
         self.mirror = DecodeMirror(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
-        )
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+            max_bytes=max(MIN_MIRROR_CAP_BYTES, kv_bytes),
+        )  # fmt: skip
         # Set by a driver around one step: called per layer after its K/V are written.
         self.layer_hook: Callable[[int], None] | None = None
         # The sampling states rows may name (set by the engine, which has the tokenizer).

@@ -84,9 +84,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as the HF reference (normalise in float32, cast, then scale),
-        # with the normalisation as one fused kernel.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Same arithmetic as the HF reference (normalise in float32, cast, then scale):
+        # the fused kernel normalises a bf16 input in float32 and rounds once, bit for bit
+        # what ``rms_norm(x.float()).to(bf16)`` gives, without the two float32 copies.
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * normed
 
 
@@ -136,7 +137,8 @@ class RotaryEmbedding(nn.Module):
         return self._table
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos, sin [T, head_dim] (each half duplicated, HF ``rotate_half`` layout)."""
+        """cos [T, head_dim] (each half duplicated, HF ``rotate_half`` layout) and the
+        signed sin [T, head_dim] ``apply_rotary`` takes: the first half negated."""
         table = self._table
         max_pos = int(positions.max()) + 1 if positions.numel() else 1
         if table is None or table.shape[0] < max_pos or table.device != positions.device:
@@ -145,14 +147,19 @@ class RotaryEmbedding(nn.Module):
             )
         cs = table.index_select(0, positions)
         cos, sin = cs.chunk(2, dim=-1)
-        return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, signed_sin: [T, head_dim] from ``cos_sin``.
+
+    HF's ``x * cos + rotate_half(x) * sin``, rotate_half(x) = [-x2, x1]: the sign moves
+    into the sin table ([-x2, x1] * [s, s] == [x2, x1] * [-s, s] exactly), which saves a
+    pass over the heads per layer.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + swapped * signed_sin[:, None, :]
 
 
 def fuse_linears(parts: list[nn.Linear]) -> Linear:
@@ -191,5 +198,5 @@ class GatedMLP(nn.Module):
             gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        out: torch.Tensor = self.down_proj(F.silu(gate).mul_(up))
         return out
