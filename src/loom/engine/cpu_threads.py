@@ -56,6 +56,7 @@ class ThreadGovernor:
         self.interval_s = interval_s
         self.threads = self.max_threads
         self.others = 0.0  # other processes' load at the last reading, in cores
+        self._wanted = self.max_threads  # the count the last window asked for
         self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self._last = self._read()
         self._next = time.monotonic() + interval_s
@@ -91,7 +92,10 @@ class ThreadGovernor:
         self.others = max(0.0, other_s / window_s)
         taken = int(self.others + (1 - _GIVE_UP_AT))
         want = max(1, self.max_threads - taken)
-        if want != self.threads:
+        # Two windows in a row must agree: a blip does not flip the count (every change
+        # also moves float results by an ulp, since kernels split work by thread).
+        if want != self.threads and want == self._wanted:
             self.threads = want
             torch.set_num_threads(want)
+        self._wanted = want
         return self.threads
