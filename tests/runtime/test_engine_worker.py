@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec, SamplerSpec
@@ -67,7 +68,10 @@ class Driver:
 
 def start(config: EngineConfig, mode: Mode, idle_spin_s: float | None = None) -> Driver:
     ready = threading.Event()
-    worker = start_worker(config, mode=mode, on_ready=ready.set, idle_spin_s=idle_spin_s)
+    # The child runs as many torch threads as this process (where the direct engine runs),
+    # whatever an earlier engine's thread governor left it at.
+    worker = start_worker(config, mode=mode, on_ready=ready.set, idle_spin_s=idle_spin_s,
+                          threads=torch.get_num_threads())  # fmt: skip
     return Driver(worker, ready)
 
 
