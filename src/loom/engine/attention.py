@@ -120,9 +120,16 @@ def build_metadata(
         meta.mirror_mode = mirror.plan(batch, kv_lens, cache.version)
         if meta.mirror_mode != "off":
             meta.new_key_index = key_index
-    if meta.max_q == 1 and meta.allowed is not None and bool(meta.allowed.all()):
+    allowed = meta.allowed
+    if (
+        meta.max_q == 1
+        and allowed is not None
+        and allowed.device.type == "cpu"
+        and bool(allowed.all())
+    ):
         # Decode where every query sees all its keys (equal lengths, nothing hidden): SDPA
-        # without a mask skips building and applying one per layer.
+        # without a mask skips applying one per layer. CPU only: elsewhere the check would
+        # be a host sync per step.
         meta.mask_free = True
     return meta
 

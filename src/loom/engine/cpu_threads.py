@@ -12,9 +12,9 @@ may run on (``/proc/stat``) minus this process's own CPU time: the rest is other
 processes (and the hypervisor's steal). Each core's worth of that time, rounded from 0.35
 up, takes one thread away; when it is gone the threads come back. A window that spans an
 idle engine is not used: the load of a burst that ended meanwhile would cost the next
-pass a thread for nothing. Waiting policies do not
-fix this: passive waiting (``OMP_WAIT_POLICY=PASSIVE``) holds up under load but costs
-35-45% on an idle machine, since every barrier then sleeps and wakes.
+pass a thread for nothing. Waiting policies do not fix this: passive waiting
+(``OMP_WAIT_POLICY=PASSIVE``) holds up under load but costs 35-45% on an idle machine,
+since every barrier then sleeps and wakes.
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ class ThreadGovernor:
             return self.threads
         # Wall seconds of the window: ``total`` counts every core's ticks.
         window_s = (total - prev_total) * self._tick_s / len(self.cores)
-        if window_s <= 0:
-            return self.threads
         other_s = (busy - prev_busy) * self._tick_s - (own - prev_own)
         self.others = max(0.0, other_s / window_s)
         taken = int(self.others + (1 - _GIVE_UP_AT))
