@@ -1,12 +1,24 @@
 """Paged attention against full-sequence forwards of the same model."""
 
+import pytest
 import torch
 
+from loom.engine import cpu_attention
 from loom.engine.masks import encode_brle
 from loom.engine.model_runner import ModelRunner
 from tests.helpers import random_model, single_seq_batch
 
 PS = 4
+
+
+@pytest.fixture(autouse=True, params=["kernel", "sdpa"])
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: through the CPU kernel and through the SDPA path."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(cpu_attention, "supports", lambda *a: False)
+    else:  # the kernel must build here: a silent fallback would test SDPA twice
+        assert cpu_attention.available()
+    return str(request.param)
 
 
 def full_logits(runner: ModelRunner, tokens: list[int], positions: list[int]) -> torch.Tensor:

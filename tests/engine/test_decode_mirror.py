@@ -37,8 +37,8 @@ def run(runner: ModelRunner, steps: int, copy_at: int | None = None) -> torch.Te
 
 def test_mirror_matches_gathering_every_step() -> None:
     model = random_model()
-    with_mirror = ModelRunner(model, num_pages=32, page_size=PS)
-    without = ModelRunner(model, num_pages=32, page_size=PS)
+    with_mirror = ModelRunner(model, num_pages=32, page_size=PS, native_attention=False)
+    without = ModelRunner(model, num_pages=32, page_size=PS, native_attention=False)
     without.mirror = None  # type: ignore[assignment]
     got, ref = run(with_mirror, 12), run(without, 12)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
@@ -47,7 +47,7 @@ def test_mirror_matches_gathering_every_step() -> None:
 
 def test_cohort_changes_and_page_copies_refill() -> None:
     model = random_model()
-    runner = ModelRunner(model, num_pages=32, page_size=PS)
+    runner = ModelRunner(model, num_pages=32, page_size=PS, native_attention=False)
     run(runner, 6, copy_at=3)
     # Prefills reset the cohort; the first decode fills, the copy forces a second fill.
     assert runner.mirror.num_filled == 2 and runner.mirror.num_reused == 4

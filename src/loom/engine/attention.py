@@ -14,10 +14,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loom.engine import cpu_attention
 from loom.engine.batch import ForwardBatch
 from loom.engine.decode_mirror import DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.masks import decode_rows
+
+_NEVER = 2**62  # the key position of a dead slot: past every query's position
+
+
+@dataclass(slots=True)
+class NativeArgs:
+    """What the CPU kernel reads besides q and the page pool (``cpu_attention``)."""
+
+    key_rows: torch.Tensor  # [S, L] slot of each key
+    key_pos: torch.Tensor  # [S, L] its position (_NEVER where the slot is dead)
+    kv_lens: torch.Tensor  # [S]
+    seq_indptr: torch.Tensor  # [S + 1] token rows of each sequence
+    q_pos: torch.Tensor  # [T]
 
 
 @dataclass(slots=True)
@@ -39,6 +53,7 @@ class AttentionMetadata:
     # decodes: ~80x). Each group: the token rows it owns [T_g] and its own metadata.
     groups: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
     mask_free: bool = False  # ``allowed`` is all true: attend without it
+    native: NativeArgs | None = None  # set: the CPU kernel attends, nothing else is used
 
 
 def _is_fresh_causal(
@@ -61,9 +76,15 @@ def _is_fresh_causal(
 
 
 def build_metadata(
-    batch: ForwardBatch, cache: KVCache, mirror: DecodeMirror | None = None
+    batch: ForwardBatch,
+    cache: KVCache,
+    mirror: DecodeMirror | None = None,
+    native: bool = False,
 ) -> AttentionMetadata:
-    """Write the new tokens' slot positions/liveness and build the per-step index tensors."""
+    """Write the new tokens' slot positions/liveness and build the per-step index tensors.
+
+    ``native``: the CPU kernel attends wherever no BRLE mask is set (it reads the page
+    pool in place, so no gather, padding, grouping or mirror is needed)."""
     device = cache.slot_pos.device
     ps = cache.page_size
     s_count = batch.num_seqs
@@ -91,6 +112,17 @@ def build_metadata(
     slot_mapping = kv_slots[seq_of_token, key_index]
     cache.slot_pos[slot_mapping] = positions
     cache.slot_live[slot_mapping] = True
+
+    if native and (batch.masks is None or all(m is None for m in batch.masks)):
+        if mirror is not None:
+            mirror.reset()  # its copies miss what the kernel steps write
+        key_pos = cache.slot_pos[kv_slots].masked_fill_(~cache.slot_live[kv_slots], _NEVER)
+        indptr = torch.tensor(batch.seq_indptr, dtype=torch.long, device=device)
+        return AttentionMetadata(
+            slot_mapping=slot_mapping, kv_slots=kv_slots.view(-1), allowed=None,
+            num_seqs=s_count, max_q=max(q_lens), max_kv=max_kv, q_gather=None,
+            q_scatter=None, native=NativeArgs(kv_slots, key_pos, kv_len_t, indptr, positions),
+        )  # fmt: skip
 
     decodes = [s for s in range(s_count) if q_lens[s] == 1]
     if decodes and len(decodes) < s_count:
@@ -213,6 +245,13 @@ class PagedAttention:
         kv[1].index_copy_(0, m.slot_mapping, v)
         if self.layer_hook is not None:
             self.layer_hook(layer)
+        if m.native is not None:
+            n = m.native
+            out = cpu_attention.paged_attention(
+                q, kv[0], kv[1], n.key_rows, n.key_pos, n.kv_lens, n.seq_indptr, n.q_pos,
+                q.shape[2] ** -0.5,
+            )  # fmt: skip
+            return out.view(q.shape[0], -1)
         if m.groups is None:
             return self._attend(layer, m, q, k, v)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

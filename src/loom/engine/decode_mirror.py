@@ -85,6 +85,10 @@ class DecodeMirror:
         self.num_filled += 1
         return "fill"
 
+    def reset(self) -> None:
+        """Forget the cohort: steps taken elsewhere wrote keys the copies lack."""
+        self._cohort = None
+
     @staticmethod
     def _continues(prev: _Cohort, cur: _Cohort) -> bool:
         if cur.cache_version != prev.cache_version or len(cur.kv_lens) != len(prev.kv_lens):

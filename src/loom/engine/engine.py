@@ -61,7 +61,9 @@ class Engine:
             dtype = next(model.parameters()).dtype
             bytes_per_page = KVCache.bytes_per_token(cfg, dtype) * config.page_size
             num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
-        self.runner = ModelRunner(model, num_pages, config.page_size)
+        self.runner = ModelRunner(
+            model, num_pages, config.page_size, native_attention=config.cpu_attention_kernel
+        )
         self.states = SamplingStates(self.tokenizer, cfg.vocab_size)
         self.runner.states = self.states
         self.pool = PagePool(num_pages, config.page_size)

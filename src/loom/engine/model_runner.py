@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from loom.engine import cpu_attention
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
@@ -18,11 +19,17 @@ from loom.models.transformer import CausalLM
 class ModelRunner:
     """Owns the model and its KV tensors; runs one batch per call."""
 
-    def __init__(self, model: CausalLM, num_pages: int, page_size: int) -> None:
+    def __init__(
+        self, model: CausalLM, num_pages: int, page_size: int, native_attention: bool = True
+    ) -> None:
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # The CPU paged-attention kernel where it applies (SDPA otherwise).
+        self.native_attention = native_attention and cpu_attention.supports(
+            self.device, self.dtype, self.config.head_dim
+        )
         self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)
         cfg = self.config
         # The mirror may grow as large as the KV cache (at least MIN_MIRROR_CAP_BYTES).
@@ -38,7 +45,7 @@ class ModelRunner:
 
     def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
         """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
-        meta = build_metadata(batch, self.cache, self.mirror)
+        meta = build_metadata(batch, self.cache, self.mirror, self.native_attention)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)

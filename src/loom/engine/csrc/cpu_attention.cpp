@@ -1,0 +1,442 @@
+// Paged attention for the CPU: one kernel for prefill, decode and mixed steps.
+//
+// Queries q [T, H, D] attend to keys and values read straight from the page pool
+// k, v [slots, KVH, D] through each sequence's slot list key_rows [S, L]. A key j of
+// sequence s is seen by query t when j < kv_lens[s] and key_pos[s, j] <= q_pos[t] (a dead
+// slot carries a position no query reaches), which is causal order by position.
+//
+// Work items are (query tile, KV head): the query heads sharing a KV head are folded into
+// the tile's rows, so each key block is read once for all of them. Keys are taken in
+// blocks of KB with an online softmax (running max and sum per row, fp32 throughout);
+// a block whose smallest position is past every query of the tile is skipped, which
+// skips the masked half of a causal prefill. Items are handed out dynamically, heaviest
+// first, so a causal prefill's long tail does not land on one thread.
+//
+// Vectors use GCC/Clang vector extensions: AVX-512 where the build machine has it,
+// narrower registers elsewhere, from the same source.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+constexpr int64_t KB = 32;        // keys per block
+constexpr int64_t MAX_ROWS = 64;  // query rows (token x folded head) per tile
+constexpr int64_t ROW_DOT_MAX = 8;  // tiles this small take dot products key by key
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline v16 load(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+inline v16 splat(float x) { return v16{} + x; }
+
+inline float hsum(v16 x) {
+  v16 a = x + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  a = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  a = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  a = a + __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return a[0];
+}
+
+// e^x for x <= 0 (x = -inf gives 0): 2^(x log2 e) split into an integer power, put into
+// the exponent bits, and a degree-7 Taylor series of 2^f on |f| <= 0.5 (rel. error ~1e-8).
+inline v16 exp_nonpos(v16 x) {
+  const v16 floor_x = splat(-87.0f);
+  v16i dead = x < floor_x;
+  x = dead ? floor_x : x;
+  v16 t = x * 1.44269504088896341f;
+  v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 f = t - n;
+  v16 p = splat(1.525273380405984e-5f);
+  p = p * f + 1.540353039338161e-4f;
+  p = p * f + 1.333355814642844e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.550410866482158e-2f;
+  p = p * f + 2.402265069591007e-1f;
+  p = p * f + 6.931471805599453e-1f;
+  p = p * f + 1.0f;
+  v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  v16 r = p * scale;
+  return dead ? splat(0.0f) : r;
+}
+
+// x rounded to the nearest bfloat16 (ties to even), kept as fp32.
+inline v16 round_bf16(v16 x) {
+  v16i b;
+  std::memcpy(&b, &x, sizeof(b));
+  b = (b + 0x7FFF + ((b >> 16) & 1)) & static_cast<int32_t>(0xFFFF0000u);
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// D values of one K or V row as fp32.
+inline void row_to_float(const float* src, float* dst, int64_t d) { std::memcpy(dst, src, d * 4); }
+inline void row_to_float(const at::BFloat16* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) {
+    v16h h;
+    std::memcpy(&h, src + i, sizeof(h));
+    v16i w = __builtin_convertvector(h, v16i) << 16;
+    std::memcpy(dst + i, &w, sizeof(w));
+  }
+}
+inline void row_to_float(const at::Half* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Lane j of the result is the sum of p[j]'s lanes: four rounds of pairwise shuffles and
+// adds, about three operations per key where a sum per vector takes eight.
+inline v16 reduce16(const v16* p) {
+  v16 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
+                                   11, 24, 25, 26, 27) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
+                                   14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
+                                   25, 12, 13, 28, 29) +
+           __builtin_shufflevector(y[2 * i], y[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                   26, 27, 14, 15, 30, 31);
+  v16 w = __builtin_shufflevector(z[0], z[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12,
+                                  28, 14, 30) +
+          __builtin_shufflevector(z[0], z[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13,
+                                  29, 15, 31);
+  // The rounds leave key j in lane bitreverse4(j).
+  return __builtin_shufflevector(w, w, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+inline float hmax(v16 x) {
+  v16 a = x > __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+              ? x
+              : __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6,
+                                        7);
+  float m = a[0];
+  for (int i = 1; i < 8; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+
+struct Tile {
+  int64_t seq, tok0, tok1, work;
+};
+
+// One work item: a query tile and the KV heads [h0, h0 + num_heads) it covers. A decode
+// item covers every KV head, so it reads each key slot's K/V rows (contiguous across
+// heads) in one sweep; a prefill item covers one head and has many rows to share a block.
+struct Item {
+  int64_t tile, h0, num_heads;
+};
+
+struct Scratch {
+  std::vector<float> q, k, kt, v, score, acc, m, l;
+  std::vector<int32_t> qpos, kpos;
+  Scratch(int64_t d, int64_t max_heads)
+      : q(MAX_ROWS * d), k(max_heads * KB * d), kt(KB * d), v(max_heads * KB * d),
+        score(MAX_ROWS * KB), acc(MAX_ROWS * d), m(MAX_ROWS), l(MAX_ROWS), qpos(MAX_ROWS),
+        kpos(KB) {}
+};
+
+inline int32_t clip_pos(int64_t p) {
+  return p > std::numeric_limits<int32_t>::max() ? std::numeric_limits<int32_t>::max()
+                                                 : static_cast<int32_t>(p);
+}
+
+// Scores [rows, KB] of rows q [rows, d] against one key block k [KB, d]: key by key for a
+// few rows (decode), through the transposed block for many (prefill), where four rows
+// share each load. ``padded`` rows (a multiple of 4, zeros past ``rows``) are computed.
+template <int64_t d>
+void block_scores(const float* q, const float* k, float* kt, float* score, int64_t rows,
+                  int64_t padded, int64_t nb) {
+  if (rows <= ROW_DOT_MAX) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * d;
+      for (int64_t j0 = 0; j0 < KB; j0 += 16) {
+        v16 part[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          const float* kr = k + (j0 + j) * d;
+          v16 a = load(qr) * load(kr);
+#pragma GCC unroll 16
+          for (int64_t i = 16; i < d; i += 16) a += load(qr + i) * load(kr + i);
+          part[j] = a;
+        }
+        store(score + r * KB + j0, reduce16(part));
+        if (j0 + 16 >= nb) break;
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < KB; ++j)
+    for (int64_t i = 0; i < d; ++i) kt[i * KB + j] = k[j * d + i];
+  for (int64_t r0 = 0; r0 < padded; r0 += 4) {
+    v16 a[4][2] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      v16 k0 = load(&kt[i * KB]), k1 = load(&kt[i * KB + 16]);
+      for (int r = 0; r < 4; ++r) {
+        float qv = q[(r0 + r) * d + i];
+        a[r][0] += qv * k0;
+        a[r][1] += qv * k1;
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      store(&score[(r0 + r) * KB], a[r][0]);
+      store(&score[(r0 + r) * KB + 16], a[r][1]);
+    }
+  }
+}
+
+// Masks the block's scores, updates each row's running max m and sum l, and accumulates
+// P.V into acc [rows, d] (v [KB, d]).
+template <int64_t d, bool bf16_probs>
+void block_update(float* score, const int32_t* qpos, const int32_t* kpos, float* m, float* l,
+                  float* acc, const float* v, int64_t rows, int64_t nb) {
+  v16i kp0, kp1;
+  std::memcpy(&kp0, kpos, sizeof(kp0));
+  std::memcpy(&kp1, kpos + 16, sizeof(kp1));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = score + r * KB;
+    v16i qp = v16i{} + qpos[r];
+    v16 s0 = (kp0 <= qp) ? load(s) : splat(NEG_INF);
+    v16 s1 = (kp1 <= qp) ? load(s + 16) : splat(NEG_INF);
+    float m_new = std::max(m[r], hmax(s0 > s1 ? s0 : s1));
+    if (m_new == NEG_INF) continue;  // nothing seen yet
+    v16 p0 = exp_nonpos(s0 - m_new), p1 = exp_nonpos(s1 - m_new);
+    float alpha = m[r] == NEG_INF ? 0.0f : exp_nonpos(splat(m[r] - m_new))[0];
+    l[r] = l[r] * alpha + hsum(p0 + p1);
+    m[r] = m_new;
+    if constexpr (bf16_probs) {
+      // As torch's CPU flash kernel (and so transformers) does for bf16: the sum takes
+      // the fp32 probabilities, P.V the bf16-rounded ones. bf16 greedy decoding then
+      // follows transformers token for token far longer than with fp32 probabilities.
+      p0 = round_bf16(p0);
+      p1 = round_bf16(p1);
+    }
+    store(s, p0);
+    store(s + 16, p1);
+    float* ar = acc + r * d;
+    // The row's accumulator in registers: up to four vectors at a time.
+    constexpr int64_t n = d / 16 < 4 ? d / 16 : 4;
+#pragma GCC unroll 4
+    for (int64_t i0 = 0; i0 < d; i0 += 16 * n) {
+      v16 a[n];
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < n; ++c) a[c] = load(ar + i0 + 16 * c) * alpha;
+      for (int64_t j = 0; j < nb; ++j) {
+        float pj = s[j];
+        const float* vr = v + j * d + i0;
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < n; ++c) a[c] += pj * load(vr + 16 * c);
+      }
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < n; ++c) store(ar + i0 + 16 * c, a[c]);
+    }
+  }
+}
+
+template <typename scalar_t, int64_t d>
+void attend_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& key_rows, const at::Tensor& key_pos,
+                 const at::Tensor& kv_lens, const at::Tensor& seq_indptr,
+                 const at::Tensor& q_pos, double scale, at::Tensor& out) {
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(1);
+  const int64_t group = heads / kv_heads, max_kv = key_rows.size(1);
+  const int64_t num_seqs = kv_lens.size(0);
+  // Tokens per tile: one head's rows (tokens x group), padded to 4, fit MAX_ROWS.
+  const int64_t tile_tokens = MAX_ROWS / group;
+  const int64_t* rows_p = key_rows.data_ptr<int64_t>();
+  const int64_t* kpos_p = key_pos.data_ptr<int64_t>();
+  const int64_t* lens_p = kv_lens.data_ptr<int64_t>();
+  const int64_t* indptr_p = seq_indptr.data_ptr<int64_t>();
+  const int64_t* qpos_p = q_pos.data_ptr<int64_t>();
+  const scalar_t* q_p = q.data_ptr<scalar_t>();
+  const scalar_t* k_p = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_p = v_cache.data_ptr<scalar_t>();
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1);
+  const int64_t k_s0 = k_cache.stride(0), k_s1 = k_cache.stride(1);
+  const int64_t v_s0 = v_cache.stride(0), v_s1 = v_cache.stride(1);
+
+  std::vector<Tile> tiles;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t t = indptr_p[s]; t < indptr_p[s + 1]; t += tile_tokens) {
+      int64_t t1 = std::min(t + tile_tokens, indptr_p[s + 1]);
+      // Keys a tile sees, roughly: its sequence's length up to its last query.
+      int64_t work = (lens_p[s] - (indptr_p[s + 1] - t1)) * (t1 - t);
+      tiles.push_back({s, t, t1, work});
+    }
+  }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return a.work > b.work; });
+  const int64_t threads = at::get_num_threads();
+  // All heads in one item when the tiles alone keep every thread busy and their rows fit.
+  const bool wide = static_cast<int64_t>(tiles.size()) >= 2 * threads;
+  std::vector<Item> items;
+  for (int64_t i = 0; i < static_cast<int64_t>(tiles.size()); ++i) {
+    const int64_t padded = ((tiles[i].tok1 - tiles[i].tok0) * group + 3) / 4 * 4;
+    if (wide && padded * kv_heads <= MAX_ROWS) {
+      items.push_back({i, 0, kv_heads});
+    } else {
+      for (int64_t h = 0; h < kv_heads; ++h) items.push_back({i, h, 1});
+    }
+  }
+  int64_t max_heads = 1;
+  for (const Item& it : items) max_heads = std::max(max_heads, it.num_heads);
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  const float fscale = static_cast<float>(scale);
+
+  auto run_item = [&](Scratch& w, const Item& item) {
+    const Tile& tile = tiles[item.tile];
+    const int64_t rows = (tile.tok1 - tile.tok0) * group;  // per head
+    const int64_t padded = (rows + 3) / 4 * 4;
+    int32_t max_qpos = std::numeric_limits<int32_t>::min();
+    // Scratch rows: head hs of the item owns [hs * padded, (hs + 1) * padded).
+    for (int64_t hs = 0; hs < item.num_heads; ++hs) {
+      for (int64_t r = 0; r < padded; ++r) {
+        const int64_t row = hs * padded + r;
+        float* qr = &w.q[row * d];
+        w.m[row] = NEG_INF;
+        w.l[row] = 0.0f;
+        std::fill(&w.acc[row * d], &w.acc[row * d] + d, 0.0f);
+        if (r >= rows) {
+          std::fill(qr, qr + d, 0.0f);
+          w.qpos[row] = std::numeric_limits<int32_t>::min();
+          continue;
+        }
+        const int64_t t = tile.tok0 + r / group;
+        const int64_t head = (item.h0 + hs) * group + r % group;
+        row_to_float(q_p + t * q_s0 + head * q_s1, qr, d);
+        for (int64_t i = 0; i < d; ++i) qr[i] *= fscale;
+        w.qpos[row] = clip_pos(qpos_p[t]);
+        max_qpos = std::max(max_qpos, w.qpos[row]);
+      }
+    }
+    const int64_t s = tile.seq, n_keys = lens_p[s];
+    for (int64_t j0 = 0; j0 < n_keys; j0 += KB) {
+      const int64_t nb = std::min(KB, n_keys - j0);
+      int32_t min_kpos = std::numeric_limits<int32_t>::max();
+      for (int64_t j = 0; j < KB; ++j) {
+        w.kpos[j] = j < nb ? clip_pos(kpos_p[s * max_kv + j0 + j])
+                           : std::numeric_limits<int32_t>::max();
+        min_kpos = std::min(min_kpos, w.kpos[j]);
+      }
+      if (min_kpos > max_qpos) continue;  // every key here is masked for every row
+      for (int64_t j = 0; j < nb; ++j) {  // slot by slot: its heads' rows are adjacent
+        const int64_t slot = rows_p[s * max_kv + j0 + j];
+        for (int64_t hs = 0; hs < item.num_heads; ++hs) {
+          const int64_t h = item.h0 + hs;
+          row_to_float(k_p + slot * k_s0 + h * k_s1, &w.k[(hs * KB + j) * d], d);
+          row_to_float(v_p + slot * v_s0 + h * v_s1, &w.v[(hs * KB + j) * d], d);
+        }
+      }
+      for (int64_t hs = 0; hs < item.num_heads; ++hs) {
+        float* kh = &w.k[hs * KB * d];
+        // Keys past nb: zeros, not stale rows (0 * NaN would poison the sums).
+        std::fill(kh + nb * d, kh + KB * d, 0.0f);
+        std::fill(&w.v[(hs * KB + nb) * d], &w.v[(hs + 1) * KB * d], 0.0f);
+        const int64_t r0 = hs * padded;
+        block_scores<d>(&w.q[r0 * d], kh, w.kt.data(), &w.score[r0 * KB], rows, padded, nb);
+        block_update<d, std::is_same_v<scalar_t, at::BFloat16>>(&w.score[r0 * KB], &w.qpos[r0], w.kpos.data(), &w.m[r0], &w.l[r0],
+                        &w.acc[r0 * d], &w.v[hs * KB * d], rows, nb);
+      }
+    }
+    for (int64_t hs = 0; hs < item.num_heads; ++hs) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = hs * padded + r;
+        const int64_t t = tile.tok0 + r / group;
+        const int64_t head = (item.h0 + hs) * group + r % group;
+        const float inv = w.l[row] > 0.0f ? 1.0f / w.l[row] : 0.0f;  // no key seen: zeros
+        scalar_t* o = out_p + (t * heads + head) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(w.acc[row * d + i] * inv);
+      }
+    }
+  };
+
+  const int64_t workers = std::max<int64_t>(1, std::min(threads, num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch w(d, max_heads);
+    for (int64_t i = next++; i < num_items; i = next++) run_item(w, items[i]);
+  });
+}
+
+// Head dims compiled in, so a row's vectors stay in registers.
+template <typename scalar_t>
+void attend_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& rows, const at::Tensor& pos, const at::Tensor& lens,
+                const at::Tensor& indptr, const at::Tensor& q_pos, double scale,
+                at::Tensor& out) {
+  switch (q.size(2)) {
+    case 16: return attend_impl<scalar_t, 16>(q, k, v, rows, pos, lens, indptr, q_pos, scale, out);
+    case 32: return attend_impl<scalar_t, 32>(q, k, v, rows, pos, lens, indptr, q_pos, scale, out);
+    case 64: return attend_impl<scalar_t, 64>(q, k, v, rows, pos, lens, indptr, q_pos, scale, out);
+    case 128: return attend_impl<scalar_t, 128>(q, k, v, rows, pos, lens, indptr, q_pos, scale, out);
+    case 256: return attend_impl<scalar_t, 256>(q, k, v, rows, pos, lens, indptr, q_pos, scale, out);
+    default: TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
+  }
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& key_rows,
+                           const at::Tensor& key_pos, const at::Tensor& kv_lens,
+                           const at::Tensor& seq_indptr, const at::Tensor& q_pos,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "q [T, H, D] and k/v [slots, KVH, D] expected");
+  TORCH_CHECK(q.device().is_cpu(), "the CPU kernel takes CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
+                  q.scalar_type() == v_cache.scalar_type(),
+              "q, k and v must share a dtype");
+  const int64_t d = q.size(2);
+  TORCH_CHECK(k_cache.size(2) == d && v_cache.size(2) == d, "q, k, v head_dim differ");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "rows must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(1) / k_cache.size(1) <= MAX_ROWS,
+              "query heads must be a multiple of KV heads (at most 64 per KV head)");
+  for (const at::Tensor* t : {&key_rows, &key_pos, &kv_lens, &seq_indptr, &q_pos})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "int64 indices expected");
+  TORCH_CHECK(key_rows.sizes() == key_pos.sizes() && key_rows.size(0) == kv_lens.size(0),
+              "key_rows and key_pos are [S, L], kv_lens [S]");
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention",
+                                  [&] {
+                                    if constexpr (std::is_same_v<scalar_t, double>) {
+                                      TORCH_CHECK(false, "float64 is not supported");
+                                    } else {
+                                      attend_dim<scalar_t>(q, k_cache, v_cache, key_rows,
+                                                           key_pos, kv_lens, seq_indptr,
+                                                           q_pos, scale, out);
+                                    }
+                                  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loom_cpu, m) {
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_rows, "
+      "Tensor key_pos, Tensor kv_lens, Tensor seq_indptr, Tensor q_pos, float scale) -> "
+      "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loom_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
