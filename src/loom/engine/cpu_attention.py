@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCE = _CSRC / "cpu_attention.cpp"
 # LOOM_CPU_ATTENTION=0 turns the kernel off (the SDPA path then runs everywhere).
 _ENV = "LOOM_CPU_ATTENTION"
 _lock = threading.Lock()
@@ -29,7 +30,7 @@ _state: dict[str, bool] = {}
 
 
 def _cpu_tag() -> str:
-    """A short hash of this CPU's feature flags and the kernel source."""
+    """A short hash of this CPU's feature flags, the kernel sources and torch's version."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -38,7 +39,10 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    digest = hashlib.sha256(flags.encode() + _SOURCE.read_bytes() + torch.__version__.encode())
+    sources = b"".join(
+        p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h")
+    )
+    digest = hashlib.sha256(flags.encode() + sources + torch.__version__.encode())
     return digest.hexdigest()[:12]
 
 
