@@ -187,9 +187,12 @@ void attend_tile(const TileArgs& a, Scratch& w) {
   for (int v = 0; v < RV; ++v) _mm512_store_ps(&lsum[v * 16], l[v]);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = a.tok0 + r / a.group, head = a.h * a.group + r % a.group;
-    const float inv = lsum[r] > 0.0f ? 1.0f / lsum[r] : 0.0f;
+    const __m512 inv = _mm512_set1_ps(lsum[r] > 0.0f ? 1.0f / lsum[r] : 0.0f);
     at::BFloat16* o = a.out + (t * a.heads + head) * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<at::BFloat16>(w.acc[r * d + i] * inv);
+    for (int64_t c = 0; c < DV; ++c) {  // round to nearest even, 16 at a time
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&w.acc[r * d + 16 * c]), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), (__m256i)h);
+    }
   }
 }
 
