@@ -28,6 +28,6 @@ echo "setup: installing loom and its test dependencies"
 SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "$PWD/src/loom/sdk/guest" > "$SITE/loom-inferlet-sdk.pth"
 .venv/bin/python -c "import torch, loom, inferlet; print(f'setup: loom {loom.__version__}, torch {torch.__version__}')"
-# The CPU attention kernel is compiled for this machine's CPU on first use; build it now so
+# Loom's CPU kernels are compiled for this machine's CPU on first use; build it now so
 # the first engine start does not wait for the compiler.
-.venv/bin/python -c "from loom.engine import cpu_attention as c; print('setup: CPU attention kernel', 'built' if c.available() else 'unavailable (SDPA is used)')"
+.venv/bin/python -c "from loom.kernels import cpu; print('setup: CPU kernels', 'built' if cpu.available() else 'unavailable (torch ops are used)')"

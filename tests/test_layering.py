@@ -15,6 +15,7 @@ FORBIDDEN = {
     "api": {"runtime", "server", "router", "sdk", "client"},
     "runtime": {"server", "router"},
     "router": {"server"},
+    "kernels": {"runtime", "server", "router", "sdk", "client", "api", "engine", "models"},
 }
 
 

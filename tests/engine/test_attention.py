@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from loom.engine import cpu_attention
 from loom.engine.masks import encode_brle
 from loom.engine.model_runner import ModelRunner
+from loom.kernels import cpu as cpu_kernels
 from tests.helpers import random_model, single_seq_batch
 
 PS = 4
@@ -15,9 +15,9 @@ PS = 4
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs twice: through the CPU kernel and through the SDPA path."""
     if request.param == "sdpa":
-        monkeypatch.setattr(cpu_attention, "supports", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "attention_supported", lambda *a: False)
     else:  # the kernel must build here: a silent fallback would test SDPA twice
-        assert cpu_attention.available()
+        assert cpu_kernels.available()
     return str(request.param)
 
 

@@ -47,7 +47,7 @@ class EngineConfig:
     # losing a core then costs about a core's share instead of stalling every barrier.
     adapt_threads: bool = setting(True, "give up torch threads while other processes "
                                         "keep this engine's cores busy (CPU)")  # fmt: skip
-    # Loom's CPU paged-attention kernel (engine/cpu_attention.py), compiled at first use;
+    # Loom's CPU paged-attention kernel (kernels/cpu.py), compiled at first use;
     # off, or where it cannot be built, attention runs through torch's SDPA.
     cpu_attention_kernel: bool = setting(True, "attend with the paged-attention kernel "
                                                "built for this CPU (off: torch SDPA)")  # fmt: skip

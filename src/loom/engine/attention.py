@@ -14,18 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.engine import cpu_attention
 from loom.engine.batch import ForwardBatch
 from loom.engine.decode_mirror import DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.masks import decode_rows
+from loom.kernels import cpu as cpu_kernels
 
 _NEVER = 2**62  # the key position of a dead slot: past every query's position
 
 
 @dataclass(slots=True)
 class NativeArgs:
-    """What the CPU kernel reads besides q and the page pool (``cpu_attention``)."""
+    """What the CPU kernel reads besides q and the page pool (``kernels.cpu``)."""
 
     key_rows: torch.Tensor  # [S, L] slot of each key
     key_pos: torch.Tensor  # [S, L] its position (_NEVER where the slot is dead)
@@ -247,7 +247,7 @@ class PagedAttention:
             self.layer_hook(layer)
         if m.native is not None:
             n = m.native
-            out = cpu_attention.paged_attention(
+            out = cpu_kernels.paged_attention(
                 q, kv[0], kv[1], n.key_rows, n.key_pos, n.kv_lens, n.seq_indptr, n.q_pos,
                 q.shape[2] ** -0.5,
             )  # fmt: skip

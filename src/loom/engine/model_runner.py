@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from loom.engine import cpu_attention
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import sample
 from loom.engine.sampling_state import SamplingStates
+from loom.kernels import cpu as cpu_kernels
 from loom.models.transformer import CausalLM
 
 
@@ -27,7 +27,7 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # The CPU paged-attention kernel where it applies (SDPA otherwise).
-        self.native_attention = native_attention and cpu_attention.supports(
+        self.native_attention = native_attention and cpu_kernels.attention_supported(
             self.device, self.dtype, self.config.head_dim
         )
         self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)

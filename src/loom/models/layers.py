@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels import cpu as cpu_kernels
+
 
 def _mkldnn_linear_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(
@@ -87,6 +89,8 @@ class RMSNorm(nn.Module):
         # Same arithmetic as the HF reference (normalise in float32, cast, then scale):
         # the fused kernel normalises a bf16 input in float32 and rounds once, bit for bit
         # what ``rms_norm(x.float()).to(bf16)`` gives, without the two float32 copies.
+        if cpu_kernels.rms_norm_applies(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)  # the same in one call
         normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * normed
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loom.engine import cpu_attention
+from loom.kernels import cpu as cpu_kernels
 
 NEVER = 2**62
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel() -> None:
-    assert cpu_attention.available(), "the kernel must build on a machine with a compiler"
+    assert cpu_kernels.available(), "the kernel must build on a machine with a compiler"
 
 
 def reference(
@@ -81,7 +81,7 @@ def run(
     q_pos: torch.Tensor,
 ) -> torch.Tensor:
     indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
-    return cpu_attention.paged_attention(
+    return cpu_kernels.paged_attention(
         q, k_cache, v_cache, rows, pos, torch.tensor(lens), indptr, q_pos, q.shape[2] ** -0.5
     )
 

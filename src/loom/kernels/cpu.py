@@ -1,4 +1,7 @@
-"""The CPU paged-attention kernel (``csrc/cpu_attention.cpp``): built on first use, cached.
+"""Loom's CPU kernels (``csrc/``): built on first use for this CPU, cached.
+
+``paged_attention`` (``csrc/cpu_attention.cpp``, ``bf16_tile.h``) and ``rms_norm``
+(``csrc/rms_norm.cpp``), registered as ``torch.ops.loom_cpu``.
 
 torch's CPU SDPA reaches ~30 GFLOP/s on a 512-token causal prefill at head dim 64 and
 reads a decode batch's K/V at ~7 GB/s after the engine has gathered them out of the page
@@ -6,7 +9,7 @@ pool; the kernel reads pages in place, skips masked key blocks and keeps fp32 th
 It is compiled for the build machine's CPU (``-march=native``) into torch's extension
 cache, under a name that includes the CPU's feature flags, so a cache shared between
 different machines never loads code for the wrong one. Where no compiler is found or the
-build fails, ``available()`` is false and attention takes the SDPA path.
+build fails, ``available()`` is false and the callers take torch's own ops.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCE = _CSRC / "cpu_attention.cpp"
-# LOOM_CPU_ATTENTION=0 turns the kernel off (the SDPA path then runs everywhere).
-_ENV = "LOOM_CPU_ATTENTION"
+_SOURCES = ("cpu_attention.cpp", "rms_norm.cpp")
+# LOOM_CPU_KERNELS=0 turns the kernels off (torch's ops then run everywhere).
+_ENV = "LOOM_CPU_KERNELS"
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -50,13 +53,16 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)  # compiled into the kernel
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """True when the kernel can run this model's attention (building it if needed)."""
     return device.type == "cpu" and dtype in _DTYPES and head_dim in _HEAD_DIMS and available()
 
 
 def available() -> bool:
-    """True once the kernel is built and registered as ``torch.ops.loom_cpu``."""
+    """True once the kernels are built and registered as ``torch.ops.loom_cpu``."""
+    ok = _state.get("ok")
+    if ok is not None:
+        return ok
     with _lock:
         if "ok" not in _state:
             _state["ok"] = _build()
@@ -66,13 +72,13 @@ def available() -> bool:
 def _build() -> bool:
     if os.environ.get(_ENV, "1") == "0":
         return False
-    log.info("loading the CPU attention kernel (compiled on first use, ~15 s)")
+    log.info("loading Loom's CPU kernels (compiled on first use, ~20 s)")
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=f"loom_cpu_attention_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            name=f"loom_cpu_kernels_{_cpu_tag()}",
+            sources=[str(_CSRC / name) for name in _SOURCES],
             # -fopenmp: at::parallel_for is inlined here and runs serially without it. The
             # libgomp it links is the one torch has loaded already (same soname).
             extra_cflags=["-O3", "-march=native", "-std=c++17", "-fopenmp"],
@@ -81,7 +87,7 @@ def _build() -> bool:
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, an unsupported CPU: fall back
-        log.warning("CPU attention kernel unavailable (%s); using SDPA", exc)
+        log.warning("Loom's CPU kernels are unavailable (%s); using torch's ops", exc)
         return False
     return True
 
@@ -107,4 +113,22 @@ def paged_attention(
     out: torch.Tensor = op(
         q, k_cache, v_cache, key_rows, key_pos, kv_lens, seq_indptr, q_pos, scale
     )
+    return out
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when ``rms_norm`` can take this call: CPU, one dtype, no autograd wanted."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in _DTYPES
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, rounded as the reference
+    rounds: the normalised row to x's dtype, then the product."""
+    out: torch.Tensor = torch.ops.loom_cpu.rms_norm(x, weight, eps)
     return out

@@ -1,0 +1,1 @@
+"""Loom's own compiled kernels (C++ built at first use), below both models and engine."""
