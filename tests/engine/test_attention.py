@@ -18,6 +18,8 @@ def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(cpu_kernels, "attention_supported", lambda *a: False)
     else:  # the kernel must build here: a silent fallback would test SDPA twice
         assert cpu_kernels.available()
+        # Tested through the engine even on CPUs where SDPA is chosen for speed.
+        monkeypatch.setattr(cpu_kernels, "attention_pays_here", lambda: True)
     return str(request.param)
 
 

@@ -149,3 +149,22 @@ def test_bad_input_is_refused() -> None:
     q, kc, vc, rows, pos, q_pos = make_case([1], [4], 4, 2, 16, torch.float32, seed=4)
     with pytest.raises(RuntimeError, match="dtype"):
         run(q, kc.double(), vc, rows, pos, [4], [1], q_pos)
+
+
+def test_the_runner_takes_the_kernel_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loom.engine.model_runner import ModelRunner
+    from tests.helpers import random_model
+
+    model = random_model()
+    monkeypatch.setattr(cpu_kernels, "attention_pays_here", lambda: True)
+    assert ModelRunner(model, num_pages=8, page_size=4).native_attention
+    assert not ModelRunner(model, num_pages=8, page_size=4, native_attention=False).native_attention
+    monkeypatch.setattr(cpu_kernels, "attention_pays_here", lambda: False)  # AVX2 only
+    assert not ModelRunner(model, num_pages=8, page_size=4).native_attention
+
+
+def test_this_cpu_is_classified_by_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
+    assert cpu_kernels.attention_pays_here()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags\t: fpu avx2 fma")
+    assert not cpu_kernels.attention_pays_here()
