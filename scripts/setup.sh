@@ -21,8 +21,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing $TORCH_SPEC (CPU build)"
   .venv/bin/pip install --quiet "$TORCH_SPEC"
 fi
-echo "setup: installing loom and its test dependencies"
-.venv/bin/pip install --quiet -e ".[dev]"
+echo "setup: installing loom, its Ray extra and its test dependencies"
+.venv/bin/pip install --quiet -e ".[dev,ray]"
 # The inferlet SDK importable in the venv (editors' completion, mypy on inferlets): the
 # same sources the builds bundle; calls into the host work only inside a built inferlet.
 SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -160,6 +160,10 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     from loom.config import ServeConfig
     from loom.server.app import serve
 
+    if os.environ.get("LOOM_EXIT_WITH_PARENT") == "1":
+        from loom.router.engines import exit_with_parent
+
+        exit_with_parent()
     # A router hands the engines it starts their secrets in the environment.
     keys = args.api_key or [k for k in [os.environ.get("LOOM_API_KEY")] if k]
     config = ServeConfig.of(
@@ -176,6 +180,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         kv_secret=args.kv_secret or os.environ.get("LOOM_KV_SECRET") or None,
         kv_peers=tuple(args.kv_peers or ()),
         kv_port=args.kv_port,
+        # A wildcard bind is no address to send KV to: then the receiver stays on loopback.
+        kv_host=args.kv_host or (args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"),
         max_reserved_share=args.max_reserved_share,
     )
     return serve(config)
@@ -183,13 +189,13 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 def _cmd_router(args: argparse.Namespace) -> int:
     from loom.config import RouterConfig, settings_of
-    from loom.config.fields import build
+    from loom.config.fields import build, merged, names
     from loom.router.serve import run_router
 
     given = {s.name: getattr(args, s.name) for s in settings_of(RouterConfig)}
     try:
-        config = build(RouterConfig, {k: v for k, v in given.items() if v is not None})
-    except (ValueError, TypeError) as exc:
+        config = build(RouterConfig, merged(args.config, given, names(RouterConfig)))
+    except (ValueError, TypeError, OSError) as exc:
         print(f"loom: error: {exc}", file=sys.stderr)
         return 2
     return run_router(config)
@@ -213,8 +219,9 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
     engine.add_argument(
         "--kv-transport",
         default="tcp",
-        choices=["tcp", "shm", "gloo"],
-        help="how KV is sent to other engines (shm: same host only)",
+        choices=["tcp", "shm", "gloo", "auto"],
+        help="how KV is sent to other engines (shm: same host only; auto: shm to engines "
+        "on this host, tcp to others)",
     )
     engine.add_argument(
         "--prefix-cache",
@@ -230,14 +237,19 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
                         "may send to, besides those a router registers")  # fmt: skip
     engine.add_argument("--kv-port", type=int, default=0, help="port of its KV receiver, "
                         "for other engines' --kv-peers (default: any free)")  # fmt: skip
+    engine.add_argument("--kv-host", help="address of its KV receiver (default: --host)")
     engine.add_argument("--max-reserved-share", type=float, default=0.5, help="share of the "
                         "KV pool one client's reservations may hold (default 0.5)")  # fmt: skip
     engine.set_defaults(func=_cmd_engine)
     from loom.config import RouterConfig, add_flags
 
     router = sub.add_parser(
-        "router", help="route OpenAI requests over engines with a microserving strategy"
+        "router",
+        help="route OpenAI requests over engines with a microserving strategy",
+        description="Start engines (here, or on a Ray cluster with --ray) and route over "
+        "them. Every flag is also a key of the --config TOML file (flags win).",
     )
+    router.add_argument("--config", help="TOML file with the same settings")
     add_flags(router, RouterConfig)
     router.set_defaults(func=_cmd_router)
 

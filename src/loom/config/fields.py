@@ -3,7 +3,8 @@
 A setting is a field made with ``setting``: its default, a help line, and optionally
 the name it goes by on the command line and in TOML files (``name``; the field's own
 name otherwise), the values it accepts (``choices``) and how it is given on the command
-line (``repeat``: a flag given once per value; ``many``: a flag followed by values).
+line (``repeat``: a flag given once per value; ``many``: a flag followed by values;
+``const``: the value of the flag given bare, its value optional).
 ``flags`` turns the settings of config classes into ``argparse`` flags and ``load``
 builds those classes from defaults, a TOML file and flags, in that order of precedence.
 """
@@ -31,10 +32,11 @@ def setting(
     choices: Iterable[Any] | None = None,
     repeat: bool = False,
     many: bool = False,
+    const: Any = None,
 ) -> Any:
     """A documented dataclass field (see the module docstring)."""
     meta = {"help": help, "name": name, "choices": tuple(choices) if choices else None,
-            "repeat": repeat, "many": many}  # fmt: skip
+            "repeat": repeat, "many": many, "const": const}  # fmt: skip
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings are frozen: give a tuple, not a mutable default")
     return dataclasses.field(default=default, metadata=meta)
@@ -53,6 +55,7 @@ class Setting:
     choices: tuple[Any, ...] | None
     repeat: bool
     many: bool
+    const: Any = None
 
     @property
     def flag(self) -> str:
@@ -72,7 +75,8 @@ def settings_of(cls: type) -> list[Setting]:
             choices = typing.get_args(hints[f.name])
         found.append(Setting(cls, f.name, f.metadata["name"] or f.name, f.default,
                              f.metadata["help"], kind, choices,
-                             f.metadata["repeat"], f.metadata["many"]))  # fmt: skip
+                             f.metadata["repeat"], f.metadata["many"],
+                             f.metadata.get("const")))  # fmt: skip
     return found
 
 
@@ -114,6 +118,8 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
                     kw["nargs"] = "*"
             else:
                 kw["type"] = s.kind
+            if s.const is not None:
+                kw.update(nargs="?", const=s.const)
             if s.choices is not None:
                 kw["choices"] = s.choices
             group.add_argument(s.flag, **kw)

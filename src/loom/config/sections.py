@@ -18,7 +18,7 @@ from loom.config.fields import build, merged, names, setting
 
 BatchPolicy = Literal["adaptive", "k", "t", "k_or_t"]
 OutOfPagesPolicy = Literal["wait", "kill-newest"]
-KVTransport = Literal["tcp", "shm", "gloo"]
+KVTransport = Literal["tcp", "shm", "gloo", "auto"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -128,7 +128,8 @@ class RuntimeConfig:
     freeze_gc: bool = setting(True, "freeze start-up objects out of the garbage collector")
     reservation_ttl_s: float = setting(60.0, "microserving: unused KV reservations expire")
     # "shm": for receivers on this host, the socket carries only frame names; "gloo":
-    # torch.distributed send/recv, the socket carries only frame headers.
+    # torch.distributed send/recv, the socket carries only frame headers; "auto": shm to
+    # receivers on this host, tcp to the others.
     kv_transport: KVTransport = setting("tcp", "microserving: how KV goes to other engines")
     # The KV channel's shared secret: a receiver takes frames only from senders that prove
     # they hold it (HMAC of a per-connection nonce). None: the first API key, if any.
@@ -139,6 +140,9 @@ class RuntimeConfig:
     kv_peers: tuple[str, ...] = setting((), "microserving: KV receivers (host:port) this "
                                             "engine may send to", many=True)  # fmt: skip
     kv_port: int = setting(0, "microserving: port of this engine's KV receiver (0: any free)")
+    # Other machines' engines reach the receiver at this address: a cluster's engines bind
+    # it to their node's address (it takes only senders holding the KV secret).
+    kv_host: str = setting("127.0.0.1", "microserving: address of this engine's KV receiver")
     kv_progress_timeout_s: float = setting(10.0, "microserving: fail a KV transfer that "
                                                  "moves no byte this long")  # fmt: skip
     # prep_recv reservations of one client (API key; address without keys) may hold at
@@ -162,8 +166,9 @@ class RuntimeConfig:
                  f"unknown batch policy {self.batch_policy!r}")  # fmt: skip
         _require(self.out_of_pages in ("wait", "kill-newest"),
                  f"unknown out-of-pages policy {self.out_of_pages!r}")  # fmt: skip
-        _require(self.kv_transport in ("tcp", "shm", "gloo"),
-                 f"kv_transport must be tcp, shm or gloo, got {self.kv_transport!r}")  # fmt: skip
+        _require(self.kv_transport in ("tcp", "shm", "gloo", "auto"),
+                 "kv_transport must be tcp, shm, gloo or auto, "
+                 f"got {self.kv_transport!r}")  # fmt: skip
         _require(self.http_timeout_s > 0, f"http_timeout_s must be > 0, got {self.http_timeout_s}")
         _require(self.cohort_hold_ms >= 0,
                  f"cohort_hold_ms must be >= 0, got {self.cohort_hold_ms}")  # fmt: skip
@@ -242,7 +247,8 @@ class RouterConfig:
     model: str = setting("tiny", "a Hugging Face model directory, or 'tiny' (embedded)")
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(8080, "port")
-    kv_transport: KVTransport = setting("tcp", "KV transport of the engines it starts")
+    kv_transport: KVTransport = setting("auto", "KV transport of the engines it starts "
+                                                "(auto: shm on one host, tcp across)")  # fmt: skip
     prefix_cache: bool = setting(True, "prefix caches of the engines it starts")
     # Clients send `Authorization: Bearer KEY`; none: no authentication. /health is open.
     api_keys: tuple[str, ...] = setting((), "accept this API key (repeatable)", repeat=True)
@@ -258,8 +264,24 @@ class RouterConfig:
     shutdown_timeout_s: float = setting(60.0, "how long requests in flight may finish on "
                                               "SIGTERM")  # fmt: skip
 
+    # Ray: engines are actors on a cluster (`--ray` alone: the cluster this machine is in,
+    # or a new one here that stops with the router; `--ray HOST:PORT`: that cluster's).
+    ray: str | None = setting(None, "place the engines on the Ray cluster at this address",
+                              const="local")  # fmt: skip
+    placement: Literal["pack", "spread"] = setting("pack", "Ray: engines packed on few nodes "
+                                                   "or spread over many")  # fmt: skip
+    engine_cpus: float = setting(1.0, "Ray: CPUs each engine asks for (with no GPUs)")
+    max_restarts: int = setting(3, "Ray: how often a dead engine's actor is restarted")
+    # Scaling by queue length, off by default: one engine more while requests in flight per
+    # engine stay above scale_queue, one fewer after a quiet while.
+    max_engines: int = setting(0, "scale up to this many engines (0: no scaling)")
+    scale_queue: float = setting(4.0, "requests in flight per engine that add one")
+
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
+        _require(self.engine_cpus > 0 and self.max_restarts >= 0 and self.scale_queue > 0,
+                 "engine_cpus and scale_queue must be > 0, max_restarts >= 0")  # fmt: skip
+        _require(self.ray is None or bool(self.ray.strip()), "ray: give an address or 'local'")
         _require(self.health_interval_s >= 0 and self.shutdown_timeout_s >= 0,
                  "health_interval_s and shutdown_timeout_s must be >= 0")  # fmt: skip
         _require(self.engines >= 1 or bool(self.engine_urls), "engines must be >= 1")

@@ -1,6 +1,8 @@
 """The router's HTTP face: ``/v1/completions`` and ``/v1/chat/completions`` served by a
 strategy over engines, ``/admin/strategy`` to switch strategies live, ``/health`` and
-``/metrics``. With API keys every route but ``/health`` needs one."""
+``/metrics``; ``/admin/engines`` to add and remove engines (``admin_api.py``) and
+inferlets run on the engines (``inferlets_api.py``). With API keys every route but
+``/health`` needs one."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from loom.api.errors import ApiError, install_error_handlers
 from loom.api.openai_models import ChatCompletionRequest, CompletionRequest
 from loom.models.tokenizer import Tokenizer
+from loom.router.admin_api import admin_routes
+from loom.router.inferlets_api import ProgramStore, inferlet_routes
+from loom.router.manage import EngineManager
 from loom.router.router import RoutedRequest, RouterError
 from loom.router.strategies import STRATEGIES, StrategyRouter, make_strategy
 
@@ -56,20 +61,28 @@ def create_router_app(
     model_name: str,
     api_keys: tuple[str, ...] = (),
     health_interval_s: float = 2.0,
+    manager: EngineManager | None = None,
+    engine_api_key: str | None = None,
 ) -> FastAPI:
     """The app over ``router`` (closed when the app shuts down); ``api_keys``: what its
     clients must send; ``health_interval_s``: how often engines are probed (0: only on
-    ``/health``)."""
+    ``/health``); ``manager``: how engines join and leave (default: by URL only);
+    ``engine_api_key``: the key of the router's calls to engines."""
+    manager = manager or EngineManager(router)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         router.start_probing(health_interval_s)
+        manager.start(health_interval_s)
         yield
+        await manager.close()
         await router.close()
 
     guard = [key_check(tuple(api_keys))]
     app = FastAPI(title="Loom router", lifespan=lifespan)
     install_error_handlers(app)
+    app.include_router(admin_routes(manager, guard))
+    app.include_router(inferlet_routes(router, ProgramStore(engine_api_key), guard))
     counts: dict[str, int] = {}
 
     def sampling(body: Any) -> dict[str, Any]:

@@ -33,10 +33,11 @@ class Engine:
     error: str | None = None  # why it was last found down
     kv_addr: str | None = None  # its KV receiver, once asked
     knows: set[str] = field(default_factory=set)  # KV receivers registered with it
+    retiring: bool = False  # being removed: takes no new request, finishes what it has
 
     @property
     def alive(self) -> bool:
-        return self.healthy and time.monotonic() >= self.down_until
+        return self.healthy and not self.retiring and time.monotonic() >= self.down_until
 
     def mark_down(self, why: str) -> None:
         """It failed: out of the choices for a while, and unknown until it answers again."""

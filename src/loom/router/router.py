@@ -74,6 +74,7 @@ class Router:
         if not engine_urls:
             raise ValueError("a router needs at least one engine")
         self.engines = [Engine(u.rstrip("/"), i) for i, u in enumerate(engine_urls)]
+        self._next_index = len(self.engines)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
             timeout=timeout_s, limits=httpx.Limits(max_connections=256), headers=headers
@@ -103,6 +104,34 @@ class Router:
 
         if interval_s > 0 and self._probing is None:
             self._probing = asyncio.create_task(loop())
+
+    # ----- engines joining and leaving -----
+
+    def add_engine(self, url: str) -> Engine:
+        """Route over the engine at ``url`` from now on (its index is new, never reused)."""
+        url = url.rstrip("/")
+        if any(e.url == url for e in self.engines):
+            raise ValueError(f"engine {url} is already routed to")
+        engine = Engine(url, self._next_index)
+        self._next_index += 1
+        self.engines.append(engine)
+        return engine
+
+    async def remove_engine(self, engine: Engine, drain_s: float = 60.0) -> None:
+        """Stop sending ``engine`` new requests, wait (up to ``drain_s``) for those it has
+        to finish, then forget it."""
+        if len(self.engines) <= 1:
+            raise ValueError("a router needs at least one engine")
+        engine.retiring = True
+        deadline = asyncio.get_running_loop().time() + drain_s
+        while engine.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(ValueError):
+            self.engines.remove(engine)
+
+    def engine(self, index: int) -> Engine | None:
+        """The engine with this index (``None``: gone)."""
+        return next((e for e in self.engines if e.index == index), None)
 
     # ----- what a strategy overrides -----
 

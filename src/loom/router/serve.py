@@ -1,5 +1,8 @@
 """``loom router``: start (or connect to) engines and serve the router on uvicorn.
 
+Engines come from ``engine_urls`` (started by someone else), from a Ray cluster
+(``ray``: each engine a Ray actor) or are started here as local processes.
+
 SIGTERM (or Ctrl-C) is graceful: the router stops accepting connections, lets requests in
 flight finish (for up to ``shutdown_timeout_s``), stops the engines it started and exits 0.
 """
@@ -12,6 +15,23 @@ import sys
 import httpx
 
 from loom.config import RouterConfig
+from loom.router.placement import LocalPlacement, Placement
+
+
+def make_placement(args: RouterConfig, env: dict[str, str]) -> Placement:
+    """Local processes, or Ray actors with ``ray`` (an error if Ray is not installed)."""
+    extra = ["--kv-transport", args.kv_transport]
+    if not args.prefix_cache:
+        extra.append("--no-prefix-cache")
+    if args.ray is None:
+        return LocalPlacement(args.model, extra, env)
+    try:
+        from loom.router.ray_placement import RayPlacement
+    except ImportError:
+        raise SystemExit("loom: error: --ray needs Ray: pip install 'loom[ray]'") from None
+    return RayPlacement(args.ray, args.model, extra, env, engine_cpus=args.engine_cpus,
+                        spread=args.placement == "spread",
+                        max_restarts=args.max_restarts)  # fmt: skip
 
 
 def run_router(args: RouterConfig) -> int:
@@ -23,7 +43,7 @@ def run_router(args: RouterConfig) -> int:
     from loom.models import resolve_model_dir
     from loom.models.tokenizer import Tokenizer
     from loom.router.app import create_router_app
-    from loom.router.engines import start_engines
+    from loom.router.manage import EngineManager
     from loom.router.strategies import StrategyRouter, make_strategy
 
     try:
@@ -32,30 +52,34 @@ def run_router(args: RouterConfig) -> int:
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
     exit_cleanly_on_sigterm()  # the engines started here stop with the router
-    procs = []
+    placement: Placement | None = None
     urls = list(args.engine_urls)
     key = args.engine_api_key or (args.api_keys[0] if args.api_keys else None)
-    if not urls:
-        print(f"loom: starting {args.engines} engines ({args.model})", file=sys.stderr)
-        extra = ["--kv-transport", args.kv_transport]
-        if not args.prefix_cache:
-            extra.append("--no-prefix-cache")
-        # The engines' key, and a KV secret of their own (so their KV channel is
-        # authenticated even without keys), in their environment.
-        env = {"LOOM_API_KEY": key or "", "LOOM_KV_SECRET": secrets.token_hex(16)}
-        procs = start_engines(args.engines, args.model, extra_args=extra, env=env)
-        urls = [p.url for p in procs]
-        for p in procs:
-            print(f"loom: engine {p.url} on cores {p.cpus}", file=sys.stderr)
     try:
+        if not urls:
+            where = f"on Ray ({args.ray})" if args.ray else "here"
+            print(f"loom: starting {args.engines} engines ({args.model}) {where}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            # The engines' key, and a KV secret of their own (so their KV channel is
+            # authenticated even without keys), in their environment.
+            env = {"LOOM_API_KEY": key or "", "LOOM_KV_SECRET": secrets.token_hex(16)}
+            placement = make_placement(args, env)
+            urls = placement.start(args.engines)
+            for u in urls:
+                info = placement.describe(u)
+                node = f" on node {info['node_ip']}" if "node_ip" in info else ""
+                print(f"loom: engine {u}{node} on cores {info.get('cpus', [])}",
+                      file=sys.stderr, flush=True)  # fmt: skip
         auth = {"Authorization": f"Bearer {key}"} if key else {}
         models = httpx.get(urls[0] + "/v1/models", headers=auth, timeout=10)
         models.raise_for_status()
         model_name = models.json()["data"][0]["id"]
         tokenizer = Tokenizer.from_dir(resolve_model_dir(args.model))
         router = StrategyRouter(urls, strategy, api_key=key)
+        manager = EngineManager(router, placement, args.max_engines, args.scale_queue)
+        manager.placed.update(urls if placement is not None else [])
         app = create_router_app(router, tokenizer, model_name, args.api_keys,
-                                args.health_interval_s)  # fmt: skip
+                                args.health_interval_s, manager, key)  # fmt: skip
         print(
             f"loom: router ({strategy.name}) on http://{args.host}:{args.port}/v1",
             file=sys.stderr,
@@ -64,6 +88,6 @@ def run_router(args: RouterConfig) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=round(args.shutdown_timeout_s))  # fmt: skip
     finally:
-        for p in procs:
-            p.stop()
+        if placement is not None:
+            placement.close()
     return 0

@@ -132,7 +132,7 @@ class ContextMigration(Strategy):
         target = router.least_loaded()
         if key is not None:
             owner_index = self.owner.get(key)
-            owner = router.engines[owner_index] if owner_index is not None else None
+            owner = router.engine(owner_index) if owner_index is not None else None
             if owner is not None and owner.alive:
                 if owner.running - target.running >= self.imbalance and target is not owner:
                     await migrate(

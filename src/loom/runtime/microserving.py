@@ -114,7 +114,7 @@ class Microserving:
             if then is not None:
                 then(result)
 
-        op = KVRecvStartOp(cfg.kv_secret, cfg.kv_port, cfg.kv_progress_timeout_s)
+        op = KVRecvStartOp(cfg.kv_secret, cfg.kv_port, cfg.kv_progress_timeout_s, cfg.kv_host)
         self.rt.submit_op(op, started)
 
     def register_peers(self, addresses: list[str], reply: Reply) -> None:

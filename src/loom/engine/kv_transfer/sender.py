@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from loom.engine.kv_transfer.transports import Channel, transport
+from loom.engine.kv_transfer.transports import Channel, for_destination, transport
 from loom.engine.kv_transfer.wire import (
     GREETING_TIMEOUT_S,
     expect_greeting,
@@ -41,8 +41,9 @@ class KVSender:
 
     ``mode`` names the transport of the K/V bytes (``transports.TRANSPORTS``): ``tcp`` on
     the socket, ``shm`` in shared memory (engines on one host), ``gloo`` through
-    ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling);
-    frame headers always go on the socket.
+    ``torch.distributed`` (a two-process gloo group per receiver, NCCL's CPU sibling),
+    ``auto`` shm to receivers on this host and tcp to others; frame headers always go on
+    the socket.
 
     Three clocks bound a transfer: the connection and the receiver's greeting (2 s each:
     ``wire.GREETING_TIMEOUT_S``), progress (a socket wait that moves no byte for
@@ -56,7 +57,8 @@ class KVSender:
         secret: str | None = None,
         progress_s: float = 10.0,
     ) -> None:
-        self.transport = transport(mode)
+        if mode != "auto":
+            transport(mode)  # an unknown name fails here, not at the first transfer
         self.timeout_s = timeout_s
         self.mode = mode
         self.secret, self.progress_s = secret, progress_s
@@ -132,6 +134,7 @@ class _Link:
         # progress within progress_s: a receiver that stops reading fails the transfer then.
         self.sock.settimeout(owner.progress_s)
         self.owner = owner
+        self.transport = for_destination(owner.mode, dst)
         self.alive = True
         self.channel = Channel(self.sock)
         self.queue: queue.Queue[tuple[str, dict[str, Any], Any] | None] = queue.Queue()
@@ -154,7 +157,7 @@ class _Link:
                     continue
                 t0 = time.perf_counter()
                 meta = {"rid": rid, "dtype": str(body.dtype), "shape": list(body.shape), **header}
-                st.bytes += self.owner.transport.send(self.channel, meta, body)
+                st.bytes += self.transport.send(self.channel, meta, body)
                 st.send_s += time.perf_counter() - t0
                 st.frames += 1
             except (OSError, ValueError, RuntimeError) as e:

@@ -3,8 +3,9 @@ header), ``shm`` (in a shared-memory segment; the header names it; engines on on
 and ``gloo`` (``torch.distributed`` send/recv in a two-process gloo group set up over the
 socket; the header carries only the shape). ``TRANSPORTS`` is the registry by name.
 
-The sending side is chosen by the engine's setting (``kv_transport``); a receiver takes
-any of them, each frame's header saying which (``Transport.claims``).
+The sending side is chosen by the engine's setting (``kv_transport``; ``auto`` is shm to a
+receiver on this host and tcp to any other: ``for_destination``); a receiver takes any of
+them, each frame's header saying which (``Transport.claims``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,29 @@ class GlooTransport:
 
 TRANSPORTS: dict[str, Transport] = {t.name: t for t in (TcpTransport(), ShmTransport(),
                                                          GlooTransport())}  # fmt: skip
+
+
+def on_this_host(host: str) -> bool:
+    """Whether ``host`` names this machine: a socket binds only to a local address."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def for_destination(name: str, dst: str) -> Transport:
+    """The transport ``name`` uses to the receiver at ``dst`` ("host:port")."""
+    if name == "auto":
+        return TRANSPORTS["shm" if on_this_host(dst.rpartition(":")[0]) else "tcp"]
+    return transport(name)
 
 
 def transport(name: str) -> Transport:

@@ -262,8 +262,9 @@ class _OpRunner:
             from loom.engine.kv_transfer import KVReceiver
 
             op = op or KVRecvStartOp()
-            self.receiver = KVReceiver(self.engine.kv, self.engine.place_slots, port=op.port,
-                                       secret=op.secret, progress_s=op.progress_s)  # fmt: skip
+            self.receiver = KVReceiver(self.engine.kv, self.engine.place_slots, host=op.host,
+                                       port=op.port, secret=op.secret,
+                                       progress_s=op.progress_s)  # fmt: skip
         return self.receiver
 
     def _check_slots(self, slots: list[int]) -> None:

@@ -170,6 +170,7 @@ class KVRecvStartOp:
     secret: str | None = None
     port: int = 0  # 0: any free port
     progress_s: float = 10.0  # a frame whose bytes stop this long closes its connection
+    host: str = "127.0.0.1"  # the address it binds (and others reach it at)
 
 
 @dataclass
