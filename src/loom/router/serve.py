@@ -64,6 +64,7 @@ def run_router(args: RouterConfig) -> int:
             # authenticated even without keys), in their environment.
             env = {"LOOM_API_KEY": key or "", "LOOM_KV_SECRET": secrets.token_hex(16)}
             placement = make_placement(args, env)
+            exit_cleanly_on_sigterm()  # again: joining Ray installs a handler of its own
             urls = placement.start(args.engines)
             for u in urls:
                 info = placement.describe(u)
