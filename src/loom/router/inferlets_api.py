@@ -81,21 +81,23 @@ def inferlet_routes(router: Router, store: ProgramStore, guard: list[Any]) -> AP
             if not router.live_engines():
                 break
             engine = router.least_loaded()
+            engine.running += 1  # now: launches at once must not all pick the same one
             try:
                 resp = await _launch(router, engine, body)
                 if resp.status_code == 404:  # a replica that joined or restarted since
                     await resp.aclose()
                     await store.put_on(engine, body.program)
                     resp = await _launch(router, engine, body)
-            except (httpx.TransportError, OSError) as e:
-                engine.mark_down(f"unreachable: {e}")
-                continue
-            if resp.status_code == 503:  # full: another replica may take it
-                await resp.aclose()
+            except Exception as e:  # unreachable, or its protocol refused the upload
+                engine.running -= 1
+                engine.mark_down(f"cannot launch there: {str(e) or type(e).__name__}")
                 continue
             if resp.status_code != 200:
+                engine.running -= 1
                 text = (await resp.aread()).decode(errors="replace")
                 await resp.aclose()
+                if resp.status_code == 503:  # full: another replica may take it
+                    continue
                 raise ApiError(resp.status_code, f"replica {engine.url}: {text[:500]}")
             return StreamingResponse(_relay(engine, resp), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
@@ -111,8 +113,8 @@ async def _launch(router: Router, engine: Engine, body: RunRequest) -> httpx.Res
 
 
 async def _relay(engine: Engine, resp: httpx.Response) -> AsyncIterator[bytes]:
-    """The replica's event stream as it comes; the instance counts as the replica's load."""
-    engine.running += 1
+    """The replica's event stream as it comes; the instance counts as the replica's load
+    until it ends."""
     try:
         async for part in resp.aiter_raw():
             yield part
