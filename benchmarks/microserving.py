@@ -22,6 +22,9 @@ with pd-nocache's (target: at least 2x lower) and, for the record, with plain pd
 caching engines.
 
     python benchmarks/microserving.py [--model small] [--requests 60] [--seeds 2]
+
+With ``--ray`` it runs dp and pd on locally started engines and on Ray-placed engines,
+paired, and reports the JCT ratio (``microserving_ray.py``).
 """
 
 from __future__ import annotations
@@ -246,6 +249,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     vocab = min(2000, ModelConfig.from_dir(resolve_model_dir(model)).vocab_size)
     extra = ["--dtype", args.dtype, "--num-pages", str(args.num_pages)]
+    if args.ray:
+        from microserving_ray import compare
+
+        return await compare(args, model, extra, vocab, lengths)
     kinds = args.workloads.split(",")
     out: dict[str, Any] = {
         "model": args.model,
@@ -433,8 +440,16 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "microserving.json"
     )
+    ap.add_argument("--ray", action="store_true", help="local engines against Ray-placed ones")
     args = ap.parse_args()
+    if args.ray and args.out == ap.get_default("out"):
+        args.out = args.out.with_name("microserving_ray.json")
     data = asyncio.run(main_async(args))
+    if args.ray:
+        from microserving_ray import report as report_ray
+
+        report_ray(data, args.out)
+        return
     report(data, args.out, args.out.with_suffix(".png"))
 
 
