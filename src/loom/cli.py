@@ -173,6 +173,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         worker="thread",
         num_pages=args.num_pages,
         dtype=args.dtype,
+        device=args.device,
         reservation_ttl_s=args.reservation_ttl,
         kv_transport=args.kv_transport,
         prefix_cache=args.prefix_cache,
@@ -210,6 +211,7 @@ def _add_microserving(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     engine.add_argument("--num-pages", type=int)
     engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    engine.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     engine.add_argument(
         "--reservation-ttl",
         type=float,

@@ -266,7 +266,8 @@ class RouterConfig:
 
     # Ray: engines are actors on a cluster (`--ray` alone: the cluster this machine is in,
     # or a new one here that stops with the router; `--ray HOST:PORT`: that cluster's).
-    ray: str | None = setting(None, "place the engines on the Ray cluster at this address",
+    ray: str | None = setting(None, "place the engines on the Ray cluster at this address "
+                                    "(alone: this machine's cluster, or a new one)",
                               const="local")  # fmt: skip
     placement: Literal["pack", "spread"] = setting("pack", "Ray: engines packed on few nodes "
                                                    "or spread over many")  # fmt: skip

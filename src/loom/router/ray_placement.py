@@ -40,6 +40,10 @@ class EngineActor:
         cpus = cpu_sets(slots)[slot] if slots > 0 else []
         env = {**env, "LOOM_EXIT_WITH_PARENT": "1"}
         self.engine: EngineProcess = spawn_engine(model, cpus, args, host=self.node_ip, env=env)
+        # Ray runs its workers niced (15) to keep its own daemons responsive; an engine
+        # serves, so it gets the ordinary priority back where the node allows it.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.engine.proc.pid, 0)
         try:
             wait_ready(self.engine, time.monotonic() + START_TIMEOUT_S)
         except BaseException:
@@ -85,6 +89,8 @@ class RayPlacement:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         # One GPU each where there are GPUs (the engine runs on its GPU; a core feeds it).
         self.resources = {"GPU": 1.0, "CPU": 1.0} if gpus >= 1 else {"CPU": float(engine_cpus)}
+        if gpus >= 1:
+            self.args += ["--device", "cuda"]  # Ray makes its GPU the actor's only one
         self.tag = uuid.uuid4().hex[:8]
         self.actors: dict[str, Any] = {}  # url -> actor handle
         self.infos: dict[str, dict[str, Any]] = {}  # url -> the actor's info
