@@ -95,6 +95,44 @@ def test_inferlets_run_on_the_engines_and_reach_late_joiners(
         late.stop()
 
 
+def test_inferlet_protocol_through_the_router(
+    router_app: tuple[Any, str], sdkkit_wasm: bytes
+) -> None:
+    from loom.client import Client
+    from loom.client.client import ClientError
+
+    router, url = router_app
+
+    async def scenario() -> None:
+        async with await Client.connect(url) as c:
+            assert c.info["server"].startswith("loom router")
+            program = await c.upload(sdkkit_wasm)
+            assert await c.has_program(program)
+            insts = [await c.launch(program, ["echo"]) for _ in range(4)]
+            # Each running instance counts as its replica's load: the launches alternate.
+            assert len({i.id.split("-")[0] for i in insts}) == 2
+            for inst in insts:
+                assert await inst.recv() == "ready"
+            assert {i.id for i in insts} <= {r["id"] for r in await c.list()}
+            for k, inst in enumerate(insts):
+                await inst.send(f"m{k}")
+                assert await inst.recv() == f"echo:m{k}"
+                assert (await inst.wait()).ok
+            # Another connection reaches an instance this one launched.
+            waiting = await c.launch(program, ["echo"])
+            assert await waiting.recv() == "ready"
+            async with await Client.connect(url) as other:
+                await other.terminate(waiting.id)
+                with pytest.raises(ClientError, match="unknown_instance"):
+                    await other.terminate("99-nope")
+            assert (await waiting.wait()).kind == "terminated"
+            with pytest.raises(ClientError, match="unknown_program"):
+                await c.launch("0" * 64)
+        assert all(e.running == 0 for e in router.engines)
+
+    asyncio.run(scenario())
+
+
 def test_scaling_by_queue_length_adds_then_removes_an_engine(tiny_dir: Path) -> None:
     from loom.router.manage import EngineManager
     from loom.router.placement import LocalPlacement

@@ -1,4 +1,4 @@
-"""The asyncio client of the inferlet protocol (``loom.server.protocol``)."""
+"""The asyncio client of the inferlet protocol (``loom.api.protocol``)."""
 
 from __future__ import annotations
 

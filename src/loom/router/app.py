@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,7 @@ from loom.router.inferlets_api import ProgramStore, inferlet_routes
 from loom.router.manage import EngineManager
 from loom.router.router import RoutedRequest, RouterError
 from loom.router.strategies import STRATEGIES, StrategyRouter, make_strategy
+from loom.router.ws_proxy import ProxySession
 
 _ids = itertools.count(1)
 
@@ -82,7 +83,14 @@ def create_router_app(
     app = FastAPI(title="Loom router", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(admin_routes(manager, guard))
-    app.include_router(inferlet_routes(router, ProgramStore(engine_api_key), guard))
+    store = ProgramStore(engine_api_key)
+    app.include_router(inferlet_routes(router, store, guard))
+
+    @app.websocket("/v1/ws")
+    async def inferlet_protocol(ws: WebSocket) -> None:
+        """The inferlet protocol, launches spread over the engines (``ws_proxy.py``)."""
+        await ProxySession(ws, router, store, tuple(api_keys), model_name).run()
+
     counts: dict[str, int] = {}
 
     def sampling(body: Any) -> dict[str, Any]:

@@ -46,6 +46,23 @@ class ProgramStore:
         async with await Client.connect(engine.url, api_key=self.api_key) as client:
             await client.upload(self.programs[digest])
 
+    async def publish(self, router: Router, wasm: bytes) -> tuple[str, int, dict[str, str]]:
+        """Keep ``wasm`` and put it on every live engine: (its hash, how many took it, why
+        the others did not). ``ValueError`` when none took it (or none is up)."""
+        digest = hashlib.sha256(wasm).hexdigest()
+        live = router.live_engines()
+        if not live:
+            raise ValueError("no replica is up")
+        self.programs[digest] = wasm
+        results = await asyncio.gather(*(self.put_on(e, digest) for e in live),
+                                       return_exceptions=True)  # fmt: skip
+        failed = {e.url: str(r) for e, r in zip(live, results, strict=True)
+                  if isinstance(r, BaseException)}  # fmt: skip
+        if len(failed) == len(live):
+            del self.programs[digest]
+            raise ValueError(f"no replica took the program: {next(iter(failed.values()))}")
+        return digest, len(live) - len(failed), failed
+
 
 def inferlet_routes(router: Router, store: ProgramStore, guard: list[Any]) -> APIRouter:
     routes = APIRouter(dependencies=guard)
@@ -56,20 +73,11 @@ def inferlet_routes(router: Router, store: ProgramStore, guard: list[Any]) -> AP
         if not 0 < len(wasm) <= MAX_PROGRAM_BYTES:
             raise ApiError(413 if wasm else 400,
                            f"a program is 1..{MAX_PROGRAM_BYTES} bytes (the body)")  # fmt: skip
-        digest = hashlib.sha256(wasm).hexdigest()
-        live = router.live_engines()
-        if not live:
-            raise ApiError(503, "no replica is up", kind="server_error")
-        store.programs[digest] = wasm
-        results = await asyncio.gather(*(store.put_on(e, digest) for e in live),
-                                       return_exceptions=True)  # fmt: skip
-        failed = {e.url: str(r) for e, r in zip(live, results, strict=True)
-                  if isinstance(r, BaseException)}  # fmt: skip
-        if len(failed) == len(live):
-            del store.programs[digest]
-            raise ApiError(400, f"no replica took the program: {next(iter(failed.values()))}",
-                           param="body", code="bad_program")  # fmt: skip
-        return {"program": digest, "replicas": len(live) - len(failed), "failed": failed}
+        try:
+            digest, took, failed = await store.publish(router, wasm)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="body", code="bad_program") from None
+        return {"program": digest, "replicas": took, "failed": failed}
 
     @routes.post("/v1/inferlets/run")
     async def run(body: RunRequest) -> StreamingResponse:

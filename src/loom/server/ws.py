@@ -1,4 +1,4 @@
-"""One WebSocket client session of the inferlet protocol (see ``protocol.py``)."""
+"""One WebSocket client session of the inferlet protocol (see ``loom.api.protocol``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 
 from loom import __version__
-from loom.runtime.wasm.ffi import WasmError
-from loom.server.auth import refusal
-from loom.server.protocol import (
+from loom.api.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -25,6 +23,8 @@ from loom.server.protocol import (
     pack,
     unpack,
 )
+from loom.runtime.wasm.ffi import WasmError
+from loom.server.auth import refusal
 from loom.server.state import Event, ServerState
 
 logger = logging.getLogger("loom.server")
