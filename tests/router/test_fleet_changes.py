@@ -216,5 +216,7 @@ def test_router_settings_from_flags_and_toml(tmp_path: Path) -> None:
     c = config("--config", str(toml), "--engine-cpus", "2")
     assert (c.ray, c.placement, c.engine_cpus, c.max_engines) == ("10.0.0.9:6379", "spread",
                                                                    2.0, 8)  # fmt: skip
+    c = config("--dtype", "bfloat16", "--num-pages", "512")
+    assert (c.dtype, c.num_pages) == ("bfloat16", 512)
     with pytest.raises(ValueError, match="engine_cpus"):
         config("--engine-cpus", "0")

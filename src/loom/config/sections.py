@@ -247,6 +247,11 @@ class RouterConfig:
     model: str = setting("tiny", "a Hugging Face model directory, or 'tiny' (embedded)")
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(8080, "port")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "float32", "weights' dtype in the engines it starts"
+    )
+    num_pages: int | None = setting(None, "KV pages of each engine it starts (default: "
+                                          "the engine's)")  # fmt: skip
     kv_transport: KVTransport = setting("auto", "KV transport of the engines it starts "
                                                 "(auto: shm on one host, tcp across)")  # fmt: skip
     prefix_cache: bool = setting(True, "prefix caches of the engines it starts")
@@ -280,6 +285,7 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
+        _require(self.num_pages is None or self.num_pages > 0, "num_pages must be > 0")
         _require(self.engine_cpus > 0 and self.max_restarts >= 0 and self.scale_queue > 0,
                  "engine_cpus and scale_queue must be > 0, max_restarts >= 0")  # fmt: skip
         _require(self.ray is None or bool(self.ray.strip()), "ray: give an address or 'local'")

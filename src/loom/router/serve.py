@@ -20,7 +20,9 @@ from loom.router.placement import LocalPlacement, Placement
 
 def make_placement(args: RouterConfig, env: dict[str, str]) -> Placement:
     """Local processes, or Ray actors with ``ray`` (an error if Ray is not installed)."""
-    extra = ["--kv-transport", args.kv_transport]
+    extra = ["--kv-transport", args.kv_transport, "--dtype", args.dtype]
+    if args.num_pages is not None:
+        extra += ["--num-pages", str(args.num_pages)]
     if not args.prefix_cache:
         extra.append("--no-prefix-cache")
     if args.ray is None:
