@@ -120,7 +120,9 @@ class Router:
     async def remove_engine(self, engine: Engine, drain_s: float = 60.0) -> None:
         """Stop sending ``engine`` new requests, wait (up to ``drain_s``) for those it has
         to finish, then forget it."""
-        if len(self.engines) <= 1:
+        if engine.retiring:
+            raise ValueError(f"engine {engine.url} is already being removed")
+        if sum(not e.retiring for e in self.engines) <= 1:
             raise ValueError("a router needs at least one engine")
         engine.retiring = True
         deadline = asyncio.get_running_loop().time() + drain_s
