@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,10 @@ from tests.router.test_router_app import free_port, serve_in_thread
 
 # Ray replaces 127.0.0.1 by the machine's routable address unless told it is no cluster
 # of several machines: with this, every Ray daemon and engine binds loopback only.
-RAY_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray's token authentication on, with a token of the test's own (not whatever a
+# ~/.ray/auth_token of this user's says): the cluster and the router get it from here.
+RAY_ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
 PROMPTS = [list(range(10 + i, 60 + 3 * i)) for i in range(4)]
 
 
