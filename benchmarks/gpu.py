@@ -1,0 +1,254 @@
+"""The CUDA path in one run (under 5 minutes on one GPU): parity, decode, prefill, and the
+programmability tax, as a table and JSON.
+
+- parity: greedy float32 tokens of every family (random small models) against
+  ``transformers`` on the same device; for the main shape in bfloat16, the share of
+  identical tokens;
+- decode: ``LLM.generate`` of 128-token prompts, 128 new tokens, greedy, at each batch:
+  ms per step = (time(128 new) - time(1 new)) / 127, output tokens per second;
+- prefill: 4 prompts of 2048 tokens, one new token: model FLOPs per second over the
+  measured bf16 matmul rate of this device (MFU);
+- tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
+  against the built-in scheduler, each run right after one of its own (ms/token ratio).
+
+The main shape is Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab
+128,256, tied embeddings) with random bf16 weights, made once in ``--cache``. A dry run on
+a CPU: ``--device cpu --shape small --batches 1,4 --prefill 2x256 --tax 1,4 --quick``.
+
+    python benchmarks/gpu.py [--device cuda] [--out benchmarks/results/gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from engine_throughput import MODELS, model_dir  # noqa: E402
+
+MODELS.setdefault("1b", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                             vocab_size=128256, tie_word_embeddings=True))  # fmt: skip
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn: Callable[[], Any]) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def matmul_tflops(device: str, n: int) -> float:
+    """The device's bf16 matmul rate on ``n``×``n`` operands (median of 10)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = [timed(device, lambda: a @ b) for _ in range(10)]
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def parity(device: str, cache: Path, new: int) -> dict[str, bool]:
+    """Greedy float32 tokens equal to ``transformers``' for every family."""
+    from tests.model_factory import FAMILIES, make_hf_model
+
+    from loom import LLM, SamplingParams
+    from loom.models.tiny import make_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="loom-gpu-parity-"))
+    tok = make_tiny_model(root / "tok")
+    g = torch.Generator().manual_seed(7)
+    prompts = [
+        [0, *torch.randint(10, 2048, (k - 1,), generator=g).tolist()] for k in (3, 17, 33, 50)
+    ]
+    out = {}
+    for fam in FAMILIES:
+        hf = make_hf_model(fam, root / fam, vocab_size=2048, tokenizer_from=tok).to(device)
+        want = []
+        for prompt in prompts:  # one at a time, stopping at EOS, as the CPU parity tests do
+            with torch.inference_mode():
+                ref = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=new,
+                                  do_sample=False)  # fmt: skip
+            want.append(ref[0, len(prompt) :].tolist())
+        llm = LLM(str(root / fam), dtype="float32", device=device, num_pages=256)
+        got = llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0))
+        out[fam] = [list(o.token_ids) for o in got] == want
+        print(f"  parity {fam}: {'equal' if out[fam] else 'DIFFERENT'}", file=sys.stderr)
+        del hf, llm
+    return out
+
+
+def bf16_share(llm: Any, path: Path, device: str, new: int) -> float:
+    """Share of positions where Loom's bf16 greedy tokens equal ``transformers``'."""
+    import transformers as tf
+
+    from loom import SamplingParams
+
+    prompts = [list(range(100 + 50 * i, 228 + 50 * i)) for i in range(4)]
+    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
+    refs = []
+    for prompt in prompts:  # both stop at EOS; positions past the shorter are not compared
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=new,
+                              do_sample=False)  # fmt: skip
+        refs.append(ref[0, len(prompt) :].tolist())
+    del hf
+    got = llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0))
+    pairs = [(a, b) for r, o in zip(refs, got, strict=True)
+             for a, b in zip(r, o.token_ids, strict=False)]  # fmt: skip
+    return sum(a == b for a, b in pairs) / max(1, len(pairs))
+
+
+def decode(llm: Any, device: str, batch: int, vocab: int, new: int, runs: int) -> dict[str, float]:
+    from loom import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(10, min(vocab, 30000), (batch, 128), generator=g).tolist()
+
+    def run(n: int) -> float:
+        p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        return timed(device, lambda: llm.generate(prompts, p))
+
+    run(2)  # warm-up (and graph capture, where there is any)
+    steps = [(run(new) - run(1)) / (new - 1) for _ in range(runs)]
+    ms = 1000 * statistics.median(steps)
+    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms}
+
+
+def prefill(llm: Any, device: str, cfg: dict[str, Any], n: int, length: int, peak: float,
+            runs: int) -> dict[str, float]:  # fmt: skip
+    from loom import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for r in range(runs + 1):  # new prompts every run: no prefix-cache hit
+        prompts = torch.randint(10, 30000, (n, length), generator=g).tolist()
+        t = timed(device, lambda prompts=prompts: llm.generate(prompts, p))
+        if r:
+            times.append(t)
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv, inter = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, \
+        cfg["intermediate_size"]  # fmt: skip
+    per_token = 2 * layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    # Causal attention: QK^T and PV over (on average) half the prompt, per layer. The LM
+    # head runs on each prompt's last token only (one new token), so it counts once.
+    attention = 2 * 2 * layers * q * length / 2
+    flops = n * length * (per_token + attention) + n * 2 * h * cfg["vocab_size"]
+    t = statistics.median(times)
+    return {"tokens_per_s": n * length / t, "tflops": flops / t / 1e12,
+            "mfu": flops / t / 1e12 / peak}  # fmt: skip
+
+
+def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int
+        ) -> dict[int, float]:  # fmt: skip
+    """Median ms/token of the fast-path inferlets over the built-in scheduler's."""
+    from loom import LLM
+    from loom.config import EngineConfig
+    from loom.runtime.runtime import start_runtime
+    from loom.sdk.build import build_inferlet
+    from programmability_tax import run_builtin, run_system
+
+    wasm = build_inferlet(ROOT / "inferlets" / "text_completion").read_bytes()
+    engine = dict(dtype=dtype, device=device, kv_cache_memory_mb=4096)
+    llm = LLM(str(path), **engine)  # type: ignore[arg-type]
+    rt = start_runtime(EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
+                       cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs")  # fmt: skip
+    out = {}
+    try:
+        program = rt.add_program(wasm)
+        run_builtin(llm, 2, 4, -1)
+        run_system(rt, program, 2, 4, "fast", -1)
+        for n in levels:
+            ratios = []
+            for r in range(runs):
+                a = run_builtin(llm, n, tokens, n * 1000 + r)
+                b = run_system(rt, program, n, tokens, "fast", n * 1000 + r)
+                ratios.append(b["wall"] / a["wall"])
+            out[n] = statistics.median(ratios)
+            print(f"  tax at {n}: {out[n]:.3f}x", file=sys.stderr)
+    finally:
+        rt.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", default="1b", choices=sorted(MODELS))
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--prefill", default="4x2048", help="prompts x tokens")
+    ap.add_argument("--tax", default="1,32", help="concurrent inferlets")
+    ap.add_argument("--quick", action="store_true", help="one run per figure (a dry run)")
+    ap.add_argument("--skip", default="", help="any of parity, tax")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
+    args = ap.parse_args()
+    runs = 1 if args.quick else 3
+    t0 = time.perf_counter()
+    from loom import LLM
+
+    device, path = args.device, model_dir(args.shape, args.cache)
+    cfg = json.loads((path / "config.json").read_text())
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"{args.shape} on {name}", file=sys.stderr)
+    data: dict[str, Any] = {"device": name, "shape": args.shape, "torch": torch.__version__}
+    data["matmul_tflops_bf16"] = peak = matmul_tflops(device, 8192 if name != "cpu" else 2048)
+    if "parity" not in args.skip:
+        data["parity_fp32"] = parity(device, args.cache, 24)
+    llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=16384)
+    if "parity" not in args.skip:
+        data["bf16_identical_share"] = bf16_share(llm, path, device, 32)
+    data["decode"] = [decode(llm, device, int(b), cfg["vocab_size"], 128, runs)
+                      for b in args.batches.split(",")]  # fmt: skip
+    n, length = (int(x) for x in args.prefill.split("x"))
+    data["prefill"] = prefill(llm, device, cfg, n, length, peak, runs)
+    del llm
+    if "tax" not in args.skip:
+        levels = [int(x) for x in args.tax.split(",")]
+        data["tax"] = tax(path, device, "bfloat16", levels, 64, runs)
+    by_batch = {d["batch"]: d for d in data["decode"]}
+    data["summary"] = {
+        "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
+        "decode_tokens_per_s_batch64": by_batch.get(64, {}).get("tokens_per_s"),
+        "prefill_mfu": data["prefill"]["mfu"],
+        "tax_32_fast_path": data.get("tax", {}).get(32),
+    }
+    data["wall_s"] = time.perf_counter() - t0
+    print(f"\n{args.shape} on {name}, bf16 matmul {peak:.1f} TFLOP/s")
+    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10}")
+    for d in data["decode"]:
+        print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f}")
+    pf = data["prefill"]
+    print(f"prefill {args.prefill}: {pf['tokens_per_s']:.0f} tok/s, {pf['tflops']:.1f} TFLOP/s, "
+          f"MFU {pf['mfu']:.1%}")  # fmt: skip
+    for key in ("parity_fp32", "bf16_identical_share", "tax"):
+        if key in data:
+            print(f"{key}: {data[key]}")
+    print(f"summary: {data['summary']}  ({data['wall_s']:.0f} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
