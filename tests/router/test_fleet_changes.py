@@ -220,3 +220,16 @@ def test_router_settings_from_flags_and_toml(tmp_path: Path) -> None:
     assert (c.dtype, c.num_pages) == ("bfloat16", 512)
     with pytest.raises(ValueError, match="engine_cpus"):
         config("--engine-cpus", "0")
+
+
+def test_router_refuses_a_model_it_cannot_read_before_starting_engines(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-model"
+    for extra in ([], ["--ray"]):  # the check comes before any engine or Ray cluster
+        r = subprocess.run([sys.executable, "-m", "loom", "router", "--model", str(missing),
+                            "--engines", "1", *extra], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "does not exist" in r.stderr and "Traceback" not in r.stderr

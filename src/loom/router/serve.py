@@ -42,6 +42,7 @@ def run_router(args: RouterConfig) -> int:
     import uvicorn
 
     from loom.api.shutdown import exit_cleanly_on_sigterm
+    from loom.errors import LoomError
     from loom.models import resolve_model_dir
     from loom.models.tokenizer import Tokenizer
     from loom.router.app import create_router_app
@@ -50,7 +51,10 @@ def run_router(args: RouterConfig) -> int:
 
     try:
         strategy = make_strategy(args.strategy, args.balance)
-    except ValueError as e:
+        # Here first: a model the router cannot read is an error before any engine starts
+        # (a cluster's nodes need it at the same path).
+        tokenizer = Tokenizer.from_dir(resolve_model_dir(args.model))
+    except (ValueError, LoomError) as e:
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
     exit_cleanly_on_sigterm()  # the engines started here stop with the router
@@ -67,7 +71,15 @@ def run_router(args: RouterConfig) -> int:
             env = {"LOOM_API_KEY": key or "", "LOOM_KV_SECRET": secrets.token_hex(16)}
             placement = make_placement(args, env)
             exit_cleanly_on_sigterm()  # again: joining Ray installs a handler of its own
-            urls = placement.start(args.engines)
+            try:
+                urls = placement.start(args.engines)
+            except Exception as e:  # an engine that exits, a cluster without room
+                why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                print(f"loom: error: the engines did not start: {why}", file=sys.stderr)
+                if args.ray is not None:
+                    print("loom: (an engine's own output is in Ray's logs on its node, "
+                          "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
+                return 1
             for u in urls:
                 info = placement.describe(u)
                 node = f" on node {info['node_ip']}" if "node_ip" in info else ""
@@ -77,7 +89,6 @@ def run_router(args: RouterConfig) -> int:
         models = httpx.get(urls[0] + "/v1/models", headers=auth, timeout=10)
         models.raise_for_status()
         model_name = models.json()["data"][0]["id"]
-        tokenizer = Tokenizer.from_dir(resolve_model_dir(args.model))
         router = StrategyRouter(urls, strategy, api_key=key)
         manager = EngineManager(router, placement, args.max_engines, args.scale_queue)
         manager.placed.update(urls if placement is not None else [])
