@@ -133,13 +133,13 @@ def test_inferlet_protocol_through_the_router(
     asyncio.run(scenario())
 
 
-def test_scaling_by_queue_length_adds_then_removes_an_engine(tiny_dir: Path) -> None:
+def test_scaling_by_queue_length_and_restarts_of_local_engines(tiny_dir: Path) -> None:
     from loom.router.manage import EngineManager
     from loom.router.placement import LocalPlacement
     from loom.router.router import RoutedRequest
     from loom.router.strategies import StrategyRouter
 
-    placement = LocalPlacement(str(tiny_dir), quiet=True)
+    placement = LocalPlacement(str(tiny_dir), quiet=True, max_restarts=3)
 
     async def scenario() -> None:
         router = StrategyRouter(placement.start(1), make_dp())
@@ -165,6 +165,18 @@ def test_scaling_by_queue_length_adds_then_removes_an_engine(tiny_dir: Path) -> 
         await manager.autoscale()  # idle twice: the added engine goes (never the first)
         assert [e.index for e in router.engines] == [0] and manager.scaled["down"] == 1
         assert proc.poll() is not None
+        # An engine that dies is started again on its cores, and the router follows it.
+        first = router.engines[0]
+        dead_url, cores = first.url, placement.procs[first.url].cpus
+        placement.procs[dead_url].proc.kill()
+        placement.procs[dead_url].proc.wait()
+        await router.probe()
+        assert not first.alive
+        await manager.follow()
+        assert first.url != dead_url and first.alive
+        assert placement.procs[first.url].cpus == cores and placement.restarts_left == 2
+        async for _ in router.handle(RoutedRequest([5, 6, 7], "after", sampling)):
+            pass
         await router.close()
 
     try:

@@ -277,7 +277,7 @@ class RouterConfig:
     placement: Literal["pack", "spread"] = setting("pack", "Ray: engines packed on few nodes "
                                                    "or spread over many")  # fmt: skip
     engine_cpus: float = setting(1.0, "Ray: CPUs each engine asks for (with no GPUs)")
-    max_restarts: int = setting(3, "Ray: how often a dead engine's actor is restarted")
+    max_restarts: int = setting(3, "how often dead engines it started are restarted")
     # Scaling by queue length, off by default: one engine more while requests in flight per
     # engine stay above scale_queue, one fewer after a quiet while.
     max_engines: int = setting(0, "scale up to this many engines (0: no scaling)")

@@ -38,12 +38,16 @@ class Placement(Protocol):
 
 
 class LocalPlacement:
-    """``loom engine`` processes on 127.0.0.1, each pinned to its own cores."""
+    """``loom engine`` processes on 127.0.0.1, each pinned to its own cores. One that
+    exits is started again on the same cores when the router looks for it (``locate``),
+    up to ``max_restarts`` times in all, as Ray restarts an engine's actor."""
 
     def __init__(self, model: str, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, quiet: bool = False) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, quiet: bool = False,
+                 max_restarts: int = 3) -> None:  # fmt: skip
         self.model, self.args, self.env, self.quiet = model, extra_args, env, quiet
         self.procs: dict[str, EngineProcess] = {}
+        self.restarts_left = max_restarts
 
     def start(self, n: int) -> list[str]:
         procs = start_engines(n, self.model, self.args, quiet=self.quiet, env=self.env)
@@ -53,15 +57,7 @@ class LocalPlacement:
     def add(self) -> str:
         # Its cores: the next share as if one more engine had been started with the rest.
         n = len(self.procs) + 1
-        p = spawn_engine(self.model, cpu_sets(n)[n - 1], self.args, quiet=self.quiet,
-                         env=self.env)  # fmt: skip
-        try:
-            wait_ready(p, time.monotonic() + 300)
-        except BaseException:
-            p.stop()
-            raise
-        self.procs[p.url] = p
-        return p.url
+        return self._start(cpu_sets(n)[n - 1])
 
     def remove(self, url: str) -> None:
         p = self.procs.pop(url, None)
@@ -71,7 +67,28 @@ class LocalPlacement:
 
     def locate(self, url: str) -> str | None:
         p = self.procs.get(url)
-        return url if p is not None and p.proc.poll() is None else None
+        if p is None:
+            return None
+        if p.proc.poll() is None:
+            return url
+        if self.restarts_left <= 0:
+            return None
+        self.restarts_left -= 1
+        del self.procs[url]
+        try:
+            return self._start(p.cpus)
+        except RuntimeError:
+            return None
+
+    def _start(self, cpus: list[int]) -> str:
+        p = spawn_engine(self.model, cpus, self.args, quiet=self.quiet, env=self.env)
+        try:
+            wait_ready(p, time.monotonic() + 300)
+        except BaseException:
+            p.stop()
+            raise
+        self.procs[p.url] = p
+        return p.url
 
     def describe(self, url: str) -> dict[str, Any]:
         p = self.procs.get(url)

@@ -26,7 +26,7 @@ def make_placement(args: RouterConfig, env: dict[str, str]) -> Placement:
     if not args.prefix_cache:
         extra.append("--no-prefix-cache")
     if args.ray is None:
-        return LocalPlacement(args.model, extra, env)
+        return LocalPlacement(args.model, extra, env, max_restarts=args.max_restarts)
     try:
         from loom.router.ray_placement import RayPlacement
     except ImportError:
