@@ -229,10 +229,26 @@ async def sustained_loads(
     return growth
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def local_pair(
+    model: str, engine_args: list[str], vocab: int, lengths: dict[str, tuple[int, int]]
+) -> AsyncIterator[tuple[Runner, list[dict[str, Any]]]]:
+    """Two engines started here and a router over them, stopped on the way out; with
+    where each runs."""
     from loom.router.engines import start_engines
     from loom.router.strategies import StrategyRouter
 
+    engines = start_engines(2, model, extra_args=engine_args, quiet=True)
+    try:
+        router = StrategyRouter([e.url for e in engines])
+        yield Runner(router, vocab, lengths), [{"url": e.url, "cpus": e.cpus} for e in engines]
+        await router.close()
+    finally:
+        for e in engines:
+            e.stop()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "tiny":
         model = "tiny"
     else:
@@ -266,16 +282,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     @contextlib.asynccontextmanager
     async def engine_pair(engine_args: list[str]) -> AsyncIterator[Runner]:
-        """Two engines and a router over them, stopped on the way out."""
-        engines = start_engines(2, model, extra_args=engine_args, quiet=True)
-        out.setdefault("engines", [{"url": e.url, "cpus": e.cpus} for e in engines])
-        try:
-            router = StrategyRouter([e.url for e in engines])
-            yield Runner(router, vocab, lengths)
-            await router.close()
-        finally:
-            for e in engines:
-                e.stop()
+        async with local_pair(model, engine_args, vocab, lengths) as (runner, engines):
+            out.setdefault("engines", engines)
+            yield runner
 
     async with engine_pair(extra) as runner:
         for kind in kinds:

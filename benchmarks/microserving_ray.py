@@ -22,29 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from microserving import Runner, capacity, log
+from microserving import Runner, capacity, local_pair, log
 
 STRATEGIES = ["dp", "pd"]
 
 
 @contextlib.asynccontextmanager
-async def local_pair(model: str, extra: list[str], runner_args: tuple[Any, ...]
-                     ) -> AsyncIterator[Runner]:  # fmt: skip
-    from loom.router.engines import start_engines
-    from loom.router.strategies import StrategyRouter
-
-    engines = start_engines(2, model, extra_args=extra, quiet=True)
-    try:
-        router = StrategyRouter([e.url for e in engines])
-        yield Runner(router, *runner_args)
-        await router.close()
-    finally:
-        for e in engines:
-            e.stop()
-
-
-@contextlib.asynccontextmanager
-async def ray_pair(model: str, extra: list[str], runner_args: tuple[Any, ...]
+async def ray_pair(model: str, extra: list[str], vocab: int, lengths: dict[str, tuple[int, int]]
                    ) -> AsyncIterator[tuple[Runner, list[dict[str, Any]]]]:  # fmt: skip
     # A cluster of this machine alone, on loopback (Ray would pick the routable address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -55,7 +39,7 @@ async def ray_pair(model: str, extra: list[str], runner_args: tuple[Any, ...]
     try:
         urls = placement.start(2)
         router = StrategyRouter(urls)
-        yield Runner(router, *runner_args), [placement.describe(u) for u in urls]
+        yield Runner(router, vocab, lengths), [placement.describe(u) for u in urls]
         await router.close()
     finally:
         placement.close()
@@ -66,9 +50,8 @@ async def compare(args: argparse.Namespace, model: str, extra: list[str], vocab:
     out: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "lengths": lengths,
                            "requests": args.requests, "seeds": args.seeds, "capacity": {},
                            "runs": []}  # fmt: skip
-    runner_args = (vocab, lengths)
-    async with local_pair(model, extra, runner_args) as local, \
-            ray_pair(model, extra, runner_args) as (ray, where):  # fmt: skip
+    async with local_pair(model, extra, vocab, lengths) as (local, _), \
+            ray_pair(model, extra, vocab, lengths) as (ray, where):  # fmt: skip
         out["ray_engines"] = where
         pairs = {"local": local, "ray": ray}
         for kind in args.workloads.split(","):

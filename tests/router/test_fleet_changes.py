@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.test_router_app import serve_in_thread
+from tests.router.conftest import serve_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.test_router_app import free_port, serve_in_thread
+from tests.router.conftest import free_port
 
 # Ray replaces 127.0.0.1 by the machine's routable address unless told it is no cluster
 # of several machines: with this, every Ray daemon and engine binds loopback only.
@@ -98,21 +98,6 @@ def ray_router(ray_cluster: dict[str, str], tiny_dir: Path) -> Iterator[dict[str
         proc.wait(60)
 
 
-@pytest.fixture(scope="module")
-def local_router(engines: list[Any], tiny_dir: Path) -> Iterator[str]:
-    from loom.models.tokenizer import Tokenizer
-    from loom.router.app import create_router_app
-    from loom.router.strategies import StrategyRouter
-
-    model = httpx.get(engines[0].url + "/v1/models").json()["data"][0]["id"]
-    app = create_router_app(
-        StrategyRouter([e.url for e in engines]), Tokenizer.from_dir(tiny_dir), model
-    )
-    server, url = serve_in_thread(app)
-    yield url
-    server.should_exit = True
-
-
 def complete(url: str, prompt: list[int], max_tokens: int = 12, model: str = "tiny") -> str:
     r = httpx.post(url + "/v1/completions", timeout=120, json={
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -132,16 +117,16 @@ def engines_of(url: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("strategy", ["dp", "pd"])
 def test_ray_engines_answer_as_a_local_router(
-    ray_router: dict[str, Any], local_router: str, strategy: str
+    ray_router: dict[str, Any], router_url: str, strategy: str
 ) -> None:
     url = ray_router["url"]
     engines = engines_of(url)
     assert len(engines) == 2 and all(e["alive"] and e["node_ip"] == "127.0.0.1" for e in engines)
     assert sorted(c for e in engines for c in e["cpus"]) == [0, 1]  # one core each
     switch(url, strategy)
-    switch(local_router, strategy)
+    switch(router_url, strategy)
     for prompt in PROMPTS:
-        assert complete(url, prompt) == complete(local_router, prompt)
+        assert complete(url, prompt) == complete(router_url, prompt)
     if strategy == "pd":  # the prefill engine sent KV to a decode engine
         metrics = httpx.get(url + "/metrics", timeout=10).text
         sent = [float(line.split()[-1]) for line in metrics.splitlines()
@@ -150,12 +135,12 @@ def test_ray_engines_answer_as_a_local_router(
 
 
 def test_killed_actor_mid_request_completes_elsewhere(
-    ray_router: dict[str, Any], local_router: str
+    ray_router: dict[str, Any], router_url: str
 ) -> None:
     url = ray_router["url"]
     switch(url, "dp")
     prompt = PROMPTS[0]
-    want = complete(local_router, prompt, max_tokens=600)
+    want = complete(router_url, prompt, max_tokens=600)
     text, killed = [], None
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 600, "temperature": 0,
             "ignore_eos": True, "stream": True}  # fmt: skip
@@ -188,7 +173,7 @@ def test_killed_actor_mid_request_completes_elsewhere(
         assert time.monotonic() < deadline, f"the engine did not come back: {now}"
         time.sleep(0.5)
     model = httpx.get(back[0]["url"] + "/v1/models", timeout=10).json()["data"][0]["id"]
-    assert complete(back[0]["url"], prompt, model=model) == complete(local_router, prompt)
+    assert complete(back[0]["url"], prompt, model=model) == complete(router_url, prompt)
 
 
 def test_added_and_removed_engines_take_and_stop_traffic(ray_router: dict[str, Any]) -> None:

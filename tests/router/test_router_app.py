@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +16,7 @@ import openai
 import pytest
 
 from loom import SamplingParams
-
-
-def serve_in_thread(app: Any) -> tuple[Any, str]:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def router_url(engines: list[Any], tiny_dir: Path) -> Iterator[str]:
-    from loom.models.tokenizer import Tokenizer
-    from loom.router.app import create_router_app
-    from loom.router.strategies import StrategyRouter
-
-    model = httpx.get(engines[0].url + "/v1/models").json()["data"][0]["id"]
-    app = create_router_app(
-        StrategyRouter([e.url for e in engines]), Tokenizer.from_dir(tiny_dir), model
-    )
-    server, url = serve_in_thread(app)
-    yield url
-    server.should_exit = True
+from tests.router.conftest import free_port
 
 
 def test_openai_client_through_the_router_with_live_strategy_switches(
@@ -97,12 +69,6 @@ def test_router_rejects_bad_requests(router_url: str) -> None:
     assert r.status_code == 400
     r = httpx.post(router_url + "/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_loom_router_command(tiny_dir: Path, llm: Any) -> None:

@@ -31,9 +31,11 @@ list               —                                              instances
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
+from fastapi import WebSocket, WebSocketDisconnect
 
 PROTOCOL_VERSION = 1
 CHUNK_SIZE = 256 << 10  # what the server suggests; any chunk size up to MAX_FRAME works
@@ -64,6 +66,23 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+async def incoming(ws: WebSocket) -> AsyncIterator[bytes]:
+    """The frames a client sends over ``ws`` (text frames as their UTF-8 bytes), until it
+    disconnects."""
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                text = message.get("text")
+                data = text.encode() if text is not None else b""
+            yield data
+    except WebSocketDisconnect:
+        return
 
 
 def pack(frame: dict[str, Any]) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 import websockets
-from fastapi import WebSocket, WebSocketDisconnect
+from fastapi import WebSocket
 
 from loom import __version__
 from loom.api.protocol import (
@@ -31,6 +31,7 @@ from loom.api.protocol import (
     Code,
     ProtocolError,
     field,
+    incoming,
     pack,
     unpack,
 )
@@ -110,16 +111,8 @@ class ProxySession:
         await self.ws.accept()
         sender = asyncio.create_task(self._send_loop())
         try:
-            while True:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data is None:
-                    data = (message.get("text") or "").encode()
+            async for data in incoming(self.ws):
                 await self._handle(data)
-        except WebSocketDisconnect:
-            pass
         finally:
             for engine in self.launched.values():  # their instances run on, unwatched
                 engine.running -= 1

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import WebSocket, WebSocketDisconnect
+from fastapi import WebSocket
 
 from loom import __version__
 from loom.api.protocol import (
@@ -20,6 +20,7 @@ from loom.api.protocol import (
     Code,
     ProtocolError,
     field,
+    incoming,
     pack,
     unpack,
 )
@@ -69,17 +70,8 @@ class Session:
         await self.ws.accept()
         sender = asyncio.create_task(self._send_loop())
         try:
-            while True:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data is None:
-                    text = message.get("text")
-                    data = text.encode() if text is not None else b""
+            async for data in incoming(self.ws):
                 await self._handle(data)
-        except WebSocketDisconnect:
-            pass
         finally:
             for iid in list(self.attached):
                 self._detach(iid)
