@@ -145,7 +145,6 @@ def test_scaling_by_queue_length_and_restarts_of_local_engines(tiny_dir: Path) -
         router = StrategyRouter(placement.start(1), make_dp())
         manager = EngineManager(router, placement, max_engines=2, scale_queue=1.0,
                                 idle_needed=2)  # fmt: skip
-        manager.placed.update(e.url for e in router.engines)
         sampling = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}
 
         async def one(i: int) -> None:

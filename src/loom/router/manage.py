@@ -51,11 +51,14 @@ class EngineManager:
         self.router, self.placement = router, placement
         self.min_engines = len(router.engines)
         self.max_engines, self.scale_queue, self.idle_needed = max_engines, scale_queue, idle_needed
-        self.placed: set[str] = set()  # URLs of the engines the placement started
         self.idle_checks = 0
         self.scaled = {"up": 0, "down": 0}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+
+    def placed(self, url: str) -> bool:
+        """Whether the placement started the engine at ``url`` (and so may stop it)."""
+        return self.placement is not None and self.placement.owns(url)
 
     async def add(self, url: str | None = None) -> Engine:
         """Route to the engine at ``url`` (it must answer ``/health``), or to a new engine
@@ -65,7 +68,6 @@ class EngineManager:
                 if self.placement is None:
                     raise ValueError("this router cannot start engines: give an engine 'url'")
                 url = await asyncio.to_thread(self.placement.add)
-                self.placed.add(url)
             else:
                 try:
                     resp = await self.router.http.get(url.rstrip("/") + "/health", timeout=5)
@@ -85,8 +87,8 @@ class EngineManager:
         if engine is None:
             raise KeyError(url)
         await self.router.remove_engine(engine, drain_s)
-        if self.placement is not None and engine.url in self.placed:
-            self.placed.discard(engine.url)
+        if self.placed(engine.url):
+            assert self.placement is not None
             await asyncio.to_thread(self.placement.remove, engine.url)
         log.warning("loom: engine %s left (%d engines)", url, len(self.router.engines))
 
@@ -100,9 +102,6 @@ class EngineManager:
             if new is None or new == e.url:
                 continue
             log.warning("loom: engine %s was restarted at %s", e.url, new)
-            if e.url in self.placed:
-                self.placed.discard(e.url)
-                self.placed.add(new)
             e.url = new
             e.forget()  # a new process: new KV receiver, knows no peers
             await probe(self.router.http, [e])
@@ -120,7 +119,7 @@ class EngineManager:
             await self.add()
             self.scaled["up"] += 1
         elif step < 0:
-            newest = max((e for e in live if e.url in self.placed), key=lambda e: e.index,
+            newest = max((e for e in live if self.placed(e.url)), key=lambda e: e.index,
                          default=None)  # fmt: skip
             if newest is not None:
                 self.idle_checks = 0
@@ -154,7 +153,7 @@ class EngineManager:
             where = self.placement.describe(e.url) if self.placement is not None else {}
             engines.append({"url": e.url, "index": e.index, "alive": e.alive,
                             "running": e.running, "served": e.served, "error": e.error,
-                            "retiring": e.retiring, "placed": e.url in self.placed,
+                            "retiring": e.retiring, "placed": self.placed(e.url),
                             **where})  # fmt: skip
         return {"engines": engines, "autoscale": {
             "min": self.min_engines, "max": self.max_engines, "queue": self.scale_queue,

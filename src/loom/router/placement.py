@@ -32,6 +32,10 @@ class Placement(Protocol):
         """What is known of the engine at ``url`` (where it runs)."""
         ...
 
+    def owns(self, url: str) -> bool:
+        """Whether it started the engine serving at ``url``."""
+        ...
+
     def close(self) -> None:
         """Stop every engine it started."""
         ...
@@ -89,6 +93,9 @@ class LocalPlacement:
             raise
         self.procs[p.url] = p
         return p.url
+
+    def owns(self, url: str) -> bool:
+        return url in self.procs
 
     def describe(self, url: str) -> dict[str, Any]:
         p = self.procs.get(url)

@@ -156,6 +156,9 @@ class RayPlacement:
     def describe(self, url: str) -> dict[str, Any]:
         return dict(self.infos.get(url, {}))
 
+    def owns(self, url: str) -> bool:
+        return url in self.actors
+
     def close(self) -> None:
         """Stop every engine and actor, free the placement groups, leave the cluster."""
         import ray

@@ -91,7 +91,6 @@ def run_router(args: RouterConfig) -> int:
         model_name = models.json()["data"][0]["id"]
         router = StrategyRouter(urls, strategy, api_key=key)
         manager = EngineManager(router, placement, args.max_engines, args.scale_queue)
-        manager.placed.update(urls if placement is not None else [])
         app = create_router_app(router, tokenizer, model_name, args.api_keys,
                                 args.health_interval_s, manager, key)  # fmt: skip
         print(
