@@ -11,6 +11,9 @@ import pytest
 
 # Never touch the user's cache from tests: the embedded default is made in a temp dir.
 os.environ.setdefault("LOOM_CACHE_DIR", tempfile.mkdtemp(prefix="loom-test-cache-"))
+# Without a GPU, Triton kernels run in Triton's interpreter (read once, at its import).
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,11 @@ class EngineConfig:
     # off, or where it cannot be built, attention runs through torch's SDPA.
     cpu_attention_kernel: bool = setting(True, "attend with the paged-attention kernel "
                                                "built for this CPU (off: torch SDPA)")  # fmt: skip
+    # A GPU decode step is launch-bound; replaying a captured graph issues it at once
+    # (engine/decode_graphs.py). Captured per batch-size bucket at start-up.
+    cuda_graphs: bool = setting(True, "replay decode steps from CUDA graphs (CUDA only)")
+    cuda_graph_max_batch: int = setting(256, "largest decode batch a CUDA graph is "
+                                             "captured for (larger ones run eagerly)")  # fmt: skip
     # Pads every pass to this wall time whatever its size, the way a launch-bound GPU
     # step behaves: passes and idle gaps then cost here what they would cost there.
     step_time_ms: float = setting(
@@ -64,6 +69,9 @@ class EngineConfig:
         _require(self.max_num_batched_tokens > 0 and self.max_num_seqs > 0,
                  "max_num_batched_tokens and max_num_seqs must be positive")  # fmt: skip
         _require(self.kv_cache_memory_mb > 0, "kv_cache_memory_mb must be positive")
+        _require(0 < self.cuda_graph_max_batch <= 4096,
+                 f"cuda_graph_max_batch must be in 1..4096, got "
+                 f"{self.cuda_graph_max_batch}")  # fmt: skip
         _require(0 <= self.step_time_ms < 60_000,
                  f"step_time_ms must be in [0, 60000), got {self.step_time_ms}")  # fmt: skip
 

@@ -288,12 +288,12 @@ class PagedAttention:
                 if m.mirror_mode == "fill":
                     assert self.mirror is not None
                     self.mirror.fill(layer, keys, values)
-            out = _attend_grouped(qs, keys, values, None if m.mask_free else m.allowed)
+            out = attend_grouped(qs, keys, values, None if m.mask_free else m.allowed)
         out = out.transpose(1, 2).reshape(s * ql, heads * dim)
         return out if m.q_scatter is None else out.index_select(0, m.q_scatter)
 
 
-def _attend_grouped(
+def attend_grouped(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None
 ) -> torch.Tensor:
     """SDPA of q [S, H, Q, D] over keys/values [S, KVH, L, D] under ``allowed`` [S, 1, Q, L]

@@ -61,9 +61,13 @@ class Engine:
             dtype = next(model.parameters()).dtype
             bytes_per_page = KVCache.bytes_per_token(cfg, dtype) * config.page_size
             num_pages = max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_page)
+        graphs = config.cuda_graphs and next(model.parameters()).device.type == "cuda"
         self.runner = ModelRunner(
-            model, num_pages, config.page_size, native_attention=config.cpu_attention_kernel
-        )
+            model, num_pages, config.page_size, native_attention=config.cpu_attention_kernel,
+            decode_graphs=graphs,
+        )  # fmt: skip
+        if graphs:
+            self.runner.start_decode_graphs(config.cuda_graph_max_batch, self.max_model_len)
         self.states = SamplingStates(self.tokenizer, cfg.vocab_size)
         self.runner.states = self.states
         self.pool = PagePool(num_pages, config.page_size)

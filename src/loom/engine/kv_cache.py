@@ -24,21 +24,26 @@ class KVCache:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        scratch_slot: bool = False,
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         self.num_slots = num_pages * page_size
-        # [layers, 2 (k|v), slots, kv_heads, head_dim]
+        # One slot past every page, when asked: the padding rows of a fixed-size decode
+        # batch (CUDA graphs) write their K/V there; no page table reaches it.
+        self.scratch_slot: int | None = self.num_slots if scratch_slot else None
+        stored = self.num_slots + int(scratch_slot)
+        # [layers, 2 (k|v), slots (+ scratch), kv_heads, head_dim]
         self.kv = torch.zeros(
             cfg.num_layers,
             2,
-            self.num_slots,
+            stored,
             cfg.num_kv_heads,
             cfg.head_dim,
             dtype=dtype,
             device=device,
         )
-        self.slot_pos = torch.full((self.num_slots,), UNWRITTEN, dtype=torch.long, device=device)
-        self.slot_live = torch.zeros(self.num_slots, dtype=torch.bool, device=device)
+        self.slot_pos = torch.full((stored,), UNWRITTEN, dtype=torch.long, device=device)
+        self.slot_live = torch.zeros(stored, dtype=torch.bool, device=device)
         self.version = 0  # bumped when stored K/V change outside a forward pass
 
     @staticmethod

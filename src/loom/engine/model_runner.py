@@ -8,6 +8,7 @@ import torch
 
 from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
+from loom.engine.decode_graphs import DecodeGraphs
 from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import sample
@@ -20,8 +21,15 @@ class ModelRunner:
     """Owns the model and its KV tensors; runs one batch per call."""
 
     def __init__(
-        self, model: CausalLM, num_pages: int, page_size: int, native_attention: bool = True
+        self,
+        model: CausalLM,
+        num_pages: int,
+        page_size: int,
+        native_attention: bool = True,
+        decode_graphs: bool = False,
     ) -> None:
+        """``decode_graphs``: keep a scratch KV slot so ``start_decode_graphs`` can run
+        decode steps from fixed buffers (CUDA graphs on a GPU)."""
         self.model = model
         self.config = model.config
         param = next(model.parameters())
@@ -30,7 +38,10 @@ class ModelRunner:
         self.native_attention = native_attention and cpu_kernels.attention_supported(
             self.device, self.dtype, self.config.head_dim
         )
-        self.cache = KVCache(self.config, num_pages, page_size, self.dtype, self.device)
+        self.cache = KVCache(
+            self.config, num_pages, page_size, self.dtype, self.device, scratch_slot=decode_graphs
+        )
+        self.graphs: DecodeGraphs | None = None
         cfg = self.config
         # The mirror may grow as large as the KV cache (at least MIN_MIRROR_CAP_BYTES).
         kv_bytes = self.cache.kv.numel() * self.cache.kv.element_size()
@@ -43,15 +54,31 @@ class ModelRunner:
         # The sampling states rows may name (set by the engine, which has the tokenizer).
         self.states: SamplingStates | None = None
 
+    def start_decode_graphs(
+        self, max_batch: int, max_len: int, kernel: bool | None = None, progress: bool = True
+    ) -> DecodeGraphs:
+        """Run decode steps of up to ``max_batch`` sequences from fixed buffers; on CUDA,
+        capture their graphs now. ``kernel``: the Triton attention (default: on CUDA)."""
+        self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_len, kernel)
+        if self.device.type == "cuda":
+            self.graphs.capture(progress)
+        return self.graphs
+
     def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
-        """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]."""
+        """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]
+        (valid until the next step: a replayed graph reuses its output buffer)."""
+        graphs = self.graphs
+        if graphs is not None and self.layer_hook is None and graphs.applies(batch):
+            self.mirror.reset()  # the mirror's copies miss the keys this step writes
+            return graphs.run(batch, logits_rows)
         meta = build_metadata(batch, self.cache, self.mirror, self.native_attention)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         logits: torch.Tensor = self.model(
-            ids, pos, PagedAttention(self.cache, meta, self.mirror, self.layer_hook), rows
-        )
+            ids, pos, PagedAttention(self.cache, meta, self.mirror, self.layer_hook), rows,
+            max_position=max(batch.positions),
+        )  # fmt: skip
         return logits
 
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:

@@ -140,11 +140,19 @@ class RotaryEmbedding(nn.Module):
         self._table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         return self._table
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """cos [T, head_dim] (each half duplicated, HF ``rotate_half`` layout) and the
-        signed sin [T, head_dim] ``apply_rotary`` takes: the first half negated."""
+        signed sin [T, head_dim] ``apply_rotary`` takes: the first half negated.
+
+        ``max_position``: the largest of ``positions`` when the caller knows it; otherwise
+        it is read from the tensor, a host synchronisation on a GPU (and not allowed while
+        a CUDA graph is captured)."""
         table = self._table
-        max_pos = int(positions.max()) + 1 if positions.numel() else 1
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else 0
+        max_pos = max_position + 1
         if table is None or table.shape[0] < max_pos or table.device != positions.device:
             table = self._grow(
                 max(max_pos, 2 * (0 if table is None else table.shape[0])), positions.device

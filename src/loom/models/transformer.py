@@ -146,10 +146,12 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         attn: AttentionBackend,
         logits_index: torch.Tensor,
+        max_position: int | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_index: [N] into T -> float32 logits [N, vocab]."""
+        """input_ids, positions: [T]; logits_index: [N] into T -> float32 logits [N, vocab].
+        ``max_position``: the largest position, when known (saves reading it back)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.model.rotary.cos_sin(positions, x.dtype, max_position)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
         # NOTE: only the rows that are sampled go through the final norm and the LM head;
