@@ -8,14 +8,20 @@ programmability tax, as a table and JSON.
   ms per step = (time(128 new) - time(1 new)) / 127, output tokens per second;
 - prefill: 4 prompts of 2048 tokens, one new token: model FLOPs per second over the
   measured bf16 matmul rate of this device (MFU);
+- decode_eager: the same at batch 1 and 64 with CUDA graphs off (what they save);
+- gpu_busy: share of the wall time the GPU runs kernels over 32 decode steps (profiler);
 - tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
   against the built-in scheduler, each run right after one of its own (ms/token ratio).
+
+Each part that fails is recorded under ``errors`` and the rest still runs; the JSON is
+rewritten after every part, so a run cut short keeps what it measured.
 
 The main shape is Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab
 128,256, tied embeddings) with random bf16 weights, made once in ``--cache``. A dry run on
 a CPU: ``--device cpu --shape small --batches 1,4 --prefill 2x256 --tax 1,4 --quick``.
 
     python benchmarks/gpu.py [--device cuda] [--out benchmarks/results/gpu.json]
+        [--inferlet text_completion.wasm]   (built beforehand: no componentize-py needed)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,10 +134,32 @@ def decode(llm: Any, device: str, batch: int, vocab: int, new: int, runs: int) -
         p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         return timed(device, lambda: llm.generate(prompts, p))
 
-    run(2)  # warm-up (and graph capture, where there is any)
+    run(2)  # warm-up
+    graphs = llm.engine.runner.graphs
+    replays = graphs.num_replays if graphs is not None else 0
     steps = [(run(new) - run(1)) / (new - 1) for _ in range(runs)]
     ms = 1000 * statistics.median(steps)
-    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms}
+    replayed = (graphs.num_replays if graphs is not None else 0) - replays
+    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms,
+            "graph_replays": replayed}  # fmt: skip
+
+
+def gpu_busy(llm: Any, batch: int, steps: int = 32) -> dict[str, float]:
+    """Share of the wall time of ``steps`` decode steps the GPU spends in kernels, and
+    kernels launched per step (torch.profiler; prefill and first token excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loom import SamplingParams
+
+    prompts = [list(range(100 + i, 228 + i)) for i in range(batch)]
+    p = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # warm prefix cache
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = timed("cuda", lambda: llm.generate(prompts, p))
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time for e in events)
+    return {"batch": batch, "busy_share": busy_us / 1e6 / t, "wall_ms_per_step": 1e3 * t / steps,
+            "kernels_per_step": len(events) / steps}  # fmt: skip
 
 
 def prefill(llm: Any, device: str, cfg: dict[str, Any], n: int, length: int, peak: float,
@@ -159,8 +188,8 @@ def prefill(llm: Any, device: str, cfg: dict[str, Any], n: int, length: int, pea
             "mfu": flops / t / 1e12 / peak}  # fmt: skip
 
 
-def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int
-        ) -> dict[int, float]:  # fmt: skip
+def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
+        wasm_path: Path | None = None) -> dict[int, float]:  # fmt: skip
     """Median ms/token of the fast-path inferlets over the built-in scheduler's."""
     from loom import LLM
     from loom.config import EngineConfig
@@ -168,7 +197,7 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
     from loom.sdk.build import build_inferlet
     from programmability_tax import run_builtin, run_system
 
-    wasm = build_inferlet(ROOT / "inferlets" / "text_completion").read_bytes()
+    wasm = (wasm_path or build_inferlet(ROOT / "inferlets" / "text_completion")).read_bytes()
     engine = dict(dtype=dtype, device=device, kv_cache_memory_mb=4096)
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
@@ -196,10 +225,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", default="1b", choices=sorted(MODELS))
     ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--eager-batches", default="1,64", help="decode with CUDA graphs off")
     ap.add_argument("--prefill", default="4x2048", help="prompts x tokens")
     ap.add_argument("--tax", default="1,32", help="concurrent inferlets")
+    ap.add_argument("--inferlet", type=Path, help="text_completion built beforehand (.wasm)")
     ap.add_argument("--quick", action="store_true", help="one run per figure (a dry run)")
-    ap.add_argument("--skip", default="", help="any of parity, tax")
+    ap.add_argument("--skip", default="", help="any of parity, eager, profile, tax")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
     args = ap.parse_args()
@@ -211,43 +242,89 @@ def main() -> None:
     cfg = json.loads((path / "config.json").read_text())
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"{args.shape} on {name}", file=sys.stderr)
-    data: dict[str, Any] = {"device": name, "shape": args.shape, "torch": torch.__version__}
-    data["matmul_tflops_bf16"] = peak = matmul_tflops(device, 8192 if name != "cpu" else 2048)
+    data: dict[str, Any] = {"device": name, "shape": args.shape, "torch": torch.__version__,
+                            "errors": {}}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def part(key: str, fn: Callable[[], Any]) -> Any:
+        """Run one part; a failure is recorded and the JSON kept up to date either way."""
+        t = time.perf_counter()
+        try:
+            data[key] = fn()
+        except Exception as e:  # one broken part must not lose the others' figures
+            data["errors"][key] = f"{type(e).__name__}: {e}"
+            print(f"  {key} FAILED: {data['errors'][key]}", file=sys.stderr)
+            traceback.print_exc()
+        print(f"  {key}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        args.out.write_text(json.dumps(data, indent=1, default=str))
+        return data.get(key)
+
+    peak = part("matmul_tflops_bf16",
+                lambda: matmul_tflops(device, 8192 if name != "cpu" else 2048)) or 0.0  # fmt: skip
     if "parity" not in args.skip:
-        data["parity_fp32"] = parity(device, args.cache, 24)
-    llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=16384)
-    if "parity" not in args.skip:
-        data["bf16_identical_share"] = bf16_share(llm, path, device, 32)
-    data["decode"] = [decode(llm, device, int(b), cfg["vocab_size"], 128, runs)
-                      for b in args.batches.split(",")]  # fmt: skip
-    n, length = (int(x) for x in args.prefill.split("x"))
-    data["prefill"] = prefill(llm, device, cfg, n, length, peak, runs)
-    del llm
+        part("parity_fp32", lambda: parity(device, args.cache, 24))
+
+    def bf16_model() -> None:
+        """The main model's parts (its engine is freed at return)."""
+        t = time.perf_counter()
+        llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=16384)
+        graphs = llm.engine.runner.graphs
+        data["engine_start_s"] = time.perf_counter() - t
+        data["graph_buckets"] = graphs.captured if graphs is not None else []
+        if "parity" not in args.skip:
+            part("bf16_identical_share", lambda: bf16_share(llm, path, device, 32))
+        batches = [int(b) for b in args.batches.split(",")]
+        part("decode", lambda: [decode(llm, device, b, cfg["vocab_size"], 128, runs)
+                                for b in batches])  # fmt: skip
+        if "profile" not in args.skip and device.startswith("cuda"):
+            part("gpu_busy", lambda: [gpu_busy(llm, b) for b in (1, 64)])
+        n, length = (int(x) for x in args.prefill.split("x"))
+        part("prefill", lambda: prefill(llm, device, cfg, n, length, peak, runs))
+
+    part("engine", bf16_model)
+    if "eager" not in args.skip and args.eager_batches:
+
+        def eager() -> list[dict[str, float]]:
+            llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=4096,
+                      cuda_graphs=False)  # fmt: skip
+            return [decode(llm, device, int(b), cfg["vocab_size"], 128, runs)
+                    for b in args.eager_batches.split(",")]  # fmt: skip
+
+        part("decode_eager", eager)
     if "tax" not in args.skip:
         levels = [int(x) for x in args.tax.split(",")]
-        data["tax"] = tax(path, device, "bfloat16", levels, 64, runs)
-    by_batch = {d["batch"]: d for d in data["decode"]}
+        part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
+    by_batch = {d["batch"]: d for d in data.get("decode", [])}
     data["summary"] = {
         "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
         "decode_tokens_per_s_batch64": by_batch.get(64, {}).get("tokens_per_s"),
-        "prefill_mfu": data["prefill"]["mfu"],
+        "prefill_mfu": data.get("prefill", {}).get("mfu"),
         "tax_32_fast_path": data.get("tax", {}).get(32),
     }
     data["wall_s"] = time.perf_counter() - t0
-    print(f"\n{args.shape} on {name}, bf16 matmul {peak:.1f} TFLOP/s")
-    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10}")
-    for d in data["decode"]:
-        print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f}")
-    pf = data["prefill"]
-    print(f"prefill {args.prefill}: {pf['tokens_per_s']:.0f} tok/s, {pf['tflops']:.1f} TFLOP/s, "
-          f"MFU {pf['mfu']:.1%}")  # fmt: skip
-    for key in ("parity_fp32", "bf16_identical_share", "tax"):
-        if key in data:
-            print(f"{key}: {data[key]}")
-    print(f"summary: {data['summary']}  ({data['wall_s']:.0f} s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report(data, args.shape, name, peak, args.prefill)
     args.out.write_text(json.dumps(data, indent=1, default=str))
     print(f"wrote {args.out}")
+
+
+def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg: str) -> None:
+    start = data.get("engine_start_s", 0.0)
+    print(f"\n{shape} on {name}, bf16 matmul {peak:.1f} TFLOP/s, graphs for batches "
+          f"{data.get('graph_buckets')} (engine start {start:.1f} s)")  # fmt: skip
+    eager = {d["batch"]: d for d in data.get("decode_eager", [])}
+    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'eager ms/step':>14}")
+    for d in data.get("decode", []):
+        e = eager.get(d["batch"])
+        e_ms = f"{e['ms_per_step']:.2f}" if e else "-"
+        print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f} {e_ms:>14}")
+    pf = data.get("prefill")
+    if pf:
+        print(f"prefill {prefill_arg}: {pf['tokens_per_s']:.0f} tok/s, "
+              f"{pf['tflops']:.1f} TFLOP/s, MFU {pf['mfu']:.1%}")  # fmt: skip
+    for key in ("gpu_busy", "parity_fp32", "bf16_identical_share", "tax", "errors"):
+        if data.get(key):
+            print(f"{key}: {data[key]}")
+    print(f"summary: {data['summary']}  ({data['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

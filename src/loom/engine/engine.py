@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from loom.models.tokenizer import Tokenizer
 from loom.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +69,12 @@ class Engine:
             decode_graphs=graphs,
         )  # fmt: skip
         if graphs:
-            self.runner.start_decode_graphs(config.cuda_graph_max_batch, self.max_model_len)
+            try:
+                self.runner.start_decode_graphs(config.cuda_graph_max_batch, self.max_model_len)
+            except Exception as e:  # a kernel this GPU cannot build: slower, still correct
+                log.warning("CUDA graphs are off, decode runs eagerly: capture failed (%s: %s)",
+                            type(e).__name__, e)  # fmt: skip
+                self.runner.graphs = None
         self.states = SamplingStates(self.tokenizer, cfg.vocab_size)
         self.runner.states = self.states
         self.pool = PagePool(num_pages, config.page_size)
