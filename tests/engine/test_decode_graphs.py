@@ -151,11 +151,17 @@ def test_triton_kernel_matches_reference() -> None:
         scores = (keys @ q[b][:, :, None]).squeeze(2) * dim**-0.5
         scores[:, ~ok] = float("-inf")
         ref.append((scores.softmax(-1)[:, None, :] @ vals).squeeze(1) if n else q[b] * 0)
-    args = [t.to(device) for t in (q, k, v, table.to(torch.int32), kv_lens, q_pos, slot_pos,
-                                   slot_live)]  # fmt: skip
+    index = [t.to(device) for t in (table.to(torch.int32), kv_lens, q_pos, slot_pos, slot_live)]
     for splits in (1, 3, 32):
-        out = triton_decode.paged_decode_attention(*args, ps, dim**-0.5, splits).cpu()
+        out = triton_decode.paged_decode_attention(
+            *(t.to(device) for t in (q, k, v)), *index, ps, dim**-0.5, splits
+        ).cpu()
         torch.testing.assert_close(out, torch.stack(ref), atol=1e-5, rtol=1e-5)
+    # Half precision: products in fp16 on tensor cores, softmax and sums in float32.
+    half = [t.to(device, torch.float16) for t in (q, k, v)]
+    out = triton_decode.paged_decode_attention(*half, *index, ps, dim**-0.5, 4)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float().cpu(), torch.stack(ref), atol=5e-3, rtol=5e-3)
 
 
 @needs_triton

@@ -131,22 +131,51 @@ def sample(
         idx = torch.tensor(rand, device=logits.device)
         drawn = _draw(_filter(logits.index_select(0, idx), samplers), samplers)  # type: ignore[arg-type]
         tokens = tokens.index_copy(0, idx, drawn)
-    need_lp = [i for i, s in enumerate(specs) if s.logprobs is not None]
-    logprobs = torch.log_softmax(raw, dim=-1) if need_lp else None
     token_list = tokens.tolist()
     for i, spec in enumerate(specs):
-        res = results[i]
         if spec.sampler is not None:
-            res.token = token_list[i]
+            results[i].token = token_list[i]
             if spec.state is not None and states is not None:
-                states.advance(spec.state, res.token)
-        if spec.logprobs is not None and logprobs is not None:
-            if res.token is not None:
-                res.logprob = float(logprobs[i, res.token])
-            if spec.logprobs > 0:
-                vals, ids = logprobs[i].topk(spec.logprobs)
-                res.top_logprobs = list(zip(ids.tolist(), vals.tolist(), strict=True))
-        if spec.top_k_dist > 0:
-            probs, ids = torch.softmax(logits[i], -1).topk(spec.top_k_dist)
-            res.top_ids, res.top_probs = ids.tolist(), probs.tolist()
+                states.advance(spec.state, token_list[i])
+    _report_logprobs(raw, tokens, specs, results)
+    _report_distributions(logits, specs, results)
     return results
+
+
+def _report_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, specs: list[OutputSpec], results: list[OutputResult]
+) -> None:
+    """Log-probabilities of the chosen tokens and the top-k, for the rows asking: gathered
+    for all rows at once, so a GPU step reads them back in one transfer, not one per row."""
+    rows = [i for i, s in enumerate(specs) if s.logprobs is not None]
+    if not rows:
+        return
+    idx = torch.tensor(rows, device=raw.device)
+    logprobs = torch.log_softmax(raw.index_select(0, idx), dim=-1)  # [M, V]
+    chosen = logprobs.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
+    k = max(specs[i].logprobs or 0 for i in rows)
+    top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+    vals, ids = top_vals.tolist(), top_ids.tolist()
+    for m, i in enumerate(rows):
+        res, want = results[i], specs[i].logprobs or 0
+        if res.token is not None:
+            res.logprob = chosen[m]
+        if want > 0:
+            res.top_logprobs = list(zip(ids[m][:want], vals[m][:want], strict=True))
+
+
+def _report_distributions(
+    logits: torch.Tensor, specs: list[OutputSpec], results: list[OutputResult]
+) -> None:
+    """The ``top_k_dist`` most likely tokens of the (masked) distribution, for the rows
+    asking, in one transfer."""
+    rows = [i for i, s in enumerate(specs) if s.top_k_dist > 0]
+    if not rows:
+        return
+    idx = torch.tensor(rows, device=logits.device)
+    k = max(specs[i].top_k_dist for i in rows)
+    probs, ids = torch.softmax(logits.index_select(0, idx), -1).topk(k, dim=-1)
+    probs_l, ids_l = probs.tolist(), ids.tolist()
+    for m, i in enumerate(rows):
+        want = specs[i].top_k_dist
+        results[i].top_ids, results[i].top_probs = ids_l[m][:want], probs_l[m][:want]
