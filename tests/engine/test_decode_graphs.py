@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from loom import LLM, SamplingParams
 from loom.engine.batch import ForwardBatch, OutputSpec
 from loom.engine.decode_graphs import DecodeGraphs, buckets_up_to
 from loom.engine.model_runner import ModelRunner
 from loom.kernels import triton_decode
-from tests.helpers import random_model, single_seq_batch
+from tests.helpers import assert_all_pages_free, random_model, single_seq_batch
 
 PS = 4
 TABLES = [[3, 7, 1, 12, 5, 9, 20, 21], [0, 2, 4, 6, 8, 10, 22, 23], [11, 13, 14, 15, 16, 17, 24]]
@@ -181,8 +182,6 @@ def test_model_steps_with_the_triton_kernel() -> None:
 def test_llm_tokens_equal_with_and_without_graphs(tiny_dir: Path) -> None:
     """Greedy float32 generation through captured graphs equals the eager engine's, for
     batches that land in several buckets."""
-    from loom import LLM, SamplingParams
-
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [list(range(10 + i, 20 + 3 * i)) for i in range(5)]
     graphed = LLM(str(tiny_dir), device="cuda", num_pages=256, cuda_graph_max_batch=8)
@@ -194,3 +193,34 @@ def test_llm_tokens_equal_with_and_without_graphs(tiny_dir: Path) -> None:
         want = [o.token_ids for o in eager.generate(batch, params)]
         assert got == want
     assert graphs.num_replays >= 3 * 23 and graphs.num_eager == 0
+
+
+def static_decode_llm(path: Path, max_batch: int) -> LLM:
+    """An LLM whose decode steps run from the fixed buffers, as on CUDA (eagerly here)."""
+    llm = LLM(str(path))
+    engine, old = llm.engine, llm.engine.runner
+    runner = ModelRunner(old.model, old.cache.num_pages, old.cache.page_size,
+                         native_attention=False, decode_graphs=True)  # fmt: skip
+    runner.states = old.states
+    runner.start_decode_graphs(max_batch, engine.max_model_len, kernel=False)
+    engine.runner = runner
+    return llm
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_scheduler_decode_through_fixed_buffers(family_dirs: dict[str, Path],
+                                                family: str) -> None:  # fmt: skip
+    """The built-in scheduler's steps (batches shrinking from 5 to 1 as requests finish,
+    prefix-cache hits on the second round) give the tokens of the eager engine."""
+    path = family_dirs[family]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 2048, (n,), generator=g).tolist() for n in (20, 45, 70, 33, 9)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+              for n in (12, 30, 5, 21, 17)]  # fmt: skip
+    want = [o.token_ids for o in LLM(str(path)).generate(prompts, params)]
+    llm = static_decode_llm(path, max_batch=4)
+    for _ in range(2):
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.num_eager > 20  # batches of 4 and fewer
+    assert_all_pages_free(llm)
