@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels import cpu as cpu_kernels
+from loom.kernels import triton_ops
 
 
 def _mkldnn_linear_available() -> bool:
@@ -91,6 +92,8 @@ class RMSNorm(nn.Module):
         # what ``rms_norm(x.float()).to(bf16)`` gives, without the two float32 copies.
         if cpu_kernels.rms_norm_applies(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)  # the same in one call
+        if triton_ops.applies(x) and x.dtype == self.weight.dtype:
+            return triton_ops.rms_norm(x, self.weight, self.eps)  # GPU: one launch
         normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * normed
 
@@ -169,6 +172,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     into the sin table ([-x2, x1] * [s, s] == [x2, x1] * [-s, s] exactly), which saves a
     pass over the heads per layer.
     """
+    if triton_ops.applies(x):
+        return triton_ops.rotary(x, cos, signed_sin)  # one launch instead of four
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + swapped * signed_sin[:, None, :]
@@ -207,7 +212,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if triton_ops.applies(gate_up):
+                return self.down_proj(triton_ops.silu_mul(gate_up))  # type: ignore[no-any-return]
+            gate, up = gate_up.split(self.intermediate, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         out: torch.Tensor = self.down_proj(F.silu(gate).mul_(up))
