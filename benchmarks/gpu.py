@@ -8,7 +8,8 @@ programmability tax, as a table and JSON.
   ms per step = (time(128 new) - time(1 new)) / 127, output tokens per second;
 - prefill: 4 prompts of 2048 tokens, one new token: model FLOPs per second over the
   measured bf16 matmul rate of this device (MFU);
-- decode_eager: the same at batch 1 and 64 with CUDA graphs off (what they save);
+- decode_eager, decode_unfused: the same at batch 1 and 64 with CUDA graphs off, and with
+  the fused Triton ops off (``LOOM_TRITON_OPS=0``): what each saves;
 - gpu_busy: share of the wall time the GPU runs kernels over 32 decode steps (profiler);
 - tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
   against the built-in scheduler, each run right after one of its own (ms/token ratio).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -282,15 +284,25 @@ def main() -> None:
         part("prefill", lambda: prefill(llm, device, cfg, n, length, peak, runs))
 
     part("engine", bf16_model)
-    if "eager" not in args.skip and args.eager_batches:
 
-        def eager() -> list[dict[str, float]]:
-            llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=4096,
-                      cuda_graphs=False)  # fmt: skip
+    def variant(env: dict[str, str], **kw: Any) -> list[dict[str, float]]:
+        """Decode at ``--eager-batches`` with other engine settings or environment."""
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=4096, **kw)
             return [decode(llm, device, int(b), cfg["vocab_size"], 128, runs)
                     for b in args.eager_batches.split(",")]  # fmt: skip
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
-        part("decode_eager", eager)
+    if "eager" not in args.skip and args.eager_batches:
+        part("decode_eager", lambda: variant({}, cuda_graphs=False))
+        part("decode_unfused", lambda: variant({"LOOM_TRITON_OPS": "0"}))
     if "tax" not in args.skip:
         levels = [int(x) for x in args.tax.split(",")]
         part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
@@ -311,12 +323,13 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
     start = data.get("engine_start_s", 0.0)
     print(f"\n{shape} on {name}, bf16 matmul {peak:.1f} TFLOP/s, graphs for batches "
           f"{data.get('graph_buckets')} (engine start {start:.1f} s)")  # fmt: skip
-    eager = {d["batch"]: d for d in data.get("decode_eager", [])}
-    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'eager ms/step':>14}")
+    others = [{d["batch"]: d["ms_per_step"] for d in data.get(k) or []}
+              for k in ("decode_eager", "decode_unfused")]  # fmt: skip
+    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'no graphs':>10} {'unfused':>8}")
     for d in data.get("decode", []):
-        e = eager.get(d["batch"])
-        e_ms = f"{e['ms_per_step']:.2f}" if e else "-"
-        print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f} {e_ms:>14}")
+        e, u = (f"{o[d['batch']]:.2f}" if d["batch"] in o else "-" for o in others)
+        print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f} {e:>10} "
+              f"{u:>8}")  # fmt: skip
     pf = data.get("prefill")
     if pf:
         print(f"prefill {prefill_arg}: {pf['tokens_per_s']:.0f} tok/s, "
