@@ -62,8 +62,12 @@ class DecodeGraphs:
         self._meta = torch.zeros(4, top, dtype=torch.long, device=device)
         self._table = torch.zeros(top, self.width, dtype=torch.int32, device=device)
         self._rows = torch.arange(top, device=device)
-        # Grown once to the full context: no step reads a position back to grow it.
-        model.model.rotary.cos_sin(self._meta[1, :1], torch.float32, max_len - 1)
+        # Grown once to the full context: no step reads a position back to grow it. Held
+        # here too: the graphs read this tensor's memory even if an eager step (positions
+        # past max_len) later grows the model's table into a new one.
+        rotary = model.model.rotary
+        rotary.cos_sin(self._meta[1, :1], torch.float32, max_len - 1)
+        self._rotary_table = rotary.table
         processors = (
             torch.cuda.get_device_properties(device).multi_processor_count
             if device.type == "cuda"

@@ -136,6 +136,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self._table: torch.Tensor | None = None  # [max_pos, head_dim] as cos | sin halves
 
+    @property
+    def table(self) -> torch.Tensor | None:
+        """The cos | sin table [max_pos, head_dim] (None before the first lookup)."""
+        return self._table
+
     def _grow(self, size: int, device: torch.device) -> torch.Tensor:
         size = max(size, 256)
         pos = torch.arange(size, dtype=torch.float32, device=device)
