@@ -8,6 +8,8 @@ programmability tax, as a table and JSON.
   ms per step = (time(128 new) - time(1 new)) / 127, output tokens per second;
 - prefill: 4 prompts of 2048 tokens, one new token: model FLOPs per second over the
   measured bf16 matmul rate of this device (MFU);
+- attention: one layer's decode attention, the Triton kernel against gathering the pages
+  and SDPA, at batch 1 and 64 over 256 and 2048 keys;
 - decode_eager, decode_unfused: the same at batch 1 and 64 with CUDA graphs off, and with
   the fused Triton ops off (``LOOM_TRITON_OPS=0``): what each saves;
 - gpu_busy: share of the wall time the GPU runs kernels over 32 decode steps (profiler);
@@ -190,6 +192,56 @@ def prefill(llm: Any, device: str, cfg: dict[str, Any], n: int, length: int, pea
             "mfu": flops / t / 1e12 / peak}  # fmt: skip
 
 
+def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
+              ) -> list[dict[str, float]]:  # fmt: skip
+    """One layer's decode attention on the 1B shape (32 heads, 8 KV heads, dim 64, bf16):
+    the Triton kernel reading pages in place against gathering the pages and SDPA (the
+    eager path's way), in µs per call (CUDA events around 50 calls)."""
+    from loom.engine.kv_cache import KVCache
+    from loom.engine.static_decode import DecodeInputs, reference_decode_attention
+    from loom.kernels import triton_decode
+    from loom.models.config import ModelConfig
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=2048,
+                      intermediate_size=8, num_layers=1, num_heads=32, num_kv_heads=8,
+                      head_dim=64, max_position_embeddings=4096)  # fmt: skip
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            ps = 16
+            pages = b * -(-ctx // ps)
+            cache = KVCache(cfg, pages, ps, dtype, torch.device(device))
+            cache.kv.normal_()
+            cache.slot_pos.copy_(torch.arange(cache.slot_pos.numel()) % ctx)
+            cache.slot_live.fill_(True)
+            table = torch.randperm(pages, device=device).view(b, -1).to(torch.int32)
+            lens = torch.full((b,), ctx, device=device)
+            inputs = DecodeInputs(table[:, :1].long(), table, lens, lens - 1)
+            q = torch.randn(b, 32, 64, device=device, dtype=dtype)
+            splits = triton_decode.splits_for(b, 8, torch.cuda.get_device_properties(
+                device).multi_processor_count) if device.startswith("cuda") else 1  # fmt: skip
+            kv = cache.kv[0]
+
+            def triton_call(q=q, kv=kv, inputs=inputs, cache=cache, splits=splits) -> Any:
+                return triton_decode.paged_decode_attention(
+                    q, kv[0], kv[1], inputs.page_table, inputs.kv_lens, inputs.positions,
+                    cache.slot_pos, cache.slot_live, 16, 0.125, splits)  # fmt: skip
+
+            def gather_call(q=q, cache=cache, inputs=inputs) -> Any:
+                return reference_decode_attention(q, cache, 0, inputs)
+
+            row: dict[str, float] = {"batch": b, "context": ctx}
+            for name, fn in (("triton_us", triton_call), ("gather_sdpa_us", gather_call)):
+                if name == "triton_us" and not kernel:
+                    continue
+                fn()
+                row[name] = 1e6 * timed(device, lambda fn=fn: [fn() for _ in range(50)]) / 50
+            rows.append(row)
+            print(f"  attention {row}", file=sys.stderr)
+    return rows
+
+
 def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
         wasm_path: Path | None = None) -> dict[int, float]:  # fmt: skip
     """Median ms/token of the fast-path inferlets over the built-in scheduler's."""
@@ -232,7 +284,7 @@ def main() -> None:
     ap.add_argument("--tax", default="1,32", help="concurrent inferlets")
     ap.add_argument("--inferlet", type=Path, help="text_completion built beforehand (.wasm)")
     ap.add_argument("--quick", action="store_true", help="one run per figure (a dry run)")
-    ap.add_argument("--skip", default="", help="any of parity, eager, profile, tax")
+    ap.add_argument("--skip", default="", help="any of parity, attention, eager, profile, tax")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
     args = ap.parse_args()
@@ -265,6 +317,11 @@ def main() -> None:
                 lambda: matmul_tflops(device, 8192 if name != "cpu" else 2048)) or 0.0  # fmt: skip
     if "parity" not in args.skip:
         part("parity_fp32", lambda: parity(device, args.cache, 24))
+    if "attention" not in args.skip:
+        from loom.kernels import triton_decode
+
+        kernel = device.startswith("cuda") and triton_decode.available()
+        part("attention", lambda: attention(device, kernel, [1, 64], [256, 2048]))
 
     def bf16_model() -> None:
         """The main model's parts (its engine is freed at return)."""
@@ -334,7 +391,7 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
     if pf:
         print(f"prefill {prefill_arg}: {pf['tokens_per_s']:.0f} tok/s, "
               f"{pf['tflops']:.1f} TFLOP/s, MFU {pf['mfu']:.1%}")  # fmt: skip
-    for key in ("gpu_busy", "parity_fp32", "bf16_identical_share", "tax", "errors"):
+    for key in ("attention", "gpu_busy", "parity_fp32", "bf16_identical_share", "tax", "errors"):
         if data.get(key):
             print(f"{key}: {data[key]}")
     print(f"summary: {data['summary']}  ({data['wall_s']:.0f} s)")
