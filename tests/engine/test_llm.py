@@ -81,9 +81,50 @@ def test_stop_tokens_stop_strings_and_max_tokens(tiny_llm: LLM) -> None:
     text = base.text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "need a visible stop string"
+    rows_before = tiny_llm.engine.stats.num_outputs
     out = tiny_llm.generate(prompt, greedy(20, stop=[stop], ignore_eos=True))[0]
     assert out.finish_reason == "stop"
     assert out.text == text[: text.index(stop)]
+    # It ran one more row after the token that completed the stop string (its text is made
+    # while the next step runs); that row's token is dropped.
+    n = len(out.token_ids)
+    assert n < 20 and out.token_ids == base.token_ids[:n]
+    assert tiny_llm.engine.stats.num_outputs - rows_before == n + 1
+    assert stop in tiny_llm.tokenizer.decode(prompt_ids(tiny_llm, prompt) + out.token_ids)
+    assert stop not in tiny_llm.tokenizer.decode(out.token_ids[:-1])
+    assert_all_pages_free(tiny_llm)
+
+
+def prompt_ids(llm: LLM, prompt: str) -> list[int]:
+    return llm.tokenizer.encode(prompt)[-5:]  # the detokenizer's left context
+
+
+def test_a_steps_text_is_made_while_the_next_step_runs(tiny_llm: LLM) -> None:
+    """Order of host work: each step is launched, then the previous step's tokens become
+    text, then the step's tokens are read back."""
+    engine = tiny_llm.engine
+    events: list[str] = []
+    launch, detokenize = engine.runner.launch, engine.scheduler.outputs.detokenize
+
+    def traced_launch(batch: object) -> object:
+        events.append("launch")
+        wait = launch(batch)  # type: ignore[arg-type]
+        return lambda: (events.append("wait"), wait())[1]
+
+    def traced_detokenize(req: object) -> object:
+        events.append("text")
+        return detokenize(req)  # type: ignore[arg-type]
+
+    engine.runner.launch = traced_launch  # type: ignore[assignment,method-assign]
+    engine.scheduler.outputs.detokenize = traced_detokenize  # type: ignore[assignment,method-assign]
+    try:
+        out = tiny_llm.generate([[5, 6, 7]], greedy(3, ignore_eos=True))[0]
+    finally:
+        del engine.runner.launch, engine.scheduler.outputs.detokenize
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    # prefill (token 1) | decode 2, text of 1 | decode 3, text of 2 | text of 3
+    assert events == ["launch", "wait", "launch", "text", "wait", "launch", "text", "wait",
+                      "text"]  # fmt: skip
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llm: LLM) -> None:

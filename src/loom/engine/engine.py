@@ -136,23 +136,33 @@ class Engine:
         return self._run(batch)
 
     def _run(self, batch: ForwardBatch) -> list[OutputResult]:
+        return self._launch(batch)()
+
+    def _launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
+        """Start one pass; the returned call waits for it (``ModelRunner.launch``)."""
         t0 = time.perf_counter()
         if self.threads is not None:
             self.threads.poll()
         self.runner.cache.reset_pages(self.pool.drain_fresh())
-        results = self.runner.execute(batch)
-        if self._step_s:
-            # Constant step time (benchmarks): a pass of any size takes ``step_time_ms``,
-            # as a launch-bound GPU decode step does; the CPU is free meanwhile.
-            pad = t0 + self._step_s - time.perf_counter()
-            if pad > 0:
-                time.sleep(pad)
-        self.stats.busy_s += time.perf_counter() - t0
-        self.stats.num_steps += 1
-        self.stats.num_tokens += batch.num_tokens
-        self.stats.num_outputs += len(batch.outputs)
-        self.stats.recent_batches.append((batch.num_seqs, batch.num_tokens))
-        return results
+        pending = self.runner.launch(batch)
+
+        def finish() -> list[OutputResult]:
+            results = pending()
+            if self._step_s:
+                # Constant step time (benchmarks): a pass of any size takes
+                # ``step_time_ms``, as a launch-bound GPU decode step does; the CPU is free
+                # meanwhile.
+                pad = t0 + self._step_s - time.perf_counter()
+                if pad > 0:
+                    time.sleep(pad)
+            self.stats.busy_s += time.perf_counter() - t0
+            self.stats.num_steps += 1
+            self.stats.num_tokens += batch.num_tokens
+            self.stats.num_outputs += len(batch.outputs)
+            self.stats.recent_batches.append((batch.num_seqs, batch.num_tokens))
+            return results
+
+        return finish
 
     # ===== built-in scheduler =====
 
@@ -200,9 +210,15 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Request]:
-        """Run one scheduled step; return the requests that finished."""
+        """Run one scheduled step; return the requests that finished.
+
+        The previous step's tokens become text (and meet the stop strings) while this step
+        runs: on a GPU that host work hides behind the pass instead of leaving the GPU idle.
+        A request stopped by a stop string thus runs one wasted row in the step after."""
         out = self.scheduler.schedule()
-        if out is not None:
-            # The scheduler builds batches from validated requests: no per-token re-check.
-            self.scheduler.update(out, self._run(out.batch))
+        # The scheduler builds batches from validated requests: no per-token re-check.
+        finish = self._launch(out.batch) if out is not None else None
+        self.scheduler.detokenize()
+        if out is not None and finish is not None:
+            self.scheduler.update(out, finish())
         return self.scheduler.take_finished()

@@ -11,7 +11,7 @@ from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.decode_graphs import DecodeGraphs
 from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
 from loom.engine.kv_cache import KVCache
-from loom.engine.sampler import sample
+from loom.engine.sampler import draw, read
 from loom.engine.sampling_state import SamplingStates
 from loom.kernels import cpu as cpu_kernels
 from loom.models.transformer import CausalLM
@@ -81,7 +81,17 @@ class ModelRunner:
         )  # fmt: skip
         return logits
 
+    def launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
+        """Start one engine step; the returned call waits for it and gives the results in
+        the order of ``batch.outputs``. On a GPU the step runs meanwhile (the host is free
+        until the call); on a CPU it has run by the time this returns."""
+        if not batch.outputs:
+            self.forward_logits(batch, [])
+            return lambda: []
+        logits = self.forward_logits(batch, [o.index for o in batch.outputs])
+        drawn = draw(logits, batch.outputs, self.states)
+        return lambda: read(drawn)
+
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
         """One engine step: results in the order of ``batch.outputs``."""
-        logits = self.forward_logits(batch, [o.index for o in batch.outputs])
-        return sample(logits, batch.outputs, self.states) if batch.outputs else []
+        return self.launch(batch)()

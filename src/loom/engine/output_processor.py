@@ -1,7 +1,8 @@
 """Appends sampled tokens to requests and decides when a request is finished.
 
-Stop tokens, stop strings (matched on incrementally detokenized text and cut from it),
-``max_tokens`` and the context length are all checked here, once per new token.
+Stop tokens, ``max_tokens`` and the context length are checked as each token arrives;
+stop strings on the incrementally detokenized text (cut from it), a step later, while the
+engine runs the next pass.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class OutputProcessor:
         self.max_model_len = max_model_len
 
     def append(self, req: Request, result: OutputResult) -> str | None:
-        """Record one sampled token; return the finish reason, or None to continue."""
+        """Record one sampled token; return why the request ends here (a stop token, its
+        length), or None. Its text comes later, from ``detokenize``."""
         token = result.token
         assert token is not None, "a sampling step produced no token"
         req.output_ids.append(token)
@@ -34,22 +36,32 @@ class OutputProcessor:
             req.logprobs.append(result.logprob if result.logprob is not None else 0.0)
             if params.logprobs > 0:
                 req.top_logprobs.append(result.top_logprobs)
-        is_stop_token = token in params.stop_token_ids or (
+        if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids
-        )
-        if is_stop_token:
+        ):
             return "stop"
+        if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def detokenize(self, req: Request) -> str | None:
+        """Turn the tokens ``append`` recorded into text; "stop" when a stop string
+        appears (the text is cut there), else None. ``req.finish_reason`` is what
+        ``append`` returned: a stop token adds no text, a length end flushes what is held."""
         if req.detokenizer is None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        delta = req.detokenizer.push(token)
-        if delta:
-            before = len(req.text)
-            req.text += delta
-            cut = find_stop(req.text, before, params.stop) if params.stop else -1
-            if cut >= 0:
-                req.text = req.text[:cut]
-                return "stop"
-        if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        end = len(req.output_ids) - (req.finish_reason == "stop")
+        stop = req.params.stop
+        while req.num_detokenized < end:
+            delta = req.detokenizer.push(req.output_ids[req.num_detokenized])
+            req.num_detokenized += 1
+            if delta:
+                before = len(req.text)
+                req.text += delta
+                cut = find_stop(req.text, before, stop) if stop else -1
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    return "stop"
+        if req.finish_reason == "length":
             req.text += req.detokenizer.flush()  # an incomplete character at the very end
-            return "length"
         return None

@@ -35,6 +35,7 @@ class Request:
     num_inserted_pages: int = 0  # full pages already offered to the prefix cache
     num_preemptions: int = 0
     detokenizer: Any = None  # IncrementalDetokenizer while running
+    num_detokenized: int = 0  # output ids already turned into text
     # perf_counter times of the first and the latest sampled token (time per output token)
     first_token_at: float | None = None
     last_token_at: float | None = None

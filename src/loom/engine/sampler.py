@@ -8,6 +8,8 @@ Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) is a draw from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -116,14 +118,24 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
-def sample(
+@dataclass(slots=True)
+class DrawnTokens:
+    """One step's tokens, drawn on the logits' device and not yet read back."""
+
+    raw: torch.Tensor  # float32 [N, V]: the model's logits (log-probabilities use these)
+    logits: torch.Tensor  # ... after bias, masks and sampling states
+    tokens: torch.Tensor  # [N] long
+    specs: list[OutputSpec]
+    states: SamplingStates | None
+
+
+def draw(
     logits: torch.Tensor, specs: list[OutputSpec], states: SamplingStates | None = None
-) -> list[OutputResult]:
-    """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec.
-    Rows naming a sampling state get its penalties and mask; it takes their token."""
+) -> DrawnTokens:
+    """Apply each row's bias, mask and state, and draw its token, all on the logits'
+    device: on a GPU nothing waits here (``read`` waits for the tokens)."""
     raw = logits  # (log-probabilities are reported under the unmodified distribution)
     logits = _apply_logit_masks(logits, specs, states)
-    results = [OutputResult() for _ in specs]
     tokens = fast_argmax(logits)  # greedy rows keep this
     rand = [i for i, s in enumerate(specs) if s.sampler is not None and not s.sampler.is_greedy]
     if rand:
@@ -131,15 +143,31 @@ def sample(
         idx = torch.tensor(rand, device=logits.device)
         drawn = _draw(_filter(logits.index_select(0, idx), samplers), samplers)  # type: ignore[arg-type]
         tokens = tokens.index_copy(0, idx, drawn)
-    token_list = tokens.tolist()
+    return DrawnTokens(raw, logits, tokens, specs, states)
+
+
+def read(drawn: DrawnTokens) -> list[OutputResult]:
+    """The tokens read back (the step's one wait on a GPU), sampling states advanced,
+    and the log-probabilities and distributions the rows asked for."""
+    specs, states = drawn.specs, drawn.states
+    results = [OutputResult() for _ in specs]
+    token_list = drawn.tokens.tolist()
     for i, spec in enumerate(specs):
         if spec.sampler is not None:
             results[i].token = token_list[i]
             if spec.state is not None and states is not None:
                 states.advance(spec.state, token_list[i])
-    _report_logprobs(raw, tokens, specs, results)
-    _report_distributions(logits, specs, results)
+    _report_logprobs(drawn.raw, drawn.tokens, specs, results)
+    _report_distributions(drawn.logits, specs, results)
     return results
+
+
+def sample(
+    logits: torch.Tensor, specs: list[OutputSpec], states: SamplingStates | None = None
+) -> list[OutputResult]:
+    """logits: float32 [N, V], row i for ``specs[i]`` -> one ``OutputResult`` per spec.
+    Rows naming a sampling state get its penalties and mask; it takes their token."""
+    return read(draw(logits, specs, states))
 
 
 def _report_logprobs(

@@ -51,12 +51,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished: list[Request] = []  # finished since the last take_finished()
+        # Requests whose latest tokens are not text yet (``detokenize``), in order.
+        self._undetokenized: dict[Request, None] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._undetokenized)
 
     def abort(self, request_id: str) -> Request | None:
         for req in list(self.waiting) + self.running:
@@ -171,12 +173,16 @@ class Scheduler:
         return done
 
     def update(self, out: SchedulerOutput, results: list[OutputResult]) -> None:
-        """Apply one step's results to its requests."""
+        """Apply one step's results to its requests. A request ending here (a stop token,
+        its length) leaves the running set and frees its pages now; it is finished once
+        ``detokenize`` has made its text."""
         it = iter(results)
         now = time.perf_counter()
         for s in out.seqs:
             req = s.request
-            if req.is_finished:  # aborted while the step ran
+            if s.samples:
+                result = next(it)
+            if req.is_finished:  # aborted, or stopped by a stop string, while the step ran
                 continue
             req.num_computed += s.num_new
             self._cache_full_pages(req)
@@ -184,9 +190,23 @@ class Scheduler:
                 if req.first_token_at is None:
                     req.first_token_at = now
                 req.last_token_at = now
-                reason = self.outputs.append(req, next(it))
+                reason = self.outputs.append(req, result)
+                self._undetokenized[req] = None
                 if reason is not None:
-                    self._finish(req, reason)
+                    self.running.remove(req)
+                    self._release(req)
+                    req.finish_reason = reason
+
+    def detokenize(self) -> None:
+        """Turn the tokens of the latest ``update`` into text, apply stop strings, and
+        finish the requests that ended."""
+        pending, self._undetokenized = self._undetokenized, {}
+        for req in pending:
+            if req.is_finished:  # aborted since
+                continue
+            reason = self.outputs.detokenize(req) or req.finish_reason
+            if reason is not None:
+                self._finish(req, reason)
 
     def _cache_full_pages(self, req: Request) -> None:
         if self.prefix_cache is None:
