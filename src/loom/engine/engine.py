@@ -136,10 +136,12 @@ class Engine:
         return self._run(batch)
 
     def _run(self, batch: ForwardBatch) -> list[OutputResult]:
-        return self._launch(batch)()
+        return self.launch(batch)()
 
-    def _launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
-        """Start one pass; the returned call waits for it (``ModelRunner.launch``)."""
+    def launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
+        """Start one pass of a batch built from state already checked (not validated
+        again); the returned call waits for it and gives the results. On a GPU the host
+        is free in between (``ModelRunner.launch``)."""
         t0 = time.perf_counter()
         if self.threads is not None:
             self.threads.poll()
@@ -217,7 +219,7 @@ class Engine:
         A request stopped by a stop string thus runs one wasted row in the step after."""
         out = self.scheduler.schedule()
         # The scheduler builds batches from validated requests: no per-token re-check.
-        finish = self._launch(out.batch) if out is not None else None
+        finish = self.launch(out.batch) if out is not None else None
         self.scheduler.detokenize()
         if out is not None and finish is not None:
             self.scheduler.update(out, finish())
