@@ -41,9 +41,9 @@ run)
     export LOOM_CPU_KERNELS=0
     nvidia-smi -L || true
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs.py \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_decode_graphs.py \
         tests/kernels/test_triton_ops.py 2>&1 | tee "$out/gpu_tests.log" | tail -25 || true
-    timeout 420 python3 benchmarks/gpu.py --inferlet "$dir/text_completion.wasm" \
+    timeout 400 python3 benchmarks/gpu.py --inferlet "$dir/text_completion.wasm" \
         --out "$out/gpu.json" 2>&1 | grep -v "Writing model shards" | tee "$out/gpu.log" | tail -45
     ;;
 *)
