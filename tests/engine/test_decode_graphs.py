@@ -207,11 +207,14 @@ def static_decode_llm(path: Path, max_batch: int) -> LLM:
     return llm
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
-def test_scheduler_decode_through_fixed_buffers(family_dirs: dict[str, Path],
-                                                family: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(("family", "lookahead"),
+                         [("llama3", False), ("qwen3", False), ("llama3", True)])  # fmt: skip
+def test_scheduler_decode_through_fixed_buffers(family_dirs: dict[str, Path], family: str,
+                                                lookahead: bool) -> None:  # fmt: skip
     """The built-in scheduler's steps (batches shrinking from 5 to 1 as requests finish,
-    prefix-cache hits on the second round) give the tokens of the eager engine."""
+    prefix-cache hits on the second round) give the tokens of the eager engine; with
+    lookahead (the GPU's order) the decode rows' tokens are fed into the buffers on the
+    device."""
     path = family_dirs[family]
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 2048, (n,), generator=g).tolist() for n in (20, 45, 70, 33, 9)]
@@ -219,6 +222,7 @@ def test_scheduler_decode_through_fixed_buffers(family_dirs: dict[str, Path],
               for n in (12, 30, 5, 21, 17)]  # fmt: skip
     want = [o.token_ids for o in LLM(str(path)).generate(prompts, params)]
     llm = static_decode_llm(path, max_batch=4)
+    llm.engine.lookahead = lookahead
     for _ in range(2):
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
     graphs = llm.engine.runner.graphs

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loom import LLM, SamplingParams
+from loom.engine.model_runner import LaunchedStep
 from loom.errors import RequestError
 from tests.helpers import assert_all_pages_free
 
@@ -106,10 +107,10 @@ def test_a_steps_text_is_made_while_the_next_step_runs(tiny_llm: LLM) -> None:
     events: list[str] = []
     launch, detokenize = engine.runner.launch, engine.scheduler.outputs.detokenize
 
-    def traced_launch(batch: object) -> object:
+    def traced_launch(batch: object, feed: object = None) -> LaunchedStep:
         events.append("launch")
-        wait = launch(batch)  # type: ignore[arg-type]
-        return lambda: (events.append("wait"), wait())[1]
+        step = launch(batch, feed)  # type: ignore[arg-type]
+        return LaunchedStep(step.tokens, lambda: (events.append("wait"), step())[1])
 
     def traced_detokenize(req: object) -> object:
         events.append("text")

@@ -13,6 +13,7 @@ launch cost to save); that is how the path is tested without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,8 +139,14 @@ class DecodeGraphs:
         self._meta[:, :bucket] = 0
         self._meta[2, :bucket] = self.cache.scratch_slot
 
-    def run(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
-        """Run a decode batch (``applies`` holds); float32 logits [len(logits_rows), V]."""
+    def run(
+        self,
+        batch: ForwardBatch,
+        logits_rows: list[int],
+        fill_ids: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run a decode batch (``applies`` holds); float32 logits [len(logits_rows), V].
+        ``fill_ids`` writes device-side tokens into the token-id buffer [n] first."""
         n = batch.num_seqs
         bucket = next(b for b in self.buckets if b >= n)
         ps = self.cache.page_size
@@ -156,6 +163,8 @@ class DecodeGraphs:
             dtype=torch.long,
         )  # fmt: skip
         self._meta[:, :bucket].copy_(host)
+        if fill_ids is not None:
+            fill_ids(self._meta[0, :n])
         width = max(len(pt) for pt in batch.page_tables)
         table = torch.tensor([pt + [0] * (width - len(pt)) for pt in batch.page_tables],
                              dtype=torch.int32)  # fmt: skip

@@ -20,13 +20,13 @@ from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.cpu_threads import ThreadGovernor
 from loom.engine.kv_cache import KVCache
-from loom.engine.model_runner import ModelRunner
+from loom.engine.model_runner import LaunchedStep, ModelRunner, TokenFeed
 from loom.engine.output_processor import OutputProcessor
 from loom.engine.page_pool import PagePool
 from loom.engine.prefix_cache import PrefixCache
 from loom.engine.request import Request
 from loom.engine.sampling_state import SamplingStates
-from loom.engine.scheduler import Scheduler
+from loom.engine.scheduler import Scheduler, SchedulerOutput
 from loom.errors import RequestError
 from loom.models import resolve_model_dir
 from loom.models.loader import load_model
@@ -84,6 +84,10 @@ class Engine:
         if config.adapt_threads and self.runner.device.type == "cpu":
             self.threads = ThreadGovernor()
         self._ids = itertools.count()
+        # Schedule and launch the next step before reading this one back (``step``): on a
+        # GPU, where a launch returns at once, the host work then overlaps the passes.
+        self.lookahead = self.runner.device.type == "cuda"
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     @cached_property
     def prefix_cache(self) -> PrefixCache | None:
@@ -138,15 +142,15 @@ class Engine:
     def _run(self, batch: ForwardBatch) -> list[OutputResult]:
         return self.launch(batch)()
 
-    def launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
+    def launch(self, batch: ForwardBatch, feed: TokenFeed | None = None) -> LaunchedStep:
         """Start one pass of a batch built from state already checked (not validated
-        again); the returned call waits for it and gives the results. On a GPU the host
+        again); calling the result waits for it and gives the results. On a GPU the host
         is free in between (``ModelRunner.launch``)."""
         t0 = time.perf_counter()
         if self.threads is not None:
             self.threads.poll()
         self.runner.cache.reset_pages(self.pool.drain_fresh())
-        pending = self.runner.launch(batch)
+        pending = self.runner.launch(batch, feed)
 
         def finish() -> list[OutputResult]:
             results = pending()
@@ -164,7 +168,7 @@ class Engine:
             self.stats.recent_batches.append((batch.num_seqs, batch.num_tokens))
             return results
 
-        return finish
+        return LaunchedStep(pending.tokens, finish)
 
     # ===== built-in scheduler =====
 
@@ -209,18 +213,37 @@ class Engine:
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._in_flight is not None or self.scheduler.has_unfinished()
 
     def step(self) -> list[Request]:
         """Run one scheduled step; return the requests that finished.
 
-        The previous step's tokens become text (and meet the stop strings) while this step
-        runs: on a GPU that host work hides behind the pass instead of leaving the GPU idle.
-        A request stopped by a stop string thus runs one wasted row in the step after."""
+        Host work hides behind the passes. Without lookahead (a CPU), a step is launched,
+        then the previous step's tokens become text and meet the stop strings, then the
+        step's tokens are read back. With lookahead (a GPU), the next step is scheduled and
+        launched before this one's tokens are read: its decode rows take those tokens on
+        the device (``TokenFeed``), and the host reads, appends and detokenizes while the
+        GPU runs. A request ended by a token (EOS, a stop string) then runs one wasted row
+        in the step after; a length end is known ahead and costs none."""
         out = self.scheduler.schedule()
-        # The scheduler builds batches from validated requests: no per-token re-check.
-        finish = self.launch(out.batch) if out is not None else None
+        launched = self._launch_scheduled(out) if out is not None else None
+        if not self.lookahead:
+            self.scheduler.detokenize()
+            if out is not None and launched is not None:
+                self.scheduler.update(out, launched())
+            return self.scheduler.take_finished()
+        previous = self._in_flight
+        self._in_flight = (out, launched) if out is not None and launched is not None else None
+        if previous is not None:
+            self.scheduler.update(previous[0], previous[1]())
         self.scheduler.detokenize()
-        if out is not None and finish is not None:
-            self.scheduler.update(out, finish())
         return self.scheduler.take_finished()
+
+    def _launch_scheduled(self, out: SchedulerOutput) -> LaunchedStep:
+        feed = None
+        if out.feeds:
+            assert self._in_flight is not None and self._in_flight[1].tokens is not None
+            rows, sources = zip(*out.feeds, strict=True)
+            feed = TokenFeed(list(rows), list(sources), self._in_flight[1].tokens)
+        # The scheduler builds batches from validated requests: no per-token re-check.
+        return self.launch(out.batch, feed)

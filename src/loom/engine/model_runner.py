@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,35 @@ from loom.engine.sampler import draw, read
 from loom.engine.sampling_state import SamplingStates
 from loom.kernels import cpu as cpu_kernels
 from loom.models.transformer import CausalLM
+
+
+@dataclass(slots=True)
+class TokenFeed:
+    """Input tokens that live on the device: ``rows`` of a batch take the tokens the
+    previous step drew (``tokens[sources]``), so the step can start before they are read
+    back. Those rows hold a placeholder in ``ForwardBatch.token_ids``."""
+
+    rows: list[int]
+    sources: list[int]
+    tokens: torch.Tensor  # [N] long, the previous step's drawn tokens
+
+    def fill(self, ids: torch.Tensor) -> None:
+        """Write the fed tokens into ids [T] (on the device)."""
+        device = ids.device
+        src = self.tokens.index_select(0, torch.tensor(self.sources, device=device))
+        ids.index_copy_(0, torch.tensor(self.rows, device=device), src)
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step started on the device: ``tokens`` [N] drawn there (None: no outputs);
+    calling it waits for the step and gives its results."""
+
+    tokens: torch.Tensor | None
+    wait: Callable[[], list[OutputResult]]
+
+    def __call__(self) -> list[OutputResult]:
+        return self.wait()
 
 
 class ModelRunner:
@@ -64,15 +94,20 @@ class ModelRunner:
             self.graphs.capture(progress)
         return self.graphs
 
-    def forward_logits(self, batch: ForwardBatch, logits_rows: list[int]) -> torch.Tensor:
+    def forward_logits(
+        self, batch: ForwardBatch, logits_rows: list[int], feed: TokenFeed | None = None
+    ) -> torch.Tensor:
         """Run the batch (writing its KV) and return float32 logits [len(logits_rows), V]
-        (valid until the next step: a replayed graph reuses its output buffer)."""
+        (valid until the next step: a replayed graph reuses its output buffer). ``feed``:
+        rows whose tokens come from the previous step's draw on the device."""
         graphs = self.graphs
         if graphs is not None and self.layer_hook is None and graphs.applies(batch):
             self.mirror.reset()  # the mirror's copies miss the keys this step writes
-            return graphs.run(batch, logits_rows)
+            return graphs.run(batch, logits_rows, feed.fill if feed is not None else None)
         meta = build_metadata(batch, self.cache, self.mirror, self.native_attention)
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
+        if feed is not None:
+            feed.fill(ids)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         logits: torch.Tensor = self.model(
@@ -81,16 +116,16 @@ class ModelRunner:
         )  # fmt: skip
         return logits
 
-    def launch(self, batch: ForwardBatch) -> Callable[[], list[OutputResult]]:
-        """Start one engine step; the returned call waits for it and gives the results in
+    def launch(self, batch: ForwardBatch, feed: TokenFeed | None = None) -> LaunchedStep:
+        """Start one engine step; calling the result waits for it and gives the results in
         the order of ``batch.outputs``. On a GPU the step runs meanwhile (the host is free
         until the call); on a CPU it has run by the time this returns."""
         if not batch.outputs:
-            self.forward_logits(batch, [])
-            return lambda: []
-        logits = self.forward_logits(batch, [o.index for o in batch.outputs])
+            self.forward_logits(batch, [], feed)
+            return LaunchedStep(None, lambda: [])
+        logits = self.forward_logits(batch, [o.index for o in batch.outputs], feed)
         drawn = draw(logits, batch.outputs, self.states)
-        return lambda: read(drawn)
+        return LaunchedStep(drawn.tokens, lambda: read(drawn))
 
     def execute(self, batch: ForwardBatch) -> list[OutputResult]:
         """One engine step: results in the order of ``batch.outputs``."""

@@ -8,7 +8,7 @@ engine runs the next pass.
 from __future__ import annotations
 
 from loom.engine.batch import OutputResult
-from loom.engine.request import Request
+from loom.engine.request import Request, RequestStatus
 from loom.engine.stopping import find_stop
 from loom.models.detokenizer import IncrementalDetokenizer
 from loom.models.tokenizer import Tokenizer
@@ -30,7 +30,10 @@ class OutputProcessor:
         length), or None. Its text comes later, from ``detokenize``."""
         token = result.token
         assert token is not None, "a sampling step produced no token"
-        req.output_ids.append(token)
+        assert req.num_pending > 0, "a token arrived for a request that awaits none"
+        index = len(req.output_ids) - req.num_pending  # its placeholder (the oldest)
+        req.output_ids[index] = token
+        req.num_pending -= 1
         params = req.params
         if params.logprobs is not None:
             req.logprobs.append(result.logprob if result.logprob is not None else 0.0)
@@ -40,7 +43,7 @@ class OutputProcessor:
             not params.ignore_eos and token in self.eos_token_ids
         ):
             return "stop"
-        if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if index + 1 >= params.max_tokens or len(req.prompt_ids) + index + 1 >= self.max_model_len:
             return "length"
         return None
 
@@ -50,7 +53,9 @@ class OutputProcessor:
         ``append`` returned: a stop token adds no text, a length end flushes what is held."""
         if req.detokenizer is None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        end = len(req.output_ids) - (req.finish_reason == "stop")
+        # Not the placeholders of steps in flight; not a stop token that ended it.
+        end = len(req.output_ids) - req.num_pending
+        end -= req.status is RequestStatus.ENDING and req.finish_reason == "stop"
         stop = req.params.stop
         while req.num_detokenized < end:
             delta = req.detokenizer.push(req.output_ids[req.num_detokenized])

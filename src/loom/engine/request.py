@@ -12,6 +12,7 @@ from loom.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    ENDING = "ending"  # its last token is known; finished once that token is text
     FINISHED = "finished"
 
 
@@ -36,6 +37,10 @@ class Request:
     num_preemptions: int = 0
     detokenizer: Any = None  # IncrementalDetokenizer while running
     num_detokenized: int = 0  # output ids already turned into text
+    # Output ids at the end that are placeholders for tokens of steps not read back yet,
+    # and this request's output index in the latest scheduled step.
+    num_pending: int = 0
+    sample_index: int = -1
     # perf_counter times of the first and the latest sampled token (time per output token)
     first_token_at: float | None = None
     last_token_at: float | None = None

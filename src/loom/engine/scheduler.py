@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
 from loom.engine.batch import ForwardBatch, OutputResult, OutputSpec
@@ -35,6 +35,13 @@ class ScheduledSeq:
 class SchedulerOutput:
     batch: ForwardBatch
     seqs: list[ScheduledSeq]
+    # (token row, output index of the step in flight): rows whose input is a token that
+    # step is drawing, not known here yet (a ``PENDING`` placeholder in the batch).
+    feeds: list[tuple[int, int]] = field(default_factory=list)
+
+
+# An output token sampled by a step that has not been read back yet.
+PENDING = -1
 
 
 class Scheduler:
@@ -75,6 +82,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._at_limit(req):  # its last token is in flight: it ends when read back
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow(req, n):
                 continue  # req was preempted (or finished); running shrank
@@ -83,6 +93,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:  # preempted with a token in flight: admitted once it is read
+                break
             if not self._admit(req, budget):
                 break
             self.waiting.popleft()
@@ -91,7 +103,22 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             seqs.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
             budget -= n
-        return SchedulerOutput(self._build_batch(seqs), seqs) if seqs else None
+        if not seqs:
+            return None
+        out = self._build_batch(seqs)
+        for s in seqs:  # committed: the step computes these tokens and samples the next
+            s.request.num_computed += s.num_new
+            if s.samples:
+                s.request.output_ids.append(PENDING)
+                s.request.num_pending += 1
+        return out
+
+    def _at_limit(self, req: Request) -> bool:
+        """The request has all its tokens (its last still in flight)."""
+        return (
+            len(req.output_ids) >= req.params.max_tokens
+            or req.num_tokens >= self.outputs.max_model_len
+        )
 
     def _grow(self, req: Request, n: int) -> bool:
         """Give ``req`` pages for ``n`` more tokens, preempting newer requests if needed."""
@@ -134,19 +161,24 @@ class Scheduler:
             return False
         return True
 
-    def _build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
+    def _build_batch(self, seqs: list[ScheduledSeq]) -> SchedulerOutput:
         ps = self.pool.page_size
         tokens: list[int] = []
         positions: list[int] = []
         indptr = [0]
         outputs: list[OutputSpec] = []
+        feeds: list[tuple[int, int]] = []
         for s in seqs:
             req, start = s.request, s.request.num_computed
             tokens += req.tokens(start, start + s.num_new)
+            if tokens[-1] == PENDING:  # a decode row fed by the step in flight
+                assert s.num_new == 1, "only a decode row reads a token still in flight"
+                feeds.append((len(tokens) - 1, req.sample_index))
             positions += range(start, start + s.num_new)
             indptr.append(len(tokens))
             if s.samples:
                 params = req.params
+                req.sample_index = len(outputs)
                 outputs.append(
                     OutputSpec(
                         index=len(tokens) - 1,
@@ -154,7 +186,7 @@ class Scheduler:
                         logprobs=params.logprobs,
                     )
                 )
-        return ForwardBatch(
+        batch = ForwardBatch(
             token_ids=tokens,
             positions=positions,
             seq_indptr=indptr,
@@ -164,6 +196,7 @@ class Scheduler:
             ],
             outputs=outputs,
         )
+        return SchedulerOutput(batch, seqs, feeds)
 
     # ===== update =====
 
@@ -173,29 +206,37 @@ class Scheduler:
         return done
 
     def update(self, out: SchedulerOutput, results: list[OutputResult]) -> None:
-        """Apply one step's results to its requests. A request ending here (a stop token,
-        its length) leaves the running set and frees its pages now; it is finished once
-        ``detokenize`` has made its text."""
+        """Apply one step's results to its requests: each sampled token takes its
+        placeholder. A request ending here (a stop token, its length) leaves the running
+        set and frees its pages now; it is finished once ``detokenize`` has made its text."""
         it = iter(results)
         now = time.perf_counter()
         for s in out.seqs:
             req = s.request
-            if s.samples:
-                result = next(it)
+            result = next(it) if s.samples else None
             if req.is_finished:  # aborted, or stopped by a stop string, while the step ran
                 continue
-            req.num_computed += s.num_new
-            self._cache_full_pages(req)
-            if s.samples:
+            reason = None
+            if result is not None:
                 if req.first_token_at is None:
                     req.first_token_at = now
                 req.last_token_at = now
                 reason = self.outputs.append(req, result)
                 self._undetokenized[req] = None
-                if reason is not None:
-                    self.running.remove(req)
-                    self._release(req)
-                    req.finish_reason = reason
+            if req.status is RequestStatus.RUNNING:  # (not preempted since it was launched)
+                self._cache_full_pages(req)
+            if reason is not None:
+                self._end(req, reason)
+
+    def _end(self, req: Request, reason: str) -> None:
+        """Out of the running (or waiting) set, pages freed; finished by ``detokenize``."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.finish_reason = reason
+        req.status = RequestStatus.ENDING
 
     def detokenize(self) -> None:
         """Turn the tokens of the latest ``update`` into text, apply stop strings, and
@@ -204,9 +245,12 @@ class Scheduler:
         for req in pending:
             if req.is_finished:  # aborted since
                 continue
-            reason = self.outputs.detokenize(req) or req.finish_reason
+            reason = self.outputs.detokenize(req)
             if reason is not None:
                 self._finish(req, reason)
+            elif req.status is RequestStatus.ENDING:
+                assert req.finish_reason is not None
+                self._finish(req, req.finish_reason)
 
     def _cache_full_pages(self, req: Request) -> None:
         if self.prefix_cache is None:
@@ -245,6 +289,9 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
+        if req.num_pending:  # tokens of steps still in flight are not part of the output
+            del req.output_ids[len(req.output_ids) - req.num_pending :]
+            req.num_pending = 0
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.detokenizer = None
