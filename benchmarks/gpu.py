@@ -10,8 +10,9 @@ programmability tax, as a table and JSON.
   measured bf16 matmul rate of this device (MFU);
 - attention: one layer's decode attention, the Triton kernel against gathering the pages
   and SDPA, at batch 1 and 64 over 256 and 2048 keys;
-- decode_eager, decode_unfused: the same at batch 1 and 64 with CUDA graphs off, and with
-  the fused Triton ops off (``LOOM_TRITON_OPS=0``): what each saves;
+- decode_eager, decode_unfused, decode_no_lookahead: the same at batch 1 and 64 with CUDA
+  graphs off, with the fused Triton ops off (``LOOM_TRITON_OPS=0``), and with lookahead
+  off (each step read back before the next is scheduled): what each saves;
 - gpu_busy: share of the wall time the GPU runs kernels over 32 decode steps (profiler);
 - tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
   against the built-in scheduler, each run right after one of its own (ms/token ratio).
@@ -342,12 +343,13 @@ def main() -> None:
 
     part("engine", bf16_model)
 
-    def variant(env: dict[str, str], **kw: Any) -> list[dict[str, float]]:
+    def variant(env: dict[str, str], lookahead: bool = True, **kw: Any) -> list[dict[str, float]]:
         """Decode at ``--eager-batches`` with other engine settings or environment."""
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             llm = LLM(str(path), dtype="bfloat16", device=device, kv_cache_memory_mb=4096, **kw)
+            llm.engine.lookahead = llm.engine.lookahead and lookahead
             return [decode(llm, device, int(b), cfg["vocab_size"], 128, runs)
                     for b in args.eager_batches.split(",")]  # fmt: skip
         finally:
@@ -360,6 +362,7 @@ def main() -> None:
     if "eager" not in args.skip and args.eager_batches:
         part("decode_eager", lambda: variant({}, cuda_graphs=False))
         part("decode_unfused", lambda: variant({"LOOM_TRITON_OPS": "0"}))
+        part("decode_no_lookahead", lambda: variant({}, lookahead=False))
     if "tax" not in args.skip:
         levels = [int(x) for x in args.tax.split(",")]
         part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
@@ -381,12 +384,13 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
     print(f"\n{shape} on {name}, bf16 matmul {peak:.1f} TFLOP/s, graphs for batches "
           f"{data.get('graph_buckets')} (engine start {start:.1f} s)")  # fmt: skip
     others = [{d["batch"]: d["ms_per_step"] for d in data.get(k) or []}
-              for k in ("decode_eager", "decode_unfused")]  # fmt: skip
-    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'no graphs':>10} {'unfused':>8}")
+              for k in ("decode_eager", "decode_unfused", "decode_no_lookahead")]  # fmt: skip
+    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'no graphs':>10} {'unfused':>8} "
+          f"{'no lookahead':>13}")  # fmt: skip
     for d in data.get("decode", []):
-        e, u = (f"{o[d['batch']]:.2f}" if d["batch"] in o else "-" for o in others)
+        e, u, la = (f"{o[d['batch']]:.2f}" if d["batch"] in o else "-" for o in others)
         print(f"{d['batch']:>6} {d['ms_per_step']:>9.2f} {d['tokens_per_s']:>10.0f} {e:>10} "
-              f"{u:>8}")  # fmt: skip
+              f"{u:>8} {la:>13}")  # fmt: skip
     pf = data.get("prefill")
     if pf:
         print(f"prefill {prefill_arg}: {pf['tokens_per_s']:.0f} tok/s, "
