@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from loom.engine.batch import ForwardBatch
+from loom.engine.device_tensors import copy_in, to_device
 from loom.engine.kv_cache import KVCache
 from loom.engine.static_decode import DecodeInputs, StaticDecodeAttention
 from loom.kernels import triton_decode
@@ -162,13 +163,13 @@ class DecodeGraphs:
              slots + [scratch] * pad, kv_lens + [0] * pad],
             dtype=torch.long,
         )  # fmt: skip
-        self._meta[:, :bucket].copy_(host)
+        copy_in(self._meta[:, :bucket], host)
         if fill_ids is not None:
             fill_ids(self._meta[0, :n])
         width = max(len(pt) for pt in batch.page_tables)
         table = torch.tensor([pt + [0] * (width - len(pt)) for pt in batch.page_tables],
                              dtype=torch.int32)  # fmt: skip
-        self._table[:n, :width].copy_(table)
+        copy_in(self._table[:n, :width], table)
         graph = self._graphs.get(bucket)
         if graph is not None:
             graph.replay()
@@ -181,4 +182,4 @@ class DecodeGraphs:
             self.num_eager += 1
         if logits_rows == list(range(n)):
             return logits[:n]
-        return logits.index_select(0, torch.tensor(logits_rows, device=self.device))
+        return logits.index_select(0, to_device(logits_rows, self.device))

@@ -11,6 +11,7 @@ from loom.engine.attention import PagedAttention, build_metadata
 from loom.engine.batch import ForwardBatch, OutputResult
 from loom.engine.decode_graphs import DecodeGraphs
 from loom.engine.decode_mirror import MIN_MIRROR_CAP_BYTES, DecodeMirror
+from loom.engine.device_tensors import to_device
 from loom.engine.kv_cache import KVCache
 from loom.engine.sampler import draw, read
 from loom.engine.sampling_state import SamplingStates
@@ -31,8 +32,8 @@ class TokenFeed:
     def fill(self, ids: torch.Tensor) -> None:
         """Write the fed tokens into ids [T] (on the device)."""
         device = ids.device
-        src = self.tokens.index_select(0, torch.tensor(self.sources, device=device))
-        ids.index_copy_(0, torch.tensor(self.rows, device=device), src)
+        src = self.tokens.index_select(0, to_device(self.sources, device))
+        ids.index_copy_(0, to_device(self.rows, device), src)
 
 
 @dataclass(slots=True)
@@ -105,11 +106,11 @@ class ModelRunner:
             self.mirror.reset()  # the mirror's copies miss the keys this step writes
             return graphs.run(batch, logits_rows, feed.fill if feed is not None else None)
         meta = build_metadata(batch, self.cache, self.mirror, self.native_attention)
-        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
+        ids = to_device(batch.token_ids, self.device)
         if feed is not None:
             feed.fill(ids)
-        pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
-        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        pos = to_device(batch.positions, self.device)
+        rows = to_device(logits_rows, self.device)
         logits: torch.Tensor = self.model(
             ids, pos, PagedAttention(self.cache, meta, self.mirror, self.layer_hook), rows,
             max_position=max(batch.positions),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.engine.batch import OutputResult, OutputSpec, SamplerSpec
+from loom.engine.device_tensors import HostCopies, to_device
 from loom.engine.masks import decode_brle
 from loom.engine.sampling_state import SamplingStates
 
@@ -120,11 +121,12 @@ def _draw(probs: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
 
 @dataclass(slots=True)
 class DrawnTokens:
-    """One step's tokens, drawn on the logits' device and not yet read back."""
+    """One step's tokens, drawn on the logits' device, on their way to the host."""
 
-    raw: torch.Tensor  # float32 [N, V]: the model's logits (log-probabilities use these)
-    logits: torch.Tensor  # ... after bias, masks and sampling states
-    tokens: torch.Tensor  # [N] long
+    tokens: torch.Tensor  # [N] long, on the device (the next step may feed on them)
+    copies: HostCopies  # tokens, then the log-probability and distribution tensors
+    logprob_rows: list[int]
+    dist_rows: list[int]
     specs: list[OutputSpec]
     states: SamplingStates | None
 
@@ -132,18 +134,22 @@ class DrawnTokens:
 def draw(
     logits: torch.Tensor, specs: list[OutputSpec], states: SamplingStates | None = None
 ) -> DrawnTokens:
-    """Apply each row's bias, mask and state, and draw its token, all on the logits'
-    device: on a GPU nothing waits here (``read`` waits for the tokens)."""
+    """Apply each row's bias, mask and state, draw its token, and compute the
+    log-probabilities and distributions asked for, all on the logits' device, then start
+    their copy to the host: on a GPU nothing waits here (``read`` does)."""
     raw = logits  # (log-probabilities are reported under the unmodified distribution)
     logits = _apply_logit_masks(logits, specs, states)
     tokens = fast_argmax(logits)  # greedy rows keep this
     rand = [i for i, s in enumerate(specs) if s.sampler is not None and not s.sampler.is_greedy]
     if rand:
         samplers = [specs[i].sampler for i in rand]
-        idx = torch.tensor(rand, device=logits.device)
+        idx = to_device(rand, logits.device)
         drawn = _draw(_filter(logits.index_select(0, idx), samplers), samplers)  # type: ignore[arg-type]
         tokens = tokens.index_copy(0, idx, drawn)
-    return DrawnTokens(raw, logits, tokens, specs, states)
+    lp_rows, lp = _logprob_tensors(raw, tokens, specs)
+    dist_rows, dist = _distribution_tensors(logits, specs)
+    copies = HostCopies([tokens, *lp, *dist])
+    return DrawnTokens(tokens, copies, lp_rows, dist_rows, specs, states)
 
 
 def read(drawn: DrawnTokens) -> list[OutputResult]:
@@ -151,14 +157,28 @@ def read(drawn: DrawnTokens) -> list[OutputResult]:
     and the log-probabilities and distributions the rows asked for."""
     specs, states = drawn.specs, drawn.states
     results = [OutputResult() for _ in specs]
-    token_list = drawn.tokens.tolist()
+    host = drawn.copies.get()
+    token_list = host[0].tolist()
     for i, spec in enumerate(specs):
         if spec.sampler is not None:
             results[i].token = token_list[i]
             if spec.state is not None and states is not None:
                 states.advance(spec.state, token_list[i])
-    _report_logprobs(drawn.raw, drawn.tokens, specs, results)
-    _report_distributions(drawn.logits, specs, results)
+    rest = host[1:]
+    if drawn.logprob_rows:
+        chosen, vals, ids = (t.tolist() for t in rest[:3])
+        rest = rest[3:]
+        for m, i in enumerate(drawn.logprob_rows):
+            res, want = results[i], specs[i].logprobs or 0
+            if res.token is not None:
+                res.logprob = chosen[m]
+            if want > 0:
+                res.top_logprobs = list(zip(ids[m][:want], vals[m][:want], strict=True))
+    if drawn.dist_rows:
+        probs, ids = (t.tolist() for t in rest[:2])
+        for m, i in enumerate(drawn.dist_rows):
+            want = specs[i].top_k_dist
+            results[i].top_ids, results[i].top_probs = ids[m][:want], probs[m][:want]
     return results
 
 
@@ -170,40 +190,31 @@ def sample(
     return read(draw(logits, specs, states))
 
 
-def _report_logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, specs: list[OutputSpec], results: list[OutputResult]
-) -> None:
-    """Log-probabilities of the chosen tokens and the top-k, for the rows asking: gathered
-    for all rows at once, so a GPU step reads them back in one transfer, not one per row."""
+def _logprob_tensors(
+    raw: torch.Tensor, tokens: torch.Tensor, specs: list[OutputSpec]
+) -> tuple[list[int], list[torch.Tensor]]:
+    """For the rows asking: the chosen tokens' log-probabilities [M] and the top-k
+    values and ids [M, k], computed for all rows at once (one transfer, not one per row)."""
     rows = [i for i, s in enumerate(specs) if s.logprobs is not None]
     if not rows:
-        return
-    idx = torch.tensor(rows, device=raw.device)
+        return rows, []
+    idx = to_device(rows, raw.device)
     logprobs = torch.log_softmax(raw.index_select(0, idx), dim=-1)  # [M, V]
-    chosen = logprobs.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
+    chosen = logprobs.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1)
     k = max(specs[i].logprobs or 0 for i in rows)
     top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
-    vals, ids = top_vals.tolist(), top_ids.tolist()
-    for m, i in enumerate(rows):
-        res, want = results[i], specs[i].logprobs or 0
-        if res.token is not None:
-            res.logprob = chosen[m]
-        if want > 0:
-            res.top_logprobs = list(zip(ids[m][:want], vals[m][:want], strict=True))
+    return rows, [chosen, top_vals, top_ids]
 
 
-def _report_distributions(
-    logits: torch.Tensor, specs: list[OutputSpec], results: list[OutputResult]
-) -> None:
-    """The ``top_k_dist`` most likely tokens of the (masked) distribution, for the rows
-    asking, in one transfer."""
+def _distribution_tensors(
+    logits: torch.Tensor, specs: list[OutputSpec]
+) -> tuple[list[int], list[torch.Tensor]]:
+    """For the rows asking: the ``top_k_dist`` most likely tokens of the (masked)
+    distribution, probabilities and ids [M, k]."""
     rows = [i for i, s in enumerate(specs) if s.top_k_dist > 0]
     if not rows:
-        return
-    idx = torch.tensor(rows, device=logits.device)
+        return rows, []
+    idx = to_device(rows, logits.device)
     k = max(specs[i].top_k_dist for i in rows)
     probs, ids = torch.softmax(logits.index_select(0, idx), -1).topk(k, dim=-1)
-    probs_l, ids_l = probs.tolist(), ids.tolist()
-    for m, i in enumerate(rows):
-        want = specs[i].top_k_dist
-        results[i].top_ids, results[i].top_probs = ids_l[m][:want], probs_l[m][:want]
+    return rows, [probs, ids]
