@@ -91,17 +91,17 @@ def _apply_logit_masks(
 def _filter(logits: torch.Tensor, samplers: list[SamplerSpec]) -> torch.Tensor:
     """Temperature-scaled, top-k/top-p/min-p filtered probabilities [N, V] (float32)."""
     device = logits.device
-    temps = torch.tensor([s.temperature for s in samplers], device=device)
+    temps = to_device([s.temperature for s in samplers], device, torch.float32)
     probs = torch.softmax(logits / temps[:, None], dim=-1)
     if any(s.min_p > 0 for s in samplers):
-        min_p = torch.tensor([s.min_p for s in samplers], device=device)
+        min_p = to_device([s.min_p for s in samplers], device, torch.float32)
         cutoff = probs.amax(-1, keepdim=True) * min_p[:, None]
         probs = probs.masked_fill(probs < cutoff, 0.0)
     if any(s.top_k > 0 or s.top_p < 1.0 for s in samplers):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         vocab = probs.shape[-1]
-        top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in samplers], device=device)
-        top_p = torch.tensor([s.top_p for s in samplers], device=device)
+        top_k = to_device([s.top_k if s.top_k > 0 else vocab for s in samplers], device)
+        top_p = to_device([s.top_p for s in samplers], device, torch.float32)
         rank = torch.arange(vocab, device=device)[None, :]
         # Keep a token while the mass before it is below top_p: the first always survives.
         mass_before = (sorted_p.cumsum(-1) - sorted_p) / sorted_p.sum(-1, keepdim=True)
