@@ -230,11 +230,7 @@ class Scheduler:
 
     def _end(self, req: Request, reason: str) -> None:
         """Out of the running (or waiting) set, pages freed; finished by ``detokenize``."""
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        self._release(req)
+        self._leave(req)
         req.finish_reason = reason
         req.status = RequestStatus.ENDING
 
@@ -283,12 +279,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _leave(self, req: Request) -> None:
+        """Out of whichever queue holds it, its pages freed."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self._leave(req)
         if req.num_pending:  # tokens of steps still in flight are not part of the output
             del req.output_ids[len(req.output_ids) - req.num_pending :]
             req.num_pending = 0

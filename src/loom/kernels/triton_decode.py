@@ -28,6 +28,7 @@ import torch
 BLOCK_N = 64  # keys per loop iteration (several pages: the page table is read per key)
 
 
+@functools.cache
 def available() -> bool:
     """True when Triton can be imported (the kernel then runs on CUDA, or interpreted)."""
     try:
