@@ -244,10 +244,12 @@ def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
 
 
 def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
-        wasm_path: Path | None = None) -> dict[int, float]:  # fmt: skip
-    """Median ms/token of the fast-path inferlets over the built-in scheduler's."""
+        wasm_path: Path | None = None) -> dict[str, dict[int, float]]:  # fmt: skip
+    """Median ms/token of the fast-path inferlets over the built-in scheduler's, with the
+    guests' turns all on the runtime thread (``serial``, the default) and side by side on
+    a pool of half the cores (``pool``), paired in the same runs."""
     from loom import LLM
-    from loom.config import EngineConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
     from loom.sdk.build import build_inferlet
     from programmability_tax import run_builtin, run_system
@@ -256,21 +258,30 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
     engine = dict(dtype=dtype, device=device, kv_cache_memory_mb=4096)
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
+                       RuntimeConfig(guest_threads=0),  # (the pool: half the cores, up to 8)
                        cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs")  # fmt: skip
-    out = {}
+    pool = rt.guests.turn_pool
+    out: dict[str, dict[int, float]] = {"serial": {}, "pool": {}}
+    print(f"  guest threads: {pool.threads if pool else 1}", file=sys.stderr)
     try:
         program = rt.add_program(wasm)
         run_builtin(llm, 2, 4, -1)
         run_system(rt, program, 2, 4, "fast", -1)
         for n in levels:
-            ratios = []
+            ratios: dict[str, list[float]] = {"serial": [], "pool": []}
             for r in range(runs):
                 a = run_builtin(llm, n, tokens, n * 1000 + r)
-                b = run_system(rt, program, n, tokens, "fast", n * 1000 + r)
-                ratios.append(b["wall"] / a["wall"])
-            out[n] = statistics.median(ratios)
-            print(f"  tax at {n}: {out[n]:.3f}x", file=sys.stderr)
+                for key in ("serial", "pool"):
+                    rt.guests.turn_pool = pool if key == "pool" else None
+                    b = run_system(rt, program, n, tokens, "fast", n * 1000 + r)
+                    ratios[key].append(b["wall"] / a["wall"])
+            rt.guests.turn_pool = pool
+            for key in ratios:
+                out[key][n] = statistics.median(ratios[key])
+            print(f"  tax at {n}: {out['serial'][n]:.3f}x (turn pool {out['pool'][n]:.3f}x)",
+                  file=sys.stderr)  # fmt: skip
     finally:
+        rt.guests.turn_pool = pool
         rt.close()
     return out
 
@@ -371,7 +382,7 @@ def main() -> None:
         "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
         "decode_tokens_per_s_batch64": by_batch.get(64, {}).get("tokens_per_s"),
         "prefill_mfu": data.get("prefill", {}).get("mfu"),
-        "tax_32_fast_path": data.get("tax", {}).get(32),
+        "tax_32_fast_path": data.get("tax", {}).get("serial", {}).get(32),
     }
     data["wall_s"] = time.perf_counter() - t0
     report(data, args.shape, name, peak, args.prefill)

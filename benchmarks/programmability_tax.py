@@ -176,6 +176,8 @@ def main() -> None:
         help="inferlets launched as one cohort (launch_batch, as LLM.generate takes a list; "
         "default) or one launch each (as requests arriving one by one)",
     )
+    ap.add_argument("--guest-threads", type=int, default=0,
+                    help="threads running guests' turns (0: the runtime's default)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gpu_like = args.engine_timing == "gpu-like"
@@ -190,7 +192,7 @@ def main() -> None:
 
     from engine_throughput import model_dir
     from loom import LLM
-    from loom.config import EngineConfig
+    from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
     from loom.sdk.build import build_inferlet
 
@@ -204,6 +206,7 @@ def main() -> None:
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(
         EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
+        RuntimeConfig(guest_threads=args.guest_threads),
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
         engine_threads=threads,
     )

@@ -31,7 +31,11 @@ def rt(tiny_dir: Path, program_cache: Path) -> Iterator[object]:
 
     runtime = start_runtime(
         EngineConfig(model=str(tiny_dir), num_pages=96),
-        RuntimeConfig(cpu_budget_s=1.5, max_pending_messages=200, page_wait_timeout_s=20),
+        # Turns one by one on the runtime thread on any machine (test_turn_pool.py has the
+        # pool): the batching tests count passes of that order.
+        RuntimeConfig(
+            cpu_budget_s=1.5, max_pending_messages=200, page_wait_timeout_s=20, guest_threads=1
+        ),
         worker_mode="thread",
         cache_dir=program_cache,
     )

@@ -118,6 +118,10 @@ class RuntimeConfig:
     max_tree_page_share: float = setting(1.0, "share of the KV pool one launch and its "
                                               "descendants may hold")  # fmt: skip
     slice_ms: float = setting(10.0, "a running guest yields to the others this often")
+    # Guests run side by side on this many threads (host calls still one at a time). Off
+    # by default: on a 2-core VM it gained nothing (runtime/turns.py says why).
+    guest_threads: int = setting(1, "threads running guests' turns (1: the runtime thread; "
+                                    "0: half the cores, at most 8)")  # fmt: skip
     # Guests that run whole slices (spin) get at most this share of the runtime thread
     # while other instances live (see runtime/cpu_share.py).
     cpu_bound_share: float = setting(0.25, "share of the runtime thread CPU-bound guests "
@@ -182,6 +186,7 @@ class RuntimeConfig:
                  f"cohort_hold_ms must be >= 0, got {self.cohort_hold_ms}")  # fmt: skip
         _require(self.batch_k >= 1 and self.batch_t_ms >= 0 and self.slice_ms > 0,
                  "batch_k must be >= 1, batch_t_ms >= 0 and slice_ms > 0")  # fmt: skip
+        _require(self.guest_threads >= 0, f"guest_threads must be >= 0, got {self.guest_threads}")
         _require(self.memory_limit_mb > 0 and self.max_instances > 0,
                  "memory_limit_mb and max_instances must be positive")  # fmt: skip
         _require(self.max_http_requests > 0, "max_http_requests must be positive")

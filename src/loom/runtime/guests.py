@@ -26,6 +26,7 @@ from loom.runtime.messaging import Messaging
 from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.services import RuntimeServices
 from loom.runtime.trees import refuse_child, too_many
+from loom.runtime.turns import TurnPool, end_turn, turn_pool
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.engine import trap_summary
 from loom.runtime.wasm.ffi import (
@@ -81,6 +82,10 @@ class Guests:
         # detached``): the listener of its events, if any (the server's, so children are
         # listed and reachable as client-launched ones are).
         self.child_listener: ChildListener | None = None
+        # Threads that run guests' turns side by side (None: all on the runtime thread),
+        # and while they do, the instances whose instantiation a turn completed.
+        self.turn_pool: TurnPool | None = turn_pool(self.config.guest_threads)
+        self.started_now: list[Instance] | None = None
 
     # ===== start =====
 
@@ -196,13 +201,15 @@ class Guests:
                                len(self.instances) > len(share.bound))  # fmt: skip
             runq.extendleft(reversed(turn))
             n = len(turn)
+        elif self.turn_pool is not None and n > 1 and not self.memory.watching:
+            # Side by side on the pool's threads (CPU-bound guests keep their share of the
+            # runtime thread, and turns whose memory growth is measured run one by one).
+            self.turn_pool.run(self, n, after_turn)
+            return True
         for _ in range(n):
             inst = runq.popleft()
-            inst.queued = False
-            if not inst.alive or inst.call is None:
+            if not self.ready(inst):
                 continue
-            if inst.blocked is not None and not inst.blocked.ready():
-                continue  # a spurious wake: still waiting
             self.resume(inst)
             if inst.seq in self.mid_submission and inst.alive and inst.blocked is None:
                 # Its slice ended in the middle of submitting (an instance starting, or
@@ -212,50 +219,38 @@ class Guests:
             after_turn()
         return True
 
+    @staticmethod
+    def ready(inst: Instance) -> bool:
+        """Take ``inst`` off the run queue: whether it gets a turn."""
+        inst.queued = False
+        if not inst.alive or inst.call is None:
+            return False
+        # (a spurious wake: still waiting)
+        return inst.blocked is None or inst.blocked.ready()
+
     def resume(self, inst: Instance) -> None:
         """Run ``inst`` until it waits, finishes or its time slice ends."""
         assert inst.call is not None
-        inst.blocked = None
-        inst.store.fresh_slice(self.cpu_share.ticks(inst))
+        self.begin_turn(inst)
         memory = self.memory
         rss = memory.rss() if memory.watching else 0
         t0 = time.perf_counter()
         done = inst.call.poll()
-        inst.ran_at = now = time.perf_counter()
+        dt = time.perf_counter() - t0
         if rss:
             memory.turn_grew(inst, rss)
-        dt = now - t0
-        inst.cpu_s += dt
-        stats = self.rt.stats
-        stats.poll_s += dt
-        stats.guest_polls += 1
-        preempted = not done and inst.blocked is None
-        self.cpu_share.ran(inst, dt, preempted, self.config.slice_ms / 1000.0)
-        if done or inst.blocked is not None:
-            self.mid_submission.discard(inst.seq)
-        if not done and inst.submitted:
-            if inst.blocked is None:
-                self.mid_submission.add(inst.seq)  # preempted: let it finish first
-            else:  # a whole turn: submitted a pass and waits for it (batching decisions)
-                self.guest_turn_s += 0.1 * (dt - self.guest_turn_s)
-        inst.submitted = False
-        if inst.cohort is not None and inst.started and (done or inst.blocked is not None):
-            self._first_turn_over(inst)
-        if inst.kill_reason is not None:
-            self.end(inst, False, inst.kill_reason)
-        elif done:
-            self._on_call_done(inst)
-        elif inst.cpu_s > self.config.cpu_budget_s:
-            self.end(inst, False, f"CPU budget of {self.config.cpu_budget_s:g} s exceeded")
-        elif inst.blocked is None or inst.blocked.ready():
-            self.make_runnable(inst)  # its time slice ended (or it is ready already)
+        end_turn(self, inst, done, dt)
 
-    def _first_turn_over(self, inst: Instance) -> None:
+    def begin_turn(self, inst: Instance) -> None:
+        inst.blocked = None
+        inst.store.fresh_slice(self.cpu_share.ticks(inst))
+
+    def first_turn_over(self, inst: Instance) -> None:
         cohort = inst.cohort
         inst.cohort = None
         self.cohorts.first_turn_over(cohort, inst.seq)
 
-    def _on_call_done(self, inst: Instance) -> None:
+    def on_call_done(self, inst: Instance) -> None:
         assert inst.call is not None
         if inst.started or inst.call.error() is not None:
             failure = call_failure(self.rt.programs, inst)
@@ -270,8 +265,12 @@ class Guests:
             self.end(inst, False, str(e))
             return
         # Straight on into ``main``: its first forward can reach the engine while the
-        # other new instances are still being instantiated.
-        self.resume(inst)
+        # other new instances are still being instantiated (side by side: in the pool's
+        # next round).
+        if self.started_now is not None:
+            self.started_now.append(inst)
+        else:
+            self.resume(inst)
 
     # ===== end =====
 
@@ -311,7 +310,7 @@ class Guests:
             inst.parent.children.remove(inst)
             inst.parent = None
         if inst.cohort is not None:
-            self._first_turn_over(inst)
+            self.first_turn_over(inst)
         if inst.call is not None:
             inst.call.cancel()
         inst.pages.release_all()

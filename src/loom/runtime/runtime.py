@@ -1,4 +1,5 @@
-"""The inferlet runtime: one thread that runs every instance on wasmtime fibers.
+"""The inferlet runtime: one thread that runs every instance on wasmtime fibers (their
+turns side by side on a pool of threads where there are cores for it, ``turns``).
 
 ``Runtime`` is a facade over the parts that do the work, each in a module of its own:
 ``guests`` (instances, their start, turns and end), ``eager`` (commands that run at once,
@@ -12,12 +13,10 @@ Loop, per turn:
 2. take engine results, resolve futures, wake the instances waiting on them;
 3. run eager commands at the head of every queue (allocate, free, copy, mask, ...);
 4. fire a forward batch if the policy says so (at most one in flight);
-5. resume each runnable instance once: it runs until it waits on a future, finishes, or
-   its time slice (an epoch tick) ends;
+5. resume each runnable instance once: until it waits, finishes, or its slice ends;
 6. if the engine is still free, fire what the guests just submitted (the ``adaptive``
    policy holds a batch in step 4 for this when the runnable guests would add as many
    tokens as wait and their turns take less than an engine step).
-A guest that waits is suspended inside ``types.poll`` and costs nothing until woken.
 """
 
 from __future__ import annotations
@@ -88,8 +87,7 @@ class Runtime:
         self.placement = placement
         self.worker = worker
         info = worker.info
-        self.page_size = info.page_size
-        self.vocab_size = info.vocab_size
+        self.page_size, self.vocab_size = info.page_size, info.vocab_size
         self.tokenizer = Tokenizer.from_dir(info.model_dir)
         # Checks constraints (JSON schema, regex, grammar) where requests arrive; the
         # worker's engine runs their matchers.
@@ -197,6 +195,8 @@ class Runtime:
             self._thread.join(timeout=30)
         if self._ticker is not None:
             self._ticker.join(timeout=5)
+        if self.guests.turn_pool is not None:
+            self.guests.turn_pool.close()
 
     def close(self) -> None:
         """Stop the runtime and its engine worker."""

@@ -23,6 +23,7 @@ from loom.runtime.wasm.engine import WasmEngine, WasmError, raise_error
 from loom.runtime.wasm.hostcalls import (
     ALREADY_DONE_FN,
     HOST_CALLS,
+    HOST_LOCK,
     NO_FINALIZER_FN,
     HostCallError,
     HostCalls,
@@ -131,15 +132,16 @@ class CoreCalls:
         @ffi.wasmtime_func_async_continuation_callback_t
         def continuation(env: Any) -> bool:
             key = env or 0
-            entry = parked.get(key)
-            if entry is None:
+            with HOST_LOCK:
+                entry = parked.get(key)
+                if entry is None:
+                    return True
+                pending, cf, results = entry
+                if not pending.ready():
+                    return False
+                del parked[key]
+                _write_core_result(cf, results, pending.value())
                 return True
-            pending, cf, results = entry
-            if not pending.ready():
-                return False
-            del parked[key]
-            _write_core_result(cf, results, pending.value())
-            return True
 
         continuation_fn = fn_address(continuation)
 
@@ -148,6 +150,10 @@ class CoreCalls:
             env: int, caller: int, args: int, nargs: int, results: int, nres: int, trap: int,
             cont: int,
         ) -> None:  # fmt: skip
+            with HOST_LOCK:
+                call(env, caller, args, results, trap, cont)
+
+        def call(env: int, caller: int, args: int, results: int, trap: int, cont: int) -> None:
             cf = funcs[env or 0]
             assert cf is not None
             ctx = (

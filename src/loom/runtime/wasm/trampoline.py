@@ -27,6 +27,7 @@ from typing import Any
 from loom.runtime.wasm import values as wasm_values
 from loom.runtime.wasm.decode import decoder
 from loom.runtime.wasm.encode import encoder
+from loom.runtime.wasm.hostcalls import HOST_LOCK
 
 VAL = wasm_values.VAL_SIZE
 PAYLOAD = wasm_values.PAYLOAD
@@ -109,6 +110,7 @@ def _namespace(**bound: Any) -> dict[str, Any]:
     """The generated function's globals: the shared helpers and ``bound``."""
     host, anyp = c_void_p(), c_void_p()
     return bound | {
+        "_lock": HOST_LOCK,  # (the callback runs under it: see hostcalls.HOST_LOCK)
         "_ptr_at": ctypes.c_size_t.from_address,
         "_to_host": wasm_values.any_to_host,
         "_to_any": wasm_values.host_to_any,
@@ -152,6 +154,7 @@ def sync_trampoline(
     src = "\n".join(
         [
             "def trampoline(env, ctx, ty, args, nargs, res, nres):",
+            "  with _lock:",
             "    t0 = _perf()",
             "    try:",
             *(f"        {line}" for line in body),
@@ -191,6 +194,7 @@ def async_trampoline(
     src = "\n".join(
         [
             "def trampoline(env, ctx, ty, args, nargs, res, nres, err_ret, cont):",
+            "  with _lock:",
             "    t0 = _perf()",
             "    try:",
             *(f"        {line}" for line in body),
