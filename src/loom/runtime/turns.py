@@ -23,16 +23,36 @@ off by default (``guest_threads=1``); ``benchmarks/gpu.py`` measures it on the G
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from loom.config import RuntimeConfig
 from loom.engine.worker.cpu_placement import pin_current_thread
+from loom.runtime.cpu_share import CpuShare
 from loom.runtime.instance import Instance
+from loom.runtime.services import RuntimeServices
 
-if TYPE_CHECKING:
-    from loom.runtime.guests import Guests
+
+class Guests(Protocol):
+    """What a turn's end and the pool use of ``guests.Guests`` (which imports this)."""
+
+    rt: RuntimeServices
+    config: RuntimeConfig
+    cpu_share: CpuShare
+    runq: deque[Instance]
+    mid_submission: set[int]
+    guest_turn_s: float
+    started_now: list[Instance] | None
+
+    def ready(self, inst: Instance) -> bool: ...
+    def begin_turn(self, inst: Instance) -> None: ...
+    def first_turn_over(self, inst: Instance) -> None: ...
+    def end(self, inst: Instance, ok: bool, error: str | None) -> None: ...
+    def on_call_done(self, inst: Instance) -> None: ...
+    def make_runnable(self, inst: Instance) -> None: ...
 
 
 def end_turn(guests: Guests, inst: Instance, done: bool, dt: float) -> None:
