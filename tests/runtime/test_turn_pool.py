@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,42 @@ def test_host_calls_of_guests_running_side_by_side_never_overlap() -> None:
     assert all(c.done for c in calls)
     assert [c.results[0].of.i32 for c in calls] == [sum(range(200))] * 4
     assert len(threads) == 4 and most == 1
+
+
+def test_a_guest_preempted_mid_submission_again_and_again_gets_one_more_slice_a_pass() -> None:
+    """As on the runtime thread: one turn and one more for a half-submitted pass, never a
+    loop that keeps the runtime from the engine while a guest keeps being preempted."""
+    from types import SimpleNamespace
+
+    from loom.config import RuntimeConfig
+    from loom.runtime.cpu_share import CpuShare
+
+    class Call:
+        polls = 0
+
+        def poll(self) -> bool:
+            Call.polls += 1
+            assert Call.polls < 10, "the pool kept resuming the guest"
+            inst.submitted = True  # submitted work, then its slice ended
+            return False
+
+    inst = SimpleNamespace(
+        seq=1, alive=True, call=Call(), blocked=None, submitted=False, cohort=None,
+        started=True, kill_reason=None, cpu_s=0.0, ran_at=0.0, queued=True,
+        store=SimpleNamespace(fresh_slice=lambda ticks: None),
+    )  # fmt: skip
+    woken: list[Any] = []
+    guests = SimpleNamespace(
+        rt=SimpleNamespace(stats=SimpleNamespace(poll_s=0.0, guest_polls=0)),
+        config=RuntimeConfig(), cpu_share=CpuShare(0.25), runq=deque([inst]),
+        mid_submission=set(), guest_turn_s=0.0, started_now=None,
+        ready=lambda i: True, begin_turn=lambda i: None, make_runnable=woken.append,
+    )  # fmt: skip
+    pool = TurnPool(2)
+    try:
+        turns: list[Any] = []
+        pool.run(guests, 1, lambda: turns.append(1))  # type: ignore[arg-type]
+    finally:
+        pool.close()
+    assert Call.polls == 2 and turns == [1]
+    assert 1 in guests.mid_submission and woken == [inst, inst]  # runnable for the next pass

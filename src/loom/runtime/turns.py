@@ -127,12 +127,14 @@ class TurnPool:
             take = min(n, chunk)
             n -= take
             batch = [inst for inst in (runq.popleft() for _ in range(take)) if guests.ready(inst)]
+            extra: set[int] = set()  # those given their one more slice (as serial turns do)
             while batch:
-                batch = self._round(guests, batch)
+                batch = self._round(guests, batch, extra)
             after_turn()
 
-    def _round(self, guests: Guests, batch: list[Instance]) -> list[Instance]:
-        """Turns of ``batch`` side by side; the instances that go on at once."""
+    def _round(self, guests: Guests, batch: list[Instance], extra: set[int]) -> list[Instance]:
+        """Turns of ``batch`` side by side; the instances that go on at once (once each
+        for a half-submitted pass, ``extra``)."""
         again: list[Instance] = []
         guests.started_now = again
         try:
@@ -144,7 +146,13 @@ class TurnPool:
                 if not inst.alive:
                     continue  # ended by what an earlier turn of this round left behind
                 end_turn(guests, inst, done, dt)
-                if inst.seq in guests.mid_submission and inst.alive and inst.blocked is None:
+                if (
+                    inst.seq in guests.mid_submission
+                    and inst.alive
+                    and inst.blocked is None
+                    and inst.seq not in extra
+                ):
+                    extra.add(inst.seq)
                     again.append(inst)  # its slice ended mid-submission: one more now
         finally:
             guests.started_now = None
