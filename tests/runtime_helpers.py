@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -19,3 +20,21 @@ def free_pages(rt: Any) -> int:
     """The runtime's free KV pages (pages only the prefix cache holds count as free:
     it gives them back on demand), read on its own thread."""
     return int(rt.query(lambda: rt.pool.num_available()))
+
+
+def start_test_runtime(tiny_dir: Path, program_cache: Path, guest_threads: int) -> Any:
+    """The tiny model on a thread worker, with the limits the runtime tests expect."""
+    from loom.config import EngineConfig, RuntimeConfig
+    from loom.runtime.runtime import start_runtime
+
+    return start_runtime(
+        EngineConfig(model=str(tiny_dir), num_pages=96),
+        RuntimeConfig(
+            cpu_budget_s=1.5,
+            max_pending_messages=200,
+            page_wait_timeout_s=20,
+            guest_threads=guest_threads,
+        ),
+        worker_mode="thread",
+        cache_dir=program_cache,
+    )

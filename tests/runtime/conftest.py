@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runtime_helpers import start_test_runtime
+
 GUESTS = Path(__file__).parent / "guests"
 
 
@@ -26,19 +28,9 @@ def program_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rt(tiny_dir: Path, program_cache: Path) -> Iterator[object]:
-    from loom.config import EngineConfig, RuntimeConfig
-    from loom.runtime.runtime import start_runtime
-
-    runtime = start_runtime(
-        EngineConfig(model=str(tiny_dir), num_pages=96),
-        # Turns one by one on the runtime thread on any machine (test_turn_pool.py has the
-        # pool): the batching tests count passes of that order.
-        RuntimeConfig(
-            cpu_budget_s=1.5, max_pending_messages=200, page_wait_timeout_s=20, guest_threads=1
-        ),
-        worker_mode="thread",
-        cache_dir=program_cache,
-    )
+    # Turns one by one on the runtime thread on any machine (test_turn_pool.py has the
+    # pool): the batching tests count passes of that order.
+    runtime = start_test_runtime(tiny_dir, program_cache, guest_threads=1)
     yield runtime
     runtime.close()
 

@@ -16,6 +16,7 @@ import wasmtime
 
 from loom.runtime.turns import TurnPool, default_threads, turn_pool
 from loom.runtime.wasm import ffi as wasm_ffi
+from tests.runtime_helpers import start_test_runtime
 
 CTX = ",".join(str(10 + i) for i in range(32))  # two full pages of context
 
@@ -35,15 +36,7 @@ CALLER = """
 
 @pytest.fixture(scope="module")
 def pool_rt(tiny_dir: Path, program_cache: Path) -> Iterator[Any]:
-    from loom.config import EngineConfig, RuntimeConfig
-    from loom.runtime.runtime import start_runtime
-
-    runtime = start_runtime(
-        EngineConfig(model=str(tiny_dir), num_pages=96),
-        RuntimeConfig(guest_threads=3, cpu_budget_s=1.5, page_wait_timeout_s=20),
-        worker_mode="thread",
-        cache_dir=program_cache,
-    )
+    runtime = start_test_runtime(tiny_dir, program_cache, guest_threads=3)
     yield runtime
     runtime.close()
 

@@ -156,13 +156,9 @@ class TurnPool:
                     again.append(inst)  # its slice ended mid-submission: one more now
         finally:
             guests.started_now = None
-        seen: set[int] = set()
-        out = []
-        for inst in again:
-            if inst.alive and inst.call is not None and inst.seq not in seen:
-                seen.add(inst.seq)
-                out.append(inst)
-        return out
+        # (Each at most once: one just instantiated ended its turn done, so it is not
+        # also mid-submission. One may have been ended since by a later turn's end.)
+        return [inst for inst in again if inst.alive and inst.call is not None]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
