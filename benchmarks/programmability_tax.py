@@ -178,6 +178,8 @@ def main() -> None:
     )
     ap.add_argument("--guest-threads", type=int, default=0,
                     help="threads running guests' turns (0: the runtime's default)")  # fmt: skip
+    ap.add_argument("--no-instance-pool", action="store_true",
+                    help="each instance maps its own memory (instance_pool off)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gpu_like = args.engine_timing == "gpu-like"
@@ -206,7 +208,7 @@ def main() -> None:
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(
         EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
-        RuntimeConfig(guest_threads=args.guest_threads),
+        RuntimeConfig(guest_threads=args.guest_threads, instance_pool=not args.no_instance_pool),
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
         engine_threads=threads,
     )
@@ -216,6 +218,9 @@ def main() -> None:
         run_builtin(llm, 2, 4, -1)  # warm-up of both systems
         for mode, prog in (("fast", py), ("steps", py), ("", c)):
             run_system(rt, prog, 2, 4, mode, -1)
+        # As a server after its first burst: the instance pool has had slots of the
+        # largest cohort used (and freed, while (a) runs) once.
+        run_system(rt, py, max(levels), 4, "fast", -2)
         runs = {"b": (py, "fast", 0), "c": (py, "steps", 0), "d": (c, "", 0)}
         keys = [k for k in args.systems if k in runs] + (["m"] if args.mixed else [])
         cohort = args.launch == "batch"

@@ -1,9 +1,10 @@
 """Programs (components) compiled once and cached on disk by content hash.
 
 Compiling a componentize-py component takes 4–10 s; deserializing the compiled artifact
-takes tens of milliseconds. Artifacts are keyed by the program's sha256 and the wasmtime
-version (a compiled artifact only loads in the release that made it) and written
-atomically, so concurrent servers sharing a cache never see half a file.
+takes tens of milliseconds. Artifacts are keyed by the program's sha256, the wasmtime
+version (a compiled artifact only loads in the release that made it) and the engine's
+memory layout (pooled or not: the code differs), and written atomically, so concurrent
+servers sharing a cache never see half a file.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ProgramCache:
             except wasmtime.WasmtimeError as e:
                 raise WasmError(f"not a valid WebAssembly module: {e}") from None
             return h
-        path = self.dir / f"{h}-wasmtime{WASMTIME_VERSION}.cwasm"
+        tag = self.engine.artifact_tag
+        path = self.dir / f"{h}-wasmtime{WASMTIME_VERSION}-{tag}.cwasm"
         if path.exists():
             try:
                 self._loaded[h] = self.engine.deserialize(path.read_bytes())

@@ -5,8 +5,8 @@ turns side by side on a pool of threads where there are cores for it, ``turns``)
 ``guests`` (instances, their start, turns and end), ``eager`` (commands that run at once,
 and the out-of-pages policy), ``dispatch`` (when forward work fires: ``assembly`` builds
 the batch, ``fanout`` hands its results out), ``messaging`` (client messages, topics,
-channels, the key-value store) and ``microserving``. Host functions, completions and
-microserving see the runtime through ``services.RuntimeServices``.
+channels, the key-value store) and ``microserving``, which with host functions and
+completions sees the runtime through ``services.RuntimeServices``.
 
 Loop, per turn:
 1. take requests posted by other threads (launch, client message, kill);
@@ -14,9 +14,9 @@ Loop, per turn:
 3. run eager commands at the head of every queue (allocate, free, copy, mask, ...);
 4. fire a forward batch if the policy says so (at most one in flight);
 5. resume each runnable instance once: until it waits, finishes, or its slice ends;
-6. if the engine is still free, fire what the guests just submitted (the ``adaptive``
-   policy holds a batch in step 4 for this when the runnable guests would add as many
-   tokens as wait and their turns take less than an engine step).
+6. if the engine is still free, fire what the guests just submitted (``adaptive`` holds
+   step 4 for it when the guests would add as many tokens, in less than a step);
+7. idle: free one ended instance's store, or wait for a wake-up.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from loom.runtime.guests import Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
-from loom.runtime.limits import InstanceLimits
+from loom.runtime.limits import InstanceLimits, instance_pool
 from loom.runtime.messaging import Messaging
 from loom.runtime.microserving import Microserving
 from loom.runtime.program_cache import ProgramCache
@@ -108,19 +108,16 @@ class Runtime:
         self._inbox: deque[InboxMessage] = deque()
         self._wake = wake or threading.Event()
 
-        self.wasm = WasmEngine()
+        self.wasm = WasmEngine(pool=instance_pool(config))
         self.programs = ProgramCache(self.wasm, cache_dir)
         self.linker = ComponentLinker(self.wasm)
         self.core_linker = wasm_ffi.CoreLinker(self.wasm)  # native (C/Zig) inferlets
-        self.guests = Guests(
-            self, self.batcher, self.messaging, self.linker, self.core_linker,
-            on_cohort_release=self._on_cohort_release, post=self.post,
-        )  # fmt: skip
+        self.guests = Guests(self, self.batcher, self.messaging, self.linker, self.core_linker,
+                             on_cohort_release=self._on_cohort_release, post=self.post)  # fmt: skip
         self.instances = self.guests.instances
         self.eager = EagerCommands(self, self.batcher, self.guests)
-        self.dispatch = Dispatcher(
-            self, worker, self.batcher, self.guests, self.eager, self._inbox, self._wake
-        )
+        self.dispatch = Dispatcher(self, worker, self.batcher, self.guests, self.eager,
+                                   self._inbox, self._wake)  # fmt: skip
         self._bind_parts()
         from loom.runtime.host import register_all
 
@@ -292,6 +289,8 @@ class Runtime:
             if not guests.runq and not self._inbox and not dispatch.poked:
                 if wait_s is None and not dispatch.batch_inflight:
                     dispatch.idle_since = None  # nothing to run: idle for want of work
+                if guests.to_close and guests.close_ended():
+                    continue  # (step 7: one store freed; more left)
                 timeout = min(0.05 if wait_s is None else max(0.0, wait_s), cpu_share.wait_s())
                 if cohort_s is not None:
                     timeout = min(timeout, cohort_s)

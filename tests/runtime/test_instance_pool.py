@@ -1,0 +1,125 @@
+"""The instance pool (wasmtime's pooling allocator): slots reused and reset, its limits,
+the fallback when the address space cannot be reserved, and the runtime freeing ended
+instances' stores while idle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from loom.runtime.wasm import ffi as wasm_ffi
+from loom.runtime.wasm.engine import InstancePool
+from tests.runtime_helpers import run_inferlet
+
+# A memory whose first word starts at 7 (a data segment, as a program's image); ``poke``
+# writes it and ``peek`` reads it.
+MODULE = """
+(module
+  (memory 1)
+  (data (i32.const 0) "\\07")
+  (func (export "poke") (param $v i32) (result i32)
+    (i32.store (i32.const 0) (local.get $v)) (i32.const 0))
+  (func (export "peek") (param i32) (result i32)
+    (i32.load (i32.const 0))))
+"""
+
+
+def _call(linker: wasm_ffi.CoreLinker, store: wasm_ffi.GuestStore, inst: object, name: str,
+          arg: int) -> int:  # fmt: skip
+    fut = linker.call_async(store, inst, name, arg)
+    while not fut.poll():
+        pass
+    assert fut.error() is None
+    return int(fut.results[0].of.i32)
+
+
+def test_a_reused_slot_starts_from_the_programs_image() -> None:
+    """An ended instance's slot goes to the next one reset: nothing it wrote is seen (the
+    slot's pages stay resident, rewritten in place)."""
+    engine = wasm_ffi.WasmEngine(pool=InstancePool(instances=2, memory_bytes=1 << 20))
+    assert engine.pooled and engine.artifact_tag == "pooled"
+    linker = wasm_ffi.CoreLinker(engine)
+    module = wasmtime.Module(engine.engine, MODULE)
+    for _ in range(5):
+        store = wasm_ffi.GuestStore(engine, memory_limit=1 << 20)
+        inst = linker.instantiate(store, module)
+        assert _call(linker, store, inst, "peek", 0) == 7
+        _call(linker, store, inst, "poke", 12345)
+        assert _call(linker, store, inst, "peek", 0) == 12345
+        store.close()
+
+
+def test_instances_beyond_the_pool_are_refused_until_a_slot_is_freed() -> None:
+    engine = wasm_ffi.WasmEngine(pool=InstancePool(instances=2, memory_bytes=1 << 20))
+    linker = wasm_ffi.CoreLinker(engine)
+    module = wasmtime.Module(engine.engine, MODULE)
+    stores = [wasm_ffi.GuestStore(engine, memory_limit=1 << 20) for _ in range(3)]
+    linker.instantiate(stores[0], module)
+    linker.instantiate(stores[1], module)
+    with pytest.raises(wasm_ffi.WasmError, match="concurrent"):
+        linker.instantiate(stores[2], module)
+    stores[0].close()
+    inst = linker.instantiate(stores[2], module)
+    assert _call(linker, stores[2], inst, "peek", 0) == 7
+
+
+def test_a_pool_the_address_space_cannot_hold_falls_back_to_own_memories() -> None:
+    # 2^20 slots of 1 GiB: a petabyte, beyond a 47-bit address space.
+    pool = InstancePool(instances=1 << 20, memory_bytes=1 << 30)
+    engine = wasm_ffi.WasmEngine(pool=pool)
+    assert not engine.pooled and engine.artifact_tag == "own"
+    linker = wasm_ffi.CoreLinker(engine)
+    store = wasm_ffi.GuestStore(engine, memory_limit=1 << 20)
+    inst = linker.instantiate(store, wasmtime.Module(engine.engine, MODULE))
+    assert _call(linker, store, inst, "peek", 0) == 7
+
+
+def test_ended_stores_are_freed_while_the_runtime_is_idle(rt: object, testkit: str) -> None:
+    """An instance's end is reported before its store is freed; the store is freed in the
+    runtime's next idle moments."""
+    assert not rt.wasm.pooled  # type: ignore[attr-defined]  # (the pool is off by default)
+    handles = [rt.launch(testkit, ["hello"]) for _ in range(6)]  # type: ignore[attr-defined]
+    assert all(h.wait(60).ok for h in handles)
+    guests = rt.guests  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while rt.query(lambda: len(guests.to_close)) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)
+    assert rt.query(lambda: len(guests.to_close)) == 0  # type: ignore[attr-defined]
+
+
+def test_a_pooled_runtime_runs_python_inferlets_in_reused_slots(
+    tiny_dir: Path, program_cache: Path, testkit_wasm: bytes
+) -> None:
+    from loom.config import EngineConfig, RuntimeConfig
+    from loom.runtime.runtime import start_runtime
+
+    rt = start_runtime(EngineConfig(model=str(tiny_dir), num_pages=96),
+                       RuntimeConfig(instance_pool=True, max_instances=8),
+                       worker_mode="thread", cache_dir=program_cache)  # fmt: skip
+    try:
+        assert rt.wasm.pooled
+        program = rt.add_program(testkit_wasm)
+        for _ in range(3):  # 24 instances through a pool of 8 + 80 slots: reused
+            handles = [rt.launch(program, ["decode", "5,6,7", "3"]) for _ in range(8)]
+            outs = [h.recv(60) for h in handles]
+            assert all(h.wait(60).ok for h in handles)
+            assert len(set(outs)) == 1  # greedy, same prompt: the same tokens
+        result, messages = run_inferlet(rt, program, "hello")
+        assert result.ok and messages == [f"hello from {result.instance_id}"]
+    finally:
+        rt.close()
+
+
+def test_pool_settings_are_checked(tmp_path: Path) -> None:
+    from loom.config import RuntimeConfig
+    from loom.runtime.limits import instance_pool
+
+    with pytest.raises(ValueError, match="pool_resident_mb"):
+        RuntimeConfig(pool_resident_mb=-1)
+    assert instance_pool(RuntimeConfig(instance_pool=False)) is None
+    pool = instance_pool(RuntimeConfig(instance_pool=True, max_instances=10, memory_limit_mb=32))
+    assert pool is not None
+    assert pool.instances > 10 and pool.memory_bytes == 32 << 20
