@@ -244,10 +244,12 @@ def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
 
 
 def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
-        wasm_path: Path | None = None) -> dict[str, dict[int, float]]:  # fmt: skip
+        wasm_path: Path | None = None, instance_pool: bool = False,
+        ) -> dict[str, dict[int, float]]:  # fmt: skip
     """Median ms/token of the fast-path inferlets over the built-in scheduler's, with the
     guests' turns all on the runtime thread (``serial``, the default) and side by side on
-    a pool of half the cores (``pool``), paired in the same runs."""
+    a pool of half the cores (``pool``), paired in the same runs; ``instance_pool``: the
+    instances reuse pooled slots (``RuntimeConfig.instance_pool``)."""
     from loom import LLM
     from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
@@ -258,7 +260,8 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
     engine = dict(dtype=dtype, device=device, kv_cache_memory_mb=4096)
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
-                       RuntimeConfig(guest_threads=0),  # (the pool: half the cores, up to 8)
+                       RuntimeConfig(guest_threads=0,  # (the pool: half the cores, up to 8)
+                                     instance_pool=instance_pool),
                        cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs")  # fmt: skip
     pool = rt.guests.turn_pool
     out: dict[str, dict[int, float]] = {"serial": {}, "pool": {}}
@@ -267,6 +270,7 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
         program = rt.add_program(wasm)
         run_builtin(llm, 2, 4, -1)
         run_system(rt, program, 2, 4, "fast", -1)
+        run_system(rt, program, max(levels), 4, "fast", -2)  # (pooled slots used once)
         for n in levels:
             ratios: dict[str, list[float]] = {"serial": [], "pool": []}
             for r in range(runs):
@@ -377,6 +381,12 @@ def main() -> None:
     if "tax" not in args.skip:
         levels = [int(x) for x in args.tax.split(",")]
         part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
+        part(
+            "tax_instance_pool",
+            lambda: tax(
+                path, device, "bfloat16", levels, 64, runs, args.inferlet, instance_pool=True
+            ),
+        )
     by_batch = {d["batch"]: d for d in data.get("decode", [])}
     data["summary"] = {
         "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
@@ -406,7 +416,15 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
     if pf:
         print(f"prefill {prefill_arg}: {pf['tokens_per_s']:.0f} tok/s, "
               f"{pf['tflops']:.1f} TFLOP/s, MFU {pf['mfu']:.1%}")  # fmt: skip
-    for key in ("attention", "gpu_busy", "parity_fp32", "bf16_identical_share", "tax", "errors"):
+    for key in (
+        "attention",
+        "gpu_busy",
+        "parity_fp32",
+        "bf16_identical_share",
+        "tax",
+        "tax_instance_pool",
+        "errors",
+    ):
         if data.get(key):
             print(f"{key}: {data[key]}")
     print(f"summary: {data['summary']}  ({data['wall_s']:.0f} s)")

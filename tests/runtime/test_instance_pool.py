@@ -123,3 +123,25 @@ def test_pool_settings_are_checked(tmp_path: Path) -> None:
     pool = instance_pool(RuntimeConfig(instance_pool=True, max_instances=10, memory_limit_mb=32))
     assert pool is not None
     assert pool.instances > 10 and pool.memory_bytes == 32 << 20
+
+
+def _freed(store: wasm_ffi.GuestStore) -> bool:
+    try:
+        store.store.ptr()
+    except ValueError:  # ("already closed")
+        return True
+    return False
+
+
+def test_stores_to_free_wait_up_to_their_cap_and_go_oldest_first() -> None:
+    engine = wasm_ffi.WasmEngine()
+    stores = [wasm_ffi.GuestStore(engine, memory_limit=1 << 20) for _ in range(4)]
+    waiting = wasm_ffi.StoresToFree(cap=2)
+    for s in stores[:3]:
+        waiting.add(s)
+    # The third add went past the cap: the oldest was freed at once.
+    assert len(waiting) == 2 and _freed(stores[0]) and not _freed(stores[1])
+    assert waiting.free_one() and len(waiting) == 1 and _freed(stores[1])
+    waiting.add(stores[3])
+    waiting.free_all()
+    assert len(waiting) == 0 and all(_freed(s) for s in stores)

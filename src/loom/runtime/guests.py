@@ -36,6 +36,7 @@ from loom.runtime.wasm.ffi import (
     GuestStore,
     HostCallError,
     Ok,
+    StoresToFree,
 )
 
 ChildListener = Callable[[InstanceHandle, str, list[str], str, bool], EventListener | None]
@@ -75,10 +76,7 @@ class Guests:
         self.guest_turn_s = 0.0
         self.cohorts = Cohorts(self.config.cohort_hold_ms, on_cohort_release)
         self._pending_end: list[Instance] = []
-        # Ended instances' stores, freed when the runtime thread is idle: freeing one
-        # (resetting its pooled slot) takes ~1 ms, which would otherwise delay the turns
-        # and ends of the instances behind it (a cohort's last reader waited ~30 ms).
-        self.to_close: deque[GuestStore] = deque()
+        self.to_close = StoresToFree()  # ended instances' (freed while the loop idles)
         self.memory = MemoryBudget()
         self._seq = itertools.count()
         self.live_guests = 0  # instances that run code (completions are not counted)
@@ -322,9 +320,7 @@ class Guests:
         self.rt.handles.drop_owner(inst.seq)
         self.batcher.remove_owner(inst.seq)
         self.messaging.drop_instance(inst)
-        self.to_close.append(inst.store)
-        if len(self.to_close) > 64:  # (a bound on what waits: ends outpace idle time)
-            self.close_ended()
+        self.to_close.add(inst.store)
         self.memory.forget(inst)
         self.by_ctx.pop(inst.store.key, None)
         self.by_seq.pop(inst.seq, None)
@@ -338,14 +334,7 @@ class Guests:
     def end_all(self, reason: str) -> None:
         for inst in list(self.instances.values()):
             self.end(inst, False, reason)
-        while self.close_ended():
-            pass
-
-    def close_ended(self) -> bool:
-        """Free one ended instance's store; whether more are left."""
-        if self.to_close:
-            self.to_close.popleft().close()
-        return bool(self.to_close)
+        self.to_close.free_all()
 
 
 def call_failure(programs: Any, inst: Instance) -> str | None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def instance_pool(config: RuntimeConfig) -> InstancePool | None:
     """The pool's slots: one per instance allowed to run, plus the ended ones whose stores
-    wait to be freed (``Guests.to_close`` holds at most 65); each memory slot as large as
+    wait to be freed (``StoresToFree`` holds at most 65); each memory slot as large as
     the per-instance memory cap. None when the pool is off."""
     if not config.instance_pool:
         return None

@@ -289,7 +289,7 @@ class Runtime:
             if not guests.runq and not self._inbox and not dispatch.poked:
                 if wait_s is None and not dispatch.batch_inflight:
                     dispatch.idle_since = None  # nothing to run: idle for want of work
-                if guests.to_close and guests.close_ended():
+                if guests.to_close and guests.to_close.free_one():
                     continue  # (step 7: one store freed; more left)
                 timeout = min(0.05 if wait_s is None else max(0.0, wait_s), cpu_share.wait_s())
                 if cohort_s is not None:

@@ -38,6 +38,7 @@ from loom.runtime.wasm.hostcalls import Pending as Pending
 from loom.runtime.wasm.hostcalls import context_key as context_key
 from loom.runtime.wasm.store import CallFuture as CallFuture
 from loom.runtime.wasm.store import GuestStore as GuestStore
+from loom.runtime.wasm.store import StoresToFree as StoresToFree
 from loom.runtime.wasm.types import BOOL as BOOL
 from loom.runtime.wasm.types import F32 as F32
 from loom.runtime.wasm.types import F64 as F64
