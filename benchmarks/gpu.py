@@ -244,12 +244,12 @@ def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
 
 
 def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
-        wasm_path: Path | None = None, instance_pool: bool = False,
+        wasm_path: Path | None = None, instance_pool: bool = True,
         ) -> dict[str, dict[int, float]]:  # fmt: skip
     """Median ms/token of the fast-path inferlets over the built-in scheduler's, with the
     guests' turns all on the runtime thread (``serial``, the default) and side by side on
-    a pool of half the cores (``pool``), paired in the same runs; ``instance_pool``: the
-    instances reuse pooled slots (``RuntimeConfig.instance_pool``)."""
+    a pool of half the cores (``pool``), paired in the same runs; ``instance_pool``: new
+    instances take reused slots (``RuntimeConfig.instance_pool``, the default)."""
     from loom import LLM
     from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
@@ -382,9 +382,9 @@ def main() -> None:
         levels = [int(x) for x in args.tax.split(",")]
         part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
         part(
-            "tax_instance_pool",
+            "tax_no_instance_pool",
             lambda: tax(
-                path, device, "bfloat16", levels, 64, runs, args.inferlet, instance_pool=True
+                path, device, "bfloat16", levels, 64, runs, args.inferlet, instance_pool=False
             ),
         )
     by_batch = {d["batch"]: d for d in data.get("decode", [])}
@@ -422,7 +422,7 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
         "parity_fp32",
         "bf16_identical_share",
         "tax",
-        "tax_instance_pool",
+        "tax_no_instance_pool",
         "errors",
     ):
         if data.get(key):

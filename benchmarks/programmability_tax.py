@@ -178,8 +178,8 @@ def main() -> None:
     )
     ap.add_argument("--guest-threads", type=int, default=0,
                     help="threads running guests' turns (0: the runtime's default)")  # fmt: skip
-    ap.add_argument("--instance-pool", action="store_true",
-                    help="instances reuse pooled slots (RuntimeConfig.instance_pool)")  # fmt: skip
+    ap.add_argument("--no-instance-pool", action="store_true",
+                    help="every instance maps its own memory (instance_pool off)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gpu_like = args.engine_timing == "gpu-like"
@@ -208,7 +208,7 @@ def main() -> None:
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     rt = start_runtime(
         EngineConfig(model=str(path), **engine),  # type: ignore[arg-type]
-        RuntimeConfig(guest_threads=args.guest_threads, instance_pool=args.instance_pool),
+        RuntimeConfig(guest_threads=args.guest_threads, instance_pool=not args.no_instance_pool),
         cache_dir=Path(tempfile.gettempdir()) / "loom-bench-programs",
         engine_threads=threads,
     )

@@ -4,8 +4,10 @@ instances' stores while idle."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wasmtime
@@ -40,7 +42,7 @@ def test_a_reused_slot_starts_from_the_programs_image() -> None:
     """An ended instance's slot goes to the next one reset: nothing it wrote is seen (the
     slot's pages stay resident, rewritten in place)."""
     engine = wasm_ffi.WasmEngine(pool=InstancePool(instances=2, memory_bytes=1 << 20))
-    assert engine.pooled and engine.artifact_tag == "pooled"
+    assert engine.pooled
     linker = wasm_ffi.CoreLinker(engine)
     module = wasmtime.Module(engine.engine, MODULE)
     for _ in range(5):
@@ -53,7 +55,8 @@ def test_a_reused_slot_starts_from_the_programs_image() -> None:
 
 
 def test_instances_beyond_the_pool_are_refused_until_a_slot_is_freed() -> None:
-    engine = wasm_ffi.WasmEngine(pool=InstancePool(instances=2, memory_bytes=1 << 20))
+    # One instance slot: two memory slots, which two one-memory modules take.
+    engine = wasm_ffi.WasmEngine(pool=InstancePool(instances=1, memory_bytes=1 << 20))
     linker = wasm_ffi.CoreLinker(engine)
     module = wasmtime.Module(engine.engine, MODULE)
     stores = [wasm_ffi.GuestStore(engine, memory_limit=1 << 20) for _ in range(3)]
@@ -66,47 +69,64 @@ def test_instances_beyond_the_pool_are_refused_until_a_slot_is_freed() -> None:
     assert _call(linker, stores[2], inst, "peek", 0) == 7
 
 
-def test_a_pool_the_address_space_cannot_hold_falls_back_to_own_memories() -> None:
-    # 2^20 slots of 1 GiB: a petabyte, beyond a 47-bit address space.
-    pool = InstancePool(instances=1 << 20, memory_bytes=1 << 30)
-    engine = wasm_ffi.WasmEngine(pool=pool)
-    assert not engine.pooled and engine.artifact_tag == "own"
-    linker = wasm_ffi.CoreLinker(engine)
-    store = wasm_ffi.GuestStore(engine, memory_limit=1 << 20)
-    inst = linker.instantiate(store, wasmtime.Module(engine.engine, MODULE))
+def test_a_pool_the_address_space_cannot_hold_is_not_made() -> None:
+    from loom.config import RuntimeConfig
+    from loom.runtime.guest_engines import GuestEngines
+
+    assert InstancePool(instances=4, memory_bytes=1 << 20).fits()
+    # 32 slots of 4 TiB memories: beyond a 47-bit address space.
+    config = RuntimeConfig(memory_limit_mb=1 << 22)
+    assert not InstancePool(instances=32, memory_bytes=config.memory_limit_bytes).fits()
+    engines = GuestEngines(config, None)
+    assert engines.pooled is None and list(engines.sides()) == [engines.own]
+    side, store = engines.new_store(1 << 20)
+    assert side is engines.own and not side.engine.pooled
+    linker = wasm_ffi.CoreLinker(side.engine)
+    inst = linker.instantiate(store, wasmtime.Module(side.engine.engine, MODULE))
     assert _call(linker, store, inst, "peek", 0) == 7
+
+
+def _until_freed(rt: Any) -> None:
+    deadline = time.monotonic() + 10
+    while rt.query(lambda: len(rt.guests.to_close)) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_ended_stores_are_freed_while_the_runtime_is_idle(rt: object, testkit: str) -> None:
     """An instance's end is reported before its store is freed; the store is freed in the
     runtime's next idle moments."""
-    assert not rt.wasm.pooled  # type: ignore[attr-defined]  # (the pool is off by default)
+    assert rt.engines.pooled is not None  # type: ignore[attr-defined]  # (on by default)
     handles = [rt.launch(testkit, ["hello"]) for _ in range(6)]  # type: ignore[attr-defined]
     assert all(h.wait(60).ok for h in handles)
-    guests = rt.guests  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while rt.query(lambda: len(guests.to_close)) and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.01)
-    assert rt.query(lambda: len(guests.to_close)) == 0  # type: ignore[attr-defined]
+    _until_freed(rt)
+    assert rt.query(lambda: len(rt.guests.to_close)) == 0  # type: ignore[attr-defined]
 
 
-def test_a_pooled_runtime_runs_python_inferlets_in_reused_slots(
+def test_instances_beyond_the_pools_slots_run_in_their_own_memory(
     tiny_dir: Path, program_cache: Path, testkit_wasm: bytes
 ) -> None:
     from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
 
     rt = start_runtime(EngineConfig(model=str(tiny_dir), num_pages=96),
-                       RuntimeConfig(instance_pool=True, max_instances=8),
-                       worker_mode="thread", cache_dir=program_cache)  # fmt: skip
+                       RuntimeConfig(pool_slots=4), worker_mode="thread",
+                       cache_dir=program_cache)  # fmt: skip
     try:
-        assert rt.wasm.pooled
+        engines = rt.engines
+        assert engines.pooled is not None and engines.slots == 4
         program = rt.add_program(testkit_wasm)
-        for _ in range(3):  # 24 instances through a pool of 8 + 80 slots: reused
-            handles = [rt.launch(program, ["decode", "5,6,7", "3"]) for _ in range(8)]
-            outs = [h.recv(60) for h in handles]
-            assert all(h.wait(60).ok for h in handles)
-            assert len(set(outs)) == 1  # greedy, same prompt: the same tokens
+        for _ in range(3):  # 8 at once, 4 in pooled slots (reused each round), 4 not
+            _until_freed(rt)
+            handles = [rt.launch(program, ["echo"]) for _ in range(8)]
+            sides = rt.query(lambda: [i.side for i in rt.guests.instances.values()])
+            assert sum(s is engines.pooled for s in sides) == 4
+            assert sum(s is engines.own for s in sides) == 4
+            for h in handles:
+                h.send("x")
+            assert all(h.wait(60).ok and h.recv(5) == "echo:x" for h in handles)
+            outs = [json.loads(rt.launch(program, ["decode", "5,6,7", "3"]).recv(60))
+                    for _ in range(2)]  # fmt: skip
+            assert outs[0] == outs[1]
         result, messages = run_inferlet(rt, program, "hello")
         assert result.ok and messages == [f"hello from {result.instance_id}"]
     finally:
@@ -115,14 +135,16 @@ def test_a_pooled_runtime_runs_python_inferlets_in_reused_slots(
 
 def test_pool_settings_are_checked(tmp_path: Path) -> None:
     from loom.config import RuntimeConfig
-    from loom.runtime.limits import instance_pool
+    from loom.runtime.guest_engines import instance_pool
 
     with pytest.raises(ValueError, match="pool_resident_mb"):
         RuntimeConfig(pool_resident_mb=-1)
+    with pytest.raises(ValueError, match="pool_slots"):
+        RuntimeConfig(pool_slots=0)
     assert instance_pool(RuntimeConfig(instance_pool=False)) is None
-    pool = instance_pool(RuntimeConfig(instance_pool=True, max_instances=10, memory_limit_mb=32))
+    pool = instance_pool(RuntimeConfig(pool_slots=10, memory_limit_mb=32, pool_resident_mb=8))
     assert pool is not None
-    assert pool.instances > 10 and pool.memory_bytes == 32 << 20
+    assert (pool.instances, pool.memory_bytes, pool.keep_resident_bytes) == (10, 32 << 20, 8 << 20)
 
 
 def _freed(store: wasm_ffi.GuestStore) -> bool:

@@ -94,13 +94,14 @@ class RuntimeConfig:
     # reached their first wait, or until none has for this long.
     cohort_hold_ms: float = setting(200.0, "longest hold of a launch cohort's work")
     memory_limit_mb: int = setting(256, "memory cap per instance")  # guests start ~12 MiB
-    # Instances' memories, tables and stacks come from slots reserved at start and reused
-    # (max_instances x memory_limit_mb of address space): a new instance finds the pages
-    # an ended one of the same program wrote, instead of faulting each in (runtime/wasm/
-    # engine.py says what it saves). Up to `pool_resident_mb` of each stays resident.
-    # Off by default: 1000 live test inferlets outgrew the default memory budget with it
-    # (11.5 GiB, where they fit without), and a freed slot stays resident.
-    instance_pool: bool = setting(False, "take instances from reused, pre-reserved slots")
+    # The first `pool_slots` instances alive at once take their memories, tables and
+    # stacks from slots reserved at start and reused: a new instance finds the pages an
+    # ended one of the same program wrote, instead of faulting each in (runtime/wasm/
+    # engine.py says what it saves); the rest map their own. A slot once used keeps up to
+    # `pool_resident_mb` resident, so the pool holds at most slots x that (~13 MiB each
+    # for a Python inferlet).
+    instance_pool: bool = setting(True, "take new instances from reused, pre-reserved slots")
+    pool_slots: int = setting(32, "instances the pool holds at once")
     pool_resident_mb: int = setting(16, "MiB of a pooled slot's memory kept resident for "
                                         "the next instance")  # fmt: skip
     # What all instances together may add to the server process's resident memory; over
@@ -202,7 +203,8 @@ class RuntimeConfig:
         _require(self.idle_timeout_s >= 0, "idle_timeout_s must be >= 0")
         _require(self.store_quota_mb > 0, "store_quota_mb must be positive")
         _require(self.memory_budget_mb >= 0, "memory_budget_mb must be >= 0")
-        _require(self.pool_resident_mb >= 0, "pool_resident_mb must be >= 0")
+        _require(self.pool_resident_mb >= 0 and self.pool_slots > 0,
+                 "pool_resident_mb must be >= 0 and pool_slots > 0")  # fmt: skip
         _require(self.max_pending_mb > 0 and self.max_subscriptions > 0,
                  "max_pending_mb and max_subscriptions must be positive")  # fmt: skip
         _require(0 <= self.max_export_share <= 1, "max_export_share must be in [0, 1]")

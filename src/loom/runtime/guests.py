@@ -20,6 +20,7 @@ from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.cohort import Cohorts
 from loom.runtime.cpu_share import CpuShare
+from loom.runtime.guest_engines import WasmSide
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
@@ -30,10 +31,7 @@ from loom.runtime.turns import TurnPool, end_turn, turn_pool
 from loom.runtime.wasm import ffi as wasm_ffi
 from loom.runtime.wasm.engine import trap_summary
 from loom.runtime.wasm.ffi import (
-    ComponentLinker,
-    CoreLinker,
     Err,
-    GuestStore,
     HostCallError,
     Ok,
     StoresToFree,
@@ -50,8 +48,6 @@ class Guests:
         rt: RuntimeServices,
         batcher: Batcher,
         messaging: Messaging,
-        linker: ComponentLinker,
-        core_linker: CoreLinker,
         on_cohort_release: Callable[[], None],
         post: Callable[[Any], None],
     ) -> None:
@@ -60,8 +56,6 @@ class Guests:
         self.config = rt.config
         self.batcher = batcher
         self.messaging = messaging
-        self.linker = linker
-        self.core_linker = core_linker
         self.instances: dict[str, Instance] = {}
         self.by_ctx: dict[int, Instance] = {}  # by store key: the caller of a host call
         self.by_seq: dict[int, Instance] = {}  # by launch order: the owner of a queue
@@ -125,27 +119,28 @@ class Guests:
             handle._finish(InstanceResult(handle.id, False, too_many(cap), 0.0, 0))
             return None
         rt = self.rt
-        store = GuestStore(rt.wasm, memory_limit=self.config.memory_limit_bytes, slice_ticks=1)
+        side, store = rt.engines.new_store(self.config.memory_limit_bytes)
         tree = tree if tree is not None else InstanceTree()
         inst = Instance(seq=self.next_seq(), id=handle.id, program=program, arguments=args,
                         store=store, pages=InstancePages(rt.pool, tree), handle=handle,
-                        spawned_at=time.perf_counter(), parent=parent, tree=tree)  # fmt: skip
+                        spawned_at=time.perf_counter(), parent=parent, tree=tree,
+                        side=side)  # fmt: skip
         if parent is not None:
             parent.children.append(inst)
         self.register(inst)
         self.live_guests += 1
         tree.live += 1
-        if rt.programs.is_core(program):
+        if side.programs.is_core(program):
             # A native inferlet instantiates at once (no start code runs); `run` next.
             try:
-                core = self.core_linker.instantiate(store, rt.programs.get_core(program))
-                inst.call = self.core_linker.call_async(store, core, "run")
+                core = side.core_linker.instantiate(store, side.programs.get_core(program))
+                inst.call = side.core_linker.call_async(store, core, "run")
             except wasm_ffi.WasmError as e:
                 self.end(inst, False, f"cannot start the native inferlet: {e}")
                 return inst
             self._started(inst)
         else:
-            inst.call = wasm_ffi.instantiate_async(self.linker, store, rt.programs.get(program))
+            inst.call = wasm_ffi.instantiate_async(side.linker, store, side.programs.get(program))
         rt.stats.spawned += 1
         self.make_runnable(inst)
         return inst
@@ -255,13 +250,13 @@ class Guests:
     def on_call_done(self, inst: Instance) -> None:
         assert inst.call is not None
         if inst.started or inst.call.error() is not None:
-            failure = call_failure(self.rt.programs, inst)
+            failure = call_failure(inst, inst.side)
             self.end(inst, failure is None, failure)
             return
         self._started(inst)
         try:
             inst.call = wasm_ffi.call_export_async(
-                inst.store, self.rt.programs.get(inst.program), "run"
+                inst.store, inst.side.programs.get(inst.program), "run"
             )
         except wasm_ffi.WasmError as e:
             self.end(inst, False, str(e))
@@ -337,13 +332,13 @@ class Guests:
         self.to_close.free_all()
 
 
-def call_failure(programs: Any, inst: Instance) -> str | None:
+def call_failure(inst: Instance, side: WasmSide) -> str | None:
     """Why ``inst``'s finished call failed (a trap, a host error, run's result), if it did."""
     assert inst.call is not None
     err = inst.call.error()
     if err is not None:
         return wasm_ffi.LAST_HOST_ERROR.get(inst.store.key) or trap_summary(err)
-    if programs.is_core(inst.program):
+    if side.programs.is_core(inst.program):
         code = int(inst.call.results[0].of.i32)
         return None if code == 0 else (inst.native_error or f"run returned {code}")
     return wasm_ffi.decode_run_result(inst.call.results)

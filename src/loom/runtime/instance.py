@@ -11,6 +11,7 @@ from typing import Any
 
 from loom.runtime.commands import CommandQueue
 from loom.runtime.futures import HostFuture, Mailbox, Stream
+from loom.runtime.guest_engines import WasmSide
 from loom.runtime.resources import InstancePages, InstanceTree
 from loom.runtime.wasm.ffi import CallFuture, GuestStore
 
@@ -136,6 +137,7 @@ class Instance:
     submitted: bool = False  # queued forward work during its current time slice
     spawn_s: float | None = None  # launch -> ready to run (instantiation done)
     job: Any = None  # a host-driven completion (no guest code) when set
+    side: WasmSide = None  # type: ignore[assignment]  # the engine it runs in (guests)
     wake: Callable[[], None] | None = None  # puts it on the run queue (made once)
     cohort: Any = None  # its launch ``Cohort`` while its first turn has not ended
     # The instance that launched it (None: a client did, or it was launched detached),

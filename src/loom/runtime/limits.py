@@ -1,31 +1,15 @@
 """The limits on all instances together, checked by the runtime loop ten times a second:
-the memory budget (``memory_budget.py``), and once a second the idle limit; and the sizes
-of the instance pool, which follow from the per-instance limits."""
+the memory budget (``memory_budget.py``), and once a second the idle limit."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
 
-from loom.config import RuntimeConfig
 from loom.runtime.instance import Instance
-from loom.runtime.wasm.engine import InstancePool
 
 if TYPE_CHECKING:
     from loom.runtime.guests import Guests
-
-
-def instance_pool(config: RuntimeConfig) -> InstancePool | None:
-    """The pool's slots: one per instance allowed to run, plus the ended ones whose stores
-    wait to be freed (``StoresToFree`` holds at most 65); each memory slot as large as
-    the per-instance memory cap. None when the pool is off."""
-    if not config.instance_pool:
-        return None
-    return InstancePool(
-        instances=config.max_instances + 80,
-        memory_bytes=config.memory_limit_bytes,
-        keep_resident_bytes=config.pool_resident_mb << 20,
-    )
 
 
 class InstanceLimits:

@@ -3,7 +3,7 @@
 Compiling a componentize-py component takes 4–10 s; deserializing the compiled artifact
 takes tens of milliseconds. Artifacts are keyed by the program's sha256, the wasmtime
 version (a compiled artifact only loads in the release that made it) and the engine's
-memory layout (pooled or not: the code differs), and written atomically, so concurrent
+memory reservation (the code depends on it), and written atomically, so concurrent
 servers sharing a cache never see half a file.
 """
 

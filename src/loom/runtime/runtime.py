@@ -53,19 +53,17 @@ from loom.runtime.completions import CompletionHandle, CompletionRequest
 from loom.runtime.cpu_share import SLICE_TICKS
 from loom.runtime.dispatch import Dispatcher
 from loom.runtime.eager import EagerCommands
+from loom.runtime.guest_engines import GuestEngines
 from loom.runtime.guests import Guests
 from loom.runtime.host_core import register_core
 from loom.runtime.inbox import Call, InboxMessage, Launch, LaunchBatch, StartCompletion
 from loom.runtime.instance import Deliver, EventListener, Instance, InstanceHandle, Kill
-from loom.runtime.limits import InstanceLimits, instance_pool
+from loom.runtime.limits import InstanceLimits
 from loom.runtime.messaging import Messaging
 from loom.runtime.microserving import Microserving
-from loom.runtime.program_cache import ProgramCache
 from loom.runtime.resources import ExportRegistry, HandleTable
 from loom.runtime.services import RuntimeStats
 from loom.runtime.supervision import WorkerSupervisor
-from loom.runtime.wasm import ffi as wasm_ffi
-from loom.runtime.wasm.ffi import ComponentLinker, WasmEngine
 
 
 class Runtime:
@@ -108,11 +106,9 @@ class Runtime:
         self._inbox: deque[InboxMessage] = deque()
         self._wake = wake or threading.Event()
 
-        self.wasm = WasmEngine(pool=instance_pool(config))
-        self.programs = ProgramCache(self.wasm, cache_dir)
-        self.linker = ComponentLinker(self.wasm)
-        self.core_linker = wasm_ffi.CoreLinker(self.wasm)  # native (C/Zig) inferlets
-        self.guests = Guests(self, self.batcher, self.messaging, self.linker, self.core_linker,
+        self.engines = GuestEngines(config, cache_dir)  # (with the instance pool: two)
+        self.wasm, self.programs = self.engines.own.engine, self.engines.own.programs
+        self.guests = Guests(self, self.batcher, self.messaging,
                              on_cohort_release=self._on_cohort_release, post=self.post)  # fmt: skip
         self.instances = self.guests.instances
         self.eager = EagerCommands(self, self.batcher, self.guests)
@@ -121,9 +117,10 @@ class Runtime:
         self._bind_parts()
         from loom.runtime.host import register_all
 
-        register_all(self.linker, self)
-        self.linker.build()
-        register_core(self.core_linker, self)
+        for side in self.engines.sides():
+            register_all(side.linker, self)
+            side.linker.build()
+            register_core(side.core_linker, self)
         self.microserving = Microserving(self, config.reservation_ttl_s)
         self.supervisor = WorkerSupervisor(self, restart_worker)
         self._stop = False
@@ -136,7 +133,7 @@ class Runtime:
     def add_program(self, wasm: bytes) -> str:
         """Compile (or load from cache) a program; returns its hash for ``launch``."""
         with self._lock:
-            return self.programs.add(wasm)
+            return self.engines.add(wasm)
 
     def launch(
         self,
@@ -248,7 +245,7 @@ class Runtime:
         while not self._stop:
             period = self.config.slice_ms / 1000.0  # (``reconfigure`` replaces the config)
             time.sleep(period / SLICE_TICKS if cpu_bound else period)
-            self.wasm.increment_epoch()
+            self.engines.increment_epoch()
 
     # ===== the loop =====
 

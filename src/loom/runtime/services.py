@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from loom.models.config import ModelConfig
     from loom.models.tokenizer import Tokenizer
     from loom.runtime.commands import AllocateCmd, CommandQueue
+    from loom.runtime.guest_engines import GuestEngines
     from loom.runtime.instance import EventListener, Instance, InstanceHandle
     from loom.runtime.messaging import Messaging
     from loom.runtime.program_cache import ProgramCache
@@ -84,8 +85,9 @@ class RuntimeServices(Protocol):
     messaging: Messaging
     instances: dict[str, Instance]
     stats: RuntimeStats
-    wasm: WasmEngine
+    wasm: WasmEngine  # (``engines.own``'s: host completions' stores)
     programs: ProgramCache
+    engines: GuestEngines
 
     def caller(self, key: int) -> Instance:
         """The live instance whose guest is making the current host call."""

@@ -48,20 +48,20 @@ def trap_summary(err: str) -> str:
 
 @dataclass(frozen=True)
 class InstancePool:
-    """Sizes of wasmtime's pooling allocator, where every instance's memories, tables and
-    fiber stack come from slots reserved once and reused.
+    """Sizes of wasmtime's pooling allocator, where instances' memories, tables and fiber
+    stacks come from slots reserved once and reused.
 
     Why: a fresh instance maps its memory copy-on-write from the program's image, and a
     Python inferlet's start then writes ~500 pages of it, one page fault each (measured:
     over half of its start, ~2 ms of ~3.5). A reused slot keeps the first
     ``keep_resident_bytes`` of its memory resident and is reset in place, so the next
-    instance of the same program finds those pages already there.
+    instance of the same program finds those pages already there. The cost: each slot
+    once used stays resident (~13 MiB for a Python inferlet), so the pool is small.
     """
 
-    instances: int  # component and core instances alive at once (each takes one slot)
+    instances: int  # component (and core) instances alive at once: one slot each
     memory_bytes: int  # the largest a linear memory may grow: the per-instance cap
     keep_resident_bytes: int = 16 << 20
-    warm_slots: int = 32  # ended instances' slots kept resident for the next ones
 
     # Per component: componentize-py's components hold 38 core instances, 2 tables and
     # 1 memory (a program beyond these is refused when it is compiled, with the reason).
@@ -70,14 +70,38 @@ class InstancePool:
     MEMORIES = 2
     TABLE_ELEMENTS = 100_000
 
+    def address_space(self) -> int:
+        """Bytes of address space its slots reserve (an estimate from above)."""
+        memories = self.instances * self.MEMORIES * (self.memory_bytes + (64 << 10))
+        tables = self.instances * self.TABLES * self.TABLE_ELEMENTS * 8
+        return (memories + tables + self.instances * (4 << 20)) * 5 // 4
+
+    def fits(self) -> bool:
+        """Whether the slots can be reserved (wasmtime aborts the process when they
+        cannot): a trial reservation of their size, with no memory behind it."""
+        size = self.address_space()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]  # fmt: skip
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        addr = libc.mmap(None, size, 0, flags, -1, 0)  # (PROT_NONE)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            log.warning("instances are not pooled: %d GiB of address space for the pool's "
+                        "slots cannot be reserved (%s)", size >> 30,
+                        os.strerror(ctypes.get_errno()))  # fmt: skip
+            return False
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        return True
+
 
 def _pooling_config(pool: InstancePool) -> Any:
     p = ffi.wasmtime_pooling_allocation_config_new()
     n = pool.instances
     ffi.wasmtime_pooling_allocation_config_total_component_instances_set(p, n)
-    ffi.wasmtime_pooling_allocation_config_total_core_instances_set(p, n * 40)
-    ffi.wasmtime_pooling_allocation_config_total_memories_set(p, n * pool.MEMORIES // 2)
-    ffi.wasmtime_pooling_allocation_config_total_tables_set(p, n * pool.TABLES // 2)
+    ffi.wasmtime_pooling_allocation_config_total_core_instances_set(p, n * pool.CORE_INSTANCES)
+    ffi.wasmtime_pooling_allocation_config_total_memories_set(p, n * pool.MEMORIES)
+    ffi.wasmtime_pooling_allocation_config_total_tables_set(p, n * pool.TABLES)
     ffi.wasmtime_pooling_allocation_config_total_stacks_set(p, n)
     ffi.wasmtime_pooling_allocation_config_max_memory_size_set(p, pool.memory_bytes)
     ffi.wasmtime_pooling_allocation_config_table_elements_set(p, pool.TABLE_ELEMENTS)
@@ -86,7 +110,7 @@ def _pooling_config(pool: InstancePool) -> Any:
     )
     ffi.wasmtime_pooling_allocation_config_max_memories_per_component_set(p, pool.MEMORIES)
     ffi.wasmtime_pooling_allocation_config_max_tables_per_component_set(p, pool.TABLES)
-    ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set(p, pool.warm_slots)
+    ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set(p, n)
     keep = pool.keep_resident_bytes
     ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(p, keep)
     ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(p, min(keep, 1 << 20))
@@ -94,36 +118,15 @@ def _pooling_config(pool: InstancePool) -> Any:
     return p
 
 
-def _address_space_fits(pool: InstancePool) -> bool:
-    """Whether the pool's slots can be reserved (wasmtime aborts the process when they
-    cannot): a trial reservation of their size, with no memory behind it, given back."""
-    memories = pool.instances * pool.MEMORIES // 2 * (pool.memory_bytes + (64 << 10))
-    tables = pool.instances * pool.TABLES // 2 * pool.TABLE_ELEMENTS * 8
-    stacks = pool.instances * (4 << 20)
-    size = (memories + tables + stacks) * 5 // 4
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
-    addr = libc.mmap(None, size, 0, flags, -1, 0)  # (PROT_NONE)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        log.warning("instances are not pooled: %d GiB of address space for the pool's "
-                    "slots cannot be reserved (%s)", size >> 30,
-                    os.strerror(ctypes.get_errno()))  # fmt: skip
-        return False
-    libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
-    return True
-
-
 class WasmEngine:
-    """One wasmtime engine for every inferlet of a server.
+    """One wasmtime engine for inferlets.
 
     ``memory_reservation`` shrinks the 4 GiB virtual reservation per linear memory so that
     thousands of instances fit; memories beyond it are moved when they grow. ``pool``:
-    instances take pooled slots (``InstancePool``), each reserving ``pool.memory_bytes``
-    of address space; when the address space cannot be reserved the engine allocates per
-    instance, as without one, and says so in the log (``pooled`` says which).
+    instances take pooled slots (``InstancePool``; check ``pool.fits()`` first), each
+    memory reserving ``pool.memory_bytes``, which is then the reservation. Compiled code
+    depends on the reservation alone: engines with the same one load each other's
+    artifacts (``artifact_tag``).
     """
 
     def __init__(
@@ -133,17 +136,7 @@ class WasmEngine:
         epoch_interruption: bool = True,
         pool: InstancePool | None = None,
     ):
-        self.pooled = pool is not None and _address_space_fits(pool)
-        if self.pooled:
-            assert pool is not None
-            self.engine = self._make(pool.memory_bytes, epoch_interruption, pool)
-        else:
-            self.engine = self._make(memory_reservation, epoch_interruption, None)
-        # Compiled code depends on the memory layout: artifacts of either kind apart.
-        self.artifact_tag = "pooled" if self.pooled else "own"
-
-    @staticmethod
-    def _make(reservation: int, epoch_interruption: bool, pool: InstancePool | None) -> Any:
+        reservation = pool.memory_bytes if pool is not None else memory_reservation
         cfg = wasmtime.Config()
         cfg.epoch_interruption = epoch_interruption
         ffi.wasmtime_config_memory_reservation_set(cfg.ptr(), reservation)
@@ -152,7 +145,9 @@ class WasmEngine:
             pooling = _pooling_config(pool)
             ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pooling)  # (a copy)
             ffi.wasmtime_pooling_allocation_config_delete(pooling)
-        return wasmtime.Engine(cfg)
+        self.engine = wasmtime.Engine(cfg)
+        self.pooled = pool is not None
+        self.artifact_tag = f"r{reservation >> 20}m"
 
     def compile(self, wasm: bytes) -> Component:
         try:

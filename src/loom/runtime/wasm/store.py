@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
+from collections.abc import Callable
 from ctypes import POINTER, c_void_p
 from typing import Any
 
@@ -31,8 +32,16 @@ _future_poll = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)(("wasmtime_call_future_
 class GuestStore:
     """A store for one instance: memory cap, epoch slices, and the instance once made."""
 
-    def __init__(self, engine: WasmEngine, *, memory_limit: int, slice_ticks: int = 1) -> None:
+    def __init__(
+        self,
+        engine: WasmEngine,
+        *,
+        memory_limit: int,
+        slice_ticks: int = 1,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.store = wasmtime.Store(engine.engine)
+        self._on_close = on_close
         self.ctx = self.store._context()
         self.key = context_key(self.ctx)
         self.store.set_limits(memory_size=memory_limit, instances=64, tables=64, memories=64)
@@ -61,6 +70,9 @@ class GuestStore:
         once. Nothing may run in it afterwards (its call future is cancelled first)."""
         HOST_CALLS.last_error.pop(self.key, None)
         self.store.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 class StoresToFree:
