@@ -17,7 +17,13 @@ from pathlib import Path
 from loom.config import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
 from loom.runtime.wasm.engine import InstancePool
-from loom.runtime.wasm.ffi import ComponentLinker, CoreLinker, GuestStore, WasmEngine
+from loom.runtime.wasm.ffi import (
+    ComponentLinker,
+    CoreLinker,
+    GuestStore,
+    StoresToFree,
+    WasmEngine,
+)
 
 
 @dataclass
@@ -76,9 +82,15 @@ class GuestEngines:
             self.pooled.programs.add(wasm)  # (the artifact the first one cached)
         return h
 
-    def new_store(self, memory_limit: int) -> tuple[WasmSide, GuestStore]:
-        """A store for a new instance: in the pooled engine while a slot is free."""
+    def new_store(
+        self, memory_limit: int, ended: StoresToFree | None = None
+    ) -> tuple[WasmSide, GuestStore]:
+        """A store for a new instance: in the pooled engine while a slot is free. A slot
+        an ended instance's store still holds (in ``ended``) is freed for it at once:
+        that costs what freeing it later would, and saves the new instance its faults."""
         side = self.pooled
+        if side is not None and self.pooled_stores >= self.slots and ended is not None:
+            ended.free_pooled()
         if side is None or self.pooled_stores >= self.slots:
             side = self.own
             return side, GuestStore(side.engine, memory_limit=memory_limit, slice_ticks=1)

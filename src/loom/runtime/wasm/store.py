@@ -41,6 +41,7 @@ class GuestStore:
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.store = wasmtime.Store(engine.engine)
+        self.engine = engine
         self._on_close = on_close
         self.ctx = self.store._context()
         self.key = context_key(self.ctx)
@@ -98,6 +99,15 @@ class StoresToFree:
         if self._stores:
             self._stores.popleft().close()
         return bool(self._stores)
+
+    def free_pooled(self) -> bool:
+        """Free the oldest store that holds a pooled slot; whether there was one."""
+        for store in self._stores:
+            if store.engine.pooled:
+                self._stores.remove(store)
+                store.close()
+                return True
+        return False
 
     def free_all(self) -> None:
         while self.free_one():
