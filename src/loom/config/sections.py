@@ -98,8 +98,8 @@ class RuntimeConfig:
     # stacks from slots reserved at start and reused: a new instance finds the pages an
     # ended one of the same program wrote, instead of faulting each in (runtime/wasm/
     # engine.py says what it saves); the rest map their own. A slot once used keeps up to
-    # `pool_resident_mb` resident, so the pool holds at most slots x that (~13 MiB each
-    # for a Python inferlet).
+    # `pool_resident_mb` resident, so the pool holds at most slots x that (512 MiB by
+    # default).
     instance_pool: bool = setting(True, "take new instances from reused, pre-reserved slots")
     pool_slots: int = setting(32, "instances the pool holds at once")
     pool_resident_mb: int = setting(16, "MiB of a pooled slot's memory kept resident for "

@@ -56,7 +56,7 @@ class InstancePool:
     over half of its start, ~2 ms of ~3.5). A reused slot keeps the first
     ``keep_resident_bytes`` of its memory resident and is reset in place, so the next
     instance of the same program finds those pages already there. The cost: each slot
-    once used stays resident (~13 MiB for a Python inferlet), so the pool is small.
+    once used keeps its resident part (up to 16 MiB for a Python inferlet): the pool is small.
     """
 
     instances: int  # component (and core) instances alive at once: one slot each
