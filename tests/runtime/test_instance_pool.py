@@ -79,7 +79,7 @@ def test_a_pool_the_address_space_cannot_hold_is_not_made() -> None:
     assert not InstancePool(instances=32, memory_bytes=config.memory_limit_bytes).fits()
     engines = GuestEngines(config, None)
     assert engines.pooled is None and list(engines.sides()) == [engines.own]
-    side, store = engines.new_store(1 << 20)
+    side, store = engines.new_store("any", 1 << 20)
     assert side is engines.own and not side.engine.pooled
     linker = wasm_ffi.CoreLinker(side.engine)
     inst = linker.instantiate(store, wasmtime.Module(side.engine.engine, MODULE))
@@ -145,6 +145,18 @@ def test_pool_settings_are_checked(tmp_path: Path) -> None:
     pool = instance_pool(RuntimeConfig(pool_slots=10, memory_limit_mb=32, pool_resident_mb=8))
     assert pool is not None
     assert (pool.instances, pool.memory_bytes, pool.keep_resident_bytes) == (10, 32 << 20, 8 << 20)
+
+
+def test_a_program_beyond_the_pools_limits_runs_in_its_own_memory(rt: Any) -> None:
+    """Two memories: more than a pooled slot has for a core module. The program is still
+    taken, and its instances run in the own-memory engine."""
+    wat = '(module (memory 1) (memory 1) (func (export "run") (result i32) (i32.const 0)))'
+    program = rt.add_program(wasmtime.wat2wasm(wat))
+    assert program in rt.engines.unpooled
+    side, store = rt.query(lambda: rt.engines.new_store(program, 1 << 20))
+    assert side is rt.engines.own and rt.engines.pooled is not None
+    store.close()
+    assert rt.launch(program, []).wait(30).ok
 
 
 def _freed(store: wasm_ffi.GuestStore) -> bool:

@@ -10,13 +10,14 @@ loads the first's artifact from the program cache.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from loom.config import RuntimeConfig
 from loom.runtime.program_cache import ProgramCache
-from loom.runtime.wasm.engine import InstancePool
+from loom.runtime.wasm.engine import InstancePool, WasmError
 from loom.runtime.wasm.ffi import (
     ComponentLinker,
     CoreLinker,
@@ -24,6 +25,8 @@ from loom.runtime.wasm.ffi import (
     StoresToFree,
     WasmEngine,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class GuestEngines:
         self.pooled = self._side(WasmEngine(pool=pool), cache_dir) if pool else None
         self.slots = pool.instances if pool is not None else 0
         self.pooled_stores = 0  # stores of the pooled engine not yet freed
+        self.unpooled: set[str] = set()  # programs the pooled engine refused
 
     @staticmethod
     def _side(engine: WasmEngine, cache_dir: Path | None) -> WasmSide:
@@ -76,19 +80,26 @@ class GuestEngines:
             side.engine.increment_epoch()
 
     def add(self, wasm: bytes) -> str:
-        """Compile (or load) a program for every engine; its hash."""
+        """Compile (or load) a program for every engine; its hash. A program beyond the
+        pool's limits per instance (more memories or tables than ``InstancePool``'s) runs
+        in the own-memory engine only."""
         h = self.own.programs.add(wasm)
-        if self.pooled is not None:
-            self.pooled.programs.add(wasm)  # (the artifact the first one cached)
+        pooled = self.pooled
+        if pooled is not None and h not in pooled.programs and h not in self.unpooled:
+            try:
+                pooled.programs.load_from(self.own.programs, h)
+            except WasmError as e:
+                self.unpooled.add(h)
+                log.info("program %s runs without the instance pool: %s", h[:12], e)
         return h
 
     def new_store(
-        self, memory_limit: int, ended: StoresToFree | None = None
+        self, program: str, memory_limit: int, ended: StoresToFree | None = None
     ) -> tuple[WasmSide, GuestStore]:
-        """A store for a new instance: in the pooled engine while a slot is free. A slot
-        an ended instance's store still holds (in ``ended``) is freed for it at once:
-        that costs what freeing it later would, and saves the new instance its faults."""
-        side = self.pooled
+        """A store for a new instance of ``program``: in the pooled engine while a slot
+        is free. A slot an ended instance's store still holds (in ``ended``) is freed for
+        it at once: that costs what freeing it later would, and saves it its faults."""
+        side = self.pooled if program not in self.unpooled else None
         if side is not None and self.pooled_stores >= self.slots and ended is not None:
             ended.free_pooled()
         if side is None or self.pooled_stores >= self.slots:

@@ -119,7 +119,7 @@ class Guests:
             handle._finish(InstanceResult(handle.id, False, too_many(cap), 0.0, 0))
             return None
         rt = self.rt
-        side, store = rt.engines.new_store(self.config.memory_limit_bytes, self.to_close)
+        side, store = rt.engines.new_store(program, self.config.memory_limit_bytes, self.to_close)
         tree = tree if tree is not None else InstanceTree()
         inst = Instance(seq=self.next_seq(), id=handle.id, program=program, arguments=args,
                         store=store, pages=InstancePages(rt.pool, tree), handle=handle,

@@ -71,6 +71,19 @@ class ProgramCache:
         self._loaded[h] = component
         return h
 
+    def load_from(self, other: ProgramCache, h: str) -> None:
+        """Take program ``h`` as ``other`` compiled it (its engine has the same memory
+        reservation), without compiling again; WasmError when this engine refuses it."""
+        program = other._loaded[h]
+        try:
+            if isinstance(program, wasmtime.Module):
+                data = program.serialize()
+                self._loaded[h] = wasmtime.Module.deserialize(self.engine.engine, data)
+            else:
+                self._loaded[h] = self.engine.deserialize(other.engine.serialize(program))
+        except wasmtime.WasmtimeError as e:
+            raise WasmError(str(e).splitlines()[0]) from None
+
     def get(self, h: str) -> Component:
         comp = self._loaded.get(h)
         if not isinstance(comp, Component):
