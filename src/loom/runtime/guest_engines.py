@@ -4,8 +4,8 @@ take reused slots (``wasm/engine.InstancePool``). The pooled one takes new insta
 it has a free slot, the other the rest: the pool's resident memory stays bounded
 (``pool_slots`` x ``pool_resident_mb``) however many instances run.
 
-Both engines have the same memory reservation, so a program compiles once: the second
-loads the first's artifact from the program cache.
+Both engines have the same memory reservation, so a program compiles once: the pooled
+one takes the own one's compiled program in memory (``ProgramCache.load_from``).
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ class WasmSide:
 
 
 def instance_pool(config: RuntimeConfig) -> InstancePool | None:
-    """The pool's slots: ``pool_slots``, plus room for the ended instances whose stores
-    wait to be freed (``StoresToFree``); each memory slot as large as the per-instance
-    memory cap. None when the pool is off."""
+    """The pool: ``pool_slots`` slots (ended instances' stores not yet freed hold theirs),
+    each memory slot as large as the per-instance memory cap. None when it is off."""
     if not config.instance_pool:
         return None
     return InstancePool(

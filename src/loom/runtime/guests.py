@@ -20,7 +20,6 @@ from loom.runtime import completions
 from loom.runtime.batcher import Batcher
 from loom.runtime.cohort import Cohorts
 from loom.runtime.cpu_share import CpuShare
-from loom.runtime.guest_engines import WasmSide
 from loom.runtime.instance import EventListener, Instance, InstanceHandle, InstanceResult
 from loom.runtime.memory_budget import MemoryBudget
 from loom.runtime.messaging import Messaging
@@ -250,7 +249,7 @@ class Guests:
     def on_call_done(self, inst: Instance) -> None:
         assert inst.call is not None
         if inst.started or inst.call.error() is not None:
-            failure = call_failure(inst, inst.side)
+            failure = call_failure(inst)
             self.end(inst, failure is None, failure)
             return
         self._started(inst)
@@ -332,13 +331,13 @@ class Guests:
         self.to_close.free_all()
 
 
-def call_failure(inst: Instance, side: WasmSide) -> str | None:
+def call_failure(inst: Instance) -> str | None:
     """Why ``inst``'s finished call failed (a trap, a host error, run's result), if it did."""
     assert inst.call is not None
     err = inst.call.error()
     if err is not None:
         return wasm_ffi.LAST_HOST_ERROR.get(inst.store.key) or trap_summary(err)
-    if side.programs.is_core(inst.program):
+    if inst.side.programs.is_core(inst.program):
         code = int(inst.call.results[0].of.i32)
         return None if code == 0 else (inst.native_error or f"run returned {code}")
     return wasm_ffi.decode_run_result(inst.call.results)
