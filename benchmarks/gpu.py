@@ -254,7 +254,7 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
     from loom.config import EngineConfig, RuntimeConfig
     from loom.runtime.runtime import start_runtime
     from loom.sdk.build import build_inferlet
-    from programmability_tax import run_builtin, run_system
+    from programmability_tax import run_builtin, run_system, settle
 
     wasm = (wasm_path or build_inferlet(ROOT / "inferlets" / "text_completion")).read_bytes()
     engine = dict(dtype=dtype, device=device, kv_cache_memory_mb=4096)
@@ -274,9 +274,11 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
         for n in levels:
             ratios: dict[str, list[float]] = {"serial": [], "pool": []}
             for r in range(runs):
+                settle(rt)  # (no run is charged for freeing the stores of the one before)
                 a = run_builtin(llm, n, tokens, n * 1000 + r)
                 for key in ("serial", "pool"):
                     rt.guests.turn_pool = pool if key == "pool" else None
+                    settle(rt)
                     b = run_system(rt, program, n, tokens, "fast", n * 1000 + r)
                     ratios[key].append(b["wall"] / a["wall"])
             rt.guests.turn_pool = pool
