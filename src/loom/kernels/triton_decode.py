@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 
-BLOCK_N = 64  # keys per loop iteration (several pages: the page table is read per key)
-
 
 @functools.cache
 def available() -> bool:
@@ -134,11 +132,15 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
-def _warps(block_d: int) -> int:
-    """Warps of a split program. A [BLOCK_N, 128] tile of keys and its gathered addresses
-    need more registers than 4 warps have (sm_90, bf16: 254 a thread and 64 B spilled);
-    8 warps hold it in 198 and spill nothing (``tests/kernels/test_triton_compile.py``)."""
-    return 8 if block_d >= 128 else 4
+def _tiling(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Keys per loop iteration (several pages: the page table is read per key) and warps
+    of a split program, so that its tiles and their gathered addresses fit in registers.
+    [64, 128] tiles spill at 4 warps (sm_90, bf16: 254 registers a thread, 64 B spilled),
+    float32 ones of [64, 64] too (Triton 3.6), and float32 [64, 128] ones even at 8; each
+    choice here spills nothing with Triton 3.6 and 3.9 (``test_triton_compile.py``)."""
+    if dtype == torch.float32:
+        return (32 if block_d >= 128 else 64), 8
+    return 64, (8 if block_d >= 128 else 4)
 
 
 def paged_decode_attention(
@@ -171,14 +173,15 @@ def paged_decode_attention(
     # float32 runs exact float32 products (no TF32), so float32 output matches a reference.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = _pow2(dim, 16)
+    block_n, warps = _tiling(block_d, q.dtype)
     split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, kv_lens, q_pos, slot_pos, slot_live,
         part_out, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), page_table.stride(0),
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=_pow2(group, 16), HEAD_DIM=dim,
-        BLOCK_D=block_d, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, PRECISION=precision,
-        num_warps=_warps(block_d),
+        BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=precision,
+        num_warps=warps,
     )  # fmt: skip
     out = torch.empty_like(q)
     merge_kernel[(batch, heads)](
