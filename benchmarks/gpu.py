@@ -17,8 +17,11 @@ programmability tax, as a table and JSON.
 - tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
   against the built-in scheduler, each run right after one of its own (ms/token ratio).
 
-Each part that fails is recorded under ``errors`` and the rest still runs; the JSON is
-rewritten after every part, so a run cut short keeps what it measured.
+Each part that fails is recorded under ``errors`` and the rest still runs; the JSON, with
+its ``summary`` of the acceptance figures, is rewritten after every part, so a run cut short
+keeps what it measured. The acceptance figures' parts (parity, the main model's decode
+and prefill, the tax) run before the diagnostics (attention, the decode variants, the tax
+without the instance pool).
 
 The main shape is Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab
 128,256, tied embeddings) with random bf16 weights, made once in ``--cache``. A dry run on
@@ -292,6 +295,17 @@ def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, run
     return out
 
 
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance figures, from the parts run so far (None: not run)."""
+    by_batch = {d["batch"]: d for d in data.get("decode") or []}
+    return {
+        "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
+        "decode_tokens_per_s_batch64": by_batch.get(64, {}).get("tokens_per_s"),
+        "prefill_mfu": (data.get("prefill") or {}).get("mfu"),
+        "tax_32_fast_path": (data.get("tax") or {}).get("serial", {}).get(32),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,6 +342,7 @@ def main() -> None:
             print(f"  {key} FAILED: {data['errors'][key]}", file=sys.stderr)
             traceback.print_exc()
         print(f"  {key}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        data["summary"] = summary(data)  # (a run cut short still leaves its figures)
         args.out.write_text(json.dumps(data, indent=1, default=str))
         return data.get(key)
 
@@ -335,11 +350,6 @@ def main() -> None:
                 lambda: matmul_tflops(device, 8192 if name != "cpu" else 2048)) or 0.0  # fmt: skip
     if "parity" not in args.skip:
         part("parity_fp32", lambda: parity(device, args.cache, 24))
-    if "attention" not in args.skip:
-        from loom.kernels import triton_decode
-
-        kernel = device.startswith("cuda") and triton_decode.available()
-        part("attention", lambda: attention(device, kernel, [1, 64], [256, 2048]))
 
     def bf16_model() -> None:
         """The main model's parts (its engine is freed at return)."""
@@ -353,12 +363,22 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
         part("decode", lambda: [decode(llm, device, b, cfg["vocab_size"], 128, runs)
                                 for b in batches])  # fmt: skip
-        if "profile" not in args.skip and device.startswith("cuda"):
-            part("gpu_busy", lambda: [gpu_busy(llm, b) for b in (1, 64)])
         n, length = (int(x) for x in args.prefill.split("x"))
         part("prefill", lambda: prefill(llm, device, cfg, n, length, peak, runs))
+        if "profile" not in args.skip and device.startswith("cuda"):
+            part("gpu_busy", lambda: [gpu_busy(llm, b) for b in (1, 64)])
 
+    # The acceptance figures first (engine, then the tax), the diagnostics after them: a run
+    # cut short by its time limit loses the latter.
     part("engine", bf16_model)
+    levels = [int(x) for x in args.tax.split(",")]
+    if "tax" not in args.skip:
+        part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
+    if "attention" not in args.skip:
+        from loom.kernels import triton_decode
+
+        kernel = device.startswith("cuda") and triton_decode.available()
+        part("attention", lambda: attention(device, kernel, [1, 64], [256, 2048]))
 
     def variant(env: dict[str, str], lookahead: bool = True, **kw: Any) -> list[dict[str, float]]:
         """Decode at ``--eager-batches`` with other engine settings or environment."""
@@ -381,21 +401,13 @@ def main() -> None:
         part("decode_unfused", lambda: variant({"LOOM_TRITON_OPS": "0"}))
         part("decode_no_lookahead", lambda: variant({}, lookahead=False))
     if "tax" not in args.skip:
-        levels = [int(x) for x in args.tax.split(",")]
-        part("tax", lambda: tax(path, device, "bfloat16", levels, 64, runs, args.inferlet))
         part(
             "tax_no_instance_pool",
             lambda: tax(
                 path, device, "bfloat16", levels, 64, runs, args.inferlet, instance_pool=False
             ),
         )
-    by_batch = {d["batch"]: d for d in data.get("decode", [])}
-    data["summary"] = {
-        "decode_ms_per_step_batch1": by_batch.get(1, {}).get("ms_per_step"),
-        "decode_tokens_per_s_batch64": by_batch.get(64, {}).get("tokens_per_s"),
-        "prefill_mfu": data.get("prefill", {}).get("mfu"),
-        "tax_32_fast_path": data.get("tax", {}).get("serial", {}).get(32),
-    }
+    data["summary"] = summary(data)
     data["wall_s"] = time.perf_counter() - t0
     report(data, args.shape, name, peak, args.prefill)
     args.out.write_text(json.dumps(data, indent=1, default=str))
