@@ -52,6 +52,9 @@ def instance_pool(config: RuntimeConfig) -> InstancePool | None:
 
 
 class GuestEngines:
+    """The own-memory engine (``own``) and, with the pool on and its slots reservable,
+    the pooled one (``pooled``); ``new_store`` picks one for each new instance."""
+
     def __init__(self, config: RuntimeConfig, cache_dir: Path | None) -> None:
         pool = instance_pool(config)
         if pool is not None and not pool.fits():
