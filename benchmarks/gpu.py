@@ -9,19 +9,21 @@ programmability tax, as a table and JSON.
 - prefill: 4 prompts of 2048 tokens, one new token: model FLOPs per second over the
   measured bf16 matmul rate of this device (MFU);
 - attention: one layer's decode attention, the Triton kernel against gathering the pages
-  and SDPA, at batch 1 and 64 over 256 and 2048 keys;
+  and SDPA, at batch 1 and 64 over 256 and 2048 keys (``gpu_attention.py``);
 - decode_eager, decode_unfused, decode_no_lookahead: the same at batch 1 and 64 with CUDA
   graphs off, with the fused Triton ops off (``LOOM_TRITON_OPS=0``), and with lookahead
   off (each step read back before the next is scheduled): what each saves;
 - gpu_busy: share of the wall time the GPU runs kernels over 32 decode steps (profiler);
 - tax: 1 and 32 concurrent Python inferlets on the host fast path (``ctx.generate``)
-  against the built-in scheduler, each run right after one of its own (ms/token ratio).
+  against the built-in scheduler, each run right after one of its own (ms/token ratio);
+- attention_flex: the same attention by PyTorch's FlexAttention over the same pages (the
+  alternative the kernel was chosen against), against the gather, last of all.
 
 Each part that fails is recorded under ``errors`` and the rest still runs; the JSON, with
 its ``summary`` of the acceptance figures, is rewritten after every part, so a run cut short
 keeps what it measured. The acceptance figures' parts (parity, the main model's decode
 and prefill, the tax) run before the diagnostics (attention, the decode variants, the tax
-without the instance pool).
+without the instance pool, FlexAttention).
 
 The main shape is Llama-3.2-1B's (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab
 128,256, tied embeddings) with random bf16 weights, made once in ``--cache``. A dry run on
@@ -52,6 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from engine_throughput import MODELS, model_dir  # noqa: E402
+from gpu_attention import attention  # noqa: E402
 
 MODELS.setdefault("1b", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                              num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -189,61 +192,11 @@ def prefill(llm: Any, device: str, cfg: dict[str, Any], n: int, length: int, pea
     per_token = 2 * layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
     # Causal attention: QK^T and PV over (on average) half the prompt, per layer. The LM
     # head runs on each prompt's last token only (one new token), so it counts once.
-    attention = 2 * 2 * layers * q * length / 2
-    flops = n * length * (per_token + attention) + n * 2 * h * cfg["vocab_size"]
+    attention_flops = 2 * 2 * layers * q * length / 2
+    flops = n * length * (per_token + attention_flops) + n * 2 * h * cfg["vocab_size"]
     t = statistics.median(times)
     return {"tokens_per_s": n * length / t, "tflops": flops / t / 1e12,
             "mfu": flops / t / 1e12 / peak}  # fmt: skip
-
-
-def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
-              ) -> list[dict[str, float]]:  # fmt: skip
-    """One layer's decode attention on the 1B shape (32 heads, 8 KV heads, dim 64, bf16):
-    the Triton kernel reading pages in place against gathering the pages and SDPA (the
-    eager path's way), in µs per call (CUDA events around 50 calls)."""
-    from loom.engine.kv_cache import KVCache
-    from loom.engine.static_decode import DecodeInputs, reference_decode_attention
-    from loom.kernels import triton_decode
-    from loom.models.config import ModelConfig
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=2048,
-                      intermediate_size=8, num_layers=1, num_heads=32, num_kv_heads=8,
-                      head_dim=64, max_position_embeddings=4096)  # fmt: skip
-    rows = []
-    for ctx in contexts:
-        for b in batches:
-            ps = 16
-            pages = b * -(-ctx // ps)
-            cache = KVCache(cfg, pages, ps, dtype, torch.device(device))
-            cache.kv.normal_()
-            cache.slot_pos.copy_(torch.arange(cache.slot_pos.numel()) % ctx)
-            cache.slot_live.fill_(True)
-            table = torch.randperm(pages, device=device).view(b, -1).to(torch.int32)
-            lens = torch.full((b,), ctx, device=device)
-            inputs = DecodeInputs(table[:, :1].long(), table, lens, lens - 1)
-            q = torch.randn(b, 32, 64, device=device, dtype=dtype)
-            splits = triton_decode.splits_for(b, 8, torch.cuda.get_device_properties(
-                device).multi_processor_count) if device.startswith("cuda") else 1  # fmt: skip
-            kv = cache.kv[0]
-
-            def triton_call(q=q, kv=kv, inputs=inputs, cache=cache, splits=splits) -> Any:
-                return triton_decode.paged_decode_attention(
-                    q, kv[0], kv[1], inputs.page_table, inputs.kv_lens, inputs.positions,
-                    cache.slot_pos, cache.slot_live, 16, 0.125, splits)  # fmt: skip
-
-            def gather_call(q=q, cache=cache, inputs=inputs) -> Any:
-                return reference_decode_attention(q, cache, 0, inputs)
-
-            row: dict[str, float] = {"batch": b, "context": ctx}
-            for name, fn in (("triton_us", triton_call), ("gather_sdpa_us", gather_call)):
-                if name == "triton_us" and not kernel:
-                    continue
-                fn()
-                row[name] = 1e6 * timed(device, lambda fn=fn: [fn() for _ in range(50)]) / 50
-            rows.append(row)
-            print(f"  attention {row}", file=sys.stderr)
-    return rows
 
 
 def tax(path: Path, device: str, dtype: str, levels: list[int], tokens: int, runs: int,
@@ -316,7 +269,9 @@ def main() -> None:
     ap.add_argument("--tax", default="1,32", help="concurrent inferlets")
     ap.add_argument("--inferlet", type=Path, help="text_completion built beforehand (.wasm)")
     ap.add_argument("--quick", action="store_true", help="one run per figure (a dry run)")
-    ap.add_argument("--skip", default="", help="any of parity, attention, eager, profile, tax")
+    ap.add_argument(
+        "--skip", default="", help="any of parity, attention, eager, profile, tax, flex"
+    )
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loom")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
     args = ap.parse_args()
@@ -378,7 +333,7 @@ def main() -> None:
         from loom.kernels import triton_decode
 
         kernel = device.startswith("cuda") and triton_decode.available()
-        part("attention", lambda: attention(device, kernel, [1, 64], [256, 2048]))
+        part("attention", lambda: attention(device, kernel, [1, 64], [256, 2048], flex=False))
 
     def variant(env: dict[str, str], lookahead: bool = True, **kw: Any) -> list[dict[str, float]]:
         """Decode at ``--eager-batches`` with other engine settings or environment."""
@@ -407,6 +362,8 @@ def main() -> None:
                 path, device, "bfloat16", levels, 64, runs, args.inferlet, instance_pool=False
             ),
         )
+    if "flex" not in args.skip:  # last: its compiles take the longest of the diagnostics
+        part("attention_flex", lambda: attention(device, False, [1, 64], [256, 2048]))
     data["summary"] = summary(data)
     data["wall_s"] = time.perf_counter() - t0
     report(data, args.shape, name, peak, args.prefill)
@@ -432,6 +389,7 @@ def report(data: dict[str, Any], shape: str, name: str, peak: float, prefill_arg
               f"{pf['tflops']:.1f} TFLOP/s, MFU {pf['mfu']:.1%}")  # fmt: skip
     for key in (
         "attention",
+        "attention_flex",
         "gpu_busy",
         "parity_fp32",
         "bf16_identical_share",
