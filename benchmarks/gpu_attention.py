@@ -65,7 +65,9 @@ def flex_decode() -> Callable[[torch.Tensor, KVCache, DecodeInputs], torch.Tenso
 
     # One compiled kernel per (batch, keys): more shapes than dynamo's default limit of 8
     # would fall back to the unfused implementation.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):  # (its name since torch 2.7)
+        config.recompile_limit = max(config.recompile_limit, 64)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def call(q: torch.Tensor, cache: KVCache, inputs: DecodeInputs) -> torch.Tensor:
