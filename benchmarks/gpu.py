@@ -54,24 +54,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from engine_throughput import MODELS, model_dir  # noqa: E402
-from gpu_attention import attention  # noqa: E402
+from gpu_attention import attention, timed  # noqa: E402
 
 MODELS.setdefault("1b", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                              num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                              vocab_size=128256, tie_word_embeddings=True))  # fmt: skip
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(device: str, fn: Callable[[], Any]) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
 
 
 def matmul_tflops(device: str, n: int) -> float:

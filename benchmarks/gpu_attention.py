@@ -4,11 +4,12 @@ the pages and SDPA (the eager path's way), and PyTorch's FlexAttention over the 
 
 FlexAttention is the alternative the kernel was chosen against: it is in torch itself (no
 new dependency) and takes custom masks. Here it reads the page pool in place too: the page
-table is its block mask's ``kv_indices`` (one block per page, so nothing is built per step
-beyond two small tensors), and the mask function checks each slot's liveness and position
-(Loom's semantics). The key-count bound of a partly filled last page is left out (it would
-need a physical-to-logical page map per sequence, as torch's ``PagedAttention`` keeps), so
-its time is, if anything, a little low. Each way's output is checked against the gather's
+table is its block mask's ``kv_indices`` (one block per page; the mask is built once per
+shape, outside the timing, as an engine would keep it in buffers updated in place), and
+the mask function checks each slot's liveness and position (Loom's semantics). The
+key-count bound of a partly filled last page is left out (it would need a
+physical-to-logical page map per sequence, as torch's ``PagedAttention`` keeps), so its
+time is, if anything, a little low. Each way's output is checked against the gather's
 (``*_max_err``), so a wrong kernel cannot post a fast time.
 
 Run alone on a CPU (FlexAttention compiled for the CPU; the Triton kernel needs CUDA):
@@ -39,17 +40,24 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 64  # the 1B shape's attention
 SCALE = HEAD_DIM**-0.5
 
 
-def timed_us(device: str, fn: Callable[[], Any], calls: int = 50) -> float:
-    """µs per call over ``calls`` back-to-back calls (the device synchronised around them)."""
-    fn()
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed(device: str, fn: Callable[[], Any]) -> float:
+    """Seconds of one call of ``fn``, the device synchronised around it."""
+    sync(device)
     t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - t) / calls
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def timed_us(device: str, fn: Callable[[], Any], calls: int = 50) -> float:
+    """µs per call over ``calls`` back-to-back calls, after one call to warm up."""
+    fn()
+    return 1e6 * timed(device, lambda: [fn() for _ in range(calls)]) / calls
 
 
 def short_error(e: Exception) -> str:
@@ -59,8 +67,10 @@ def short_error(e: Exception) -> str:
     return " | ".join([f"{type(e).__name__}: {lines[0]}"[:200], *(x[:300] for x in errors)])
 
 
-def flex_decode() -> Callable[[torch.Tensor, KVCache, DecodeInputs], torch.Tensor]:
-    """Decode attention by FlexAttention over the page pool: q [B, H, D] -> [B, H, D]."""
+def flex_decode() -> Callable[[KVCache, DecodeInputs], Callable[[torch.Tensor], torch.Tensor]]:
+    """Decode attention by FlexAttention over the page pool: ``prepare(cache, inputs)``
+    builds the block mask once, as an engine would keep it in static buffers updated in
+    place, and returns the call, q [B, H, D] -> [B, H, D]."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     # One compiled kernel per (batch, keys): more shapes than dynamo's default limit of 8
@@ -70,7 +80,7 @@ def flex_decode() -> Callable[[torch.Tensor, KVCache, DecodeInputs], torch.Tenso
         config.recompile_limit = max(config.recompile_limit, 64)
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def call(q: torch.Tensor, cache: KVCache, inputs: DecodeInputs) -> torch.Tensor:
+    def prepare(cache: KVCache, inputs: DecodeInputs) -> Callable[[torch.Tensor], torch.Tensor]:
         batch, width = inputs.page_table.shape
         slots = cache.num_slots  # (a scratch slot past the pages is never read)
         # [slots, KVH, D] -> [1, KVH, slots, D]: every sequence reads the one pool
@@ -94,10 +104,14 @@ def flex_decode() -> Callable[[torch.Tensor, KVCache, DecodeInputs], torch.Tenso
             seq_lengths=(1, slots),
             compute_q_blocks=False,  # (page ids are not block columns of one row)
         )
-        out = compiled(q[:, :, None, :], k, v, block_mask=mask, scale=SCALE, enable_gqa=True)
-        return out.squeeze(2)  # type: ignore[union-attr]
 
-    return call
+        def call(q: torch.Tensor) -> torch.Tensor:
+            out = compiled(q[:, :, None, :], k, v, block_mask=mask, scale=SCALE, enable_gqa=True)
+            return out.squeeze(2)  # type: ignore[union-attr]
+
+        return call
+
+    return prepare
 
 
 def setup(device: str, dtype: torch.dtype, batch: int, ctx: int
@@ -132,7 +146,7 @@ def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
     from loom.kernels import triton_decode
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    flex_call = flex_decode() if flex else None
+    flex_prepare = flex_decode() if flex else None
     rows = []
     for ctx in contexts:
         for b in batches:
@@ -149,9 +163,13 @@ def attention(device: str, kernel: bool, batches: list[int], contexts: list[int]
                     triton_decode.paged_decode_attention(
                         q, kv[0], kv[1], i.page_table, i.kv_lens, i.positions,
                         c.slot_pos, c.slot_live, PAGE, SCALE, s))  # fmt: skip
-            if flex_call is not None:
-                ways["flex"] = lambda q=q, c=cache, i=inputs, f=flex_call: f(q, c, i)
             row: dict[str, float] = {"batch": b, "context": ctx}
+            if flex_prepare is not None:
+                try:
+                    flex_call = flex_prepare(cache, inputs)
+                    ways["flex"] = lambda q=q, f=flex_call: f(q)
+                except Exception as e:  # (as below: the other ways still run)
+                    row["flex_error"] = short_error(e)  # type: ignore[assignment]
             expected = ways["gather_sdpa"]().float()
             for name, fn in ways.items():
                 try:
